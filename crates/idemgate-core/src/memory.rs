@@ -1,0 +1,462 @@
+//! The in-memory store: sharded, capacity-bounded, with per-record expiry.
+//!
+//! For tests, single-process deployments and caches. Nothing survives a restart.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! use idemgate_core::MemoryStore;
+//! use idemgate_core::store::{ListRequest, Store};
+//!
+//! let store = MemoryStore::builder().max_records(1_000).build();
+//! let page = store.list(&ListRequest { cursor: None, limit: 10 }).await?;
+//! assert!(page.records.is_empty());
+//! # Ok::<(), idemgate_core::StoreError>(())
+//! # }).unwrap();
+//! ```
+//!
+//! # Bounds
+//!
+//! - At most `max_records` records (default 1,000,000) and roughly `max_bytes` of keys, labels and
+//!   payloads (default 1 GiB). When either bound is reached, expired records are swept first; if the
+//!   store is still full, `claim` of a new key fails with [`ErrorKind::Capacity`] (the proxy answers
+//!   `503`). In-flight and unexpired records are never evicted. `complete` is always accepted for a
+//!   held key, so the byte bound can be overshot by the bodies of operations already in flight.
+//! - Expired records are invisible at once and removed by [`Store::purge_expired`] (see
+//!   [`spawn_sweeper`](crate::sweeper::spawn_sweeper)) or when their key is claimed again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::error::{ErrorKind, StoreError};
+use crate::key::StoreKey;
+use crate::protocol::{self, Write};
+use crate::record::{Fencing, Outcome, Record, RecordState};
+use crate::store::{
+    CasOutcome, ClaimOutcome, ClaimRequest, ListPage, ListRequest, Store, TakeOverOutcome,
+    TakeOverRequest,
+};
+
+const SHARD_BITS: u32 = 6;
+const SHARDS: usize = 1 << SHARD_BITS;
+/// Largest page [`MemoryStore`] returns from `list`.
+pub const MAX_LIST_PAGE: usize = 1_000;
+
+#[derive(Default)]
+struct Shard {
+    records: BTreeMap<StoreKey, Record>,
+    /// (expires_at, key) for every record, to purge in expiry order.
+    expiry: BTreeSet<(Timestamp, StoreKey)>,
+}
+
+/// Builds a [`MemoryStore`].
+#[derive(Debug)]
+pub struct MemoryStoreBuilder {
+    max_records: usize,
+    max_bytes: usize,
+    clock: Arc<dyn Clock>,
+}
+
+impl MemoryStoreBuilder {
+    /// Most records held at once (default 1,000,000).
+    pub fn max_records(mut self, n: usize) -> Self {
+        self.max_records = n;
+        self
+    }
+
+    /// Approximate byte budget for keys, labels and stored payloads (default 1 GiB).
+    pub fn max_bytes(mut self, n: usize) -> Self {
+        self.max_bytes = n;
+        self
+    }
+
+    /// The clock that decides expiry (default: the system clock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryStore {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+                records: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                max_records: self.max_records,
+                max_bytes: self.max_bytes,
+                clock: self.clock,
+            }),
+        }
+    }
+}
+
+/// The sharded in-memory store. Cloning shares the same data.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Vec<Mutex<Shard>>,
+    records: AtomicUsize,
+    bytes: AtomicUsize,
+    max_records: usize,
+    max_bytes: usize,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("records", &self.len())
+            .field("max_records", &self.inner.max_records)
+            .field("bytes", &self.inner.bytes.load(Ordering::Relaxed))
+            .field("max_bytes", &self.inner.max_bytes)
+            .finish()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::builder().build()
+    }
+}
+
+/// Approximate heap cost of a record: what the byte budget counts.
+fn cost(record: &Record) -> usize {
+    let payload = match &record.state {
+        RecordState::InFlight { owner, .. } => owner.len(),
+        RecordState::Completed {
+            outcome: Outcome::Response(r),
+            ..
+        } => r.payload_len() + 48 * r.headers.len(),
+        RecordState::Completed {
+            outcome: Outcome::NotReplayable { reason, .. },
+            ..
+        } => reason.len(),
+        RecordState::Unknown { .. } => 0,
+    };
+    // Fixed part: key, fingerprint, timestamps, state, map and index nodes.
+    200 + record.namespace.len() + record.scope.len() + record.idempotency_key.len() + payload
+}
+
+impl MemoryStore {
+    /// A builder with the defaults.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            max_records: 1_000_000,
+            max_bytes: 1 << 30,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Records held, including expired ones not yet purged.
+    pub fn len(&self) -> usize {
+        self.inner.records.load(Ordering::Relaxed)
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Approximate bytes counted against the byte budget.
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    fn shard_of(key: &StoreKey) -> usize {
+        (key.0[0] >> (8 - SHARD_BITS)) as usize
+    }
+
+    /// Runs one protocol step on `key` under its shard lock and applies the write.
+    fn step<T>(
+        &self,
+        key: &StoreKey,
+        f: impl FnOnce(Option<&Record>, Timestamp) -> Result<(Write, T), StoreError>,
+    ) -> Result<T, StoreError> {
+        let inner = &self.inner;
+        let mut shard = inner.shards[Self::shard_of(key)].lock();
+        let now = inner.clock.now();
+        let (write, out) = f(shard.records.get(key), now)?;
+        match write {
+            Write::Unchanged => {}
+            Write::Put(record) => {
+                let added = cost(&record);
+                let expires_at = record.expires_at;
+                let old = shard.records.insert(*key, record);
+                match &old {
+                    Some(old) => {
+                        shard.expiry.remove(&(old.expires_at, *key));
+                        inner.bytes.fetch_sub(cost(old), Ordering::Relaxed);
+                    }
+                    None => {
+                        inner.records.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                inner.bytes.fetch_add(added, Ordering::Relaxed);
+                shard.expiry.insert((expires_at, *key));
+            }
+            Write::Delete => {
+                if let Some(old) = shard.records.remove(key) {
+                    shard.expiry.remove(&(old.expires_at, *key));
+                    inner.records.fetch_sub(1, Ordering::Relaxed);
+                    inner.bytes.fetch_sub(cost(&old), Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes expired records of one shard, at most `limit`.
+    fn purge_shard(&self, index: usize, now: Timestamp, limit: usize) -> usize {
+        let inner = &self.inner;
+        let mut shard = inner.shards[index].lock();
+        let mut removed = 0;
+        while removed < limit {
+            let Some(&(at, key)) = shard.expiry.first() else {
+                break;
+            };
+            if at > now {
+                break;
+            }
+            shard.expiry.pop_first();
+            if let Some(old) = shard.records.remove(&key) {
+                inner.records.fetch_sub(1, Ordering::Relaxed);
+                inner.bytes.fetch_sub(cost(&old), Ordering::Relaxed);
+            }
+            removed += 1;
+        }
+        removed
+    }
+
+    fn full(&self) -> bool {
+        self.len() >= self.inner.max_records || self.bytes() >= self.inner.max_bytes
+    }
+
+    fn purge_all(&self, limit: usize) -> usize {
+        let now = self.inner.clock.now();
+        let mut removed = 0;
+        for index in 0..SHARDS {
+            if removed >= limit {
+                break;
+            }
+            removed += self.purge_shard(index, now, limit - removed);
+        }
+        removed
+    }
+}
+
+impl Store for MemoryStore {
+    async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        if self.full() {
+            // Make room from expired records before refusing (never evicts live ones).
+            self.purge_all(usize::MAX);
+        }
+        self.step(key, |current, now| {
+            // Re-checked under the shard lock; concurrent claims on other shards can overshoot
+            // `max_records` by at most the number of claims running at the same instant.
+            if current.is_none() && self.full() {
+                return Err(StoreError::new(
+                    ErrorKind::Capacity,
+                    format!(
+                        "memory store is full ({} records, about {} bytes)",
+                        self.len(),
+                        self.bytes()
+                    ),
+                ));
+            }
+            Ok(protocol::claim(current, now, req))
+        })
+    }
+
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        fencing: Fencing,
+        lease_ttl: Duration,
+    ) -> Result<CasOutcome, StoreError> {
+        self.step(key, |c, now| {
+            Ok(protocol::renew(c, now, fencing, lease_ttl))
+        })
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        fencing: Fencing,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<CasOutcome, StoreError> {
+        protocol::check_outcome(outcome)?;
+        self.step(key, |c, now| {
+            Ok(protocol::complete(c, now, fencing, outcome, ttl))
+        })
+    }
+
+    async fn mark_unknown(
+        &self,
+        key: &StoreKey,
+        fencing: Fencing,
+        ttl: Duration,
+    ) -> Result<CasOutcome, StoreError> {
+        self.step(key, |c, now| {
+            Ok(protocol::mark_unknown(c, now, fencing, ttl))
+        })
+    }
+
+    async fn release(&self, key: &StoreKey, fencing: Fencing) -> Result<CasOutcome, StoreError> {
+        self.step(key, |c, now| Ok(protocol::release(c, now, fencing)))
+    }
+
+    async fn take_over(
+        &self,
+        key: &StoreKey,
+        req: &TakeOverRequest,
+    ) -> Result<TakeOverOutcome, StoreError> {
+        self.step(key, |c, now| Ok(protocol::take_over(c, now, req)))
+    }
+
+    async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
+        let shard = self.inner.shards[Self::shard_of(key)].lock();
+        let now = self.inner.clock.now();
+        Ok(protocol::live(shard.records.get(key), now).cloned())
+    }
+
+    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        self.step(key, |c, now| Ok(protocol::delete(c, now)))
+    }
+
+    async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
+        let limit = req.limit.clamp(1, MAX_LIST_PAGE);
+        let after = match &req.cursor {
+            None => None,
+            Some(c) => Some(StoreKey::from_hex(c).ok_or_else(|| {
+                StoreError::new(ErrorKind::Internal, format!("invalid list cursor {c:?}"))
+            })?),
+        };
+        let now = self.inner.clock.now();
+        let first = after.as_ref().map_or(0, Self::shard_of);
+        let mut records = Vec::with_capacity(limit);
+        // Shards partition the key space by the top bits, so shard order is key order.
+        for index in first..SHARDS {
+            let shard = self.inner.shards[index].lock();
+            let lower = match after {
+                Some(k) if index == first => Bound::Excluded(k),
+                _ => Bound::Unbounded,
+            };
+            for (k, r) in shard.records.range((lower, Bound::Unbounded)) {
+                if r.is_expired(now) {
+                    continue;
+                }
+                records.push((*k, r.clone()));
+                if records.len() == limit {
+                    let next = Some(k.to_hex());
+                    return Ok(ListPage { records, next });
+                }
+            }
+        }
+        Ok(ListPage {
+            records,
+            next: None,
+        })
+    }
+
+    async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
+        Ok(self.purge_all(limit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::fingerprint::{Algorithm, Fingerprint};
+
+    fn req(token: u128) -> ClaimRequest {
+        ClaimRequest {
+            namespace: "ns".into(),
+            scope: "scope".into(),
+            idempotency_key: format!("key-{token}"),
+            fingerprint: Fingerprint::from_parts(Algorithm::Blake3, [1; 32]),
+            token,
+            owner: "test".into(),
+            lease_ttl: Duration::from_secs(5),
+            ttl: Duration::from_secs(60),
+        }
+    }
+
+    fn key(i: u64) -> StoreKey {
+        StoreKey(*blake3::hash(&i.to_le_bytes()).as_bytes())
+    }
+
+    #[tokio::test]
+    async fn full_store_refuses_new_keys_but_keeps_serving_existing_ones() {
+        let clock = ManualClock::new(0);
+        let store = MemoryStore::builder()
+            .max_records(10)
+            .clock(clock.clone())
+            .build();
+        for i in 0..10 {
+            assert!(matches!(
+                store.claim(&key(i), &req(i as u128)).await.unwrap(),
+                ClaimOutcome::Acquired { .. }
+            ));
+        }
+        let err = store.claim(&key(99), &req(99)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Capacity);
+        // Existing keys still answer, and in-flight records were not evicted.
+        assert!(matches!(
+            store.claim(&key(3), &req(1000)).await.unwrap(),
+            ClaimOutcome::Existing { .. }
+        ));
+        assert_eq!(store.len(), 10);
+        // Once they expire, room is made without an explicit purge.
+        clock.advance(Duration::from_secs(61));
+        assert!(matches!(
+            store.claim(&key(99), &req(99)).await.unwrap(),
+            ClaimOutcome::Acquired { .. }
+        ));
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn byte_budget_is_enforced_on_claim() {
+        let store = MemoryStore::builder().max_bytes(1_000).build();
+        let mut acquired = 0;
+        let mut refused = 0;
+        for i in 0..20 {
+            match store.claim(&key(i), &req(i as u128)).await {
+                Ok(_) => acquired += 1,
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::Capacity);
+                    refused += 1;
+                }
+            }
+        }
+        assert!(acquired >= 1 && refused >= 1, "{acquired} {refused}");
+        assert!(store.bytes() < 1_000 + 300);
+    }
+
+    #[tokio::test]
+    async fn purge_removes_only_expired_records_and_accounting_returns_to_zero() {
+        let clock = ManualClock::new(0);
+        let store = MemoryStore::builder().clock(clock.clone()).build();
+        for i in 0..100 {
+            store.claim(&key(i), &req(i as u128)).await.unwrap();
+        }
+        assert!(store.bytes() > 0);
+        assert_eq!(store.purge_expired(usize::MAX).await.unwrap(), 0);
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(store.purge_expired(40).await.unwrap(), 40);
+        assert_eq!(store.purge_expired(usize::MAX).await.unwrap(), 60);
+        assert_eq!(store.len(), 0);
+        assert_eq!(store.bytes(), 0);
+    }
+}

@@ -1,0 +1,229 @@
+//! The record state machine as pure functions: `(current record, now, request) → (write, outcome)`.
+//!
+//! Stores without server-side scripting (memory, redb) run these inside their atomic section (a
+//! shard mutex, a write transaction), so the protocol is written once. Redis (Lua) and PostgreSQL
+//! (SQL) implement the same transitions natively; the conformance suite holds all of them to it,
+//! and the exhaustive model check (`tests/protocol_model.rs`) explores these functions directly.
+//!
+//! ```
+//! use std::time::Duration;
+//! use idemgate_core::protocol::{self, Write};
+//! use idemgate_core::store::{ClaimOutcome, ClaimRequest};
+//! use idemgate_core::{fingerprint::Algorithm, Fingerprint, Timestamp};
+//!
+//! let req = ClaimRequest {
+//!     namespace: "ns".into(), scope: "s".into(), idempotency_key: "k".into(),
+//!     fingerprint: Fingerprint::from_parts(Algorithm::Blake3, [0; 32]),
+//!     token: 1, owner: "me".into(),
+//!     lease_ttl: Duration::from_secs(10), ttl: Duration::from_secs(60),
+//! };
+//! let (write, outcome) = protocol::claim(None, Timestamp(0), &req);
+//! assert!(matches!(outcome, ClaimOutcome::Acquired { .. }));
+//! let Write::Put(record) = write else { unreachable!() };
+//! let (write, outcome) = protocol::claim(Some(&record), Timestamp(1), &req);
+//! assert_eq!(write, Write::Unchanged);
+//! assert!(matches!(outcome, ClaimOutcome::Existing { .. }));
+//! ```
+
+use std::time::Duration;
+
+use crate::clock::Timestamp;
+use crate::error::{ErrorKind, StoreError};
+use crate::record::{Fencing, MAX_BODY_LEN, Outcome, Record, RecordState};
+use crate::store::{CasOutcome, ClaimOutcome, ClaimRequest, TakeOverOutcome, TakeOverRequest};
+
+/// What the store must do to the stored record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // consumed at once by the store; boxing would only add an allocation
+pub enum Write {
+    /// Nothing.
+    Unchanged,
+    /// Store this record (replacing any).
+    Put(Record),
+    /// Remove the record.
+    Delete,
+}
+
+/// The record if it exists and has not expired at `now`.
+pub fn live(current: Option<&Record>, now: Timestamp) -> Option<&Record> {
+    current.filter(|r| !r.is_expired(now))
+}
+
+fn held(current: Option<&Record>, now: Timestamp, fencing: Fencing) -> Option<&Record> {
+    live(current, now)
+        .filter(|r| matches!(r.state, RecordState::InFlight { fencing: f, .. } if f == fencing))
+}
+
+/// See [`Store::claim`](crate::Store::claim).
+pub fn claim(
+    current: Option<&Record>,
+    now: Timestamp,
+    req: &ClaimRequest,
+) -> (Write, ClaimOutcome) {
+    if let Some(record) = live(current, now) {
+        return (
+            Write::Unchanged,
+            ClaimOutcome::Existing {
+                record: record.clone(),
+                now,
+            },
+        );
+    }
+    let fencing = Fencing {
+        epoch: 1,
+        token: req.token,
+    };
+    let lease_expires_at = now.after(req.lease_ttl);
+    let record = Record {
+        namespace: req.namespace.clone(),
+        scope: req.scope.clone(),
+        idempotency_key: req.idempotency_key.clone(),
+        fingerprint: req.fingerprint,
+        created_at: now,
+        expires_at: now.after(req.ttl).max(lease_expires_at),
+        state: RecordState::InFlight {
+            fencing,
+            owner: req.owner.clone(),
+            lease_expires_at,
+        },
+    };
+    (Write::Put(record), ClaimOutcome::Acquired { fencing })
+}
+
+/// See [`Store::renew`](crate::Store::renew).
+pub fn renew(
+    current: Option<&Record>,
+    now: Timestamp,
+    fencing: Fencing,
+    lease_ttl: Duration,
+) -> (Write, CasOutcome) {
+    let Some(record) = held(current, now, fencing) else {
+        return (Write::Unchanged, CasOutcome::Lost);
+    };
+    let mut next = record.clone();
+    let new_lease = now.after(lease_ttl);
+    if let RecordState::InFlight {
+        lease_expires_at, ..
+    } = &mut next.state
+    {
+        *lease_expires_at = new_lease;
+    }
+    next.expires_at = next.expires_at.max(new_lease);
+    (Write::Put(next), CasOutcome::Applied)
+}
+
+/// See [`Store::complete`](crate::Store::complete). Call [`check_outcome`] first.
+pub fn complete(
+    current: Option<&Record>,
+    now: Timestamp,
+    fencing: Fencing,
+    outcome: &Outcome,
+    ttl: Duration,
+) -> (Write, CasOutcome) {
+    finish(current, now, fencing, ttl, |epoch| RecordState::Completed {
+        epoch,
+        completed_at: now,
+        outcome: outcome.clone(),
+    })
+}
+
+/// See [`Store::mark_unknown`](crate::Store::mark_unknown).
+pub fn mark_unknown(
+    current: Option<&Record>,
+    now: Timestamp,
+    fencing: Fencing,
+    ttl: Duration,
+) -> (Write, CasOutcome) {
+    finish(current, now, fencing, ttl, |epoch| RecordState::Unknown {
+        epoch,
+        since: now,
+    })
+}
+
+fn finish(
+    current: Option<&Record>,
+    now: Timestamp,
+    fencing: Fencing,
+    ttl: Duration,
+    state: impl FnOnce(u64) -> RecordState,
+) -> (Write, CasOutcome) {
+    let Some(record) = held(current, now, fencing) else {
+        return (Write::Unchanged, CasOutcome::Lost);
+    };
+    let mut next = record.clone();
+    next.state = state(fencing.epoch);
+    next.expires_at = now.after(ttl);
+    (Write::Put(next), CasOutcome::Applied)
+}
+
+/// See [`Store::release`](crate::Store::release).
+pub fn release(current: Option<&Record>, now: Timestamp, fencing: Fencing) -> (Write, CasOutcome) {
+    match held(current, now, fencing) {
+        Some(_) => (Write::Delete, CasOutcome::Applied),
+        None => (Write::Unchanged, CasOutcome::Lost),
+    }
+}
+
+/// See [`Store::take_over`](crate::Store::take_over).
+pub fn take_over(
+    current: Option<&Record>,
+    now: Timestamp,
+    req: &TakeOverRequest,
+) -> (Write, TakeOverOutcome) {
+    let refused = |current: Option<&Record>| {
+        (
+            Write::Unchanged,
+            TakeOverOutcome::Refused {
+                current: live(current, now).cloned(),
+                now,
+            },
+        )
+    };
+    let Some(record) = held(current, now, req.expired) else {
+        return refused(current);
+    };
+    let RecordState::InFlight {
+        lease_expires_at, ..
+    } = record.state
+    else {
+        return refused(current);
+    };
+    if now < lease_expires_at {
+        return refused(current);
+    }
+    let fencing = Fencing {
+        epoch: req.expired.epoch + 1,
+        token: req.token,
+    };
+    let new_lease = now.after(req.lease_ttl);
+    let mut next = record.clone();
+    next.state = RecordState::InFlight {
+        fencing,
+        owner: req.owner.clone(),
+        lease_expires_at: new_lease,
+    };
+    next.expires_at = next.expires_at.max(new_lease);
+    (Write::Put(next), TakeOverOutcome::Acquired { fencing })
+}
+
+/// See [`Store::delete`](crate::Store::delete): always removes; reports whether it was live.
+pub fn delete(current: Option<&Record>, now: Timestamp) -> (Write, bool) {
+    match current {
+        None => (Write::Unchanged, false),
+        Some(r) => (Write::Delete, !r.is_expired(now)),
+    }
+}
+
+/// Refuses outcomes whose body exceeds [`MAX_BODY_LEN`] with a `Capacity` error.
+pub fn check_outcome(outcome: &Outcome) -> Result<(), StoreError> {
+    match outcome {
+        Outcome::Response(r) if r.payload_len() > MAX_BODY_LEN => Err(StoreError::new(
+            ErrorKind::Capacity,
+            format!(
+                "response of {} bytes exceeds the record limit of {MAX_BODY_LEN} bytes",
+                r.payload_len()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,510 @@
+//! The record a store keeps per scoped key, and its versioned binary encoding.
+//!
+//! ```
+//! use idemgate_core::record::{Outcome, Record, RecordState, StoredResponse};
+//! use idemgate_core::{Fingerprint, fingerprint::Algorithm, Timestamp};
+//!
+//! let record = Record {
+//!     namespace: "default".into(),
+//!     scope: "payments".into(),
+//!     idempotency_key: "k1".into(),
+//!     fingerprint: Fingerprint::from_parts(Algorithm::Blake3, [7; 32]),
+//!     created_at: Timestamp(1),
+//!     expires_at: Timestamp(100),
+//!     state: RecordState::Completed {
+//!         epoch: 1,
+//!         completed_at: Timestamp(2),
+//!         outcome: Outcome::Response(StoredResponse::new(201, vec![], "done")),
+//!     },
+//! };
+//! let bytes = record.encode();
+//! assert_eq!(bytes[0], idemgate_core::record::ENCODING_VERSION);
+//! assert_eq!(Record::decode(&bytes)?, record);
+//! # Ok::<(), idemgate_core::record::DecodeError>(())
+//! ```
+
+use bytes::Bytes;
+
+use crate::clock::Timestamp;
+use crate::fingerprint::{Algorithm, Fingerprint};
+
+/// The first byte of every encoded record.
+pub const ENCODING_VERSION: u8 = 1;
+
+/// The largest payload (body plus headers) a record may hold: 16 MiB. Larger outcomes must be stored as
+/// [`Outcome::NotReplayable`]; stores refuse bigger bodies with a `Capacity` error.
+pub const MAX_BODY_LEN: usize = 16 * 1024 * 1024;
+
+/// Proof of holding a key: the epoch (forwarded upstream as `Idempotency-Epoch`) and a token unique
+/// to this acquisition. Every compare-and-set matches both, so a holder from before a release and
+/// re-claim (which restarts epochs at 1) can never act on the new record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fencing {
+    /// 1 for the first dispatch, +1 for every takeover.
+    pub epoch: u64,
+    /// Chosen by the acquirer; unique per acquisition.
+    pub token: u128,
+}
+
+/// A stored HTTP-like response: status, headers and the body, replayed byte-identical.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StoredResponse {
+    /// Status code (or an application result code for message handlers).
+    pub status: u16,
+    /// Header names and values, in order.
+    pub headers: Vec<(String, Bytes)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl StoredResponse {
+    /// A response from its parts.
+    pub fn new(status: u16, headers: Vec<(String, Bytes)>, body: impl Into<Bytes>) -> Self {
+        Self {
+            status,
+            headers,
+            body: body.into(),
+        }
+    }
+
+    /// Bytes of headers and body (what the record costs beyond fixed fields).
+    pub fn payload_len(&self) -> usize {
+        self.body.len()
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
+/// What a completed operation left behind.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// A response that retries get again, byte for byte.
+    Response(StoredResponse),
+    /// The operation ran but its result cannot be replayed (e.g. a response over the size limit).
+    /// Retries are told so; the operation never runs a second time.
+    NotReplayable {
+        /// The status the first caller got.
+        status: u16,
+        /// Why it is not replayable, for operators.
+        reason: String,
+    },
+}
+
+/// Where a record is in its life (PRODUCT §2).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RecordState {
+    /// Someone holds the key and is executing.
+    InFlight {
+        /// The holder's proof.
+        fencing: Fencing,
+        /// Who holds it (instance name), for operators.
+        owner: String,
+        /// When the lease ends unless renewed (store clock).
+        lease_expires_at: Timestamp,
+    },
+    /// Finished; the outcome never changes until the record expires or is deleted.
+    Completed {
+        /// The epoch that completed it.
+        epoch: u64,
+        /// When it completed (store clock).
+        completed_at: Timestamp,
+        /// What it left behind.
+        outcome: Outcome,
+    },
+    /// The operation may or may not have taken effect.
+    Unknown {
+        /// The epoch that could not tell.
+        epoch: u64,
+        /// When it was marked (store clock).
+        since: Timestamp,
+    },
+}
+
+impl RecordState {
+    /// A short stable name: `in_flight`, `completed`, `unknown`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RecordState::InFlight { .. } => "in_flight",
+            RecordState::Completed { .. } => "completed",
+            RecordState::Unknown { .. } => "unknown",
+        }
+    }
+}
+
+/// One record. Its identity is the [`StoreKey`](crate::StoreKey) it is filed under; the raw key and
+/// scope label are kept for administrators.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Record {
+    /// Namespace the key belongs to.
+    pub namespace: String,
+    /// Scope label (never a credential; see [`Scope`](crate::Scope)).
+    pub scope: String,
+    /// The client's key.
+    pub idempotency_key: String,
+    /// Fingerprint of the first request.
+    pub fingerprint: Fingerprint,
+    /// When it was first claimed (store clock).
+    pub created_at: Timestamp,
+    /// When it becomes absent (store clock).
+    pub expires_at: Timestamp,
+    /// The state.
+    pub state: RecordState,
+}
+
+impl Record {
+    /// Whether the record is gone at `now` (expiry is inclusive: at `expires_at` it is absent).
+    pub fn is_expired(&self, now: Timestamp) -> bool {
+        now >= self.expires_at
+    }
+
+    /// Encodes with the current [`ENCODING_VERSION`].
+    pub fn encode(&self) -> Vec<u8> {
+        let body_len = match &self.state {
+            RecordState::Completed {
+                outcome: Outcome::Response(r),
+                ..
+            } => r.payload_len() + 8 * r.headers.len(),
+            _ => 0,
+        };
+        let mut w = Vec::with_capacity(128 + body_len + self.idempotency_key.len());
+        w.push(ENCODING_VERSION);
+        put_str(&mut w, &self.namespace);
+        put_str(&mut w, &self.scope);
+        put_str(&mut w, &self.idempotency_key);
+        w.push(self.fingerprint.algorithm.tag());
+        w.extend_from_slice(&self.fingerprint.digest);
+        put_u64(&mut w, self.created_at.0);
+        put_u64(&mut w, self.expires_at.0);
+        match &self.state {
+            RecordState::InFlight {
+                fencing,
+                owner,
+                lease_expires_at,
+            } => {
+                w.push(1);
+                put_u64(&mut w, fencing.epoch);
+                w.extend_from_slice(&fencing.token.to_le_bytes());
+                put_str(&mut w, owner);
+                put_u64(&mut w, lease_expires_at.0);
+            }
+            RecordState::Completed {
+                epoch,
+                completed_at,
+                outcome,
+            } => {
+                w.push(2);
+                put_u64(&mut w, *epoch);
+                put_u64(&mut w, completed_at.0);
+                match outcome {
+                    Outcome::Response(r) => {
+                        w.push(1);
+                        w.extend_from_slice(&r.status.to_le_bytes());
+                        put_u32(&mut w, r.headers.len());
+                        for (name, value) in &r.headers {
+                            put_str(&mut w, name);
+                            put_bytes(&mut w, value);
+                        }
+                        put_bytes(&mut w, &r.body);
+                    }
+                    Outcome::NotReplayable { status, reason } => {
+                        w.push(2);
+                        w.extend_from_slice(&status.to_le_bytes());
+                        put_str(&mut w, reason);
+                    }
+                }
+            }
+            RecordState::Unknown { epoch, since } => {
+                w.push(3);
+                put_u64(&mut w, *epoch);
+                put_u64(&mut w, since.0);
+            }
+        }
+        w
+    }
+
+    /// Decodes bytes written by [`Record::encode`]. Garbage, truncation, trailing bytes or an
+    /// unknown version give an error, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader { buf: bytes, pos: 0 };
+        let version = r.u8()?;
+        if version != ENCODING_VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let namespace = r.string()?;
+        let scope = r.string()?;
+        let idempotency_key = r.string()?;
+        let alg_tag = r.u8()?;
+        let algorithm = Algorithm::from_tag(alg_tag).ok_or(DecodeError::BadTag {
+            field: "fingerprint algorithm",
+            tag: alg_tag,
+        })?;
+        let digest: [u8; 32] = r.array()?;
+        let created_at = Timestamp(r.u64()?);
+        let expires_at = Timestamp(r.u64()?);
+        let state = match r.u8()? {
+            1 => RecordState::InFlight {
+                fencing: Fencing {
+                    epoch: r.u64()?,
+                    token: u128::from_le_bytes(r.array()?),
+                },
+                owner: r.string()?,
+                lease_expires_at: Timestamp(r.u64()?),
+            },
+            2 => {
+                let epoch = r.u64()?;
+                let completed_at = Timestamp(r.u64()?);
+                let outcome = match r.u8()? {
+                    1 => {
+                        let status = u16::from_le_bytes(r.array()?);
+                        let count = r.u32()?;
+                        // Each header takes at least 8 bytes: bound the allocation by the input.
+                        if count > r.remaining() / 8 {
+                            return Err(DecodeError::Truncated);
+                        }
+                        let mut headers = Vec::with_capacity(count);
+                        for _ in 0..count {
+                            let name = r.string()?;
+                            let value = Bytes::copy_from_slice(r.bytes()?);
+                            headers.push((name, value));
+                        }
+                        let body = Bytes::copy_from_slice(r.bytes()?);
+                        Outcome::Response(StoredResponse {
+                            status,
+                            headers,
+                            body,
+                        })
+                    }
+                    2 => Outcome::NotReplayable {
+                        status: u16::from_le_bytes(r.array()?),
+                        reason: r.string()?,
+                    },
+                    tag => {
+                        return Err(DecodeError::BadTag {
+                            field: "outcome",
+                            tag,
+                        });
+                    }
+                };
+                RecordState::Completed {
+                    epoch,
+                    completed_at,
+                    outcome,
+                }
+            }
+            3 => RecordState::Unknown {
+                epoch: r.u64()?,
+                since: Timestamp(r.u64()?),
+            },
+            tag => {
+                return Err(DecodeError::BadTag {
+                    field: "state",
+                    tag,
+                });
+            }
+        };
+        if r.remaining() != 0 {
+            return Err(DecodeError::TrailingBytes(r.remaining()));
+        }
+        Ok(Record {
+            namespace,
+            scope,
+            idempotency_key,
+            fingerprint: Fingerprint::from_parts(algorithm, digest),
+            created_at,
+            expires_at,
+            state,
+        })
+    }
+}
+
+/// Why stored bytes are not a record. Stores report it as an error of kind
+/// [`ErrorKind::Corrupt`](crate::ErrorKind::Corrupt).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The bytes end early.
+    #[error("record is truncated")]
+    Truncated,
+    /// The version byte is not one this build reads.
+    #[error("record encoding version {0} is unknown (this build reads {ENCODING_VERSION})")]
+    UnknownVersion(u8),
+    /// A tag byte has no meaning.
+    #[error("record has an invalid {field} tag {tag}")]
+    BadTag {
+        /// Which tag.
+        field: &'static str,
+        /// Its value.
+        tag: u8,
+    },
+    /// A string is not UTF-8.
+    #[error("record holds a string that is not UTF-8")]
+    BadUtf8,
+    /// Bytes follow the record.
+    #[error("record is followed by {0} unexpected bytes")]
+    TrailingBytes(usize),
+}
+
+fn put_u64(w: &mut Vec<u8>, v: u64) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u32(w: &mut Vec<u8>, v: usize) {
+    // Lengths are bounded by MAX_BODY_LEN and key limits, far below u32::MAX.
+    w.extend_from_slice(&u32::try_from(v).unwrap_or(u32::MAX).to_le_bytes());
+}
+
+fn put_bytes(w: &mut Vec<u8>, b: &[u8]) {
+    put_u32(w, b.len());
+    w.extend_from_slice(b);
+}
+
+fn put_str(w: &mut Vec<u8>, s: &str) {
+    put_bytes(w, s.as_bytes());
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.remaining() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<usize, DecodeError> {
+        Ok(u32::from_le_bytes(self.array()?) as usize)
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = self.u32()?;
+        self.take(n)
+    }
+
+    fn string(&mut self) -> Result<String, DecodeError> {
+        std::str::from_utf8(self.bytes()?)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::BadUtf8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample(state: RecordState) -> Record {
+        Record {
+            namespace: "ns".into(),
+            scope: "scope#1".into(),
+            idempotency_key: "key".into(),
+            fingerprint: Fingerprint::from_parts(Algorithm::Sha256, [3; 32]),
+            created_at: Timestamp(10),
+            expires_at: Timestamp(20),
+            state,
+        }
+    }
+
+    fn states() -> Vec<RecordState> {
+        vec![
+            RecordState::InFlight {
+                fencing: Fencing {
+                    epoch: 3,
+                    token: u128::MAX - 5,
+                },
+                owner: "host:1".into(),
+                lease_expires_at: Timestamp(15),
+            },
+            RecordState::Completed {
+                epoch: 2,
+                completed_at: Timestamp(12),
+                outcome: Outcome::Response(StoredResponse::new(
+                    200,
+                    vec![(
+                        "content-type".into(),
+                        Bytes::from_static(b"application/json"),
+                    )],
+                    Bytes::from_static(b"{\"ok\":true}"),
+                )),
+            },
+            RecordState::Completed {
+                epoch: 1,
+                completed_at: Timestamp(12),
+                outcome: Outcome::NotReplayable {
+                    status: 201,
+                    reason: "too large".into(),
+                },
+            },
+            RecordState::Unknown {
+                epoch: 4,
+                since: Timestamp(13),
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trips_every_state() {
+        for state in states() {
+            let r = sample(state);
+            assert_eq!(Record::decode(&r.encode()).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn refuses_unknown_version_and_truncation() {
+        let mut bytes = sample(states().remove(1)).encode();
+        assert_eq!(Record::decode(&[]), Err(DecodeError::Truncated));
+        for cut in 0..bytes.len() {
+            assert!(Record::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        bytes.push(0);
+        assert_eq!(Record::decode(&bytes), Err(DecodeError::TrailingBytes(1)));
+        bytes[0] = 9;
+        assert_eq!(Record::decode(&bytes), Err(DecodeError::UnknownVersion(9)));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Record::decode(&bytes);
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(idx in 0usize..400, val in any::<u8>()) {
+            for state in states() {
+                let mut bytes = sample(state).encode();
+                let i = idx % bytes.len();
+                bytes[i] = val;
+                let _ = Record::decode(&bytes);
+            }
+        }
+    }
+}

@@ -1,0 +1,856 @@
+//! The conformance cases. Each takes a [`Harness`] and panics with a message on a violation.
+//!
+//! Timings: cases that do not depend on expiry use leases of a minute and TTLs of an hour; cases
+//! that do use [`SHORT_LEASE`] and [`SHORT_TTL`] and move the clock with [`Harness::advance`].
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Harness, claim_request, fresh_key, fresh_token, take_over_request};
+use crate::error::ErrorKind;
+use crate::key::StoreKey;
+use crate::record::{Fencing, MAX_BODY_LEN, Outcome, Record, RecordState, StoredResponse};
+use crate::store::{CasOutcome, ClaimOutcome, ClaimRequest, ListRequest, Store, TakeOverOutcome};
+
+/// Lease used by expiry cases.
+pub const SHORT_LEASE: Duration = Duration::from_millis(300);
+/// Record TTL used by expiry cases.
+pub const SHORT_TTL: Duration = Duration::from_millis(900);
+/// A margin added to waits so that real clocks are past the boundary.
+pub const MARGIN: Duration = Duration::from_millis(150);
+
+const LONG_LEASE: Duration = Duration::from_secs(60);
+const LONG_TTL: Duration = Duration::from_secs(3600);
+
+fn long_claim() -> ClaimRequest {
+    claim_request(LONG_LEASE, LONG_TTL, 1)
+}
+
+fn response(body: &'static [u8]) -> Outcome {
+    Outcome::Response(StoredResponse::new(
+        201,
+        vec![(
+            "content-type".into(),
+            Bytes::from_static(b"application/json"),
+        )],
+        Bytes::from_static(body),
+    ))
+}
+
+async fn acquire<H: Harness>(h: &H, key: &StoreKey, req: &ClaimRequest) -> Fencing {
+    match h.store().claim(key, req).await.expect("claim") {
+        ClaimOutcome::Acquired { fencing } => fencing,
+        other => panic!("expected to acquire, got {other:?}"),
+    }
+}
+
+async fn get<H: Harness>(h: &H, key: &StoreKey) -> Option<Record> {
+    h.store().get(key).await.expect("get")
+}
+
+async fn completed<H: Harness>(h: &H, ttl: Duration) -> (StoreKey, Record) {
+    let key = fresh_key("completed");
+    let f = acquire(h, &key, &long_claim()).await;
+    let out = h
+        .store()
+        .complete(&key, f, &response(b"{\"id\":1}"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(out, CasOutcome::Applied);
+    (key, get(h, &key).await.expect("completed record present"))
+}
+
+pub async fn claim_absent_acquires_epoch_one<H: Harness>(h: &H) {
+    let key = fresh_key("claim");
+    let req = long_claim();
+    let f = acquire(h, &key, &req).await;
+    assert_eq!(
+        f,
+        Fencing {
+            epoch: 1,
+            token: req.token
+        }
+    );
+    let r = get(h, &key).await.expect("record exists after claim");
+    match r.state {
+        RecordState::InFlight {
+            fencing,
+            ref owner,
+            lease_expires_at,
+        } => {
+            assert_eq!(fencing, f);
+            assert_eq!(owner, &req.owner);
+            assert!(lease_expires_at > r.created_at);
+        }
+        ref s => panic!("expected in-flight, got {s:?}"),
+    }
+    assert_eq!(r.namespace, req.namespace);
+    assert_eq!(r.scope, req.scope);
+    assert_eq!(r.idempotency_key, req.idempotency_key);
+    assert_eq!(r.fingerprint, req.fingerprint);
+    assert!(r.expires_at >= r.created_at + LONG_TTL - Duration::from_secs(5));
+}
+
+pub async fn claim_existing_returns_record_unchanged<H: Harness>(h: &H) {
+    let key = fresh_key("claim-existing");
+    let first = long_claim();
+    acquire(h, &key, &first).await;
+    let before = get(h, &key).await.unwrap();
+    let mut second = claim_request(LONG_LEASE, LONG_TTL, 2);
+    second.owner = "someone-else".into();
+    match h.store().claim(&key, &second).await.unwrap() {
+        ClaimOutcome::Existing { record, now } => {
+            assert_eq!(
+                record, before,
+                "claim of an existing key must not change it"
+            );
+            assert!(now >= record.created_at);
+        }
+        other => panic!("expected Existing, got {other:?}"),
+    }
+    assert_eq!(get(h, &key).await.unwrap(), before);
+}
+
+pub async fn concurrent_claims_have_exactly_one_winner<H: Harness>(h: &H) {
+    let key = fresh_key("race");
+    let store = h.store().clone();
+    let barrier = Arc::new(tokio::sync::Barrier::new(64));
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            let req = long_claim();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.claim(&key, &req).await.unwrap()
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    let mut tokens = HashSet::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            ClaimOutcome::Acquired { fencing } => {
+                winners += 1;
+                tokens.insert(fencing.token);
+            }
+            ClaimOutcome::Existing { record, .. } => {
+                let RecordState::InFlight { fencing, .. } = record.state else {
+                    panic!("loser saw {:?}", record.state)
+                };
+                tokens.insert(fencing.token);
+            }
+        }
+    }
+    assert_eq!(winners, 1, "exactly one of 64 racing claims must acquire");
+    assert_eq!(tokens.len(), 1, "every loser must see the winner's record");
+}
+
+pub async fn concurrent_claims_on_distinct_keys_all_win<H: Harness>(h: &H) {
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let store = h.store().clone();
+            tokio::spawn(async move {
+                let key = fresh_key("distinct");
+                matches!(
+                    store.claim(&key, &long_claim()).await.unwrap(),
+                    ClaimOutcome::Acquired { .. }
+                )
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+}
+
+pub async fn renew_extends_the_lease<H: Harness>(h: &H) {
+    let key = fresh_key("renew");
+    let f = acquire(h, &key, &claim_request(SHORT_LEASE, LONG_TTL, 1)).await;
+    h.advance(SHORT_LEASE * 2 / 3).await;
+    assert_eq!(
+        h.store().renew(&key, f, SHORT_LEASE).await.unwrap(),
+        CasOutcome::Applied
+    );
+    // Past the original lease, within the renewed one.
+    h.advance(SHORT_LEASE * 2 / 3).await;
+    let out = h
+        .store()
+        .take_over(&key, &take_over_request(f, SHORT_LEASE))
+        .await
+        .unwrap();
+    assert!(
+        matches!(out, TakeOverOutcome::Refused { .. }),
+        "renewed lease taken over: {out:?}"
+    );
+    match get(h, &key).await.unwrap().state {
+        RecordState::InFlight { fencing, .. } => assert_eq!(fencing, f),
+        s => panic!("{s:?}"),
+    }
+}
+
+pub async fn renew_with_stale_epoch_is_lost<H: Harness>(h: &H) {
+    let key = fresh_key("renew-stale");
+    let f = acquire(h, &key, &long_claim()).await;
+    let stale = Fencing {
+        epoch: f.epoch + 1,
+        ..f
+    };
+    assert_eq!(
+        h.store().renew(&key, stale, LONG_LEASE).await.unwrap(),
+        CasOutcome::Lost
+    );
+    let absent = fresh_key("renew-absent");
+    assert_eq!(
+        h.store().renew(&absent, f, LONG_LEASE).await.unwrap(),
+        CasOutcome::Lost
+    );
+    assert_eq!(
+        get(h, &absent).await,
+        None,
+        "renew must not create a record"
+    );
+}
+
+pub async fn renew_with_wrong_token_is_lost<H: Harness>(h: &H) {
+    let key = fresh_key("renew-token");
+    let f = acquire(h, &key, &long_claim()).await;
+    let before = get(h, &key).await.unwrap();
+    let other = Fencing {
+        token: fresh_token(),
+        ..f
+    };
+    assert_eq!(
+        h.store().renew(&key, other, LONG_LEASE).await.unwrap(),
+        CasOutcome::Lost
+    );
+    assert_eq!(get(h, &key).await.unwrap(), before);
+}
+
+pub async fn complete_stores_the_outcome<H: Harness>(h: &H) {
+    let key = fresh_key("complete");
+    let f = acquire(h, &key, &long_claim()).await;
+    let outcome = response(b"{\"charged\":true}");
+    assert_eq!(
+        h.store()
+            .complete(&key, f, &outcome, LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Applied
+    );
+    let r = get(h, &key).await.unwrap();
+    match r.state {
+        RecordState::Completed {
+            epoch,
+            outcome: ref got,
+            completed_at,
+        } => {
+            assert_eq!(epoch, 1);
+            assert_eq!(got, &outcome);
+            assert!(completed_at >= r.created_at);
+            assert!(r.expires_at >= completed_at + LONG_TTL - Duration::from_secs(5));
+        }
+        ref s => panic!("expected completed, got {s:?}"),
+    }
+}
+
+pub async fn complete_with_stale_fencing_is_lost<H: Harness>(h: &H) {
+    let key = fresh_key("complete-stale");
+    let f = acquire(h, &key, &long_claim()).await;
+    let before = get(h, &key).await.unwrap();
+    for bad in [
+        Fencing { epoch: 2, ..f },
+        Fencing { epoch: 0, ..f },
+        Fencing {
+            token: fresh_token(),
+            ..f
+        },
+    ] {
+        assert_eq!(
+            h.store()
+                .complete(&key, bad, &response(b"x"), LONG_TTL)
+                .await
+                .unwrap(),
+            CasOutcome::Lost
+        );
+    }
+    assert_eq!(get(h, &key).await.unwrap(), before);
+}
+
+pub async fn complete_twice_keeps_the_first<H: Harness>(h: &H) {
+    let key = fresh_key("complete-twice");
+    let f = acquire(h, &key, &long_claim()).await;
+    let first = response(b"first");
+    assert_eq!(
+        h.store().complete(&key, f, &first, LONG_TTL).await.unwrap(),
+        CasOutcome::Applied
+    );
+    assert_eq!(
+        h.store()
+            .complete(&key, f, &response(b"second"), LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Lost
+    );
+    match get(h, &key).await.unwrap().state {
+        RecordState::Completed { outcome, .. } => assert_eq!(outcome, first),
+        s => panic!("{s:?}"),
+    }
+}
+
+pub async fn completed_record_never_changes<H: Harness>(h: &H) {
+    let (key, before) = completed(h, LONG_TTL).await;
+    let RecordState::Completed { epoch, .. } = before.state else {
+        unreachable!()
+    };
+    let store = h.store();
+    // The fencing that completed it, and guesses at others: nothing may change the record.
+    let token = match h.store().claim(&key, &long_claim()).await.unwrap() {
+        ClaimOutcome::Existing { record, .. } => {
+            assert_eq!(record, before);
+            0
+        }
+        other => panic!("{other:?}"),
+    };
+    for f in [
+        Fencing { epoch, token },
+        Fencing {
+            epoch: epoch + 1,
+            token,
+        },
+    ] {
+        assert_eq!(
+            store.renew(&key, f, LONG_LEASE).await.unwrap(),
+            CasOutcome::Lost
+        );
+        assert_eq!(
+            store
+                .complete(&key, f, &response(b"z"), LONG_TTL)
+                .await
+                .unwrap(),
+            CasOutcome::Lost
+        );
+        assert_eq!(
+            store.mark_unknown(&key, f, LONG_TTL).await.unwrap(),
+            CasOutcome::Lost
+        );
+        assert_eq!(store.release(&key, f).await.unwrap(), CasOutcome::Lost);
+        assert!(matches!(
+            store
+                .take_over(&key, &take_over_request(f, LONG_LEASE))
+                .await
+                .unwrap(),
+            TakeOverOutcome::Refused { .. }
+        ));
+    }
+    assert_eq!(get(h, &key).await.unwrap(), before);
+}
+
+pub async fn mark_unknown_by_holder<H: Harness>(h: &H) {
+    let key = fresh_key("unknown");
+    let f = acquire(h, &key, &long_claim()).await;
+    assert_eq!(
+        h.store().mark_unknown(&key, f, LONG_TTL).await.unwrap(),
+        CasOutcome::Applied
+    );
+    match get(h, &key).await.unwrap().state {
+        RecordState::Unknown { epoch, .. } => assert_eq!(epoch, 1),
+        s => panic!("{s:?}"),
+    }
+    // Unknown is final for its holder too.
+    assert_eq!(
+        h.store()
+            .complete(&key, f, &response(b"late"), LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Lost
+    );
+    assert_eq!(h.store().release(&key, f).await.unwrap(), CasOutcome::Lost);
+}
+
+pub async fn mark_unknown_with_stale_fencing_is_lost<H: Harness>(h: &H) {
+    let key = fresh_key("unknown-stale");
+    let f = acquire(h, &key, &long_claim()).await;
+    let bad = Fencing {
+        token: fresh_token(),
+        ..f
+    };
+    assert_eq!(
+        h.store().mark_unknown(&key, bad, LONG_TTL).await.unwrap(),
+        CasOutcome::Lost
+    );
+    assert!(matches!(
+        get(h, &key).await.unwrap().state,
+        RecordState::InFlight { .. }
+    ));
+}
+
+pub async fn release_deletes_and_allows_a_new_claim<H: Harness>(h: &H) {
+    let key = fresh_key("release");
+    let f = acquire(h, &key, &long_claim()).await;
+    assert_eq!(
+        h.store().release(&key, f).await.unwrap(),
+        CasOutcome::Applied
+    );
+    assert_eq!(get(h, &key).await, None);
+    let again = long_claim();
+    assert_eq!(
+        acquire(h, &key, &again).await,
+        Fencing {
+            epoch: 1,
+            token: again.token
+        }
+    );
+}
+
+pub async fn release_with_stale_fencing_is_lost<H: Harness>(h: &H) {
+    let key = fresh_key("release-stale");
+    let f = acquire(h, &key, &long_claim()).await;
+    let bad = Fencing { epoch: 7, ..f };
+    assert_eq!(
+        h.store().release(&key, bad).await.unwrap(),
+        CasOutcome::Lost
+    );
+    assert!(get(h, &key).await.is_some());
+}
+
+pub async fn reclaim_after_release_fences_the_old_holder<H: Harness>(h: &H) {
+    let key = fresh_key("reclaim");
+    let old = acquire(h, &key, &long_claim()).await;
+    assert_eq!(
+        h.store().release(&key, old).await.unwrap(),
+        CasOutcome::Applied
+    );
+    let new = acquire(h, &key, &long_claim()).await;
+    assert_eq!(new.epoch, old.epoch, "epochs restart after a release");
+    // Same epoch, other token: the old holder must not touch the new record.
+    assert_eq!(
+        h.store()
+            .complete(&key, old, &response(b"stale"), LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Lost
+    );
+    assert_eq!(
+        h.store().renew(&key, old, LONG_LEASE).await.unwrap(),
+        CasOutcome::Lost
+    );
+    assert_eq!(
+        h.store().release(&key, old).await.unwrap(),
+        CasOutcome::Lost
+    );
+    match get(h, &key).await.unwrap().state {
+        RecordState::InFlight { fencing, .. } => assert_eq!(fencing, new),
+        s => panic!("{s:?}"),
+    }
+}
+
+pub async fn take_over_refused_while_lease_is_live<H: Harness>(h: &H) {
+    let key = fresh_key("takeover-live");
+    let f = acquire(h, &key, &claim_request(SHORT_LEASE, LONG_TTL, 1)).await;
+    match h
+        .store()
+        .take_over(&key, &take_over_request(f, SHORT_LEASE))
+        .await
+        .unwrap()
+    {
+        TakeOverOutcome::Refused {
+            current: Some(r), ..
+        } => {
+            assert!(matches!(r.state, RecordState::InFlight { fencing, .. } if fencing == f));
+        }
+        other => panic!("take over of a live lease: {other:?}"),
+    }
+}
+
+pub async fn take_over_after_expiry_grants_next_epoch<H: Harness>(h: &H) {
+    let key = fresh_key("takeover");
+    let f = acquire(h, &key, &claim_request(SHORT_LEASE, LONG_TTL, 1)).await;
+    h.advance(SHORT_LEASE + MARGIN).await;
+    let req = take_over_request(f, LONG_LEASE);
+    match h.store().take_over(&key, &req).await.unwrap() {
+        TakeOverOutcome::Acquired { fencing } => {
+            assert_eq!(
+                fencing,
+                Fencing {
+                    epoch: 2,
+                    token: req.token
+                }
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let r = get(h, &key).await.unwrap();
+    match r.state {
+        RecordState::InFlight {
+            fencing, ref owner, ..
+        } => {
+            assert_eq!(fencing.epoch, 2);
+            assert_eq!(owner, &req.owner);
+        }
+        ref s => panic!("{s:?}"),
+    }
+}
+
+pub async fn take_over_happens_once_per_epoch<H: Harness>(h: &H) {
+    let key = fresh_key("takeover-race");
+    let f = acquire(h, &key, &claim_request(SHORT_LEASE, LONG_TTL, 1)).await;
+    h.advance(SHORT_LEASE + MARGIN).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = h.store().clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store
+                    .take_over(&key, &take_over_request(f, LONG_LEASE))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for t in tasks {
+        if let TakeOverOutcome::Acquired { fencing } = t.await.unwrap() {
+            assert_eq!(fencing.epoch, 2);
+            winners += 1;
+        }
+    }
+    assert_eq!(
+        winners, 1,
+        "exactly one of 16 racing takeovers of one epoch must win"
+    );
+}
+
+pub async fn old_holder_loses_after_take_over<H: Harness>(h: &H) {
+    let key = fresh_key("takeover-fence");
+    let old = acquire(h, &key, &claim_request(SHORT_LEASE, LONG_TTL, 1)).await;
+    h.advance(SHORT_LEASE + MARGIN).await;
+    let TakeOverOutcome::Acquired { fencing: new } = h
+        .store()
+        .take_over(&key, &take_over_request(old, LONG_LEASE))
+        .await
+        .unwrap()
+    else {
+        panic!("take over failed")
+    };
+    let store = h.store();
+    assert_eq!(
+        store.renew(&key, old, LONG_LEASE).await.unwrap(),
+        CasOutcome::Lost
+    );
+    assert_eq!(
+        store
+            .complete(&key, old, &response(b"stale"), LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Lost
+    );
+    assert_eq!(
+        store.mark_unknown(&key, old, LONG_TTL).await.unwrap(),
+        CasOutcome::Lost
+    );
+    assert_eq!(store.release(&key, old).await.unwrap(), CasOutcome::Lost);
+    assert_eq!(
+        store
+            .complete(&key, new, &response(b"fresh"), LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Applied
+    );
+    match get(h, &key).await.unwrap().state {
+        RecordState::Completed { epoch, outcome, .. } => {
+            assert_eq!(epoch, 2);
+            assert_eq!(outcome, response(b"fresh"));
+        }
+        s => panic!("{s:?}"),
+    }
+}
+
+pub async fn take_over_with_wrong_fencing_is_refused<H: Harness>(h: &H) {
+    let key = fresh_key("takeover-wrong");
+    let f = acquire(h, &key, &claim_request(SHORT_LEASE, LONG_TTL, 1)).await;
+    h.advance(SHORT_LEASE + MARGIN).await;
+    for bad in [
+        Fencing { epoch: 2, ..f },
+        Fencing {
+            token: fresh_token(),
+            ..f
+        },
+    ] {
+        assert!(matches!(
+            h.store()
+                .take_over(&key, &take_over_request(bad, LONG_LEASE))
+                .await
+                .unwrap(),
+            TakeOverOutcome::Refused {
+                current: Some(_),
+                ..
+            }
+        ));
+    }
+    let absent = fresh_key("takeover-absent");
+    assert!(matches!(
+        h.store()
+            .take_over(&absent, &take_over_request(f, LONG_LEASE))
+            .await
+            .unwrap(),
+        TakeOverOutcome::Refused { current: None, .. }
+    ));
+    assert_eq!(get(h, &absent).await, None);
+}
+
+pub async fn completed_record_expires_after_ttl<H: Harness>(h: &H) {
+    let (key, _) = completed(h, SHORT_TTL).await;
+    h.advance(SHORT_TTL + MARGIN).await;
+    assert_eq!(get(h, &key).await, None, "expired record must be absent");
+    let req = long_claim();
+    assert_eq!(
+        acquire(h, &key, &req).await,
+        Fencing {
+            epoch: 1,
+            token: req.token
+        }
+    );
+}
+
+pub async fn unknown_record_expires_after_its_ttl<H: Harness>(h: &H) {
+    let key = fresh_key("unknown-ttl");
+    let f = acquire(h, &key, &long_claim()).await;
+    assert_eq!(
+        h.store().mark_unknown(&key, f, SHORT_TTL).await.unwrap(),
+        CasOutcome::Applied
+    );
+    assert!(get(h, &key).await.is_some());
+    h.advance(SHORT_TTL + MARGIN).await;
+    assert_eq!(get(h, &key).await, None);
+}
+
+pub async fn in_flight_record_expires_after_ttl<H: Harness>(h: &H) {
+    let key = fresh_key("inflight-ttl");
+    let f = acquire(h, &key, &claim_request(SHORT_LEASE, SHORT_TTL, 1)).await;
+    h.advance(SHORT_TTL + MARGIN).await;
+    assert_eq!(get(h, &key).await, None);
+    // The expired holder is fenced off, and the key is new again.
+    assert_eq!(
+        h.store()
+            .complete(&key, f, &response(b"late"), LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Lost
+    );
+    acquire(h, &key, &long_claim()).await;
+}
+
+pub async fn delete_removes_any_state_and_fences_the_holder<H: Harness>(h: &H) {
+    let key = fresh_key("delete");
+    let f = acquire(h, &key, &long_claim()).await;
+    assert!(h.store().delete(&key).await.unwrap());
+    assert_eq!(get(h, &key).await, None);
+    assert_eq!(
+        h.store()
+            .complete(&key, f, &response(b"late"), LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Lost
+    );
+    assert_eq!(
+        get(h, &key).await,
+        None,
+        "a fenced-off complete must not recreate the record"
+    );
+    let (done, _) = completed(h, LONG_TTL).await;
+    assert!(h.store().delete(&done).await.unwrap());
+    assert_eq!(get(h, &done).await, None);
+}
+
+pub async fn delete_of_absent_key_is_false<H: Harness>(h: &H) {
+    assert!(!h.store().delete(&fresh_key("delete-absent")).await.unwrap());
+}
+
+async fn list_all<H: Harness>(h: &H, page: usize) -> Vec<(StoreKey, Record)> {
+    let mut out = Vec::new();
+    let mut cursor = None;
+    for _ in 0..100_000 {
+        let p = h
+            .store()
+            .list(&ListRequest {
+                cursor: cursor.take(),
+                limit: page,
+            })
+            .await
+            .unwrap();
+        assert!(p.records.len() <= page, "page larger than the limit");
+        out.extend(p.records);
+        match p.next {
+            Some(c) => cursor = Some(c),
+            None => return out,
+        }
+    }
+    panic!("listing did not finish");
+}
+
+pub async fn list_pages_cover_every_record<H: Harness>(h: &H) {
+    let mut mine = HashSet::new();
+    for _ in 0..25 {
+        let key = fresh_key("list");
+        acquire(h, &key, &long_claim()).await;
+        mine.insert(key);
+    }
+    let listed = list_all(h, 7).await;
+    let listed_keys: HashSet<StoreKey> = listed.iter().map(|(k, _)| *k).collect();
+    assert!(mine.is_subset(&listed_keys), "every record must be listed");
+    for (k, r) in &listed {
+        if mine.contains(k) {
+            assert_eq!(get(h, k).await.as_ref(), Some(r));
+        }
+    }
+}
+
+pub async fn list_skips_expired_records<H: Harness>(h: &H) {
+    let (gone, _) = completed(h, SHORT_TTL).await;
+    let (kept, _) = completed(h, LONG_TTL).await;
+    h.advance(SHORT_TTL + MARGIN).await;
+    let keys: HashSet<StoreKey> = list_all(h, 50).await.into_iter().map(|(k, _)| k).collect();
+    assert!(keys.contains(&kept));
+    assert!(!keys.contains(&gone), "expired records must not be listed");
+}
+
+pub async fn largest_body_round_trips_byte_identical<H: Harness>(h: &H) {
+    let key = fresh_key("largest");
+    let f = acquire(h, &key, &long_claim()).await;
+    let header = ("x-large".to_string(), Bytes::from_static(b"1"));
+    let body: Vec<u8> = (0..MAX_BODY_LEN - 8)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    let outcome = Outcome::Response(StoredResponse::new(200, vec![header], body));
+    assert_eq!(
+        h.store()
+            .complete(&key, f, &outcome, LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Applied
+    );
+    match get(h, &key).await.unwrap().state {
+        RecordState::Completed { outcome: got, .. } => {
+            assert!(got == outcome, "largest body differs")
+        }
+        s => panic!("{s:?}"),
+    }
+}
+
+pub async fn oversized_body_is_refused_with_capacity<H: Harness>(h: &H) {
+    let key = fresh_key("oversized");
+    let f = acquire(h, &key, &long_claim()).await;
+    let outcome = Outcome::Response(StoredResponse::new(
+        200,
+        vec![],
+        vec![0u8; MAX_BODY_LEN + 1],
+    ));
+    let err = h
+        .store()
+        .complete(&key, f, &outcome, LONG_TTL)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Capacity);
+    // The holder can still record something else.
+    assert!(matches!(
+        get(h, &key).await.unwrap().state,
+        RecordState::InFlight { .. }
+    ));
+    assert_eq!(
+        h.store().mark_unknown(&key, f, LONG_TTL).await.unwrap(),
+        CasOutcome::Applied
+    );
+}
+
+pub async fn headers_and_binary_body_round_trip<H: Harness>(h: &H) {
+    let key = fresh_key("binary");
+    let f = acquire(h, &key, &long_claim()).await;
+    let outcome = Outcome::Response(StoredResponse::new(
+        418,
+        vec![
+            ("x-dup".into(), Bytes::from_static(b"1")),
+            ("x-empty".into(), Bytes::new()),
+            ("x-dup".into(), Bytes::from_static(b"2")),
+            ("x-latin1".into(), Bytes::from_static(b"caf\xe9")),
+        ],
+        Bytes::from_static(b"\x00\xff\xfe binary \r\n\x00"),
+    ));
+    assert_eq!(
+        h.store()
+            .complete(&key, f, &outcome, LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Applied
+    );
+    match get(h, &key).await.unwrap().state {
+        RecordState::Completed { outcome: got, .. } => assert_eq!(got, outcome),
+        s => panic!("{s:?}"),
+    }
+}
+
+pub async fn not_replayable_outcome_round_trips<H: Harness>(h: &H) {
+    let key = fresh_key("tombstone");
+    let f = acquire(h, &key, &long_claim()).await;
+    let outcome = Outcome::NotReplayable {
+        status: 200,
+        reason: "response over 8 MiB".into(),
+    };
+    assert_eq!(
+        h.store()
+            .complete(&key, f, &outcome, LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Applied
+    );
+    match get(h, &key).await.unwrap().state {
+        RecordState::Completed { outcome: got, .. } => assert_eq!(got, outcome),
+        s => panic!("{s:?}"),
+    }
+}
+
+pub async fn purge_removes_only_expired_records<H: Harness>(h: &H) {
+    let (gone, _) = completed(h, SHORT_TTL).await;
+    let (kept, kept_record) = completed(h, LONG_TTL).await;
+    h.advance(SHORT_TTL + MARGIN).await;
+    let mut total = 0;
+    loop {
+        let n = h.store().purge_expired(100).await.unwrap();
+        total += n;
+        if n < 100 {
+            break;
+        }
+    }
+    let _ = total; // stores with native expiry may report 0
+    assert_eq!(get(h, &gone).await, None);
+    assert_eq!(get(h, &kept).await, Some(kept_record));
+}
+
+pub async fn corrupt_bytes_are_reported_as_corrupt<H: Harness>(h: &H) {
+    let (key, _) = completed(h, LONG_TTL).await;
+    if !h.corrupt(&key).await {
+        return; // the store keeps no bytes (memory): nothing can rot
+    }
+    let err = h
+        .store()
+        .get(&key)
+        .await
+        .expect_err("garbage must not decode");
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+    let err = h
+        .store()
+        .claim(&key, &long_claim())
+        .await
+        .expect_err("claim on garbage");
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+    // An administrator can still remove it.
+    h.store().delete(&key).await.unwrap();
+    assert_eq!(get(h, &key).await, None);
+}

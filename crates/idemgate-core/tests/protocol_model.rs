@@ -1,0 +1,342 @@
+//! Exhaustive model check (stateright) of the claim / renew / complete / take_over protocol as
+//! implemented by `idemgate_core::protocol` — the very functions the memory and redb stores run.
+//!
+//! Holders act in any order and at any time (arbitrary delays: a holder may act long after its lease
+//! ran out), may crash at any point, and time advances in ticks. Within the bounds below, every
+//! reachable state is visited and these properties are checked:
+//!
+//! - at most one holder is ever granted a given epoch of one incarnation of the record;
+//! - a completed record never changes;
+//! - a stale holder never writes over a newer epoch (no compare-and-set by an older epoch succeeds
+//!   once a newer epoch was granted);
+//! - and, to show the model is not vacuous, takeovers, stale-holder attempts and completions after
+//!   a takeover are each reachable.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::ptr_arg)]
+
+use std::time::Duration;
+
+use idemgate_core::clock::Timestamp;
+use idemgate_core::fingerprint::{Algorithm, Fingerprint};
+use idemgate_core::protocol::{self, Write};
+use idemgate_core::record::{Fencing, Outcome, Record, RecordState, StoredResponse};
+use idemgate_core::store::{
+    CasOutcome, ClaimOutcome, ClaimRequest, TakeOverOutcome, TakeOverRequest,
+};
+use stateright::{Checker, Model, Property};
+
+const TICK: Duration = Duration::from_millis(1_000);
+const LEASE_TICKS: u32 = 2;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+enum Holder {
+    Idle,
+    /// Believes it holds `fencing` of the given incarnation (it may be stale without knowing).
+    Holding(Fencing, u32),
+    Done,
+    Crashed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct State {
+    now: u32,
+    record: Option<Record>,
+    holders: Vec<Holder>,
+    /// Fresh claims so far (a release followed by a claim starts a new incarnation).
+    incarnation: u32,
+    /// (incarnation, epoch, holder) of every grant.
+    grants: Vec<(u32, u64, usize)>,
+    /// (incarnation, epoch, value) of the first completion of each incarnation.
+    completions: Vec<(u32, u64, u8)>,
+    /// Set if a compare-and-set by an epoch older than the newest grant succeeded.
+    stale_write: bool,
+    /// Set if an epoch was granted while the previous holder's lease was still live.
+    early_takeover: bool,
+    /// Non-vacuity witnesses.
+    saw_takeover: bool,
+    saw_stale_attempt: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+enum Action {
+    Claim(usize),
+    TakeOver(usize),
+    Renew(usize),
+    Complete(usize),
+    MarkUnknown(usize),
+    Release(usize),
+    Crash(usize),
+    Tick,
+}
+
+struct Protocol {
+    holders: usize,
+    max_ticks: u32,
+    with_release: bool,
+}
+
+fn ts(tick: u32) -> Timestamp {
+    Timestamp(1_000_000 + u64::from(tick) * 1_000)
+}
+
+fn token(holder: usize, incarnation: u32, epoch_hint: usize) -> u128 {
+    ((holder as u128) << 64) | ((incarnation as u128) << 32) | epoch_hint as u128
+}
+
+fn apply(record: &mut Option<Record>, write: Write) {
+    match write {
+        Write::Unchanged => {}
+        Write::Put(r) => *record = Some(r),
+        Write::Delete => *record = None,
+    }
+}
+
+impl State {
+    fn newest_epoch(&self) -> u64 {
+        self.grants
+            .iter()
+            .filter(|g| g.0 == self.incarnation)
+            .map(|g| g.1)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn note_cas(&mut self, fencing: Fencing, incarnation: u32, applied: bool) {
+        let newest = self.newest_epoch();
+        if incarnation < self.incarnation || fencing.epoch < newest {
+            self.saw_stale_attempt = true;
+            if applied {
+                self.stale_write = true;
+            }
+        }
+    }
+}
+
+impl Model for Protocol {
+    type State = State;
+    type Action = Action;
+
+    fn init_states(&self) -> Vec<State> {
+        vec![State {
+            now: 0,
+            record: None,
+            holders: vec![Holder::Idle; self.holders],
+            incarnation: 0,
+            grants: Vec::new(),
+            completions: Vec::new(),
+            stale_write: false,
+            early_takeover: false,
+            saw_takeover: false,
+            saw_stale_attempt: false,
+        }]
+    }
+
+    fn actions(&self, s: &State, actions: &mut Vec<Action>) {
+        if s.now < self.max_ticks {
+            actions.push(Action::Tick);
+        }
+        for (h, holder) in s.holders.iter().enumerate() {
+            match holder {
+                Holder::Idle => {
+                    actions.push(Action::Claim(h));
+                    if matches!(
+                        &s.record,
+                        Some(Record {
+                            state: RecordState::InFlight { .. },
+                            ..
+                        })
+                    ) {
+                        actions.push(Action::TakeOver(h));
+                    }
+                }
+                Holder::Holding(..) => {
+                    actions.push(Action::Renew(h));
+                    actions.push(Action::Complete(h));
+                    actions.push(Action::MarkUnknown(h));
+                    if self.with_release {
+                        actions.push(Action::Release(h));
+                    }
+                    actions.push(Action::Crash(h));
+                }
+                Holder::Done | Holder::Crashed => {}
+            }
+        }
+    }
+
+    fn next_state(&self, last: &State, action: Action) -> Option<State> {
+        let mut s = last.clone();
+        let now = ts(s.now);
+        let lease = TICK * LEASE_TICKS;
+        let ttl = TICK * 1_000; // records never expire within the bounds
+        match action {
+            Action::Tick => s.now += 1,
+            Action::Claim(h) => {
+                let req = ClaimRequest {
+                    namespace: "m".into(),
+                    scope: "m".into(),
+                    idempotency_key: "k".into(),
+                    fingerprint: Fingerprint::from_parts(Algorithm::Blake3, [0; 32]),
+                    token: token(h, s.incarnation + 1, 1),
+                    owner: format!("h{h}"),
+                    lease_ttl: lease,
+                    ttl,
+                };
+                let (write, out) = protocol::claim(s.record.as_ref(), now, &req);
+                apply(&mut s.record, write);
+                match out {
+                    ClaimOutcome::Acquired { fencing } => {
+                        s.incarnation += 1;
+                        s.grants.push((s.incarnation, fencing.epoch, h));
+                        s.holders[h] = Holder::Holding(fencing, s.incarnation);
+                    }
+                    ClaimOutcome::Existing { .. } => return None,
+                }
+            }
+            Action::TakeOver(h) => {
+                let Some(Record {
+                    state:
+                        RecordState::InFlight {
+                            fencing: seen,
+                            lease_expires_at,
+                            ..
+                        },
+                    ..
+                }) = &s.record
+                else {
+                    return None;
+                };
+                let lease_was_live = now < *lease_expires_at;
+                let req = TakeOverRequest {
+                    expired: *seen,
+                    token: token(h, s.incarnation, seen.epoch as usize + 1),
+                    owner: format!("h{h}"),
+                    lease_ttl: lease,
+                };
+                let (write, out) = protocol::take_over(s.record.as_ref(), now, &req);
+                apply(&mut s.record, write);
+                match out {
+                    TakeOverOutcome::Acquired { fencing } => {
+                        s.grants.push((s.incarnation, fencing.epoch, h));
+                        s.holders[h] = Holder::Holding(fencing, s.incarnation);
+                        s.saw_takeover = true;
+                        s.early_takeover |= lease_was_live;
+                    }
+                    TakeOverOutcome::Refused { .. } => return None,
+                }
+            }
+            Action::Renew(h) => {
+                let Holder::Holding(f, inc) = s.holders[h] else {
+                    return None;
+                };
+                let (write, out) = protocol::renew(s.record.as_ref(), now, f, lease);
+                apply(&mut s.record, write);
+                s.note_cas(f, inc, out == CasOutcome::Applied);
+                if out == CasOutcome::Lost {
+                    // It learns it lost; it may still (wrongly) try to complete: keep Holding.
+                }
+            }
+            Action::Complete(h) => {
+                let Holder::Holding(f, inc) = s.holders[h] else {
+                    return None;
+                };
+                let outcome = Outcome::Response(StoredResponse::new(200, vec![], vec![h as u8]));
+                let (write, out) = protocol::complete(s.record.as_ref(), now, f, &outcome, ttl);
+                apply(&mut s.record, write);
+                s.note_cas(f, inc, out == CasOutcome::Applied);
+                if out == CasOutcome::Applied && !s.completions.iter().any(|c| c.0 == s.incarnation)
+                {
+                    s.completions.push((s.incarnation, f.epoch, h as u8));
+                }
+                s.holders[h] = Holder::Done;
+            }
+            Action::MarkUnknown(h) => {
+                let Holder::Holding(f, inc) = s.holders[h] else {
+                    return None;
+                };
+                let (write, out) = protocol::mark_unknown(s.record.as_ref(), now, f, ttl);
+                apply(&mut s.record, write);
+                s.note_cas(f, inc, out == CasOutcome::Applied);
+                s.holders[h] = Holder::Done;
+            }
+            Action::Release(h) => {
+                let Holder::Holding(f, inc) = s.holders[h] else {
+                    return None;
+                };
+                let (write, out) = protocol::release(s.record.as_ref(), now, f);
+                apply(&mut s.record, write);
+                s.note_cas(f, inc, out == CasOutcome::Applied);
+                s.holders[h] = Holder::Done;
+            }
+            Action::Crash(h) => s.holders[h] = Holder::Crashed,
+        }
+        Some(s)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        vec![
+            Property::always("at most one holder per epoch", |_, s: &State| {
+                let mut seen = s.grants.iter().map(|g| (g.0, g.1)).collect::<Vec<_>>();
+                seen.sort_unstable();
+                seen.windows(2).all(|w| w[0] != w[1])
+            }),
+            Property::always("a completed record never changes", |_, s: &State| {
+                match s.completions.iter().find(|c| c.0 == s.incarnation) {
+                    None => true,
+                    Some(&(_, epoch, value)) => matches!(
+                        &s.record,
+                        Some(Record { state: RecordState::Completed { epoch: e, outcome: Outcome::Response(r), .. }, .. })
+                            if *e == epoch && r.body.as_ref() == [value]
+                    ),
+                }
+            }),
+            Property::always(
+                "a stale holder never overwrites a newer epoch",
+                |_, s: &State| !s.stale_write,
+            ),
+            Property::always(
+                "a new epoch opens only after the lease expired",
+                |_, s: &State| !s.early_takeover,
+            ),
+            Property::sometimes("a takeover happens", |_, s: &State| s.saw_takeover),
+            Property::sometimes("a stale holder tries to write", |_, s: &State| {
+                s.saw_stale_attempt
+            }),
+            Property::sometimes("an epoch-2 completion happens", |_, s: &State| {
+                s.completions.iter().any(|c| c.1 == 2)
+            }),
+        ]
+    }
+}
+
+#[test]
+fn protocol_is_safe_with_crashes_and_arbitrary_delays() {
+    let checker = Protocol {
+        holders: 4,
+        max_ticks: 8,
+        with_release: false,
+    }
+    .checker()
+    .spawn_bfs()
+    .join();
+    checker.assert_properties();
+    eprintln!("explored {} unique states", checker.unique_state_count());
+    assert!(
+        checker.unique_state_count() > 10_000,
+        "explored {}",
+        checker.unique_state_count()
+    );
+}
+
+#[test]
+fn protocol_is_safe_with_releases_and_reclaims() {
+    let checker = Protocol {
+        holders: 4,
+        max_ticks: 6,
+        with_release: true,
+    }
+    .checker()
+    .spawn_bfs()
+    .join();
+    checker.assert_properties();
+    eprintln!("explored {} unique states", checker.unique_state_count());
+}
