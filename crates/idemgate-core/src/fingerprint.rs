@@ -93,11 +93,11 @@ impl FingerprintOptions {
     pub fn builder(&self) -> FingerprintBuilder<'_> {
         FingerprintBuilder {
             options: self,
-            method: Vec::new(),
-            path: Vec::new(),
-            query: Vec::new(),
+            method: &[],
+            path: &[],
+            query: &[],
             headers: Vec::new(),
-            body: Vec::new(),
+            body: &[],
         }
     }
 }
@@ -109,42 +109,41 @@ impl FingerprintOptions {
 #[derive(Debug)]
 pub struct FingerprintBuilder<'a> {
     options: &'a FingerprintOptions,
-    method: Vec<u8>,
-    path: Vec<u8>,
-    query: Vec<u8>,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
+    method: &'a [u8],
+    path: &'a [u8],
+    query: &'a [u8],
+    headers: Vec<(String, &'a [u8])>,
+    body: &'a [u8],
 }
 
-impl FingerprintBuilder<'_> {
+impl<'a> FingerprintBuilder<'a> {
     /// The request method.
-    pub fn method(mut self, method: &str) -> Self {
-        self.method = method.as_bytes().to_vec();
+    pub fn method(mut self, method: &'a str) -> Self {
+        self.method = method.as_bytes();
         self
     }
 
     /// The request path (as sent, not decoded).
-    pub fn path(mut self, path: &str) -> Self {
-        self.path = path.as_bytes().to_vec();
+    pub fn path(mut self, path: &'a str) -> Self {
+        self.path = path.as_bytes();
         self
     }
 
     /// The raw query string (without `?`); parameter order matters.
-    pub fn query(mut self, query: &str) -> Self {
-        self.query = query.as_bytes().to_vec();
+    pub fn query(mut self, query: &'a str) -> Self {
+        self.query = query.as_bytes();
         self
     }
 
     /// One selected header; the name is compared case-insensitively.
-    pub fn header(mut self, name: &str, value: &[u8]) -> Self {
-        self.headers
-            .push((name.to_ascii_lowercase(), value.to_vec()));
+    pub fn header(mut self, name: &str, value: &'a [u8]) -> Self {
+        self.headers.push((name.to_ascii_lowercase(), value));
         self
     }
 
-    /// The request body.
-    pub fn body(mut self, body: &[u8]) -> Self {
-        self.body = body.to_vec();
+    /// The request body (borrowed: nothing is copied).
+    pub fn body(mut self, body: &'a [u8]) -> Self {
+        self.body = body;
         self
     }
 
@@ -152,15 +151,15 @@ impl FingerprintBuilder<'_> {
     pub fn finish(mut self) -> Fingerprint {
         self.headers.sort_by(|a, b| a.0.cmp(&b.0));
         let mut h = Hasher::new(self.options.algorithm);
-        h.field(b"method", &self.method);
-        h.field(b"path", &self.path);
-        h.field(b"query", &self.query);
+        h.field(b"method", self.method);
+        h.field(b"path", self.path);
+        h.field(b"query", self.query);
         for (name, value) in &self.headers {
             h.field(b"header", name.as_bytes());
             h.field(b"value", value);
         }
         match &self.options.json {
-            JsonMode::Raw => h.field(b"body-raw", &self.body),
+            JsonMode::Raw => h.field(b"body-raw", self.body),
             JsonMode::Canonical { ignore } => match serde_json::from_slice::<Value>(&self.body) {
                 Ok(mut value) => {
                     for pointer in ignore {

@@ -88,6 +88,9 @@ use tokio::sync::{mpsc, oneshot};
 const RECORDS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("records_v1");
 const EXPIRY: TableDefinition<(u64, &[u8; 32]), ()> = TableDefinition::new("expiry_v1");
 
+/// How long the writer keeps gathering a batch once it knows callers are concurrent.
+const GATHER_WINDOW: Duration = Duration::from_micros(100);
+
 /// Largest page returned by `list`.
 pub const MAX_LIST_PAGE: usize = 1_000;
 
@@ -249,14 +252,23 @@ struct Writer {
 impl Writer {
     fn run(self, mut rx: mpsc::Receiver<Job>) {
         let mut batch = Vec::with_capacity(self.max_batch);
+        let mut last_len = 0;
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
+            // Under concurrency (the last batch had company), give the callers just answered a
+            // moment to send their next operation, so that one fsync covers them all. A lone
+            // caller never waits.
+            let gather_until = (last_len > 1).then(|| std::time::Instant::now() + GATHER_WINDOW);
             while batch.len() < self.max_batch {
                 match rx.try_recv() {
                     Ok(job) => batch.push(job),
-                    Err(_) => break,
+                    Err(_) => match gather_until {
+                        Some(t) if std::time::Instant::now() < t => std::thread::yield_now(),
+                        _ => break,
+                    },
                 }
             }
+            last_len = batch.len();
             self.commit_batch(&mut batch);
         }
     }
