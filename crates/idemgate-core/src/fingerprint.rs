@@ -160,7 +160,7 @@ impl<'a> FingerprintBuilder<'a> {
         }
         match &self.options.json {
             JsonMode::Raw => h.field(b"body-raw", self.body),
-            JsonMode::Canonical { ignore } => match serde_json::from_slice::<Value>(&self.body) {
+            JsonMode::Canonical { ignore } => match serde_json::from_slice::<Value>(self.body) {
                 Ok(mut value) => {
                     for pointer in ignore {
                         remove_pointer(&mut value, pointer);
@@ -169,7 +169,7 @@ impl<'a> FingerprintBuilder<'a> {
                     write_canonical(&value, &mut canonical);
                     h.field(b"body-jcs", canonical.as_bytes());
                 }
-                Err(_) => h.field(b"body-raw-fallback", &self.body),
+                Err(_) => h.field(b"body-raw-fallback", self.body),
             },
         }
         Fingerprint {
