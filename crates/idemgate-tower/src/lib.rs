@@ -1,0 +1,84 @@
+//! # idemgate-tower
+//!
+//! A [tower](https://docs.rs/tower) layer that gives any HTTP service `Idempotency-Key`
+//! semantics: the first request with a key runs and its response is stored; every retry gets the
+//! byte-identical stored response with `Idempotent-Replayed: true`; a retry while the first is
+//! running waits (or gets `409`); the same key with another request gets `422`.
+//!
+//! ## Overview
+//!
+//! - [`IdempotencyLayer`] wraps an inner service whose requests carry an [`IdemBody`] (any
+//!   `http_body::Body` works through [`body::boxed`]); it needs an [`idemgate_core::Engine`] over
+//!   any [`idemgate_core::Store`].
+//! - [`policy`]: which methods and paths are covered and how (key required, TTL, wait or reject,
+//!   fingerprint options, transient statuses, scope headers, body limits, fail open or closed).
+//! - [`problem`]: the RFC 9457 answers, one stable `type` per case.
+//! - [`upstream::UpstreamError`]: how an inner service says "never sent" (release the key) or
+//!   "sent, no complete answer" (outcome unknown).
+//!
+//! ## Example
+//!
+//! ```
+//! # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use idemgate_core::{Engine, MemoryStore};
+//! use idemgate_tower::{IdempotencyLayer, body::{IdemBody, full}, policy::Routes};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! let charges = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+//! let counter = charges.clone();
+//! let app = tower::service_fn(move |_req: Request<IdemBody>| {
+//!     let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+//!     async move { Ok::<_, Infallible>(Response::new(full(Bytes::from(format!("charge #{n}"))))) }
+//! });
+//! let engine = Engine::builder(MemoryStore::default()).build();
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(IdempotencyLayer::new(engine, Routes::catch_all(true)))
+//!     .service(app);
+//!
+//! for _ in 0..2 {
+//!     let req = Request::post("/pay").header("idempotency-key", "k-1")
+//!         .body(Full::new(Bytes::from_static(b"{}")))?;
+//!     let res = ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc).await?.call(req).await?;
+//!     assert_eq!(res.into_body().collect().await?.to_bytes(), "charge #1");
+//! }
+//! assert_eq!(charges.load(std::sync::atomic::Ordering::SeqCst), 1);
+//!
+//! // Without a key, on a route that requires one: 400 problem+json.
+//! let req = Request::post("/pay").body(Full::new(Bytes::new()))?;
+//! let res = ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc).await?.call(req).await?;
+//! assert_eq!(res.status(), 400);
+//! # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! ## Guarantees
+//!
+//! Those of the engine (PRODUCT §4), plus: covered requests whose body is over the limit get `413`
+//! before anything is claimed (G2); replays never cross scopes — the scope is the route name and a
+//! hash of the configured principal headers (G6); hop-by-hop headers, `content-length` and (by
+//! default) `Set-Cookie` are never stored (G6); inner-service failures are released only when they
+//! are [`upstream::UpstreamError::NotSent`] or the status is declared transient (G3).
+//!
+//! ## Feature flags
+//!
+//! None.
+//!
+//! ## Errors
+//!
+//! The service's error is [`body::BoxError`]: only inner-service errors on pass-through requests,
+//! and failures reading the client's request body. Everything idemgate decides itself is a response
+//! (see [`problem::ProblemKind`]).
+
+pub mod body;
+pub mod headers;
+pub mod policy;
+pub mod problem;
+mod service;
+pub mod upstream;
+
+pub use body::IdemBody;
+pub use service::{Idempotency, IdempotencyLayer, IdempotencyLayerBuilder, ResponseFuture};

@@ -1,0 +1,294 @@
+//! Which requests are protected, and how: per-route policy and route matching.
+//!
+//! ```
+//! use idemgate_tower::policy::{RoutePolicy, Routes};
+//! use http::Method;
+//!
+//! let routes = Routes::new(vec![
+//!     RoutePolicy::new("payments", "/v1/payments/**").required(true),
+//!     RoutePolicy::new("refunds", "/v1/charges/*/refund"),
+//! ]);
+//! assert_eq!(routes.find(&Method::POST, "/v1/payments/abc/capture").unwrap().name, "payments");
+//! assert_eq!(routes.find(&Method::POST, "/v1/charges/ch_1/refund").unwrap().name, "refunds");
+//! assert!(routes.find(&Method::GET, "/v1/payments/abc").is_none()); // GET is not covered
+//! ```
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use http::Method;
+use idemgate_core::engine::{Concurrency, Policy, Recovery};
+use idemgate_core::fingerprint::FingerprintOptions;
+
+/// Statuses released (not stored) by default: the upstream said "try again".
+pub const DEFAULT_TRANSIENT: [u16; 6] = [408, 425, 429, 502, 503, 504];
+
+/// Default request and response body limit: 8 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 8 * 1024 * 1024;
+
+/// What happens when the store cannot be reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailMode {
+    /// Answer `503` and forward nothing (default).
+    Closed,
+    /// Forward the request without protection.
+    Open,
+}
+
+/// A path pattern: literal segments, `*` for exactly one segment, and a trailing `**` for any rest
+/// (including nothing). `/**` matches every path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathPattern {
+    raw: String,
+    segments: Vec<Segment>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    One,
+    Rest,
+}
+
+impl PathPattern {
+    /// Parses a pattern. A `**` anywhere but last is taken as `*`.
+    pub fn new(pattern: &str) -> Self {
+        let parts: Vec<&str> = pattern.trim_start_matches('/').split('/').collect();
+        let last = parts.len() - 1;
+        let segments = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match *p {
+                "**" if i == last => Segment::Rest,
+                "*" | "**" => Segment::One,
+                lit => Segment::Literal(lit.to_owned()),
+            })
+            .collect();
+        Self {
+            raw: pattern.to_owned(),
+            segments,
+        }
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+
+    /// Whether `path` matches.
+    pub fn matches(&self, path: &str) -> bool {
+        let mut parts = path.trim_start_matches('/').split('/');
+        for seg in &self.segments {
+            match seg {
+                Segment::Rest => return true,
+                Segment::One => {
+                    if parts.next().is_none() {
+                        return false;
+                    }
+                }
+                Segment::Literal(l) => {
+                    if parts.next() != Some(l.as_str()) {
+                        return false;
+                    }
+                }
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+/// The settings of one protected route.
+#[derive(Clone, Debug)]
+pub struct RoutePolicy {
+    /// The route's name: part of the scope, and a metrics label.
+    pub name: String,
+    /// Methods covered (default POST and PATCH).
+    pub methods: BTreeSet<Method>,
+    /// Which paths.
+    pub path: PathPattern,
+    /// A covered request without a key gets `400` (true) or passes through unprotected (false).
+    pub required: bool,
+    /// Record TTL, wait or reject, takeover or strict.
+    pub engine: Policy,
+    /// How requests are fingerprinted.
+    pub fingerprint: FingerprintOptions,
+    /// Request headers included in the fingerprint (lower case; default `content-type`).
+    pub fingerprint_headers: Vec<String>,
+    /// Headers whose values identify the principal (lower case; default `authorization`).
+    pub scope_headers: Vec<String>,
+    /// Upstream statuses that are released rather than stored.
+    pub transient_statuses: BTreeSet<u16>,
+    /// Larger request bodies get `413` before anything is claimed.
+    pub max_request_body: usize,
+    /// Larger response bodies are passed through once and recorded as "not replayable".
+    pub max_response_body: usize,
+    /// Response headers never stored or replayed, besides the hop-by-hop ones (lower case;
+    /// default `set-cookie`).
+    pub deny_response_headers: Vec<String>,
+    /// When the store fails.
+    pub fail_mode: FailMode,
+}
+
+impl RoutePolicy {
+    /// A route with the defaults of PRODUCT §3 and §6.
+    pub fn new(name: impl Into<String>, path: &str) -> Self {
+        Self {
+            name: name.into(),
+            methods: [Method::POST, Method::PATCH].into_iter().collect(),
+            path: PathPattern::new(path),
+            required: false,
+            engine: Policy::default(),
+            fingerprint: FingerprintOptions::default(),
+            fingerprint_headers: vec!["content-type".into()],
+            scope_headers: vec!["authorization".into()],
+            transient_statuses: DEFAULT_TRANSIENT.into_iter().collect(),
+            max_request_body: DEFAULT_BODY_LIMIT,
+            max_response_body: DEFAULT_BODY_LIMIT,
+            deny_response_headers: vec!["set-cookie".into()],
+            fail_mode: FailMode::Closed,
+        }
+    }
+
+    /// Sets the covered methods.
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Whether the key is required.
+    pub fn required(mut self, required: bool) -> Self {
+        self.required = required;
+        self
+    }
+
+    /// Record TTL.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.engine.ttl = ttl;
+        self
+    }
+
+    /// Wait (with a timeout) or reject.
+    pub fn concurrency(mut self, c: Concurrency) -> Self {
+        self.engine.concurrency = c;
+        self
+    }
+
+    /// Takeover or strict recovery.
+    pub fn recovery(mut self, r: Recovery) -> Self {
+        self.engine.recovery = r;
+        self
+    }
+
+    /// Fingerprint options.
+    pub fn fingerprint(mut self, f: FingerprintOptions) -> Self {
+        self.fingerprint = f;
+        self
+    }
+
+    /// Body limits (request, response).
+    pub fn body_limits(mut self, request: usize, response: usize) -> Self {
+        self.max_request_body = request;
+        self.max_response_body = response;
+        self
+    }
+
+    /// Failure mode when the store is unreachable.
+    pub fn fail_mode(mut self, mode: FailMode) -> Self {
+        self.fail_mode = mode;
+        self
+    }
+
+    /// Principal headers.
+    pub fn scope_headers(mut self, headers: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.scope_headers = lower(headers);
+        self
+    }
+
+    /// Transient statuses.
+    pub fn transient_statuses(mut self, statuses: impl IntoIterator<Item = u16>) -> Self {
+        self.transient_statuses = statuses.into_iter().collect();
+        self
+    }
+
+    /// Response headers never stored.
+    pub fn deny_response_headers(
+        mut self,
+        headers: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.deny_response_headers = lower(headers);
+        self
+    }
+
+    /// Whether this route covers `method` on `path`.
+    pub fn covers(&self, method: &Method, path: &str) -> bool {
+        self.methods.contains(method) && self.path.matches(path)
+    }
+}
+
+fn lower(items: impl IntoIterator<Item = impl Into<String>>) -> Vec<String> {
+    items
+        .into_iter()
+        .map(|h| h.into().to_ascii_lowercase())
+        .collect()
+}
+
+/// The routes, tried in order; the first that covers a request applies.
+#[derive(Clone, Debug, Default)]
+pub struct Routes(Vec<RoutePolicy>);
+
+impl Routes {
+    /// Routes tried in the given order.
+    pub fn new(routes: Vec<RoutePolicy>) -> Self {
+        Self(routes)
+    }
+
+    /// The default of `idemgate serve` with no routes configured: POST and PATCH on every path,
+    /// key optional (or `required`).
+    pub fn catch_all(required: bool) -> Self {
+        Self(vec![RoutePolicy::new("default", "/**").required(required)])
+    }
+
+    /// The first route covering the request.
+    pub fn find(&self, method: &Method, path: &str) -> Option<&RoutePolicy> {
+        self.0.iter().find(|r| r.covers(method, path))
+    }
+
+    /// All routes.
+    pub fn iter(&self) -> impl Iterator<Item = &RoutePolicy> {
+        self.0.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        let p = PathPattern::new("/a/*/c");
+        assert!(p.matches("/a/b/c"));
+        assert!(!p.matches("/a/b/c/d"));
+        assert!(!p.matches("/a/c"));
+        let rest = PathPattern::new("/a/**");
+        assert!(rest.matches("/a"));
+        assert!(rest.matches("/a/b/c"));
+        assert!(!rest.matches("/b"));
+        assert!(PathPattern::new("/**").matches("/anything/at/all"));
+        assert!(PathPattern::new("/exact").matches("/exact"));
+        assert!(!PathPattern::new("/exact").matches("/exact/more"));
+    }
+
+    #[test]
+    fn first_matching_route_wins() {
+        let routes = Routes::new(vec![
+            RoutePolicy::new("special", "/pay/special").required(true),
+            RoutePolicy::new("pay", "/pay/**"),
+        ]);
+        assert_eq!(
+            routes.find(&Method::POST, "/pay/special").unwrap().name,
+            "special"
+        );
+        assert_eq!(routes.find(&Method::PATCH, "/pay/x").unwrap().name, "pay");
+        assert!(routes.find(&Method::PUT, "/pay/x").is_none());
+    }
+}

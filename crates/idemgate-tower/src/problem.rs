@@ -1,0 +1,121 @@
+//! RFC 9457 `application/problem+json` responses, one stable `type` URI per case.
+//!
+//! ```
+//! use idemgate_tower::problem::ProblemKind;
+//!
+//! let res = ProblemKind::Mismatch.response("the key was used with another request");
+//! assert_eq!(res.status(), 422);
+//! assert_eq!(res.headers()["content-type"], "application/problem+json");
+//! ```
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+
+use crate::body::{IdemBody, box_full};
+
+/// The cases idemgate answers itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    /// `400`: the route requires an `Idempotency-Key` and none was sent.
+    MissingKey,
+    /// `400`: the key is empty, too long, or not visible ASCII.
+    MalformedKey,
+    /// `422`: the key was used with a different request.
+    Mismatch,
+    /// `409`: the first request with this key is still running.
+    InFlight,
+    /// `413`: the request body is over the limit.
+    TooLarge,
+    /// `503`: the store cannot be reached; nothing was forwarded.
+    StoreUnavailable,
+    /// `502`: the request may or may not have taken effect upstream; it is never retried
+    /// automatically.
+    OutcomeUnknown,
+    /// `410`: the first request completed but its response was too large to keep.
+    NotReplayable,
+    /// `502`: the upstream could not be reached; nothing ran, a retry may.
+    UpstreamUnavailable,
+}
+
+impl ProblemKind {
+    /// The stable slug used in the `type` URI and in metrics.
+    pub fn slug(self) -> &'static str {
+        match self {
+            ProblemKind::MissingKey => "missing-key",
+            ProblemKind::MalformedKey => "malformed-key",
+            ProblemKind::Mismatch => "fingerprint-mismatch",
+            ProblemKind::InFlight => "request-in-flight",
+            ProblemKind::TooLarge => "body-too-large",
+            ProblemKind::StoreUnavailable => "store-unavailable",
+            ProblemKind::OutcomeUnknown => "outcome-unknown",
+            ProblemKind::NotReplayable => "not-replayable",
+            ProblemKind::UpstreamUnavailable => "upstream-unavailable",
+        }
+    }
+
+    /// The `type` member: `urn:idemgate:problem:<slug>`.
+    pub fn type_uri(self) -> String {
+        format!("urn:idemgate:problem:{}", self.slug())
+    }
+
+    /// The HTTP status.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProblemKind::MissingKey | ProblemKind::MalformedKey => StatusCode::BAD_REQUEST,
+            ProblemKind::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            ProblemKind::InFlight => StatusCode::CONFLICT,
+            ProblemKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProblemKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProblemKind::OutcomeUnknown | ProblemKind::UpstreamUnavailable => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProblemKind::NotReplayable => StatusCode::GONE,
+        }
+    }
+
+    /// The `title` member: the same for every occurrence.
+    pub fn title(self) -> &'static str {
+        match self {
+            ProblemKind::MissingKey => "Idempotency-Key header is required",
+            ProblemKind::MalformedKey => "Idempotency-Key header is malformed",
+            ProblemKind::Mismatch => "Idempotency-Key was used with a different request",
+            ProblemKind::InFlight => "A request with this Idempotency-Key is in progress",
+            ProblemKind::TooLarge => "Request body is too large",
+            ProblemKind::StoreUnavailable => "Idempotency store is unavailable",
+            ProblemKind::OutcomeUnknown => "Outcome of the original request is unknown",
+            ProblemKind::NotReplayable => "Original response cannot be replayed",
+            ProblemKind::UpstreamUnavailable => "Upstream could not be reached",
+        }
+    }
+
+    /// A problem response with `detail`.
+    pub fn response(self, detail: impl Into<String>) -> Response<IdemBody> {
+        self.response_with(detail, serde_json::Map::new())
+    }
+
+    /// A problem response with `detail` and extension members.
+    pub fn response_with(
+        self,
+        detail: impl Into<String>,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Response<IdemBody> {
+        let mut doc = serde_json::Map::new();
+        doc.insert("type".into(), self.type_uri().into());
+        doc.insert("title".into(), self.title().into());
+        doc.insert("status".into(), self.status().as_u16().into());
+        doc.insert("detail".into(), detail.into().into());
+        doc.extend(extra);
+        let body = serde_json::Value::Object(doc).to_string();
+        let mut res = Response::new(box_full(
+            Full::new(Bytes::from(body)).map_err(|e| match e {}),
+        ));
+        *res.status_mut() = self.status();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        res
+    }
+}

@@ -1,0 +1,542 @@
+//! [`IdempotencyLayer`] and the [`Idempotency`] service it produces.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HeaderValue, RETRY_AFTER};
+use http::{Request, Response};
+use http_body::Body;
+use idemgate_core::engine::{Disposition, Engine, EngineError, Execution};
+use idemgate_core::record::{Outcome, StoredResponse};
+use idemgate_core::{IdempotencyKey, Scope, ScopedKey, Store};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::body::{BoxError, Collected, IdemBody, Prefixed, boxed, collect_limited, full};
+use crate::headers::{IDEMPOTENCY_EPOCH, IDEMPOTENCY_KEY, replay, storable};
+use crate::policy::{FailMode, RoutePolicy, Routes};
+use crate::problem::ProblemKind;
+use crate::upstream::UpstreamError;
+
+/// Adds Idempotency-Key semantics (PRODUCT §3) to an HTTP service. `Clone` and cheap to clone.
+pub struct IdempotencyLayer<S> {
+    shared: Arc<Shared<S>>,
+}
+
+struct Shared<S> {
+    engine: Engine<S>,
+    routes: Routes,
+    namespace: String,
+    response_timeout: Option<Duration>,
+}
+
+impl<S> Clone for IdempotencyLayer<S> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S> fmt::Debug for IdempotencyLayer<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("namespace", &self.shared.namespace)
+            .field("routes", &self.shared.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Store> IdempotencyLayer<S> {
+    /// A layer over `engine` with the routes to protect.
+    pub fn new(engine: Engine<S>, routes: Routes) -> Self {
+        Self::builder(engine).routes(routes).build()
+    }
+
+    /// A builder.
+    pub fn builder(engine: Engine<S>) -> IdempotencyLayerBuilder<S> {
+        IdempotencyLayerBuilder {
+            engine,
+            routes: Routes::catch_all(false),
+            namespace: "default".into(),
+            response_timeout: None,
+        }
+    }
+
+    /// The engine (for stats and admin access).
+    pub fn engine(&self) -> &Engine<S> {
+        &self.shared.engine
+    }
+}
+
+/// Builds an [`IdempotencyLayer`].
+#[derive(Debug)]
+pub struct IdempotencyLayerBuilder<S> {
+    engine: Engine<S>,
+    routes: Routes,
+    namespace: String,
+    response_timeout: Option<Duration>,
+}
+
+impl<S: Store> IdempotencyLayerBuilder<S> {
+    /// The protected routes (default: POST and PATCH everywhere, key optional).
+    pub fn routes(mut self, routes: Routes) -> Self {
+        self.routes = routes;
+        self
+    }
+
+    /// The namespace of every record (default `default`).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// Longest time from dispatch to the end of the inner service's response body; past it the
+    /// outcome is unknown (default: none).
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = Some(timeout);
+        self
+    }
+
+    /// Builds the layer.
+    pub fn build(self) -> IdempotencyLayer<S> {
+        IdempotencyLayer {
+            shared: Arc::new(Shared {
+                engine: self.engine,
+                routes: self.routes,
+                namespace: self.namespace,
+                response_timeout: self.response_timeout,
+            }),
+        }
+    }
+}
+
+impl<S, I> Layer<I> for IdempotencyLayer<S> {
+    type Service = Idempotency<I, S>;
+
+    fn layer(&self, inner: I) -> Self::Service {
+        Idempotency {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The service: protects covered requests, passes the others through.
+pub struct Idempotency<I, S> {
+    inner: I,
+    shared: Arc<Shared<S>>,
+}
+
+impl<I: Clone, S> Clone for Idempotency<I, S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<I: fmt::Debug, S> fmt::Debug for Idempotency<I, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+fn count(outcome: &'static str, route: &str) {
+    metrics::counter!("idemgate_requests_total", "outcome" => outcome, "route" => route.to_owned())
+        .increment(1);
+}
+
+impl<I, S, ReqB, ResB> Service<Request<ReqB>> for Idempotency<I, S>
+where
+    I: Service<Request<IdemBody>, Response = Response<ResB>> + Clone + Send + 'static,
+    I::Error: Into<BoxError>,
+    I::Future: Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    S: Store,
+{
+    type Response = Response<IdemBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture<I::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        // The clone that was polled ready serves this request; the fresh clone stays for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        let Some(route) = shared.routes.find(req.method(), req.uri().path()).cloned() else {
+            count("passthrough", "");
+            return ResponseFuture::pass(inner.call(req.map(boxed)));
+        };
+        let mut keys = req.headers().get_all(IDEMPOTENCY_KEY).iter();
+        let (raw, extra) = (keys.next().cloned(), keys.next().is_some());
+        let key = match raw {
+            None if route.required => {
+                count("missing_key", &route.name);
+                return ResponseFuture::ready(ProblemKind::MissingKey.response(format!(
+                    "{} {} requires an Idempotency-Key header",
+                    req.method(),
+                    req.uri().path()
+                )));
+            }
+            None => {
+                count("passthrough", &route.name);
+                return ResponseFuture::pass(inner.call(req.map(boxed)));
+            }
+            Some(_) if extra => {
+                count("invalid_key", &route.name);
+                return ResponseFuture::ready(
+                    ProblemKind::MalformedKey.response("more than one Idempotency-Key header"),
+                );
+            }
+            Some(raw) => match IdempotencyKey::parse_bytes(raw.as_bytes()) {
+                Ok(k) => k,
+                Err(e) => {
+                    count("invalid_key", &route.name);
+                    return ResponseFuture::ready(
+                        ProblemKind::MalformedKey.response(e.to_string()),
+                    );
+                }
+            },
+        };
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > route.max_request_body as u64) {
+            count("too_large", &route.name);
+            return ResponseFuture::ready(ProblemKind::TooLarge.response(format!(
+                "the request body is larger than {} bytes",
+                route.max_request_body
+            )));
+        }
+        let span = tracing::info_span!("idempotent_request",
+            route = %route.name, method = %req.method(), path = %req.uri().path(),
+            key = %key, outcome = tracing::field::Empty);
+        let fut = protect(shared, route, inner, req, key).instrument(span);
+        ResponseFuture::protected(Box::pin(fut))
+    }
+}
+
+/// What the dispatched operation hands back to the engine.
+type UpstreamResult = Result<UpstreamResponse, UpstreamError>;
+
+/// A response from the inner service, read into memory when it fits.
+struct UpstreamResponse {
+    parts: http::response::Parts,
+    body: UpstreamBody,
+}
+
+enum UpstreamBody {
+    Buffered(Bytes),
+    /// Over the response limit: passed through once, not stored.
+    Streaming(IdemBody),
+}
+
+fn classifier(route: &RoutePolicy) -> impl Fn(&UpstreamResult) -> Disposition + Send + 'static {
+    let transient = route.transient_statuses.clone();
+    let deny = route.deny_response_headers.clone();
+    let limit = route.max_response_body;
+    move |result| match result {
+        Err(e) if e.is_not_sent() => Disposition::Release,
+        Err(_) => Disposition::Unknown,
+        Ok(r) if transient.contains(&r.parts.status.as_u16()) => Disposition::Release,
+        Ok(r) => match &r.body {
+            UpstreamBody::Buffered(body) => Disposition::Store(Outcome::Response(StoredResponse {
+                status: r.parts.status.as_u16(),
+                headers: storable(&r.parts.headers, &deny),
+                body: body.clone(),
+            })),
+            UpstreamBody::Streaming(_) => Disposition::Store(Outcome::NotReplayable {
+                status: r.parts.status.as_u16(),
+                reason: format!("response body over the {limit}-byte limit"),
+            }),
+        },
+    }
+}
+
+async fn forward<I, ResB>(
+    mut inner: I,
+    req: Request<IdemBody>,
+    limit: usize,
+    timeout: Option<Duration>,
+) -> UpstreamResult
+where
+    I: Service<Request<IdemBody>, Response = Response<ResB>> + Send + 'static,
+    I::Future: Send + 'static,
+    I::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let exchange = async {
+        let res = inner
+            .call(req)
+            .await
+            .map_err(|e| UpstreamError::classify(e.into()))?;
+        let (parts, body) = res.into_parts();
+        match collect_limited(boxed(body), limit).await {
+            Ok(Collected::Complete(bytes)) => Ok(UpstreamResponse {
+                parts,
+                body: UpstreamBody::Buffered(bytes),
+            }),
+            Ok(Collected::Oversized { prefix, rest }) => Ok(UpstreamResponse {
+                parts,
+                body: UpstreamBody::Streaming(boxed(Prefixed::new(prefix, rest))),
+            }),
+            // The answer started but broke off: the upstream may have acted.
+            Err(e) => Err(UpstreamError::Sent(e)),
+        }
+    };
+    match timeout {
+        None => exchange.await,
+        Some(t) => match tokio::time::timeout(t, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Sent(
+                format!("no complete response within {t:?}").into(),
+            )),
+        },
+    }
+}
+
+async fn protect<I, S, ReqB, ResB>(
+    shared: Arc<Shared<S>>,
+    route: RoutePolicy,
+    inner: I,
+    req: Request<ReqB>,
+    key: IdempotencyKey,
+) -> Result<Response<IdemBody>, BoxError>
+where
+    I: Service<Request<IdemBody>, Response = Response<ResB>> + Clone + Send + 'static,
+    I::Error: Into<BoxError>,
+    I::Future: Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    S: Store,
+{
+    let finish = |outcome: &'static str, res: Response<IdemBody>| {
+        count(outcome, &route.name);
+        tracing::Span::current().record("outcome", outcome);
+        tracing::debug!(status = res.status().as_u16(), "answered");
+        Ok(res)
+    };
+    let (parts, body) = req.into_parts();
+    let body = match collect_limited(boxed(body), route.max_request_body).await? {
+        Collected::Complete(b) => b,
+        Collected::Oversized { .. } => {
+            let res = ProblemKind::TooLarge.response(format!(
+                "the request body is larger than {} bytes",
+                route.max_request_body
+            ));
+            return finish("too_large", res);
+        }
+    };
+    let credentials: Vec<&[u8]> = route
+        .scope_headers
+        .iter()
+        .map(|h| parts.headers.get(h).map_or(&b""[..], |v| v.as_bytes()))
+        .collect();
+    let scoped = ScopedKey::new(
+        shared.namespace.clone(),
+        Scope::for_principal(&route.name, &credentials),
+        key,
+    );
+    let fingerprint = {
+        let mut b = route
+            .fingerprint
+            .builder()
+            .method(parts.method.as_str())
+            .path(parts.uri.path())
+            .query(parts.uri.query().unwrap_or(""));
+        for name in &route.fingerprint_headers {
+            for value in parts.headers.get_all(name) {
+                b = b.header(name, value.as_bytes());
+            }
+        }
+        b.body(&body).finish()
+    };
+    let fallback = (route.fail_mode == FailMode::Open).then(|| inner.clone());
+    let request_for = {
+        let parts = parts.clone();
+        let body = body.clone();
+        move |epoch: u64| {
+            let mut req = Request::from_parts(parts, full(body));
+            req.headers_mut()
+                .insert(IDEMPOTENCY_EPOCH, HeaderValue::from(epoch));
+            req
+        }
+    };
+    let (limit, timeout) = (route.max_response_body, shared.response_timeout);
+    let result = shared
+        .engine
+        .run(&scoped, fingerprint, &route.engine, classifier(&route), {
+            let request_for = request_for.clone();
+            move |dispatch| forward(inner, request_for(dispatch.epoch), limit, timeout)
+        })
+        .await;
+    match result {
+        Ok(Execution::Executed { value, .. }) => match value {
+            Ok(UpstreamResponse { parts, body }) => {
+                let body = match body {
+                    UpstreamBody::Buffered(b) => full(b),
+                    UpstreamBody::Streaming(s) => s,
+                };
+                finish("executed", Response::from_parts(parts, body))
+            }
+            Err(UpstreamError::NotSent(e)) => finish(
+                "executed",
+                ProblemKind::UpstreamUnavailable.response(format!(
+                    "the upstream was not reached: {e}; a retry may run"
+                )),
+            ),
+            Err(e) => finish(
+                "unknown",
+                ProblemKind::OutcomeUnknown
+                    .response(format!("{e}; the request may or may not have taken effect")),
+            ),
+        },
+        Ok(Execution::Replayed { outcome, .. }) => match outcome {
+            Outcome::Response(stored) => finish("replayed", replay(&stored)),
+            Outcome::NotReplayable { status, reason } => {
+                let mut extra = serde_json::Map::new();
+                extra.insert("original_status".into(), status.into());
+                finish(
+                    "replayed",
+                    ProblemKind::NotReplayable.response_with(
+                        format!(
+                            "the original request completed with status {status}, but {reason}"
+                        ),
+                        extra,
+                    ),
+                )
+            }
+            other => finish(
+                "replayed",
+                ProblemKind::NotReplayable.response(format!("unsupported outcome {other:?}")),
+            ),
+        },
+        Ok(Execution::Mismatch { .. }) => finish(
+            "mismatch",
+            ProblemKind::Mismatch.response(
+                "this Idempotency-Key was already used with a different request (method, path, \
+                 query, fingerprinted headers or body)",
+            ),
+        ),
+        Ok(Execution::InFlight { retry_after }) => {
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            let mut res = ProblemKind::InFlight.response(
+                "a request with this Idempotency-Key is still being processed; retry later",
+            );
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            finish("conflict", res)
+        }
+        Ok(Execution::Unknown { .. }) | Err(EngineError::OperationPanicked) => finish(
+            "unknown",
+            ProblemKind::OutcomeUnknown.response(
+                "an earlier request with this Idempotency-Key may or may not have taken effect; \
+                 it is not retried automatically (an operator can resolve it)",
+            ),
+        ),
+        Err(e) => match fallback {
+            Some(mut inner) => {
+                tracing::warn!(error = %e, "store unavailable; forwarding without protection (fail open)");
+                futures_util::future::poll_fn(|cx| inner.poll_ready(cx))
+                    .await
+                    .map_err(Into::into)?;
+                let res = inner.call(request_for(0)).await.map_err(Into::into)?;
+                finish("store_error", res.map(boxed))
+            }
+            None => {
+                tracing::warn!(error = %e, "store unavailable; refusing (fail closed)");
+                finish(
+                    "store_error",
+                    ProblemKind::StoreUnavailable
+                        .response(format!("{e}; nothing was forwarded, retry later")),
+                )
+            }
+        },
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<IdemBody>, BoxError>> + Send>>;
+
+pin_project! {
+    /// The future of [`Idempotency`]: an immediate answer (no allocation), a pass-through, or a
+    /// protected call.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = Proj]
+    enum Kind<F> {
+        Ready { response: Option<Response<IdemBody>> },
+        PassThrough { #[pin] future: F },
+        Protected { future: BoxFuture },
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    fn ready(response: Response<IdemBody>) -> Self {
+        Self {
+            kind: Kind::Ready {
+                response: Some(response),
+            },
+        }
+    }
+    fn pass(future: F) -> Self {
+        Self {
+            kind: Kind::PassThrough { future },
+        }
+    }
+    fn protected(future: BoxFuture) -> Self {
+        Self {
+            kind: Kind::Protected { future },
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<IdemBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            Proj::Ready { response } => match response.take() {
+                Some(r) => Poll::Ready(Ok(r)),
+                None => Poll::Ready(Err("ResponseFuture polled after completion".into())),
+            },
+            Proj::PassThrough { future } => future
+                .poll(cx)
+                .map(|r| r.map(|res| res.map(boxed)).map_err(Into::into)),
+            Proj::Protected { future } => future.as_mut().poll(cx),
+        }
+    }
+}
