@@ -346,12 +346,29 @@ impl<S: Store> DynStore for S {
     }
 }
 
-/// A store picked at run time.
-pub type SharedStore = Arc<dyn DynStore>;
+/// A store picked at run time (from a URL): any [`Store`] behind one pointer. Cheap to clone.
+///
+/// A named type rather than `Arc<dyn DynStore>`, so that futures holding it carry no trait-object
+/// lifetime for the compiler to infer (which would defeat its `Send` and `Store` checks).
+#[derive(Clone)]
+pub struct SharedStore(Arc<dyn DynStore>);
 
-impl Store for dyn DynStore {
+impl SharedStore {
+    /// Wraps `store`.
+    pub fn new(store: impl Store) -> Self {
+        Self(Arc::new(store))
+    }
+}
+
+impl std::fmt::Debug for SharedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedStore")
+    }
+}
+
+impl Store for SharedStore {
     async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        self.dyn_claim(key, req).await
+        self.0.dyn_claim(key, req).await
     }
     async fn renew(
         &self,
@@ -359,7 +376,7 @@ impl Store for dyn DynStore {
         fencing: Fencing,
         lease_ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
-        self.dyn_renew(key, fencing, lease_ttl).await
+        self.0.dyn_renew(key, fencing, lease_ttl).await
     }
     async fn complete(
         &self,
@@ -368,7 +385,7 @@ impl Store for dyn DynStore {
         outcome: &Outcome,
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
-        self.dyn_complete(key, fencing, outcome, ttl).await
+        self.0.dyn_complete(key, fencing, outcome, ttl).await
     }
     async fn mark_unknown(
         &self,
@@ -376,33 +393,33 @@ impl Store for dyn DynStore {
         fencing: Fencing,
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
-        self.dyn_mark_unknown(key, fencing, ttl).await
+        self.0.dyn_mark_unknown(key, fencing, ttl).await
     }
     async fn release(&self, key: &StoreKey, fencing: Fencing) -> Result<CasOutcome, StoreError> {
-        self.dyn_release(key, fencing).await
+        self.0.dyn_release(key, fencing).await
     }
     async fn take_over(
         &self,
         key: &StoreKey,
         req: &TakeOverRequest,
     ) -> Result<TakeOverOutcome, StoreError> {
-        self.dyn_take_over(key, req).await
+        self.0.dyn_take_over(key, req).await
     }
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
-        self.dyn_get(key).await
+        self.0.dyn_get(key).await
     }
     async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        self.dyn_delete(key).await
+        self.0.dyn_delete(key).await
     }
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
-        self.dyn_list(req).await
+        self.0.dyn_list(req).await
     }
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
-        self.dyn_purge_expired(limit).await
+        self.0.dyn_purge_expired(limit).await
     }
 }
 
-impl<S: Store + ?Sized> Store for Arc<S> {
+impl<S: Store> Store for Arc<S> {
     async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         (**self).claim(key, req).await
     }

@@ -1,0 +1,286 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, the JSON admin API and the dashboard.
+//!
+//! It has no authentication: bind it to loopback or a private network (the default is
+//! `127.0.0.1:9090`).
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use idemgate_core::record::{Outcome, Record, RecordState};
+use idemgate_core::store::ListRequest;
+use idemgate_core::{Engine, IdempotencyKey, Scope, ScopedKey, Store, StoreKey};
+use idemgate_tower::policy::Routes;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::store::Instrumented;
+
+/// What the admin handlers share.
+#[derive(Clone)]
+pub struct AdminState {
+    pub engine: Engine<Instrumented>,
+    pub prometheus: PrometheusHandle,
+    pub namespace: String,
+    pub routes: Routes,
+}
+
+/// The admin router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/keys", get(list))
+        .route("/api/keys/lookup", post(lookup))
+        .route("/api/keys/{store_key}", get(get_key).delete(delete_key))
+        .route("/api/keys/{store_key}/resolve", post(resolve))
+        .with_state(state)
+}
+
+fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    let body = json!({
+        "type": format!("urn:idemgate:problem:admin-{}", status.as_u16()),
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn store_error(e: impl std::fmt::Display) -> Response {
+    problem(StatusCode::SERVICE_UNAVAILABLE, format!("store error: {e}"))
+}
+
+/// A record as JSON (bodies are summarised by length; they may hold personal data).
+pub fn record_json(key: &StoreKey, r: &Record) -> Value {
+    let mut v = json!({
+        "store_key": key.to_hex(),
+        "namespace": r.namespace,
+        "scope": r.scope,
+        "key": r.idempotency_key,
+        "fingerprint": r.fingerprint.to_string(),
+        "state": r.state.name(),
+        "created_at_ms": r.created_at.as_millis(),
+        "expires_at_ms": r.expires_at.as_millis(),
+    });
+    let obj = v.as_object_mut();
+    let Some(obj) = obj else { return v };
+    match &r.state {
+        RecordState::InFlight {
+            fencing,
+            owner,
+            lease_expires_at,
+        } => {
+            obj.insert("epoch".into(), fencing.epoch.into());
+            obj.insert("owner".into(), owner.clone().into());
+            obj.insert(
+                "lease_expires_at_ms".into(),
+                lease_expires_at.as_millis().into(),
+            );
+        }
+        RecordState::Completed {
+            epoch,
+            completed_at,
+            outcome,
+        } => {
+            obj.insert("epoch".into(), (*epoch).into());
+            obj.insert("completed_at_ms".into(), completed_at.as_millis().into());
+            match outcome {
+                Outcome::Response(resp) => {
+                    obj.insert("status".into(), resp.status.into());
+                    obj.insert("body_bytes".into(), resp.body.len().into());
+                }
+                Outcome::NotReplayable { status, reason } => {
+                    obj.insert("status".into(), (*status).into());
+                    obj.insert("not_replayable".into(), reason.clone().into());
+                }
+                _ => {}
+            }
+        }
+        RecordState::Unknown { epoch, since } => {
+            obj.insert("epoch".into(), (*epoch).into());
+            obj.insert("unknown_since_ms".into(), since.as_millis().into());
+        }
+        _ => {}
+    }
+    v
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    match s.engine.store().get(&StoreKey([0; 32])).await {
+        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store not reachable: {e}"),
+        ),
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let st = s.engine.stats();
+    metrics::gauge!("idemgate_in_flight").set(st.in_flight.load(Ordering::Relaxed) as f64);
+    metrics::gauge!("idemgate_waiters").set(st.waiting.load(Ordering::Relaxed) as f64);
+    metrics::counter!("idemgate_lease_renewals_total")
+        .absolute(st.renewals.load(Ordering::Relaxed));
+    metrics::counter!("idemgate_lease_renewal_errors_total")
+        .absolute(st.renewal_errors.load(Ordering::Relaxed));
+    metrics::counter!("idemgate_leases_lost_total")
+        .absolute(st.leases_lost.load(Ordering::Relaxed));
+    metrics::counter!("idemgate_takeovers_total").absolute(st.takeovers.load(Ordering::Relaxed));
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.prometheus.render(),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct ListParams {
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list(State(s): State<AdminState>, Query(p): Query<ListParams>) -> Response {
+    let req = ListRequest {
+        cursor: p.cursor,
+        limit: p.limit.unwrap_or(100).clamp(1, 1000),
+    };
+    match s.engine.store().list(&req).await {
+        Ok(page) => Json(json!({
+            "records": page.records.iter().map(|(k, r)| record_json(k, r)).collect::<Vec<_>>(),
+            "next": page.next,
+        }))
+        .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+fn bad_store_key() -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "the store key must be 64 hex characters (see /api/keys or /api/keys/lookup)",
+    )
+}
+
+async fn get_key(State(s): State<AdminState>, Path(hex): Path<String>) -> Response {
+    let Some(key) = StoreKey::from_hex(&hex) else {
+        return bad_store_key();
+    };
+    match s.engine.store().get(&key).await {
+        Ok(Some(r)) => Json(record_json(&key, &r)).into_response(),
+        Ok(None) => problem(StatusCode::NOT_FOUND, "no such record"),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn delete_key(State(s): State<AdminState>, Path(hex): Path<String>) -> Response {
+    let Some(key) = StoreKey::from_hex(&hex) else {
+        return bad_store_key();
+    };
+    match s.engine.store().delete(&key).await {
+        Ok(existed) => Json(json!({ "store_key": hex, "deleted": existed })).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `POST /api/keys/lookup`: find the record a principal's key maps to.
+#[derive(Deserialize)]
+struct Lookup {
+    /// The client's Idempotency-Key.
+    key: String,
+    /// The route name (default: the first route).
+    route: Option<String>,
+    /// The values of the route's scope headers, by header name (e.g. `authorization`).
+    #[serde(default)]
+    credentials: std::collections::BTreeMap<String, String>,
+}
+
+async fn lookup(State(s): State<AdminState>, Json(l): Json<Lookup>) -> Response {
+    let route = match &l.route {
+        Some(name) => s.routes.iter().find(|r| &r.name == name),
+        None => s.routes.iter().next(),
+    };
+    let Some(route) = route else {
+        return problem(StatusCode::NOT_FOUND, "no such route");
+    };
+    let key = match IdempotencyKey::parse(&l.key) {
+        Ok(k) => k,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let creds: Vec<&[u8]> = route
+        .scope_headers
+        .iter()
+        .map(|h| {
+            l.credentials
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(h))
+                .map_or(&b""[..], |(_, v)| v.as_bytes())
+        })
+        .collect();
+    let scoped = ScopedKey::new(
+        s.namespace.clone(),
+        Scope::for_principal(&route.name, &creds),
+        key,
+    );
+    let store_key = scoped.store_key();
+    match s.engine.store().get(&store_key).await {
+        Ok(record) => Json(json!({
+            "store_key": store_key.to_hex(),
+            "record": record.map(|r| record_json(&store_key, &r)),
+        }))
+        .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct Resolve {
+    /// `retry`: the operator established that the request did NOT take effect; the record is
+    /// removed and the next retry runs it.
+    action: String,
+}
+
+async fn resolve(
+    State(s): State<AdminState>,
+    Path(hex): Path<String>,
+    Json(r): Json<Resolve>,
+) -> Response {
+    let Some(key) = StoreKey::from_hex(&hex) else {
+        return bad_store_key();
+    };
+    if r.action != "retry" {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "the only resolution is {\"action\": \"retry\"} (the request did not take effect)",
+        );
+    }
+    match s.engine.store().get(&key).await {
+        Ok(Some(rec)) if matches!(rec.state, RecordState::Unknown { .. }) => {
+            match s.engine.store().delete(&key).await {
+                Ok(_) => Json(json!({ "store_key": hex, "resolved": "retry" })).into_response(),
+                Err(e) => store_error(e),
+            }
+        }
+        Ok(Some(rec)) => problem(
+            StatusCode::CONFLICT,
+            format!("the record is {}, not outcome-unknown", rec.state.name()),
+        ),
+        Ok(None) => problem(StatusCode::NOT_FOUND, "no such record"),
+        Err(e) => store_error(e),
+    }
+}

@@ -1,0 +1,481 @@
+//! Settings: command-line flags > `IDEMGATE_*` environment variables > the TOML file > defaults.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use http::Method;
+use idemgate_core::engine::{Concurrency, Recovery};
+use idemgate_core::fingerprint::{FingerprintOptions, JsonMode};
+use idemgate_tower::policy::{
+    DEFAULT_BODY_LIMIT, DEFAULT_TRANSIENT, FailMode, RoutePolicy, Routes,
+};
+use serde::Deserialize;
+
+/// Flags of `idemgate serve`. Every one can also be set by its `IDEMGATE_*` variable and in the
+/// config file (same name, `_` instead of `-`).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// Upstream base URL, e.g. http://127.0.0.1:3000 (required unless in the config file).
+    #[arg(long, env = "IDEMGATE_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Proxy listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "IDEMGATE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Admin listen address (metrics, health, admin API, dashboard) [default: 127.0.0.1:9090].
+    #[arg(long, env = "IDEMGATE_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Store URL: memory://, file:PATH [default: file:./idemgate-data].
+    #[arg(long, env = "IDEMGATE_STORE")]
+    pub store: Option<String>,
+    /// TOML config file.
+    #[arg(long, env = "IDEMGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// POST/PATCH without an Idempotency-Key get 400 (default route only).
+    #[arg(long, env = "IDEMGATE_REQUIRE_KEY", num_args = 0..=1, default_missing_value = "true")]
+    pub require_key: Option<bool>,
+    /// Record namespace [default: default].
+    #[arg(long, env = "IDEMGATE_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Record TTL, e.g. 24h [default: 24h].
+    #[arg(long, env = "IDEMGATE_TTL")]
+    pub ttl: Option<String>,
+    /// How long outcome-unknown records are kept [default: 24h].
+    #[arg(long, env = "IDEMGATE_UNKNOWN_TTL")]
+    pub unknown_ttl: Option<String>,
+    /// Lease length, renewed while the upstream call runs [default: 10s].
+    #[arg(long, env = "IDEMGATE_LEASE_TTL")]
+    pub lease_ttl: Option<String>,
+    /// wait or reject [default: wait].
+    #[arg(long, env = "IDEMGATE_CONCURRENCY")]
+    pub concurrency: Option<String>,
+    /// Longest wait for an in-flight duplicate before 409 [default: 30s].
+    #[arg(long, env = "IDEMGATE_WAIT_TIMEOUT")]
+    pub wait_timeout: Option<String>,
+    /// takeover or strict [default: takeover].
+    #[arg(long, env = "IDEMGATE_RECOVERY")]
+    pub recovery: Option<String>,
+    /// closed (503 when the store is down) or open (forward unprotected) [default: closed].
+    #[arg(long, env = "IDEMGATE_FAIL_MODE")]
+    pub fail_mode: Option<String>,
+    /// Request body limit, e.g. 8MiB [default: 8MiB].
+    #[arg(long, env = "IDEMGATE_MAX_REQUEST_BODY")]
+    pub max_request_body: Option<String>,
+    /// Response body limit for storing, e.g. 8MiB [default: 8MiB].
+    #[arg(long, env = "IDEMGATE_MAX_RESPONSE_BODY")]
+    pub max_response_body: Option<String>,
+    /// Upstream connect timeout [default: 5s].
+    #[arg(long, env = "IDEMGATE_CONNECT_TIMEOUT")]
+    pub connect_timeout: Option<String>,
+    /// Upstream response timeout (whole response) [default: 60s].
+    #[arg(long, env = "IDEMGATE_RESPONSE_TIMEOUT")]
+    pub response_timeout: Option<String>,
+    /// How long SIGTERM waits for in-flight requests [default: 30s].
+    #[arg(long, env = "IDEMGATE_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "IDEMGATE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The `[[route]]` tables of the config file. Unset fields take the global settings.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    name: String,
+    path: String,
+    methods: Option<Vec<String>>,
+    required: Option<bool>,
+    ttl: Option<String>,
+    concurrency: Option<String>,
+    wait_timeout: Option<String>,
+    recovery: Option<String>,
+    fail_mode: Option<String>,
+    max_request_body: Option<String>,
+    max_response_body: Option<String>,
+    transient_statuses: Option<Vec<u16>>,
+    scope_headers: Option<Vec<String>>,
+    fingerprint_headers: Option<Vec<String>>,
+    deny_response_headers: Option<Vec<String>>,
+    canonical_json: Option<bool>,
+    ignore_json_fields: Option<Vec<String>>,
+}
+
+/// The config file.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    upstream: Option<String>,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    store: Option<String>,
+    require_key: Option<bool>,
+    namespace: Option<String>,
+    ttl: Option<String>,
+    unknown_ttl: Option<String>,
+    lease_ttl: Option<String>,
+    concurrency: Option<String>,
+    wait_timeout: Option<String>,
+    recovery: Option<String>,
+    fail_mode: Option<String>,
+    max_request_body: Option<String>,
+    max_response_body: Option<String>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    log_format: Option<String>,
+    transient_statuses: Option<Vec<u16>>,
+    scope_headers: Option<Vec<String>>,
+    fingerprint_headers: Option<Vec<String>>,
+    deny_response_headers: Option<Vec<String>>,
+    canonical_json: Option<bool>,
+    ignore_json_fields: Option<Vec<String>>,
+    max_waiters: Option<usize>,
+    #[serde(default)]
+    route: Vec<RouteConfig>,
+}
+
+/// Everything `serve` needs, resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub upstream: http::Uri,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub store: String,
+    pub namespace: String,
+    pub lease_ttl: Duration,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub json_logs: bool,
+    pub max_waiters: usize,
+    pub routes: Routes,
+}
+
+/// Parses `250ms`, `30s`, `10m`, `24h`, `7d`, or a number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("invalid duration {s:?}"))?;
+    Ok(match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86_400),
+        other => bail!("invalid duration unit {other:?} in {s:?} (use ms, s, m, h or d)"),
+    })
+}
+
+/// Parses `1048576`, `512KiB`, `8MiB`, `1GiB` (also KB/MB/GB as powers of 1000).
+pub fn parse_size(s: &str) -> Result<usize> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().with_context(|| format!("invalid size {s:?}"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => bail!("invalid size unit {other:?} in {s:?}"),
+    };
+    n.checked_mul(mult)
+        .with_context(|| format!("size {s:?} is too large"))
+}
+
+fn parse_concurrency(mode: &str, wait: Duration) -> Result<Concurrency> {
+    match mode {
+        "wait" => Ok(Concurrency::Wait { timeout: wait }),
+        "reject" => Ok(Concurrency::Reject),
+        other => bail!("concurrency must be wait or reject, not {other:?}"),
+    }
+}
+
+fn parse_recovery(mode: &str) -> Result<Recovery> {
+    match mode {
+        "takeover" => Ok(Recovery::Takeover),
+        "strict" => Ok(Recovery::Strict),
+        other => bail!("recovery must be takeover or strict, not {other:?}"),
+    }
+}
+
+fn parse_fail_mode(mode: &str) -> Result<FailMode> {
+    match mode {
+        "closed" => Ok(FailMode::Closed),
+        "open" => Ok(FailMode::Open),
+        other => bail!("fail_mode must be closed or open, not {other:?}"),
+    }
+}
+
+fn lower(v: &[String]) -> Vec<String> {
+    v.iter().map(|h| h.to_ascii_lowercase()).collect()
+}
+
+/// The global route defaults, resolved from flags, env and file.
+struct Defaults {
+    ttl: Duration,
+    unknown_ttl: Duration,
+    concurrency: String,
+    wait_timeout: Duration,
+    recovery: String,
+    fail_mode: String,
+    max_request_body: usize,
+    max_response_body: usize,
+    transient: Vec<u16>,
+    scope_headers: Vec<String>,
+    fingerprint_headers: Vec<String>,
+    deny_response_headers: Vec<String>,
+    canonical_json: bool,
+    ignore_json_fields: Vec<String>,
+}
+
+impl Defaults {
+    fn route(&self, name: &str, path: &str, required: bool) -> Result<RoutePolicy> {
+        self.apply(
+            RoutePolicy::new(name, path).required(required),
+            &RouteConfig::default(),
+        )
+    }
+
+    fn apply(&self, mut p: RoutePolicy, r: &RouteConfig) -> Result<RoutePolicy> {
+        let dur = |v: &Option<String>, d: Duration| v.as_deref().map_or(Ok(d), parse_duration);
+        let size = |v: &Option<String>, d: usize| v.as_deref().map_or(Ok(d), parse_size);
+        p.engine.ttl = dur(&r.ttl, self.ttl)?;
+        p.engine.unknown_ttl = self.unknown_ttl;
+        let wait = dur(&r.wait_timeout, self.wait_timeout)?;
+        p.engine.concurrency =
+            parse_concurrency(r.concurrency.as_deref().unwrap_or(&self.concurrency), wait)?;
+        p.engine.recovery = parse_recovery(r.recovery.as_deref().unwrap_or(&self.recovery))?;
+        p.fail_mode = parse_fail_mode(r.fail_mode.as_deref().unwrap_or(&self.fail_mode))?;
+        p.max_request_body = size(&r.max_request_body, self.max_request_body)?;
+        p.max_response_body = size(&r.max_response_body, self.max_response_body)?;
+        p.transient_statuses = r
+            .transient_statuses
+            .clone()
+            .unwrap_or_else(|| self.transient.clone())
+            .into_iter()
+            .collect::<BTreeSet<u16>>();
+        p.scope_headers = lower(r.scope_headers.as_ref().unwrap_or(&self.scope_headers));
+        p.fingerprint_headers = lower(
+            r.fingerprint_headers
+                .as_ref()
+                .unwrap_or(&self.fingerprint_headers),
+        );
+        p.deny_response_headers = lower(
+            r.deny_response_headers
+                .as_ref()
+                .unwrap_or(&self.deny_response_headers),
+        );
+        let canonical = r.canonical_json.unwrap_or(self.canonical_json);
+        let ignore = r
+            .ignore_json_fields
+            .clone()
+            .unwrap_or_else(|| self.ignore_json_fields.clone());
+        p.fingerprint = FingerprintOptions::default().json(if canonical {
+            JsonMode::Canonical { ignore }
+        } else {
+            JsonMode::Raw
+        });
+        Ok(p)
+    }
+}
+
+/// Resolves flags > env (both via clap) > file > defaults.
+pub fn resolve(args: &ServeArgs) -> Result<Settings> {
+    let file: FileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let pick = |flag: &Option<String>, file: &Option<String>, default: &str| -> String {
+        flag.clone()
+            .or_else(|| file.clone())
+            .unwrap_or_else(|| default.to_owned())
+    };
+    let upstream = args.upstream.clone().or(file.upstream.clone()).context(
+        "--upstream (or IDEMGATE_UPSTREAM, or `upstream` in the config file) is required",
+    )?;
+    let upstream: http::Uri = upstream
+        .parse()
+        .with_context(|| format!("invalid upstream URL {upstream:?}"))?;
+    if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
+        bail!("the upstream must be an http:// URL with a host, got {upstream}");
+    }
+    let defaults = Defaults {
+        ttl: parse_duration(&pick(&args.ttl, &file.ttl, "24h"))?,
+        unknown_ttl: parse_duration(&pick(&args.unknown_ttl, &file.unknown_ttl, "24h"))?,
+        concurrency: pick(&args.concurrency, &file.concurrency, "wait"),
+        wait_timeout: parse_duration(&pick(&args.wait_timeout, &file.wait_timeout, "30s"))?,
+        recovery: pick(&args.recovery, &file.recovery, "takeover"),
+        fail_mode: pick(&args.fail_mode, &file.fail_mode, "closed"),
+        max_request_body: match args
+            .max_request_body
+            .as_ref()
+            .or(file.max_request_body.as_ref())
+        {
+            Some(s) => parse_size(s)?,
+            None => DEFAULT_BODY_LIMIT,
+        },
+        max_response_body: match args
+            .max_response_body
+            .as_ref()
+            .or(file.max_response_body.as_ref())
+        {
+            Some(s) => parse_size(s)?,
+            None => DEFAULT_BODY_LIMIT,
+        },
+        transient: file
+            .transient_statuses
+            .clone()
+            .unwrap_or_else(|| DEFAULT_TRANSIENT.to_vec()),
+        scope_headers: file
+            .scope_headers
+            .clone()
+            .unwrap_or_else(|| vec!["authorization".into()]),
+        fingerprint_headers: file
+            .fingerprint_headers
+            .clone()
+            .unwrap_or_else(|| vec!["content-type".into()]),
+        deny_response_headers: file
+            .deny_response_headers
+            .clone()
+            .unwrap_or_else(|| vec!["set-cookie".into()]),
+        canonical_json: file.canonical_json.unwrap_or(false),
+        ignore_json_fields: file.ignore_json_fields.clone().unwrap_or_default(),
+    };
+    let require_key = args.require_key.or(file.require_key).unwrap_or(false);
+    let routes = if file.route.is_empty() {
+        Routes::new(vec![defaults.route("default", "/**", require_key)?])
+    } else {
+        let mut out = Vec::new();
+        for r in &file.route {
+            let mut p =
+                RoutePolicy::new(&r.name, &r.path).required(r.required.unwrap_or(require_key));
+            if let Some(methods) = &r.methods {
+                let parsed: Result<Vec<Method>> = methods
+                    .iter()
+                    .map(|m| {
+                        Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                            .with_context(|| format!("invalid method {m:?} in route {}", r.name))
+                    })
+                    .collect();
+                p = p.methods(parsed?);
+            }
+            out.push(
+                defaults
+                    .apply(p, r)
+                    .with_context(|| format!("in route {:?}", r.name))?,
+            );
+        }
+        Routes::new(out)
+    };
+    let log_format = pick(&args.log_format, &file.log_format, "text");
+    if log_format != "text" && log_format != "json" {
+        bail!("log_format must be text or json, not {log_format:?}");
+    }
+    Ok(Settings {
+        upstream,
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+        admin_listen: args
+            .admin_listen
+            .or(file.admin_listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+        store: pick(&args.store, &file.store, "file:./idemgate-data"),
+        namespace: pick(&args.namespace, &file.namespace, "default"),
+        lease_ttl: parse_duration(&pick(&args.lease_ttl, &file.lease_ttl, "10s"))?,
+        connect_timeout: parse_duration(&pick(&args.connect_timeout, &file.connect_timeout, "5s"))?,
+        response_timeout: parse_duration(&pick(
+            &args.response_timeout,
+            &file.response_timeout,
+            "60s",
+        ))?,
+        drain_timeout: parse_duration(&pick(&args.drain_timeout, &file.drain_timeout, "30s"))?,
+        json_logs: log_format == "json",
+        max_waiters: file.max_waiters.unwrap_or(10_000),
+        routes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert!(parse_duration("3 weeks").is_err());
+        assert_eq!(parse_size("8MiB").unwrap(), 8 << 20);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("8XB").is_err());
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+upstream = "http://127.0.0.1:1"
+listen = "127.0.0.1:7000"
+ttl = "1h"
+concurrency = "reject"
+
+[[route]]
+name = "pay"
+path = "/pay/**"
+methods = ["post"]
+required = true
+canonical_json = true
+ignore_json_fields = ["/ts"]
+"#,
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            listen: Some("127.0.0.1:7001".parse().unwrap()),
+            ..ServeArgs::default()
+        };
+        let s = resolve(&args).unwrap();
+        assert_eq!(s.listen.port(), 7001); // flag wins
+        assert_eq!(s.admin_listen.port(), 9090); // default
+        let route = s.routes.find(&Method::POST, "/pay/1").unwrap();
+        assert!(route.required);
+        assert_eq!(route.engine.ttl, Duration::from_secs(3600)); // file
+        assert_eq!(route.engine.concurrency, Concurrency::Reject);
+        assert!(s.routes.find(&Method::PATCH, "/pay/1").is_none());
+        assert!(s.routes.find(&Method::POST, "/other").is_none());
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_reason() {
+        let args = ServeArgs {
+            upstream: Some("ftp://x".into()),
+            ..ServeArgs::default()
+        };
+        assert!(resolve(&args).unwrap_err().to_string().contains("http://"));
+        let args = ServeArgs {
+            upstream: Some("http://127.0.0.1:1".into()),
+            concurrency: Some("maybe".into()),
+            ..ServeArgs::default()
+        };
+        assert!(format!("{:#}", resolve(&args).unwrap_err()).contains("wait or reject"));
+    }
+}

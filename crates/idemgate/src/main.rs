@@ -1,0 +1,71 @@
+//! `idemgate`: a reverse proxy that makes any HTTP API safe to retry.
+//!
+//! - `idemgate serve --upstream URL` — the proxy (see the README for every setting).
+//! - `idemgate keys list|get|delete|resolve` — the admin API from the command line.
+
+mod admin;
+mod config;
+mod keys;
+mod serve;
+mod store;
+mod upstream;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "idemgate",
+    version,
+    about = "Makes any HTTP API safe to retry (Idempotency-Key)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the reverse proxy.
+    Serve(Box<config::ServeArgs>),
+    /// Inspect and manage records through a running instance's admin API.
+    Keys {
+        /// Admin API base URL.
+        #[arg(
+            long,
+            env = "IDEMGATE_ADMIN_URL",
+            default_value = "http://127.0.0.1:9090"
+        )]
+        admin: String,
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IDEMGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Serve(args) => {
+            let settings = config::resolve(&args)?;
+            init_logs(settings.json_logs);
+            runtime.block_on(serve::run(settings))
+        }
+        Command::Keys { admin, command } => runtime.block_on(keys::run(&admin, command)),
+    }
+}

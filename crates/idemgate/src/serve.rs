@@ -1,0 +1,168 @@
+//! `idemgate serve`: the proxy listener, the admin listener, and graceful shutdown.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use idemgate_core::Engine;
+use idemgate_core::sweeper::spawn_sweeper;
+use idemgate_tower::IdempotencyLayer;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tokio::net::TcpListener;
+
+use crate::admin::{self, AdminState};
+use crate::config::Settings;
+use crate::store::{self, Instrumented};
+use crate::upstream::Upstream;
+
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs until SIGTERM/Ctrl-C, then drains.
+pub async fn run(settings: Settings) -> Result<()> {
+    let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("idemgate_store_operation_seconds".into()),
+            &LATENCY_BUCKETS,
+        )
+        .context("configuring metrics")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let store = Instrumented(store::open(&settings.store)?);
+    let engine = Engine::builder(store.clone())
+        .lease_ttl(settings.lease_ttl)
+        .max_waiters(settings.max_waiters)
+        .owner(format!(
+            "idemgate:{}@{}",
+            std::process::id(),
+            settings.listen
+        ))
+        .build();
+    let sweeper = spawn_sweeper(store.clone(), Duration::from_secs(30), 1_000);
+    let layer = IdempotencyLayer::builder(engine.clone())
+        .routes(settings.routes.clone())
+        .namespace(settings.namespace.clone())
+        .response_timeout(settings.response_timeout)
+        .build();
+    let service = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(Upstream::new(
+            settings.upstream.clone(),
+            settings.connect_timeout,
+        ));
+
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding the proxy listener {}", settings.listen))?;
+    let admin_listener = TcpListener::bind(settings.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener {}", settings.admin_listen))?;
+    tracing::info!(
+        proxy = %settings.listen, admin = %settings.admin_listen,
+        upstream = %settings.upstream, store = %settings.store,
+        "idemgate listening"
+    );
+
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let admin_app = admin::router(AdminState {
+        engine: engine.clone(),
+        prometheus,
+        namespace: settings.namespace.clone(),
+        routes: settings.routes.clone(),
+    });
+    let admin_task = tokio::spawn(async move {
+        let stop = async {
+            let _ = admin_stop_rx.await;
+        };
+        if let Err(e) = axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: keep serving the others.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let svc = TowerToHyperService::new(service.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+
+    // Drain: stop accepting, let open requests finish, then wait for operations whose clients
+    // went away (their outcomes are still being recorded).
+    drop(listener);
+    let deadline = Instant::now() + settings.drain_timeout;
+    tracing::info!(timeout = ?settings.drain_timeout, "shutting down: draining in-flight requests");
+    if tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout: closing connections that are still open");
+    }
+    while engine.stats().in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = engine.stats().in_flight.load(Ordering::SeqCst);
+    if left > 0 {
+        tracing::warn!(
+            operations = left,
+            "exiting with operations in flight; their leases will expire"
+        );
+    }
+    let _ = admin_stop_tx.send(());
+    let _ = admin_task.await;
+    sweeper.abort();
+    tracing::info!("stopped");
+    Ok(())
+}

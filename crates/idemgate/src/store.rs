@@ -1,0 +1,107 @@
+//! Store selection from a URL, and latency metrics around every store operation.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use idemgate_core::key::StoreKey;
+use idemgate_core::record::{Fencing, Outcome, Record};
+use idemgate_core::store::{
+    CasOutcome, ClaimOutcome, ClaimRequest, ListPage, ListRequest, TakeOverOutcome, TakeOverRequest,
+};
+use idemgate_core::{MemoryStore, SharedStore, Store, StoreError};
+use idemgate_store_redb::RedbStore;
+
+/// Opens the store named by `url`: `memory://` or `file:PATH` (a directory; the database is
+/// `PATH/idemgate.redb`).
+pub fn open(url: &str) -> Result<SharedStore> {
+    if url == "memory://" || url == "memory:" {
+        return Ok(SharedStore::new(MemoryStore::default()));
+    }
+    if let Some(path) = url.strip_prefix("file:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            bail!("file: store URL needs a path, e.g. file:./idemgate-data");
+        }
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("creating store directory {path}"))?;
+        let store = RedbStore::open(std::path::Path::new(path).join("idemgate.redb"))
+            .with_context(|| format!("opening the file store in {path}"))?;
+        return Ok(SharedStore::new(store));
+    }
+    bail!(
+        "unsupported store URL {url:?}: use memory:// or file:PATH (redis:// and postgres:// come later)"
+    )
+}
+
+/// Records `idemgate_store_operation_seconds{op}` for every call.
+#[derive(Clone)]
+pub struct Instrumented(pub SharedStore);
+
+async fn timed<T>(
+    op: &'static str,
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let start = Instant::now();
+    let out = fut.await;
+    metrics::histogram!("idemgate_store_operation_seconds", "op" => op)
+        .record(start.elapsed().as_secs_f64());
+    if let Err(e) = &out {
+        metrics::counter!("idemgate_store_errors_total", "op" => op, "kind" => e.kind().as_str())
+            .increment(1);
+    }
+    out
+}
+
+impl Store for Instrumented {
+    async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        timed("claim", self.0.claim(key, req)).await
+    }
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        f: Fencing,
+        lease: Duration,
+    ) -> Result<CasOutcome, StoreError> {
+        timed("renew", self.0.renew(key, f, lease)).await
+    }
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        f: Fencing,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<CasOutcome, StoreError> {
+        timed("complete", self.0.complete(key, f, outcome, ttl)).await
+    }
+    async fn mark_unknown(
+        &self,
+        key: &StoreKey,
+        f: Fencing,
+        ttl: Duration,
+    ) -> Result<CasOutcome, StoreError> {
+        timed("mark_unknown", self.0.mark_unknown(key, f, ttl)).await
+    }
+    async fn release(&self, key: &StoreKey, f: Fencing) -> Result<CasOutcome, StoreError> {
+        timed("release", self.0.release(key, f)).await
+    }
+    async fn take_over(
+        &self,
+        key: &StoreKey,
+        req: &TakeOverRequest,
+    ) -> Result<TakeOverOutcome, StoreError> {
+        timed("take_over", self.0.take_over(key, req)).await
+    }
+    async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
+        timed("get", self.0.get(key)).await
+    }
+    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        timed("delete", self.0.delete(key)).await
+    }
+    async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
+        timed("list", self.0.list(req)).await
+    }
+    async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
+        timed("purge_expired", self.0.purge_expired(limit)).await
+    }
+}
