@@ -1,0 +1,241 @@
+//! Test harness: a counting upstream in this process, `idemgate serve` as a child process, and a
+//! small HTTP client. Everything talks over real loopback sockets.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub use idemgate_demo_upstream::Upstream as UpstreamState;
+
+/// The demo upstream, serving in this process.
+pub struct Upstream {
+    pub state: UpstreamState,
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::on(listener)
+    }
+
+    pub fn on(listener: tokio::net::TcpListener) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let state = UpstreamState::default();
+        let task = tokio::spawn(state.clone().serve(listener));
+        Self { state, addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `idemgate serve` as a child process.
+pub struct Proxy {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Proxy {
+    /// Starts the proxy with `args` after `serve`, on fresh ports, and waits until it logs that it
+    /// listens.
+    pub fn start(upstream: &str, store: &str, args: &[&str]) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            .arg("serve")
+            .args(["--upstream", upstream, "--store", store])
+            .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
+            .args(args)
+            .env("IDEMGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn idemgate");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[idemgate] {line}");
+                if line.contains("idemgate listening") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("idemgate did not start listening");
+        Self { child, addr, admin }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM (graceful drain), sent with the `kill` command.
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response, fully read.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body))
+        })
+    }
+
+    pub fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+
+    /// The problem `type` of a problem+json answer.
+    pub fn problem_type(&self) -> String {
+        assert_eq!(
+            self.headers["content-type"], "application/problem+json",
+            "not a problem: {self:?}"
+        );
+        self.json()["type"].as_str().unwrap().to_owned()
+    }
+}
+
+#[derive(Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+}
+
+impl Http {
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, HeaderValue)],
+        body: impl AsRef<[u8]>,
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            req = req.header(*name, value.clone());
+        }
+        let res = self
+            .client
+            .request(req.body(Full::new(Bytes::copy_from_slice(body.as_ref()))).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// `POST url` with an `Idempotency-Key` (if given) and a JSON body.
+    pub async fn post(&self, url: &str, key: Option<&str>, body: impl AsRef<[u8]>) -> Answer {
+        let mut headers = vec![("content-type", HeaderValue::from_static("application/json"))];
+        if let Some(k) = key {
+            headers.push(("idempotency-key", HeaderValue::from_str(k).unwrap()));
+        }
+        self.send(Method::POST, url, &headers, body).await
+    }
+
+    pub async fn get(&self, url: &str) -> Answer {
+        self.send(Method::GET, url, &[], b"").await
+    }
+}
+
+/// Waits until `cond` holds, checking every few milliseconds, for at most `secs` seconds.
+pub async fn until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The value of a metric line (summing label sets that contain `labels`), from `/metrics`.
+pub async fn metric(http: &Http, proxy: &Proxy, name: &str, labels: &str) -> f64 {
+    let text = http.get(&proxy.admin_url("/metrics")).await.body;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| {
+            let rest = &l[name.len()..];
+            (rest.starts_with('{') || rest.starts_with(' ')) && rest.contains(labels)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
