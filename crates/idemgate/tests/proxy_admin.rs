@@ -26,8 +26,14 @@ async fn health_readiness_and_metrics() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), "memory://", &[]);
     let http = Http::default();
-    assert_eq!(http.get(&proxy.admin_url("/healthz")).await.status, StatusCode::OK);
-    assert_eq!(http.get(&proxy.admin_url("/readyz")).await.status, StatusCode::OK);
+    assert_eq!(
+        http.get(&proxy.admin_url("/healthz")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        http.get(&proxy.admin_url("/readyz")).await.status,
+        StatusCode::OK
+    );
     http.post(&proxy.url("/pay"), Some("m"), b"{}").await;
     http.post(&proxy.url("/pay"), Some("m"), b"{}").await;
     http.post(&proxy.url("/pay"), Some("m"), b"[]").await;
@@ -37,7 +43,8 @@ async fn health_readiness_and_metrics() {
     assert_eq!(m("outcome=\"replayed\"").await, 1.0);
     assert_eq!(m("outcome=\"mismatch\"").await, 1.0);
     assert_eq!(m("outcome=\"passthrough\"").await, 1.0);
-    let text = String::from_utf8(http.get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let text =
+        String::from_utf8(http.get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
     for name in [
         "idemgate_store_operation_seconds_bucket{op=\"claim\"",
         "idemgate_in_flight",
@@ -60,7 +67,13 @@ async fn the_admin_api_looks_up_lists_deletes_and_resolves() {
             ("authorization", HeaderValue::from_static(t)),
         ]
     };
-    http.send(Method::POST, &proxy.url("/pay"), &auth("Bearer carol"), b"{}").await;
+    http.send(
+        Method::POST,
+        &proxy.url("/pay"),
+        &auth("Bearer carol"),
+        b"{}",
+    )
+    .await;
 
     // Lookup needs the principal: another principal's view of the same key is empty.
     let look = |cred: &'static str| {
@@ -70,9 +83,14 @@ async fn the_admin_api_looks_up_lists_deletes_and_resolves() {
         let http = http.clone();
         let url = proxy.admin_url("/api/keys/lookup");
         async move {
-            http.send(Method::POST, &url, &[("content-type", HeaderValue::from_static("application/json"))], body)
-                .await
-                .json()
+            http.send(
+                Method::POST,
+                &url,
+                &[("content-type", HeaderValue::from_static("application/json"))],
+                body,
+            )
+            .await
+            .json()
         }
     };
     let carol = lookup(look("Bearer carol")).await;
@@ -85,9 +103,20 @@ async fn the_admin_api_looks_up_lists_deletes_and_resolves() {
     assert_ne!(dave["store_key"], carol["store_key"]);
 
     // List and get.
-    let list = http.get(&proxy.admin_url("/api/keys?limit=10")).await.json();
-    assert!(list["records"].as_array().unwrap().iter().any(|r| r["store_key"] == store_key));
-    let got = http.get(&proxy.admin_url(&format!("/api/keys/{store_key}"))).await;
+    let list = http
+        .get(&proxy.admin_url("/api/keys?limit=10"))
+        .await
+        .json();
+    assert!(
+        list["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["store_key"] == store_key)
+    );
+    let got = http
+        .get(&proxy.admin_url(&format!("/api/keys/{store_key}")))
+        .await;
     assert_eq!(got.json()["state"], "completed");
     let bad = http.get(&proxy.admin_url("/api/keys/nothex")).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
@@ -95,19 +124,43 @@ async fn the_admin_api_looks_up_lists_deletes_and_resolves() {
     // The CLI sees the same, and deletes: the next retry runs again.
     let (ok, listed) = keys_cli(&proxy, &["list"]);
     assert!(ok);
-    assert!(listed["records"].as_array().unwrap().iter().any(|r| r["store_key"] == store_key));
-    let (ok, got) = keys_cli(&proxy, &["get", "--key", "adm-1", "--credential", "authorization=Bearer carol"]);
+    assert!(
+        listed["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["store_key"] == store_key)
+    );
+    let (ok, got) = keys_cli(
+        &proxy,
+        &[
+            "get",
+            "--key",
+            "adm-1",
+            "--credential",
+            "authorization=Bearer carol",
+        ],
+    );
     assert!(ok);
     assert_eq!(got["store_key"], store_key);
     let (ok, deleted) = keys_cli(&proxy, &["delete", &store_key]);
     assert!(ok);
     assert_eq!(deleted["deleted"], true);
-    let again = http.send(Method::POST, &proxy.url("/pay"), &auth("Bearer carol"), b"{}").await;
+    let again = http
+        .send(
+            Method::POST,
+            &proxy.url("/pay"),
+            &auth("Bearer carol"),
+            b"{}",
+        )
+        .await;
     assert!(!again.replayed());
     assert_eq!(up.state.executions(), 2);
 
     // Resolve: an outcome-unknown record becomes runnable again; others are refused.
-    let cut = http.post(&proxy.url("/pay?truncate=1"), Some("adm-cut"), b"{}").await;
+    let cut = http
+        .post(&proxy.url("/pay?truncate=1"), Some("adm-cut"), b"{}")
+        .await;
     assert_eq!(cut.status, StatusCode::BAD_GATEWAY);
     let cut_key = lookup(json!({ "key": "adm-cut" }).to_string()).await;
     assert_eq!(cut_key["record"]["state"], "unknown");
@@ -132,6 +185,9 @@ async fn the_dashboard_is_served_with_no_external_assets() {
     assert_eq!(page.status, StatusCode::OK);
     let html = String::from_utf8(page.body.to_vec()).unwrap();
     assert!(html.contains("<title>idemgate</title>"));
-    assert!(!html.contains("http://") && !html.contains("https://"), "no external assets");
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no external assets"
+    );
     assert!(html.contains("/metrics") && html.contains("/api/keys"));
 }

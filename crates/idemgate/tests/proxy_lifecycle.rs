@@ -77,13 +77,18 @@ async fn a_client_that_disconnects_mid_flight_does_not_lose_the_outcome() {
         body.len()
     )
     .unwrap();
-    until(10, "the request to reach the upstream", || up.state.held() == 1).await;
+    until(10, "the request to reach the upstream", || {
+        up.state.held() == 1
+    })
+    .await;
     drop(sock);
     up.state.release_held();
     until(10, "the upstream to finish", || up.state.executions() == 1).await;
     // The retry gets the outcome the vanished client never saw (waiting for it to be recorded).
     let http = Http::default();
-    let res = http.post(&proxy.url("/pay?hold=1"), Some("gone"), b"{\"amount\":5}").await;
+    let res = http
+        .post(&proxy.url("/pay?hold=1"), Some("gone"), b"{\"amount\":5}")
+        .await;
     assert_eq!(res.status, StatusCode::CREATED);
     assert!(res.replayed());
     assert_eq!(res.json()["executions"], 1);
@@ -100,19 +105,32 @@ async fn sigterm_stops_accepting_finishes_in_flight_work_and_exits_cleanly() {
         let url = proxy.url("/pay?hold=1");
         tokio::spawn(async move { http.post(&url, Some("drain"), b"{}").await })
     };
-    until(10, "the request to reach the upstream", || up.state.held() == 1).await;
+    until(10, "the request to reach the upstream", || {
+        up.state.held() == 1
+    })
+    .await;
     proxy.sigterm();
     // New connections are refused once the listener is closed.
     let addr = proxy.addr;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(addr).is_ok() {
-        assert!(std::time::Instant::now() < deadline, "still accepting after SIGTERM");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still accepting after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(proxy.child.try_wait().unwrap().is_none(), "exited before draining");
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "exited before draining"
+    );
     up.state.release_held();
     let res = in_flight.await.unwrap();
-    assert_eq!(res.status, StatusCode::CREATED, "the in-flight request completes");
+    assert_eq!(
+        res.status,
+        StatusCode::CREATED,
+        "the in-flight request completes"
+    );
     let status = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap())
         .await
         .unwrap();
@@ -145,7 +163,11 @@ fn a_raw_http1_replay_is_byte_identical_on_the_wire() {
     let (head1, body1) = raw(proxy.addr);
     let (head2, body2) = raw(proxy.addr);
     assert!(!head1.to_ascii_lowercase().contains("idempotent-replayed"));
-    assert!(head2.to_ascii_lowercase().contains("idempotent-replayed: true"));
+    assert!(
+        head2
+            .to_ascii_lowercase()
+            .contains("idempotent-replayed: true")
+    );
     assert_eq!(body1, body2);
     drop(proxy);
     drop(up);

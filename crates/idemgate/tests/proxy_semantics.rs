@@ -18,14 +18,18 @@ async fn first_request_runs_and_retries_replay_byte_identical() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), memory(), &[]);
     let http = Http::default();
-    let first = http.post(&proxy.url("/pay"), Some("k-1"), b"{\"amount\":10}").await;
+    let first = http
+        .post(&proxy.url("/pay"), Some("k-1"), b"{\"amount\":10}")
+        .await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert!(!first.replayed());
     // The key and the epoch reached the upstream.
     assert_eq!(first.json()["idempotency_key"], "k-1");
     assert_eq!(first.json()["idempotency_epoch"], "1");
     for _ in 0..3 {
-        let again = http.post(&proxy.url("/pay"), Some("k-1"), b"{\"amount\":10}").await;
+        let again = http
+            .post(&proxy.url("/pay"), Some("k-1"), b"{\"amount\":10}")
+            .await;
         assert_eq!(again.status, StatusCode::CREATED);
         assert!(again.replayed(), "replay must say so");
         assert_eq!(again.body, first.body, "byte-identical body");
@@ -34,7 +38,9 @@ async fn first_request_runs_and_retries_replay_byte_identical() {
     }
     assert_eq!(up.state.executions(), 1);
     // The bare and the sf-string spellings are the same key.
-    let quoted = http.post(&proxy.url("/pay"), Some("\"k-1\""), b"{\"amount\":10}").await;
+    let quoted = http
+        .post(&proxy.url("/pay"), Some("\"k-1\""), b"{\"amount\":10}")
+        .await;
     assert!(quoted.replayed());
     assert_eq!(up.state.executions(), 1);
 }
@@ -56,12 +62,20 @@ async fn a_different_payload_with_the_same_key_is_refused_with_422() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), memory(), &[]);
     let http = Http::default();
-    http.post(&proxy.url("/pay"), Some("k"), b"{\"amount\":10}").await;
-    let other_body = http.post(&proxy.url("/pay"), Some("k"), b"{\"amount\":11}").await;
-    let other_path = http.post(&proxy.url("/other"), Some("k"), b"{\"amount\":10}").await;
+    http.post(&proxy.url("/pay"), Some("k"), b"{\"amount\":10}")
+        .await;
+    let other_body = http
+        .post(&proxy.url("/pay"), Some("k"), b"{\"amount\":11}")
+        .await;
+    let other_path = http
+        .post(&proxy.url("/other"), Some("k"), b"{\"amount\":10}")
+        .await;
     for res in [other_body, other_path] {
         assert_eq!(res.status, StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(res.problem_type(), "urn:idemgate:problem:fingerprint-mismatch");
+        assert_eq!(
+            res.problem_type(),
+            "urn:idemgate:problem:fingerprint-mismatch"
+        );
         assert_eq!(res.json()["status"], 422);
     }
     assert_eq!(up.state.executions(), 1);
@@ -78,17 +92,47 @@ async fn keys_are_scoped_by_principal() {
             ("authorization", HeaderValue::from_static(token)),
         ]
     };
-    let alice = http.send(Method::POST, &proxy.url("/pay"), &as_user("Bearer alice"), b"{}").await;
-    let bob = http.send(Method::POST, &proxy.url("/pay"), &as_user("Bearer bob"), b"{}").await;
+    let alice = http
+        .send(
+            Method::POST,
+            &proxy.url("/pay"),
+            &as_user("Bearer alice"),
+            b"{}",
+        )
+        .await;
+    let bob = http
+        .send(
+            Method::POST,
+            &proxy.url("/pay"),
+            &as_user("Bearer bob"),
+            b"{}",
+        )
+        .await;
     assert!(!bob.replayed(), "bob must not get alice's response");
     assert_eq!(up.state.executions(), 2);
-    let alice_again = http.send(Method::POST, &proxy.url("/pay"), &as_user("Bearer alice"), b"{}").await;
+    let alice_again = http
+        .send(
+            Method::POST,
+            &proxy.url("/pay"),
+            &as_user("Bearer alice"),
+            b"{}",
+        )
+        .await;
     assert!(alice_again.replayed());
     assert_eq!(alice_again.body, alice.body);
     // Bob with a different body is not a mismatch against alice's record either.
-    let bob_other = http.send(Method::POST, &proxy.url("/pay"), &as_user("Bearer bob"), b"[]").await;
+    let bob_other = http
+        .send(
+            Method::POST,
+            &proxy.url("/pay"),
+            &as_user("Bearer bob"),
+            b"[]",
+        )
+        .await;
     assert_eq!(bob_other.status, StatusCode::UNPROCESSABLE_ENTITY); // against bob's own record
-    let anon = http.post(&proxy.url("/pay"), Some("shared-key"), b"{}").await;
+    let anon = http
+        .post(&proxy.url("/pay"), Some("shared-key"), b"{}")
+        .await;
     assert!(!anon.replayed());
     assert_eq!(up.state.executions(), 3);
 }
@@ -112,7 +156,12 @@ async fn missing_and_malformed_keys_get_400_and_reach_nothing() {
     ];
     for value in bad {
         let res = http
-            .send(Method::POST, &proxy.url("/pay"), &[("idempotency-key", value.clone())], b"{}")
+            .send(
+                Method::POST,
+                &proxy.url("/pay"),
+                &[("idempotency-key", value.clone())],
+                b"{}",
+            )
             .await;
         assert_eq!(res.status, StatusCode::BAD_REQUEST, "{value:?}");
         assert_eq!(res.problem_type(), "urn:idemgate:problem:malformed-key");
@@ -121,8 +170,26 @@ async fn missing_and_malformed_keys_get_400_and_reach_nothing() {
     // GET passes through untouched, key or not.
     let get = http.get(&proxy.url("/anything")).await;
     assert_eq!(get.status, StatusCode::OK);
-    assert_eq!(metric(&http, &proxy, "idemgate_requests_total", "outcome=\"invalid_key\"").await, 6.0);
-    assert_eq!(metric(&http, &proxy, "idemgate_requests_total", "outcome=\"missing_key\"").await, 1.0);
+    assert_eq!(
+        metric(
+            &http,
+            &proxy,
+            "idemgate_requests_total",
+            "outcome=\"invalid_key\""
+        )
+        .await,
+        6.0
+    );
+    assert_eq!(
+        metric(
+            &http,
+            &proxy,
+            "idemgate_requests_total",
+            "outcome=\"missing_key\""
+        )
+        .await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,7 +205,12 @@ async fn without_require_key_unkeyed_posts_pass_through_every_time() {
     // PUT is not covered by default: passes through even with a key.
     for _ in 0..2 {
         let res = http
-            .send(Method::PUT, &proxy.url("/pay"), &[("idempotency-key", HeaderValue::from_static("p"))], b"{}")
+            .send(
+                Method::PUT,
+                &proxy.url("/pay"),
+                &[("idempotency-key", HeaderValue::from_static("p"))],
+                b"{}",
+            )
             .await;
         assert!(!res.replayed());
     }
@@ -167,18 +239,34 @@ async fn transient_statuses_are_released_and_others_are_stored() {
     let proxy = Proxy::start(&up.url(), memory(), &[]);
     let http = Http::default();
     for _ in 0..2 {
-        let res = http.post(&proxy.url("/pay?status=503"), Some("t"), b"{}").await;
+        let res = http
+            .post(&proxy.url("/pay?status=503"), Some("t"), b"{}")
+            .await;
         assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(!res.replayed());
     }
-    assert_eq!(up.state.executions_of("t"), 2, "a transient answer is not kept");
+    assert_eq!(
+        up.state.executions_of("t"),
+        2,
+        "a transient answer is not kept"
+    );
     for _ in 0..2 {
-        let res = http.post(&proxy.url("/pay?status=500"), Some("e"), b"{}").await;
+        let res = http
+            .post(&proxy.url("/pay?status=500"), Some("e"), b"{}")
+            .await;
         assert_eq!(res.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
-    assert_eq!(up.state.executions_of("e"), 1, "a 500 is stored and replayed, like Stripe");
-    let res = http.post(&proxy.url("/pay?status=409"), Some("c"), b"{}").await;
-    let again = http.post(&proxy.url("/pay?status=409"), Some("c"), b"{}").await;
+    assert_eq!(
+        up.state.executions_of("e"),
+        1,
+        "a 500 is stored and replayed, like Stripe"
+    );
+    let res = http
+        .post(&proxy.url("/pay?status=409"), Some("c"), b"{}")
+        .await;
+    let again = http
+        .post(&proxy.url("/pay?status=409"), Some("c"), b"{}")
+        .await;
     assert_eq!(again.status, res.status);
     assert!(again.replayed());
 }
@@ -191,9 +279,14 @@ async fn unreachable_upstream_gives_502_and_releases_the_key() {
     let http = Http::default();
     let res = http.post(&proxy.url("/pay"), Some("down"), b"{}").await;
     assert_eq!(res.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(res.problem_type(), "urn:idemgate:problem:upstream-unavailable");
+    assert_eq!(
+        res.problem_type(),
+        "urn:idemgate:problem:upstream-unavailable"
+    );
     // Bring the upstream up on that port: the retry runs (the key was released).
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
     let up = Upstream::on(listener);
     let res = http.post(&proxy.url("/pay"), Some("down"), b"{}").await;
     assert_eq!(res.status, StatusCode::CREATED);
@@ -207,7 +300,9 @@ async fn a_broken_off_response_makes_the_outcome_unknown_and_it_is_never_rerun()
     let proxy = Proxy::start(&up.url(), memory(), &[]);
     let http = Http::default();
     for _ in 0..3 {
-        let res = http.post(&proxy.url("/pay?truncate=1"), Some("cut"), b"{}").await;
+        let res = http
+            .post(&proxy.url("/pay?truncate=1"), Some("cut"), b"{}")
+            .await;
         assert_eq!(res.status, StatusCode::BAD_GATEWAY);
         assert_eq!(res.problem_type(), "urn:idemgate:problem:outcome-unknown");
     }
@@ -224,16 +319,27 @@ async fn reject_mode_answers_409_with_retry_after_while_the_first_runs() {
         let url = proxy.url("/pay?hold=1");
         tokio::spawn(async move { http.post(&url, Some("busy"), b"{}").await })
     };
-    until(10, "the first request to reach the upstream", || up.state.held() == 1).await;
-    let dup = http.post(&proxy.url("/pay?hold=1"), Some("busy"), b"{}").await;
+    until(10, "the first request to reach the upstream", || {
+        up.state.held() == 1
+    })
+    .await;
+    let dup = http
+        .post(&proxy.url("/pay?hold=1"), Some("busy"), b"{}")
+        .await;
     assert_eq!(dup.status, StatusCode::CONFLICT);
     assert_eq!(dup.problem_type(), "urn:idemgate:problem:request-in-flight");
-    let retry_after: u64 = dup.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = dup.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry_after >= 1);
     up.state.release_held();
     let first = first.await.unwrap();
     assert_eq!(first.status, StatusCode::CREATED);
-    let after = http.post(&proxy.url("/pay?hold=1"), Some("busy"), b"{}").await;
+    let after = http
+        .post(&proxy.url("/pay?hold=1"), Some("busy"), b"{}")
+        .await;
     assert!(after.replayed());
     assert_eq!(up.state.executions(), 1);
 }
@@ -249,7 +355,10 @@ async fn wait_mode_holds_the_retry_until_the_first_completes_then_replays() {
         tokio::spawn(async move { http.post(&url, Some("w"), b"{}").await })
     };
     let first = spawn_post();
-    until(10, "the first request to reach the upstream", || up.state.held() == 1).await;
+    until(10, "the first request to reach the upstream", || {
+        up.state.held() == 1
+    })
+    .await;
     let second = spawn_post();
     // Signal: the proxy reports one waiter.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -275,8 +384,13 @@ async fn wait_mode_gives_409_after_the_wait_timeout() {
         let url = proxy.url("/pay?hold=1");
         tokio::spawn(async move { http.post(&url, Some("slow"), b"{}").await })
     };
-    until(10, "the first request to reach the upstream", || up.state.held() == 1).await;
-    let dup = http.post(&proxy.url("/pay?hold=1"), Some("slow"), b"{}").await;
+    until(10, "the first request to reach the upstream", || {
+        up.state.held() == 1
+    })
+    .await;
+    let dup = http
+        .post(&proxy.url("/pay?hold=1"), Some("slow"), b"{}")
+        .await;
     assert_eq!(dup.status, StatusCode::CONFLICT);
     assert!(dup.headers.contains_key("retry-after"));
     up.state.release_held();
@@ -288,10 +402,18 @@ async fn oversized_responses_pass_once_and_are_never_executed_again() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), memory(), &["--max-response-body", "1KiB"]);
     let http = Http::default();
-    let first = http.post(&proxy.url("/pay?size=5000"), Some("huge"), b"{}").await;
+    let first = http
+        .post(&proxy.url("/pay?size=5000"), Some("huge"), b"{}")
+        .await;
     assert_eq!(first.status, StatusCode::CREATED);
-    assert_eq!(first.body.len(), 5000, "the first client gets the whole response");
-    let again = http.post(&proxy.url("/pay?size=5000"), Some("huge"), b"{}").await;
+    assert_eq!(
+        first.body.len(),
+        5000,
+        "the first client gets the whole response"
+    );
+    let again = http
+        .post(&proxy.url("/pay?size=5000"), Some("huge"), b"{}")
+        .await;
     assert_eq!(again.status, StatusCode::GONE);
     assert_eq!(again.problem_type(), "urn:idemgate:problem:not-replayable");
     assert_eq!(again.json()["original_status"], 201);

@@ -74,7 +74,12 @@ impl Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
             .arg("serve")
             .args(["--upstream", upstream, "--store", store])
-            .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+            ])
             .args(args)
             .env("IDEMGATE_LOG", "info")
             .stdin(Stdio::null())
@@ -89,10 +94,10 @@ impl Proxy {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("[idemgate] {line}");
-                if line.contains("idemgate listening") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(());
-                    }
+                if line.contains("idemgate listening")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(());
                 }
             }
         });
@@ -143,7 +148,10 @@ pub struct Answer {
 impl Answer {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body))
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 
@@ -190,7 +198,10 @@ impl Http {
         }
         let res = self
             .client
-            .request(req.body(Full::new(Bytes::copy_from_slice(body.as_ref()))).unwrap())
+            .request(
+                req.body(Full::new(Bytes::copy_from_slice(body.as_ref())))
+                    .unwrap(),
+            )
             .await
             .unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
         let status = res.status();
@@ -221,7 +232,10 @@ impl Http {
 pub async fn until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -1,0 +1,101 @@
+//! When the store cannot be reached: fail closed (`503`, nothing forwarded) or fail open (forwarded
+//! unprotected), and recovery without a restart once it is back. The layer is served by hyper on a
+//! loopback socket; the store is a real memory store behind a fault-injection switch.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use idemgate_core::testkit::faults::Faulty;
+use idemgate_core::{Engine, MemoryStore};
+use idemgate_tower::IdempotencyLayer;
+use idemgate_tower::body::{IdemBody, full};
+use idemgate_tower::policy::{FailMode, RoutePolicy, Routes};
+
+async fn serve(fail_mode: FailMode) -> (SocketAddr, Faulty<MemoryStore>, Arc<AtomicUsize>) {
+    let store = Faulty::new(MemoryStore::default());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let app = tower::service_fn(move |_req: Request<IdemBody>| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move { Ok::<_, Infallible>(Response::new(full(Bytes::from(format!("call {n}"))))) }
+    });
+    let routes = Routes::new(vec![RoutePolicy::new("r", "/**").fail_mode(fail_mode)]);
+    let svc = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(
+            Engine::builder(store.clone()).build(),
+            routes,
+        ))
+        .service(app);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let svc = TowerToHyperService::new(svc.clone());
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    (addr, store, calls)
+}
+
+async fn post(addr: SocketAddr, key: &str) -> (StatusCode, Bytes) {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::post(format!("http://{addr}/pay"))
+        .header("idempotency-key", key)
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let res = client.request(req).await.unwrap();
+    let status = res.status();
+    (status, res.into_body().collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_answers_503_forwards_nothing_and_recovers() {
+    let (addr, store, calls) = serve(FailMode::Closed).await;
+    store.set_down(true);
+    for _ in 0..3 {
+        let (status, body) = post(addr, "k").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(String::from_utf8_lossy(&body).contains("urn:idemgate:problem:store-unavailable"));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "nothing may be forwarded without a claim"
+    );
+    store.set_down(false);
+    assert_eq!(
+        post(addr, "k").await,
+        (StatusCode::OK, Bytes::from("call 1"))
+    );
+    assert_eq!(
+        post(addr, "k").await,
+        (StatusCode::OK, Bytes::from("call 1"))
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_forwards_without_protection() {
+    let (addr, store, calls) = serve(FailMode::Open).await;
+    store.set_down(true);
+    assert_eq!(post(addr, "k").await.0, StatusCode::OK);
+    assert_eq!(post(addr, "k").await.0, StatusCode::OK);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "unprotected: each request runs"
+    );
+}
