@@ -78,6 +78,27 @@ pub struct ServeArgs {
     /// Log format: text or json [default: text].
     #[arg(long, env = "IDEMGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Upstream statuses released instead of stored, comma-separated [default: 408,425,429,502,503,504].
+    #[arg(long, env = "IDEMGATE_TRANSIENT_STATUSES", value_delimiter = ',')]
+    pub transient_statuses: Option<Vec<u16>>,
+    /// Headers identifying the principal, comma-separated [default: authorization].
+    #[arg(long, env = "IDEMGATE_SCOPE_HEADERS", value_delimiter = ',')]
+    pub scope_headers: Option<Vec<String>>,
+    /// Request headers included in the fingerprint, comma-separated [default: content-type].
+    #[arg(long, env = "IDEMGATE_FINGERPRINT_HEADERS", value_delimiter = ',')]
+    pub fingerprint_headers: Option<Vec<String>>,
+    /// Response headers never stored, comma-separated [default: set-cookie].
+    #[arg(long, env = "IDEMGATE_DENY_RESPONSE_HEADERS", value_delimiter = ',')]
+    pub deny_response_headers: Option<Vec<String>>,
+    /// Fingerprint JSON bodies in RFC 8785 canonical form [default: false].
+    #[arg(long, env = "IDEMGATE_CANONICAL_JSON", num_args = 0..=1, default_missing_value = "true")]
+    pub canonical_json: Option<bool>,
+    /// JSON pointers left out of the fingerprint, comma-separated (with --canonical-json).
+    #[arg(long, env = "IDEMGATE_IGNORE_JSON_FIELDS", value_delimiter = ',')]
+    pub ignore_json_fields: Option<Vec<String>>,
+    /// Most requests waiting on in-flight duplicates at once [default: 10000].
+    #[arg(long, env = "IDEMGATE_MAX_WAITERS")]
+    pub max_waiters: Option<usize>,
 }
 
 /// The `[[route]]` tables of the config file. Unset fields take the global settings.
@@ -216,6 +237,16 @@ fn parse_fail_mode(mode: &str) -> Result<FailMode> {
     }
 }
 
+/// A list setting: flag/env, else file, else a one-element default. An empty value means none.
+fn list(flag: &Option<Vec<String>>, file: &Option<Vec<String>>, default: &str) -> Vec<String> {
+    flag.clone()
+        .or_else(|| file.clone())
+        .unwrap_or_else(|| vec![default.to_owned()])
+        .into_iter()
+        .filter(|h| !h.trim().is_empty())
+        .collect()
+}
+
 fn lower(v: &[String]) -> Vec<String> {
     v.iter().map(|h| h.to_ascii_lowercase()).collect()
 }
@@ -336,24 +367,28 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
             Some(s) => parse_size(s)?,
             None => DEFAULT_BODY_LIMIT,
         },
-        transient: file
+        transient: args
             .transient_statuses
             .clone()
+            .or_else(|| file.transient_statuses.clone())
             .unwrap_or_else(|| DEFAULT_TRANSIENT.to_vec()),
-        scope_headers: file
-            .scope_headers
+        scope_headers: list(&args.scope_headers, &file.scope_headers, "authorization"),
+        fingerprint_headers: list(
+            &args.fingerprint_headers,
+            &file.fingerprint_headers,
+            "content-type",
+        ),
+        deny_response_headers: list(
+            &args.deny_response_headers,
+            &file.deny_response_headers,
+            "set-cookie",
+        ),
+        canonical_json: args.canonical_json.or(file.canonical_json).unwrap_or(false),
+        ignore_json_fields: args
+            .ignore_json_fields
             .clone()
-            .unwrap_or_else(|| vec!["authorization".into()]),
-        fingerprint_headers: file
-            .fingerprint_headers
-            .clone()
-            .unwrap_or_else(|| vec!["content-type".into()]),
-        deny_response_headers: file
-            .deny_response_headers
-            .clone()
-            .unwrap_or_else(|| vec!["set-cookie".into()]),
-        canonical_json: file.canonical_json.unwrap_or(false),
-        ignore_json_fields: file.ignore_json_fields.clone().unwrap_or_default(),
+            .or_else(|| file.ignore_json_fields.clone())
+            .unwrap_or_default(),
     };
     let require_key = args.require_key.or(file.require_key).unwrap_or(false);
     let routes = if file.route.is_empty() {
@@ -406,7 +441,7 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
         ))?,
         drain_timeout: parse_duration(&pick(&args.drain_timeout, &file.drain_timeout, "30s"))?,
         json_logs: log_format == "json",
-        max_waiters: file.max_waiters.unwrap_or(10_000),
+        max_waiters: args.max_waiters.or(file.max_waiters).unwrap_or(10_000),
         routes,
     })
 }

@@ -69,6 +69,16 @@ impl Proxy {
     /// Starts the proxy with `args` after `serve`, on fresh ports, and waits until it logs that it
     /// listens.
     pub fn start(upstream: &str, store: &str, args: &[&str]) -> Self {
+        Self::start_with_env(upstream, store, args, &[])
+    }
+
+    /// Like [`Proxy::start`], with extra environment variables.
+    pub fn start_with_env(
+        upstream: &str,
+        store: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
@@ -82,6 +92,7 @@ impl Proxy {
             ])
             .args(args)
             .env("IDEMGATE_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
