@@ -233,6 +233,37 @@ async fn oversized_request_bodies_get_413_before_anything_is_claimed() {
     assert!(!ok.replayed());
 }
 
+#[test]
+fn a_chunked_request_body_over_the_limit_gets_413_while_reading() {
+    use std::io::{Read, Write};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let up = rt.block_on(Upstream::start());
+    let proxy = Proxy::start(&up.url(), memory(), &["--max-request-body", "1KiB"]);
+    let mut sock = std::net::TcpStream::connect(proxy.addr).unwrap();
+    write!(
+        sock,
+        "POST /pay HTTP/1.1\r\nhost: x\r\nconnection: close\r\nidempotency-key: chunky\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = "y".repeat(512);
+    for _ in 0..4 {
+        // The proxy may answer and close before the last chunks: ignore write errors.
+        let _ = write!(sock, "200\r\n{chunk}\r\n");
+    }
+    let _ = write!(sock, "0\r\n\r\n");
+    let mut out = String::new();
+    let _ = sock.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert!(out.contains("urn:idemgate:problem:body-too-large"));
+    assert_eq!(up.state.started(), 0);
+    drop(proxy);
+    drop(up);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_statuses_are_released_and_others_are_stored() {
     let up = Upstream::start().await;
