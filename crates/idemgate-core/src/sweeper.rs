@@ -43,3 +43,38 @@ pub fn spawn_sweeper<S: Store>(store: S, interval: Duration, batch: usize) -> Jo
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::TokioClock;
+    use crate::fingerprint::{Algorithm, Fingerprint};
+    use crate::key::StoreKey;
+    use crate::memory::MemoryStore;
+    use crate::store::ClaimRequest;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_purges_expired_records_in_bounded_batches() {
+        let store = MemoryStore::builder().clock(TokioClock::new()).build();
+        for i in 0u8..50 {
+            let req = ClaimRequest {
+                namespace: "n".into(),
+                scope: "s".into(),
+                idempotency_key: format!("k{i}"),
+                fingerprint: Fingerprint::from_parts(Algorithm::Blake3, [0; 32]),
+                token: u128::from(i),
+                owner: "o".into(),
+                lease_ttl: Duration::from_secs(5),
+                ttl: Duration::from_secs(60),
+            };
+            store.claim(&StoreKey([i; 32]), &req).await.unwrap();
+        }
+        let sweeper = spawn_sweeper(store.clone(), Duration::from_secs(30), 7);
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert_eq!(store.len(), 50, "nothing has expired yet");
+        // Past the TTL, then one more interval so that the round (8 batches of <= 7) has finished.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(store.len(), 0);
+        sweeper.abort();
+    }
+}

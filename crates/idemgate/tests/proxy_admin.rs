@@ -191,3 +191,36 @@ async fn the_dashboard_is_served_with_no_external_assets() {
     );
     assert!(html.contains("/metrics") && html.contains("/api/keys"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_one_span_per_request_with_its_outcome() {
+    let up = Upstream::start().await;
+    let proxy = common::Proxy::start_with_env(
+        &up.url(),
+        "memory://",
+        &["--log-format", "json"],
+        &[("IDEMGATE_LOG", "info,idemgate_tower=debug")],
+    );
+    let http = Http::default();
+    http.post(&proxy.url("/pay"), Some("logged"), b"{}").await;
+    http.post(&proxy.url("/pay"), Some("logged"), b"{}").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let outcomes: Vec<String> = proxy
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["span"]["outcome"].as_str().map(str::to_owned))
+            .collect();
+        if outcomes == ["executed", "replayed"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "log outcomes: {outcomes:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

@@ -63,6 +63,8 @@ pub struct Proxy {
     pub child: Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// Every line the process wrote to stderr so far.
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Proxy {
@@ -100,11 +102,14 @@ impl Proxy {
             .expect("spawn idemgate");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = logs.clone();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("[idemgate] {line}");
+                sink.lock().unwrap().push(line.clone());
                 if line.contains("idemgate listening")
                     && let Some(tx) = tx.take()
                 {
@@ -114,7 +119,12 @@ impl Proxy {
         });
         rx.recv_timeout(Duration::from_secs(20))
             .expect("idemgate did not start listening");
-        Self { child, addr, admin }
+        Self {
+            child,
+            addr,
+            admin,
+            logs,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
