@@ -335,12 +335,7 @@ impl Store for MemoryStore {
 
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
         let limit = req.limit.clamp(1, MAX_LIST_PAGE);
-        let after = match &req.cursor {
-            None => None,
-            Some(c) => Some(StoreKey::from_hex(c).ok_or_else(|| {
-                StoreError::new(ErrorKind::Internal, format!("invalid list cursor {c:?}"))
-            })?),
-        };
+        let after = req.after_key()?;
         let now = self.inner.clock.now();
         let first = after.as_ref().map_or(0, Self::shard_of);
         let mut records = Vec::with_capacity(limit);

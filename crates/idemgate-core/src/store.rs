@@ -141,6 +141,24 @@ pub struct ListRequest {
     pub limit: usize,
 }
 
+impl ListRequest {
+    /// For stores whose cursor is the last [`StoreKey`] listed (hex): that key, if any.
+    /// A cursor that is not 64 hex characters is an `Internal` error (callers pass back `next`).
+    pub fn after_key(&self) -> Result<Option<StoreKey>, StoreError> {
+        self.cursor
+            .as_deref()
+            .map(|c| {
+                StoreKey::from_hex(c).ok_or_else(|| {
+                    StoreError::new(
+                        crate::error::ErrorKind::Internal,
+                        format!("invalid list cursor {c:?}"),
+                    )
+                })
+            })
+            .transpose()
+    }
+}
+
 /// A page of records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ListPage {

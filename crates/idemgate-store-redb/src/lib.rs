@@ -594,12 +594,7 @@ impl Store for RedbStore {
 
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
         let limit = req.limit.clamp(1, MAX_LIST_PAGE);
-        let after = match &req.cursor {
-            None => None,
-            Some(c) => Some(StoreKey::from_hex(c).ok_or_else(|| {
-                StoreError::new(ErrorKind::Internal, format!("invalid list cursor {c:?}"))
-            })?),
-        };
+        let after = req.after_key()?;
         let now = self.inner.clock.now();
         let txn = self
             .inner

@@ -223,10 +223,7 @@ where
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > route.max_request_body as u64) {
             count("too_large", &route.name);
-            return ResponseFuture::ready(ProblemKind::TooLarge.response(format!(
-                "the request body is larger than {} bytes",
-                route.max_request_body
-            )));
+            return ResponseFuture::ready(too_large(route.max_request_body));
         }
         let span = tracing::info_span!("idempotent_request",
             route = %route.name, method = %req.method(), path = %req.uri().path(),
@@ -234,6 +231,10 @@ where
         let fut = protect(shared, route, inner, req, key).instrument(span);
         ResponseFuture::protected(Box::pin(fut))
     }
+}
+
+fn too_large(limit: usize) -> Response<IdemBody> {
+    ProblemKind::TooLarge.response(format!("the request body is larger than {limit} bytes"))
 }
 
 /// What the dispatched operation hands back to the engine.
@@ -343,11 +344,7 @@ where
     let body = match collect_limited(boxed(body), route.max_request_body).await? {
         Collected::Complete(b) => b,
         Collected::Oversized { .. } => {
-            let res = ProblemKind::TooLarge.response(format!(
-                "the request body is larger than {} bytes",
-                route.max_request_body
-            ));
-            return finish("too_large", res);
+            return finish("too_large", too_large(route.max_request_body));
         }
     };
     let credentials: Vec<&[u8]> = route

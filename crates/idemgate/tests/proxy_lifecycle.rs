@@ -100,11 +100,7 @@ async fn sigterm_stops_accepting_finishes_in_flight_work_and_exits_cleanly() {
     let up = Upstream::start().await;
     let mut proxy = Proxy::start(&up.url(), "memory://", &[]);
     let http = Http::default();
-    let in_flight = {
-        let http = http.clone();
-        let url = proxy.url("/pay?hold=1");
-        tokio::spawn(async move { http.post(&url, Some("drain"), b"{}").await })
-    };
+    let in_flight = http.spawn_post(proxy.url("/pay?hold=1"), "drain");
     until(10, "the request to reach the upstream", || {
         up.state.held() == 1
     })

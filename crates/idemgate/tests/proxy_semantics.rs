@@ -345,11 +345,7 @@ async fn reject_mode_answers_409_with_retry_after_while_the_first_runs() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), memory(), &["--concurrency", "reject"]);
     let http = Http::default();
-    let first = {
-        let http = http.clone();
-        let url = proxy.url("/pay?hold=1");
-        tokio::spawn(async move { http.post(&url, Some("busy"), b"{}").await })
-    };
+    let first = http.spawn_post(proxy.url("/pay?hold=1"), "busy");
     until(10, "the first request to reach the upstream", || {
         up.state.held() == 1
     })
@@ -380,11 +376,7 @@ async fn wait_mode_holds_the_retry_until_the_first_completes_then_replays() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), memory(), &[]);
     let http = Http::default();
-    let spawn_post = || {
-        let http = http.clone();
-        let url = proxy.url("/pay?hold=1");
-        tokio::spawn(async move { http.post(&url, Some("w"), b"{}").await })
-    };
+    let spawn_post = || http.spawn_post(proxy.url("/pay?hold=1"), "w");
     let first = spawn_post();
     until(10, "the first request to reach the upstream", || {
         up.state.held() == 1
@@ -410,11 +402,7 @@ async fn wait_mode_gives_409_after_the_wait_timeout() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), memory(), &["--wait-timeout", "1s"]);
     let http = Http::default();
-    let first = {
-        let http = http.clone();
-        let url = proxy.url("/pay?hold=1");
-        tokio::spawn(async move { http.post(&url, Some("slow"), b"{}").await })
-    };
+    let first = http.spawn_post(proxy.url("/pay?hold=1"), "slow");
     until(10, "the first request to reach the upstream", || {
         up.state.held() == 1
     })

@@ -54,6 +54,12 @@ async fn get<H: Harness>(h: &H, key: &StoreKey) -> Option<Record> {
 }
 
 async fn completed<H: Harness>(h: &H, ttl: Duration) -> (StoreKey, Record) {
+    let (key, record, _) = completed_by(h, ttl).await;
+    (key, record)
+}
+
+/// A completed record, and the fencing that completed it.
+async fn completed_by<H: Harness>(h: &H, ttl: Duration) -> (StoreKey, Record, Fencing) {
     let key = fresh_key("completed");
     let f = acquire(h, &key, &long_claim()).await;
     let out = h
@@ -62,7 +68,37 @@ async fn completed<H: Harness>(h: &H, ttl: Duration) -> (StoreKey, Record) {
         .await
         .unwrap();
     assert_eq!(out, CasOutcome::Applied);
-    (key, get(h, &key).await.expect("completed record present"))
+    (
+        key,
+        get(h, &key).await.expect("completed record present"),
+        f,
+    )
+}
+
+/// Every holder-only operation with `f` must be refused (`Lost`).
+async fn assert_fenced_off<H: Harness>(h: &H, key: &StoreKey, f: Fencing) {
+    let store = h.store();
+    let stale = response(b"stale");
+    assert_eq!(
+        store.renew(key, f, LONG_LEASE).await.unwrap(),
+        CasOutcome::Lost,
+        "renew {f:?}"
+    );
+    assert_eq!(
+        store.complete(key, f, &stale, LONG_TTL).await.unwrap(),
+        CasOutcome::Lost,
+        "complete {f:?}"
+    );
+    assert_eq!(
+        store.mark_unknown(key, f, LONG_TTL).await.unwrap(),
+        CasOutcome::Lost,
+        "mark_unknown {f:?}"
+    );
+    assert_eq!(
+        store.release(key, f).await.unwrap(),
+        CasOutcome::Lost,
+        "release {f:?}"
+    );
 }
 
 pub async fn claim_absent_acquires_epoch_one<H: Harness>(h: &H) {
@@ -304,44 +340,20 @@ pub async fn complete_twice_keeps_the_first<H: Harness>(h: &H) {
 }
 
 pub async fn completed_record_never_changes<H: Harness>(h: &H) {
-    let (key, before) = completed(h, LONG_TTL).await;
-    let RecordState::Completed { epoch, .. } = before.state else {
-        unreachable!()
-    };
-    let store = h.store();
-    // The fencing that completed it, and guesses at others: nothing may change the record.
-    let token = match h.store().claim(&key, &long_claim()).await.unwrap() {
-        ClaimOutcome::Existing { record, .. } => {
-            assert_eq!(record, before);
-            0
-        }
+    let (key, before, completer) = completed_by(h, LONG_TTL).await;
+    match h.store().claim(&key, &long_claim()).await.unwrap() {
+        ClaimOutcome::Existing { record, .. } => assert_eq!(record, before),
         other => panic!("{other:?}"),
+    }
+    // Not even the fencing that completed it, nor the next epoch, may change it.
+    let next = Fencing {
+        epoch: completer.epoch + 1,
+        ..completer
     };
-    for f in [
-        Fencing { epoch, token },
-        Fencing {
-            epoch: epoch + 1,
-            token,
-        },
-    ] {
-        assert_eq!(
-            store.renew(&key, f, LONG_LEASE).await.unwrap(),
-            CasOutcome::Lost
-        );
-        assert_eq!(
-            store
-                .complete(&key, f, &response(b"z"), LONG_TTL)
-                .await
-                .unwrap(),
-            CasOutcome::Lost
-        );
-        assert_eq!(
-            store.mark_unknown(&key, f, LONG_TTL).await.unwrap(),
-            CasOutcome::Lost
-        );
-        assert_eq!(store.release(&key, f).await.unwrap(), CasOutcome::Lost);
+    for f in [completer, next] {
+        assert_fenced_off(h, &key, f).await;
         assert!(matches!(
-            store
+            h.store()
                 .take_over(&key, &take_over_request(f, LONG_LEASE))
                 .await
                 .unwrap(),
@@ -429,21 +441,7 @@ pub async fn reclaim_after_release_fences_the_old_holder<H: Harness>(h: &H) {
     let new = acquire(h, &key, &long_claim()).await;
     assert_eq!(new.epoch, old.epoch, "epochs restart after a release");
     // Same epoch, other token: the old holder must not touch the new record.
-    assert_eq!(
-        h.store()
-            .complete(&key, old, &response(b"stale"), LONG_TTL)
-            .await
-            .unwrap(),
-        CasOutcome::Lost
-    );
-    assert_eq!(
-        h.store().renew(&key, old, LONG_LEASE).await.unwrap(),
-        CasOutcome::Lost
-    );
-    assert_eq!(
-        h.store().release(&key, old).await.unwrap(),
-        CasOutcome::Lost
-    );
+    assert_fenced_off(h, &key, old).await;
     match get(h, &key).await.unwrap().state {
         RecordState::InFlight { fencing, .. } => assert_eq!(fencing, new),
         s => panic!("{s:?}"),
@@ -540,23 +538,8 @@ pub async fn old_holder_loses_after_take_over<H: Harness>(h: &H) {
     else {
         panic!("take over failed")
     };
+    assert_fenced_off(h, &key, old).await;
     let store = h.store();
-    assert_eq!(
-        store.renew(&key, old, LONG_LEASE).await.unwrap(),
-        CasOutcome::Lost
-    );
-    assert_eq!(
-        store
-            .complete(&key, old, &response(b"stale"), LONG_TTL)
-            .await
-            .unwrap(),
-        CasOutcome::Lost
-    );
-    assert_eq!(
-        store.mark_unknown(&key, old, LONG_TTL).await.unwrap(),
-        CasOutcome::Lost
-    );
-    assert_eq!(store.release(&key, old).await.unwrap(), CasOutcome::Lost);
     assert_eq!(
         store
             .complete(&key, new, &response(b"fresh"), LONG_TTL)

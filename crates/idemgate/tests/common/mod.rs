@@ -244,6 +244,12 @@ impl Http {
         self.send(Method::POST, url, &headers, body).await
     }
 
+    /// `post` in a task of its own (for a request that will be held upstream).
+    pub fn spawn_post(&self, url: String, key: &'static str) -> tokio::task::JoinHandle<Answer> {
+        let http = self.clone();
+        tokio::spawn(async move { http.post(&url, Some(key), b"{}").await })
+    }
+
     pub async fn get(&self, url: &str) -> Answer {
         self.send(Method::GET, url, &[], b"").await
     }
