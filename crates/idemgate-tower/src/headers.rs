@@ -50,14 +50,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The headers worth storing: everything but hop-by-hop headers, `content-length` (recomputed on
-/// replay) and the `deny` list (lower-case names; `set-cookie` by default).
-pub fn storable(headers: &HeaderMap, deny: &[String]) -> Vec<(String, Bytes)> {
+/// replay) and the `deny` list (lower-case names; `set-cookie` by default); when `allow` is given,
+/// only the headers it names.
+pub fn storable(
+    headers: &HeaderMap,
+    allow: Option<&[String]>,
+    deny: &[String],
+) -> Vec<(String, Bytes)> {
     headers
         .iter()
         .filter(|(name, _)| {
             !is_hop_by_hop(name, headers)
                 && *name != header::CONTENT_LENGTH
                 && !deny.iter().any(|d| d == name.as_str())
+                && allow.is_none_or(|a| a.iter().any(|h| h == name.as_str()))
         })
         .map(|(name, value)| {
             (
@@ -104,8 +110,12 @@ mod tests {
         h.insert("content-length", HeaderValue::from_static("10"));
         h.append("x-multi", HeaderValue::from_static("a"));
         h.append("x-multi", HeaderValue::from_static("b"));
-        let kept = storable(&h, &["set-cookie".into()]);
+        let kept = storable(&h, None, &["set-cookie".into()]);
         let names: Vec<&str> = kept.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["content-type", "x-multi", "x-multi"]);
+        let allow = ["x-multi".to_string(), "set-cookie".to_string()];
+        let kept = storable(&h, Some(&allow), &["set-cookie".into()]);
+        let names: Vec<&str> = kept.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["x-multi", "x-multi"], "deny wins over allow");
     }
 }

@@ -125,6 +125,9 @@ pub struct RoutePolicy {
     /// Response headers never stored or replayed, besides the hop-by-hop ones (lower case;
     /// default `set-cookie`).
     pub deny_response_headers: Vec<String>,
+    /// If set, only these response headers are stored (lower case); the deny list and hop-by-hop
+    /// headers are dropped even when listed here. Default: unset (every header not denied).
+    pub allow_response_headers: Option<Vec<String>>,
     /// When the store fails.
     pub fail_mode: FailMode,
 }
@@ -145,6 +148,7 @@ impl RoutePolicy {
             max_request_body: DEFAULT_BODY_LIMIT,
             max_response_body: DEFAULT_BODY_LIMIT,
             deny_response_headers: vec!["set-cookie".into()],
+            allow_response_headers: None,
             fail_mode: FailMode::Closed,
         }
     }
@@ -216,6 +220,15 @@ impl RoutePolicy {
         headers: impl IntoIterator<Item = impl Into<String>>,
     ) -> Self {
         self.deny_response_headers = lower(headers);
+        self
+    }
+
+    /// Store only these response headers.
+    pub fn allow_response_headers(
+        mut self,
+        headers: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.allow_response_headers = Some(lower(headers));
         self
     }
 

@@ -255,6 +255,7 @@ enum UpstreamBody {
 fn classifier(route: &RoutePolicy) -> impl Fn(&UpstreamResult) -> Disposition + Send + 'static {
     let transient = route.transient_statuses.clone();
     let deny = route.deny_response_headers.clone();
+    let allow = route.allow_response_headers.clone();
     let limit = route.max_response_body;
     move |result| match result {
         Err(e) if e.is_not_sent() => Disposition::Release,
@@ -263,7 +264,7 @@ fn classifier(route: &RoutePolicy) -> impl Fn(&UpstreamResult) -> Disposition + 
         Ok(r) => match &r.body {
             UpstreamBody::Buffered(body) => Disposition::Store(Outcome::Response(StoredResponse {
                 status: r.parts.status.as_u16(),
-                headers: storable(&r.parts.headers, &deny),
+                headers: storable(&r.parts.headers, allow.as_deref(), &deny),
                 body: body.clone(),
             })),
             UpstreamBody::Streaming(_) => Disposition::Store(Outcome::NotReplayable {

@@ -90,6 +90,9 @@ pub struct ServeArgs {
     /// Response headers never stored, comma-separated [default: set-cookie].
     #[arg(long, env = "IDEMGATE_DENY_RESPONSE_HEADERS", value_delimiter = ',')]
     pub deny_response_headers: Option<Vec<String>>,
+    /// If set, only these response headers are stored, comma-separated [default: all not denied].
+    #[arg(long, env = "IDEMGATE_ALLOW_RESPONSE_HEADERS", value_delimiter = ',')]
+    pub allow_response_headers: Option<Vec<String>>,
     /// Fingerprint JSON bodies in RFC 8785 canonical form [default: false].
     #[arg(long, env = "IDEMGATE_CANONICAL_JSON", num_args = 0..=1, default_missing_value = "true")]
     pub canonical_json: Option<bool>,
@@ -120,6 +123,7 @@ pub struct RouteConfig {
     scope_headers: Option<Vec<String>>,
     fingerprint_headers: Option<Vec<String>>,
     deny_response_headers: Option<Vec<String>>,
+    allow_response_headers: Option<Vec<String>>,
     canonical_json: Option<bool>,
     ignore_json_fields: Option<Vec<String>>,
 }
@@ -151,6 +155,7 @@ pub struct FileConfig {
     scope_headers: Option<Vec<String>>,
     fingerprint_headers: Option<Vec<String>>,
     deny_response_headers: Option<Vec<String>>,
+    allow_response_headers: Option<Vec<String>>,
     canonical_json: Option<bool>,
     ignore_json_fields: Option<Vec<String>>,
     max_waiters: Option<usize>,
@@ -265,6 +270,7 @@ struct Defaults {
     scope_headers: Vec<String>,
     fingerprint_headers: Vec<String>,
     deny_response_headers: Vec<String>,
+    allow_response_headers: Option<Vec<String>>,
     canonical_json: bool,
     ignore_json_fields: Vec<String>,
 }
@@ -306,6 +312,11 @@ impl Defaults {
                 .as_ref()
                 .unwrap_or(&self.deny_response_headers),
         );
+        p.allow_response_headers = r
+            .allow_response_headers
+            .as_ref()
+            .or(self.allow_response_headers.as_ref())
+            .map(|a| lower(a));
         let canonical = r.canonical_json.unwrap_or(self.canonical_json);
         let ignore = r
             .ignore_json_fields
@@ -383,6 +394,10 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
             &file.deny_response_headers,
             "set-cookie",
         ),
+        allow_response_headers: args
+            .allow_response_headers
+            .clone()
+            .or_else(|| file.allow_response_headers.clone()),
         canonical_json: args.canonical_json.or(file.canonical_json).unwrap_or(false),
         ignore_json_fields: args
             .ignore_json_fields
