@@ -94,6 +94,84 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The outcome alone, in the record encoding (a kind byte first; no version byte). Stores that
+    /// keep a record's fields apart (Redis, PostgreSQL) keep the outcome as these bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Vec::with_capacity(match self {
+            Outcome::Response(r) => 16 + r.payload_len() + 8 * r.headers.len(),
+            Outcome::NotReplayable { reason, .. } => 8 + reason.len(),
+        });
+        self.encode_into(&mut w);
+        w
+    }
+
+    /// Inverse of [`Outcome::encode`]; garbage is an error, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader { buf: bytes, pos: 0 };
+        let outcome = Self::read(&mut r)?;
+        if r.remaining() != 0 {
+            return Err(DecodeError::TrailingBytes(r.remaining()));
+        }
+        Ok(outcome)
+    }
+
+    fn encode_into(&self, w: &mut Vec<u8>) {
+        match self {
+            Outcome::Response(r) => {
+                w.push(1);
+                w.extend_from_slice(&r.status.to_le_bytes());
+                put_u32(w, r.headers.len());
+                for (name, value) in &r.headers {
+                    put_str(w, name);
+                    put_bytes(w, value);
+                }
+                put_bytes(w, &r.body);
+            }
+            Outcome::NotReplayable { status, reason } => {
+                w.push(2);
+                w.extend_from_slice(&status.to_le_bytes());
+                put_str(w, reason);
+            }
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(match r.u8()? {
+            1 => {
+                let status = u16::from_le_bytes(r.array()?);
+                let count = r.u32()?;
+                // Each header takes at least 8 bytes: bound the allocation by the input.
+                if count > r.remaining() / 8 {
+                    return Err(DecodeError::Truncated);
+                }
+                let mut headers = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let name = r.string()?;
+                    let value = Bytes::copy_from_slice(r.bytes()?);
+                    headers.push((name, value));
+                }
+                let body = Bytes::copy_from_slice(r.bytes()?);
+                Outcome::Response(StoredResponse {
+                    status,
+                    headers,
+                    body,
+                })
+            }
+            2 => Outcome::NotReplayable {
+                status: u16::from_le_bytes(r.array()?),
+                reason: r.string()?,
+            },
+            tag => {
+                return Err(DecodeError::BadTag {
+                    field: "outcome",
+                    tag,
+                });
+            }
+        })
+    }
+}
+
 /// Where a record is in its life (PRODUCT §2).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -200,23 +278,7 @@ impl Record {
                 w.push(2);
                 put_u64(&mut w, *epoch);
                 put_u64(&mut w, completed_at.0);
-                match outcome {
-                    Outcome::Response(r) => {
-                        w.push(1);
-                        w.extend_from_slice(&r.status.to_le_bytes());
-                        put_u32(&mut w, r.headers.len());
-                        for (name, value) in &r.headers {
-                            put_str(&mut w, name);
-                            put_bytes(&mut w, value);
-                        }
-                        put_bytes(&mut w, &r.body);
-                    }
-                    Outcome::NotReplayable { status, reason } => {
-                        w.push(2);
-                        w.extend_from_slice(&status.to_le_bytes());
-                        put_str(&mut w, reason);
-                    }
-                }
+                outcome.encode_into(&mut w);
             }
             RecordState::Unknown { epoch, since } => {
                 w.push(3);
@@ -258,38 +320,7 @@ impl Record {
             2 => {
                 let epoch = r.u64()?;
                 let completed_at = Timestamp(r.u64()?);
-                let outcome = match r.u8()? {
-                    1 => {
-                        let status = u16::from_le_bytes(r.array()?);
-                        let count = r.u32()?;
-                        // Each header takes at least 8 bytes: bound the allocation by the input.
-                        if count > r.remaining() / 8 {
-                            return Err(DecodeError::Truncated);
-                        }
-                        let mut headers = Vec::with_capacity(count);
-                        for _ in 0..count {
-                            let name = r.string()?;
-                            let value = Bytes::copy_from_slice(r.bytes()?);
-                            headers.push((name, value));
-                        }
-                        let body = Bytes::copy_from_slice(r.bytes()?);
-                        Outcome::Response(StoredResponse {
-                            status,
-                            headers,
-                            body,
-                        })
-                    }
-                    2 => Outcome::NotReplayable {
-                        status: u16::from_le_bytes(r.array()?),
-                        reason: r.string()?,
-                    },
-                    tag => {
-                        return Err(DecodeError::BadTag {
-                            field: "outcome",
-                            tag,
-                        });
-                    }
-                };
+                let outcome = Outcome::read(&mut r)?;
                 RecordState::Completed {
                     epoch,
                     completed_at,
@@ -476,6 +507,16 @@ mod tests {
             let r = sample(state);
             assert_eq!(Record::decode(&r.encode()).unwrap(), r);
         }
+    }
+
+    #[test]
+    fn outcomes_round_trip_alone() {
+        for state in states() {
+            if let RecordState::Completed { outcome, .. } = state {
+                assert_eq!(Outcome::decode(&outcome.encode()).unwrap(), outcome);
+            }
+        }
+        assert!(Outcome::decode(&[9]).is_err());
     }
 
     #[test]
