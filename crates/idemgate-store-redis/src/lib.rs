@@ -1,0 +1,473 @@
+//! # idemgate-store-redis
+//!
+//! A shared [`Store`] on Redis, for several idemgate instances behind a load balancer.
+//!
+//! ## Overview
+//!
+//! - Every operation is ONE round trip: a Lua script that reads, decides and writes atomically
+//!   (see [`scripts`](crate::scripts) for the record layout). `claim` returns the existing record in
+//!   the same trip; `renew`, `complete`, `mark_unknown`, `release` and `take_over` are
+//!   compare-and-set on the epoch and token.
+//! - The server's clock (`TIME`) decides leases and expiry, never the instance's; records carry a
+//!   native expiry (`PEXPIREAT`), so [`Store::purge_expired`] has nothing to do.
+//! - Keys are `<prefix>{<64 hex>}`: the hash tag keeps everything of one record in one slot.
+//! - One multiplexed connection with automatic reconnection (`ConnectionManager`).
+//!
+//! Status: standalone Redis. Redis Cluster, cross-instance wake-ups (pub/sub), the start-up
+//! durability checks and the local replay cache are not built yet.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), idemgate_core::StoreError> {
+//! use idemgate_core::Engine;
+//! use idemgate_store_redis::RedisStore;
+//!
+//! let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
+//! let engine = Engine::builder(store).build();
+//! # Ok(()) }
+//! ```
+//!
+//! ## Guarantees
+//!
+//! Those of the [`Store`] contract, as long as Redis keeps acknowledged writes: with asynchronous
+//! replicas, without AOF `fsync`, or with an evicting `maxmemory-policy`, a failover, restart or
+//! eviction can forget a record and weaken G1 (a duplicate dispatch becomes possible).
+//!
+//! ## Errors
+//!
+//! Connection failures map to [`ErrorKind::Unavailable`], timeouts to [`ErrorKind::Timeout`],
+//! undecodable records to [`ErrorKind::Corrupt`], bodies over the limit to
+//! [`ErrorKind::Capacity`], anything else to [`ErrorKind::Internal`].
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use idemgate_core::clock::Timestamp;
+use idemgate_core::error::{ErrorKind, StoreError};
+use idemgate_core::fingerprint::{Algorithm, Fingerprint};
+use idemgate_core::key::StoreKey;
+use idemgate_core::protocol;
+use idemgate_core::record::{Fencing, Outcome, Record, RecordState};
+use idemgate_core::store::{
+    CasOutcome, ClaimOutcome, ClaimRequest, ListPage, ListRequest, Store, TakeOverOutcome,
+    TakeOverRequest,
+};
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+
+pub mod scripts;
+
+/// Largest page returned by `list`.
+pub const MAX_LIST_PAGE: usize = 1_000;
+
+/// The scripts, loaded once per store.
+struct Scripts {
+    claim: Script,
+    renew: Script,
+    complete: Script,
+    mark_unknown: Script,
+    release: Script,
+    take_over: Script,
+    get: Script,
+    delete: Script,
+}
+
+/// The Redis store. Cloning shares the connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_err(e: redis::RedisError) -> StoreError {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        ErrorKind::Unavailable
+    } else {
+        ErrorKind::Internal
+    };
+    StoreError::new(kind, "redis").with_source(e)
+}
+
+fn corrupt(what: impl Into<String>) -> StoreError {
+    StoreError::new(ErrorKind::Corrupt, what)
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn token_hex(t: u128) -> String {
+    format!("{t:032x}")
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://host:port[/db]`) with the key prefix `idemgate:`.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with_prefix(url, "idemgate:").await
+    }
+
+    /// Connects with another key prefix (several deployments on one server, or tests).
+    pub async fn connect_with_prefix(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| {
+            StoreError::new(ErrorKind::Config, format!("invalid Redis URL {url:?}")).with_source(e)
+        })?;
+        let conn = ConnectionManager::new(client).await.map_err(map_err)?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+            scripts: std::sync::Arc::new(Scripts {
+                claim: scripts::claim(),
+                renew: scripts::renew(),
+                complete: scripts::complete(),
+                mark_unknown: scripts::mark_unknown(),
+                release: scripts::release(),
+                take_over: scripts::take_over(),
+                get: scripts::get(),
+                delete: scripts::delete(),
+            }),
+        })
+    }
+
+    /// The Redis key of a record.
+    pub fn redis_key(&self, key: &StoreKey) -> String {
+        format!("{}{{{}}}", self.prefix, key.to_hex())
+    }
+
+    fn store_key_of(&self, redis_key: &str) -> Option<StoreKey> {
+        let hex = redis_key
+            .strip_prefix(&self.prefix)?
+            .strip_prefix('{')?
+            .strip_suffix('}')?;
+        StoreKey::from_hex(hex)
+    }
+
+    async fn cas(&self, script: &Script, key: &StoreKey, args: &[Vec<u8>]) -> Result<CasOutcome, StoreError> {
+        let mut inv = script.key(self.redis_key(key));
+        for a in args {
+            inv.arg(a.as_slice());
+        }
+        let n: i64 = inv.invoke_async(&mut self.conn.clone()).await.map_err(map_err)?;
+        Ok(if n == 1 {
+            CasOutcome::Applied
+        } else {
+            CasOutcome::Lost
+        })
+    }
+
+    /// Overwrites one field of a stored record (fault injection for tests: what bit rot or a
+    /// foreign writer would do).
+    pub async fn overwrite_field(&self, key: &StoreKey, field: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("HSET")
+            .arg(self.redis_key(key))
+            .arg(field)
+            .arg(value)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
+
+fn field<'a>(map: &'a HashMap<String, Vec<u8>>, name: &str) -> Result<&'a [u8], StoreError> {
+    map.get(name)
+        .map(Vec::as_slice)
+        .ok_or_else(|| corrupt(format!("redis record lacks field {name:?}")))
+}
+
+fn text(map: &HashMap<String, Vec<u8>>, name: &str) -> Result<String, StoreError> {
+    String::from_utf8(field(map, name)?.to_vec())
+        .map_err(|_| corrupt(format!("redis record field {name:?} is not UTF-8")))
+}
+
+fn number(map: &HashMap<String, Vec<u8>>, name: &str) -> Result<u64, StoreError> {
+    text(map, name)?
+        .parse()
+        .map_err(|_| corrupt(format!("redis record field {name:?} is not a number")))
+}
+
+/// Decodes an `HGETALL` reply (flat list of field, value); empty → `None`.
+fn decode_hash(value: Value) -> Result<Option<Record>, StoreError> {
+    let Value::Array(items) = value else {
+        return Err(corrupt("unexpected reply shape for a record"));
+    };
+    if items.is_empty() {
+        return Ok(None);
+    }
+    let mut map = HashMap::new();
+    let mut it = items.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        let (Value::BulkString(k), Value::BulkString(v)) = (k, v) else {
+            return Err(corrupt("unexpected reply shape for a record field"));
+        };
+        map.insert(String::from_utf8_lossy(&k).into_owned(), v);
+    }
+    if field(&map, "v")? != b"1" {
+        return Err(corrupt("unknown redis record layout version"));
+    }
+    let fp = field(&map, "fp")?;
+    let (alg, digest) = fp
+        .split_first()
+        .ok_or_else(|| corrupt("empty fingerprint"))?;
+    let algorithm = Algorithm::from_tag(*alg).ok_or_else(|| corrupt("unknown fingerprint algorithm"))?;
+    let digest: [u8; 32] = digest
+        .try_into()
+        .map_err(|_| corrupt("fingerprint digest is not 32 bytes"))?;
+    let epoch = number(&map, "ep")?;
+    let state = match field(&map, "st")? {
+        b"i" => RecordState::InFlight {
+            fencing: Fencing {
+                epoch,
+                token: u128::from_str_radix(&text(&map, "tk")?, 16)
+                    .map_err(|_| corrupt("token is not hex"))?,
+            },
+            owner: text(&map, "ow")?,
+            lease_expires_at: Timestamp(number(&map, "le")?),
+        },
+        b"c" => RecordState::Completed {
+            epoch,
+            completed_at: Timestamp(number(&map, "ct")?),
+            outcome: Outcome::decode(field(&map, "out")?).map_err(StoreError::from)?,
+        },
+        b"u" => RecordState::Unknown {
+            epoch,
+            since: Timestamp(number(&map, "us")?),
+        },
+        _ => return Err(corrupt("unknown record state")),
+    };
+    Ok(Some(Record {
+        namespace: text(&map, "ns")?,
+        scope: text(&map, "sc")?,
+        idempotency_key: text(&map, "k")?,
+        fingerprint: Fingerprint::from_parts(algorithm, digest),
+        created_at: Timestamp(number(&map, "ca")?),
+        expires_at: Timestamp(number(&map, "xa")?),
+        state,
+    }))
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn shape() -> StoreError {
+    StoreError::new(ErrorKind::Internal, "unexpected reply shape from a script")
+}
+
+impl Store for RedisStore {
+    async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        let mut fp = Vec::with_capacity(33);
+        fp.push(req.fingerprint.algorithm.tag());
+        fp.extend_from_slice(&req.fingerprint.digest);
+        let reply: Vec<Value> = self
+            .scripts
+            .claim
+            .key(self.redis_key(key))
+            .arg(&req.namespace)
+            .arg(&req.scope)
+            .arg(&req.idempotency_key)
+            .arg(fp)
+            .arg(token_hex(req.token))
+            .arg(&req.owner)
+            .arg(ms(req.lease_ttl))
+            .arg(ms(req.ttl))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(map_err)?;
+        let mut it = reply.into_iter();
+        let (Some(flag), Some(now)) = (it.next(), it.next()) else {
+            return Err(shape());
+        };
+        let now = Timestamp(int(&now).ok_or_else(shape)? as u64);
+        if int(&flag) == Some(1) {
+            return Ok(ClaimOutcome::Acquired {
+                fencing: Fencing {
+                    epoch: 1,
+                    token: req.token,
+                },
+            });
+        }
+        let record = decode_hash(it.next().ok_or_else(shape)?)?.ok_or_else(shape)?;
+        Ok(ClaimOutcome::Existing { record, now })
+    }
+
+    async fn renew(&self, key: &StoreKey, f: Fencing, lease_ttl: Duration) -> Result<CasOutcome, StoreError> {
+        let args = [
+            f.epoch.to_string().into_bytes(),
+            token_hex(f.token).into_bytes(),
+            ms(lease_ttl).to_string().into_bytes(),
+        ];
+        self.cas(&self.scripts.renew, key, &args).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        f: Fencing,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<CasOutcome, StoreError> {
+        protocol::check_outcome(outcome)?;
+        let args = [
+            f.epoch.to_string().into_bytes(),
+            token_hex(f.token).into_bytes(),
+            ms(ttl).to_string().into_bytes(),
+            outcome.encode(),
+        ];
+        self.cas(&self.scripts.complete, key, &args).await
+    }
+
+    async fn mark_unknown(&self, key: &StoreKey, f: Fencing, ttl: Duration) -> Result<CasOutcome, StoreError> {
+        let args = [
+            f.epoch.to_string().into_bytes(),
+            token_hex(f.token).into_bytes(),
+            ms(ttl).to_string().into_bytes(),
+        ];
+        self.cas(&self.scripts.mark_unknown, key, &args).await
+    }
+
+    async fn release(&self, key: &StoreKey, f: Fencing) -> Result<CasOutcome, StoreError> {
+        let args = [f.epoch.to_string().into_bytes(), token_hex(f.token).into_bytes()];
+        self.cas(&self.scripts.release, key, &args).await
+    }
+
+    async fn take_over(&self, key: &StoreKey, req: &TakeOverRequest) -> Result<TakeOverOutcome, StoreError> {
+        let reply: Vec<Value> = self
+            .scripts
+            .take_over
+            .key(self.redis_key(key))
+            .arg(req.expired.epoch.to_string())
+            .arg(token_hex(req.expired.token))
+            .arg(token_hex(req.token))
+            .arg(&req.owner)
+            .arg(ms(req.lease_ttl))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(map_err)?;
+        let mut it = reply.into_iter();
+        let (Some(flag), Some(now), Some(rest)) = (it.next(), it.next(), it.next()) else {
+            return Err(shape());
+        };
+        let now = Timestamp(int(&now).ok_or_else(shape)? as u64);
+        if int(&flag) == Some(1) {
+            let epoch = int(&rest).ok_or_else(shape)? as u64;
+            return Ok(TakeOverOutcome::Acquired {
+                fencing: Fencing {
+                    epoch,
+                    token: req.token,
+                },
+            });
+        }
+        Ok(TakeOverOutcome::Refused {
+            current: decode_hash(rest)?,
+            now,
+        })
+    }
+
+    async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
+        let reply: Vec<Value> = self
+            .scripts
+            .get
+            .key(self.redis_key(key))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(map_err)?;
+        decode_hash(reply.into_iter().nth(1).ok_or_else(shape)?)
+    }
+
+    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let n: i64 = self
+            .scripts
+            .delete
+            .key(self.redis_key(key))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(map_err)?;
+        Ok(n == 1)
+    }
+
+    /// `SCAN` over the prefix. The cursor is `<scan cursor>:<keys of that batch already returned>`,
+    /// so a page never exceeds the limit; as with `SCAN`, a record may appear twice.
+    async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
+        let limit = req.limit.clamp(1, MAX_LIST_PAGE);
+        let (mut scan, mut skip) = match req.cursor.as_deref() {
+            None => (0u64, 0usize),
+            Some(c) => {
+                let bad = || StoreError::new(ErrorKind::Internal, format!("invalid list cursor {c:?}"));
+                let (a, b) = c.split_once(':').ok_or_else(bad)?;
+                (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?)
+            }
+        };
+        let pattern = format!("{}{{*}}", self.prefix);
+        let mut conn = self.conn.clone();
+        let mut keys = Vec::with_capacity(limit);
+        let next = loop {
+            let (next_scan, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(scan)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(limit.max(100))
+                .query_async(&mut conn)
+                .await
+                .map_err(map_err)?;
+            let mut taken = skip;
+            let mut full = false;
+            for k in batch.iter().skip(skip) {
+                if keys.len() == limit {
+                    full = true;
+                    break;
+                }
+                keys.push(k.clone());
+                taken += 1;
+            }
+            if full {
+                break Some(format!("{scan}:{taken}"));
+            }
+            skip = 0;
+            scan = next_scan;
+            if scan == 0 {
+                break None;
+            }
+            if keys.len() == limit {
+                break Some(format!("{scan}:0"));
+            }
+        };
+        let mut records = Vec::with_capacity(keys.len());
+        for k in keys {
+            let Some(store_key) = self.store_key_of(&k) else {
+                continue;
+            };
+            match self.get(&store_key).await {
+                Ok(Some(r)) => records.push((store_key, r)),
+                Ok(None) => {}
+                Err(e) if e.kind() == ErrorKind::Corrupt => {
+                    tracing::warn!(key = %store_key, error = %e, "skipping an undecodable record in list");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(ListPage { records, next })
+    }
+
+    /// Redis expires records natively: nothing to do.
+    async fn purge_expired(&self, _limit: usize) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+}

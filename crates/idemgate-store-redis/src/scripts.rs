@@ -1,0 +1,174 @@
+//! The Lua scripts: one per operation, each one atomic and one round trip. "Now" is always the
+//! server's `TIME`. A record is a hash:
+//!
+//! | field | meaning |
+//! | --- | --- |
+//! | `v` | layout version (`1`) |
+//! | `ns`, `sc`, `k` | namespace, scope label, client key |
+//! | `fp` | fingerprint: algorithm tag byte + 32-byte digest |
+//! | `ca`, `xa` | created at, expires at (ms since the epoch, server clock) |
+//! | `st` | `i` in flight, `c` completed, `u` outcome unknown |
+//! | `ep` | epoch |
+//! | `tk`, `ow`, `le` | in flight: token (32 hex digits), owner, lease expiry |
+//! | `ct`, `out` | completed: completion time, encoded outcome |
+//! | `us` | unknown: since |
+//!
+//! The key also carries a native expiry (`PEXPIREAT xa`); the scripts check `xa > now` themselves
+//! too, so that expiry is exact (Redis keeps a key during the millisecond it expires at).
+
+use redis::Script;
+
+const PRELUDE: &str = r#"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function fmt(n) return string.format('%d', n) end
+local function held(now, ep, tk)
+  local f = redis.call('HMGET', KEYS[1], 'st', 'ep', 'tk', 'xa', 'le')
+  if f[1] == 'i' and f[2] == ep and f[3] == tk and tonumber(f[4]) and tonumber(f[4]) > now then
+    return f
+  end
+  return nil
+end
+local function live(now)
+  local xa = tonumber(redis.call('HGET', KEYS[1], 'xa'))
+  if xa == nil then
+    return redis.call('EXISTS', KEYS[1]) == 1
+  end
+  return xa > now
+end
+local function extend(xa, le)
+  if le > xa then
+    redis.call('HSET', KEYS[1], 'xa', fmt(le))
+    redis.call('PEXPIREAT', KEYS[1], le)
+  end
+end
+"#;
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}\n{body}"))
+}
+
+/// ARGV: ns, sc, k, fp, tk, ow, lease_ms, ttl_ms → `{1, now}` acquired, or `{0, now, HGETALL}`.
+pub fn claim() -> Script {
+    script(
+        r#"
+local now = now_ms()
+if live(now) then
+  return {0, now, redis.call('HGETALL', KEYS[1])}
+end
+local le = now + tonumber(ARGV[7])
+local xa = math.max(now + tonumber(ARGV[8]), le)
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', '1', 'ns', ARGV[1], 'sc', ARGV[2], 'k', ARGV[3], 'fp', ARGV[4],
+  'ca', fmt(now), 'xa', fmt(xa), 'st', 'i', 'ep', '1', 'tk', ARGV[5], 'ow', ARGV[6], 'le', fmt(le))
+redis.call('PEXPIREAT', KEYS[1], xa)
+return {1, now}
+"#,
+    )
+}
+
+/// ARGV: ep, tk, lease_ms → 1 renewed, 0 lost.
+pub fn renew() -> Script {
+    script(
+        r#"
+local now = now_ms()
+local f = held(now, ARGV[1], ARGV[2])
+if not f then return 0 end
+local le = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'le', fmt(le))
+extend(tonumber(f[4]), le)
+return 1
+"#,
+    )
+}
+
+/// ARGV: ep, tk, ttl_ms, outcome bytes → 1 stored, 0 lost.
+pub fn complete() -> Script {
+    script(
+        r#"
+local now = now_ms()
+if not held(now, ARGV[1], ARGV[2]) then return 0 end
+local xa = now + tonumber(ARGV[3])
+redis.call('HDEL', KEYS[1], 'tk', 'ow', 'le')
+redis.call('HSET', KEYS[1], 'st', 'c', 'ct', fmt(now), 'out', ARGV[4], 'xa', fmt(xa))
+redis.call('PEXPIREAT', KEYS[1], xa)
+return 1
+"#,
+    )
+}
+
+/// ARGV: ep, tk, ttl_ms → 1 marked, 0 lost.
+pub fn mark_unknown() -> Script {
+    script(
+        r#"
+local now = now_ms()
+if not held(now, ARGV[1], ARGV[2]) then return 0 end
+local xa = now + tonumber(ARGV[3])
+redis.call('HDEL', KEYS[1], 'tk', 'ow', 'le')
+redis.call('HSET', KEYS[1], 'st', 'u', 'us', fmt(now), 'xa', fmt(xa))
+redis.call('PEXPIREAT', KEYS[1], xa)
+return 1
+"#,
+    )
+}
+
+/// ARGV: ep, tk → 1 released, 0 lost.
+pub fn release() -> Script {
+    script(
+        r#"
+local now = now_ms()
+if not held(now, ARGV[1], ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"#,
+    )
+}
+
+/// ARGV: ep, tk, new tk, owner, lease_ms → `{1, now, new ep}` or `{0, now, HGETALL or {}}`.
+pub fn take_over() -> Script {
+    script(
+        r#"
+local now = now_ms()
+local f = held(now, ARGV[1], ARGV[2])
+if f and tonumber(f[5]) and now >= tonumber(f[5]) then
+  local ep = tonumber(f[2]) + 1
+  local le = now + tonumber(ARGV[5])
+  redis.call('HSET', KEYS[1], 'ep', fmt(ep), 'tk', ARGV[3], 'ow', ARGV[4], 'le', fmt(le))
+  extend(tonumber(f[4]), le)
+  return {1, now, fmt(ep)}
+end
+if live(now) then
+  return {0, now, redis.call('HGETALL', KEYS[1])}
+end
+return {0, now, {}}
+"#,
+    )
+}
+
+/// → `{now, HGETALL}` (empty when absent or expired).
+pub fn get() -> Script {
+    script(
+        r#"
+local now = now_ms()
+if live(now) then
+  return {now, redis.call('HGETALL', KEYS[1])}
+end
+return {now, {}}
+"#,
+    )
+}
+
+/// → 1 if a live record was deleted, else 0 (an expired one is deleted too).
+pub fn delete() -> Script {
+    script(
+        r#"
+local now = now_ms()
+local was = live(now)
+redis.call('DEL', KEYS[1])
+if was then return 1 end
+return 0
+"#,
+    )
+}
