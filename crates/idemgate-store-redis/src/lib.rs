@@ -153,12 +153,20 @@ impl RedisStore {
         StoreKey::from_hex(hex)
     }
 
-    async fn cas(&self, script: &Script, key: &StoreKey, args: &[Vec<u8>]) -> Result<CasOutcome, StoreError> {
+    async fn cas(
+        &self,
+        script: &Script,
+        key: &StoreKey,
+        args: &[Vec<u8>],
+    ) -> Result<CasOutcome, StoreError> {
         let mut inv = script.key(self.redis_key(key));
         for a in args {
             inv.arg(a.as_slice());
         }
-        let n: i64 = inv.invoke_async(&mut self.conn.clone()).await.map_err(map_err)?;
+        let n: i64 = inv
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(map_err)?;
         Ok(if n == 1 {
             CasOutcome::Applied
         } else {
@@ -168,7 +176,12 @@ impl RedisStore {
 
     /// Overwrites one field of a stored record (fault injection for tests: what bit rot or a
     /// foreign writer would do).
-    pub async fn overwrite_field(&self, key: &StoreKey, field: &str, value: &[u8]) -> Result<(), StoreError> {
+    pub async fn overwrite_field(
+        &self,
+        key: &StoreKey,
+        field: &str,
+        value: &[u8],
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         redis::cmd("HSET")
             .arg(self.redis_key(key))
@@ -221,7 +234,8 @@ fn decode_hash(value: Value) -> Result<Option<Record>, StoreError> {
     let (alg, digest) = fp
         .split_first()
         .ok_or_else(|| corrupt("empty fingerprint"))?;
-    let algorithm = Algorithm::from_tag(*alg).ok_or_else(|| corrupt("unknown fingerprint algorithm"))?;
+    let algorithm =
+        Algorithm::from_tag(*alg).ok_or_else(|| corrupt("unknown fingerprint algorithm"))?;
     let digest: [u8; 32] = digest
         .try_into()
         .map_err(|_| corrupt("fingerprint digest is not 32 bytes"))?;
@@ -307,7 +321,12 @@ impl Store for RedisStore {
         Ok(ClaimOutcome::Existing { record, now })
     }
 
-    async fn renew(&self, key: &StoreKey, f: Fencing, lease_ttl: Duration) -> Result<CasOutcome, StoreError> {
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        f: Fencing,
+        lease_ttl: Duration,
+    ) -> Result<CasOutcome, StoreError> {
         let args = [
             f.epoch.to_string().into_bytes(),
             token_hex(f.token).into_bytes(),
@@ -333,7 +352,12 @@ impl Store for RedisStore {
         self.cas(&self.scripts.complete, key, &args).await
     }
 
-    async fn mark_unknown(&self, key: &StoreKey, f: Fencing, ttl: Duration) -> Result<CasOutcome, StoreError> {
+    async fn mark_unknown(
+        &self,
+        key: &StoreKey,
+        f: Fencing,
+        ttl: Duration,
+    ) -> Result<CasOutcome, StoreError> {
         let args = [
             f.epoch.to_string().into_bytes(),
             token_hex(f.token).into_bytes(),
@@ -343,11 +367,18 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, key: &StoreKey, f: Fencing) -> Result<CasOutcome, StoreError> {
-        let args = [f.epoch.to_string().into_bytes(), token_hex(f.token).into_bytes()];
+        let args = [
+            f.epoch.to_string().into_bytes(),
+            token_hex(f.token).into_bytes(),
+        ];
         self.cas(&self.scripts.release, key, &args).await
     }
 
-    async fn take_over(&self, key: &StoreKey, req: &TakeOverRequest) -> Result<TakeOverOutcome, StoreError> {
+    async fn take_over(
+        &self,
+        key: &StoreKey,
+        req: &TakeOverRequest,
+    ) -> Result<TakeOverOutcome, StoreError> {
         let reply: Vec<Value> = self
             .scripts
             .take_over
@@ -409,7 +440,8 @@ impl Store for RedisStore {
         let (mut scan, mut skip) = match req.cursor.as_deref() {
             None => (0u64, 0usize),
             Some(c) => {
-                let bad = || StoreError::new(ErrorKind::Internal, format!("invalid list cursor {c:?}"));
+                let bad =
+                    || StoreError::new(ErrorKind::Internal, format!("invalid list cursor {c:?}"));
                 let (a, b) = c.split_once(':').ok_or_else(bad)?;
                 (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?)
             }

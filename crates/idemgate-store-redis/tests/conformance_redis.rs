@@ -77,6 +77,8 @@ async fn an_unreachable_server_is_unavailable_not_a_panic() {
         return;
     }
     // Nothing listens on port 1.
-    let err = RedisStore::connect("redis://127.0.0.1:1").await.unwrap_err();
+    let err = RedisStore::connect("redis://127.0.0.1:1")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), idemgate_core::ErrorKind::Unavailable, "{err}");
 }

@@ -56,7 +56,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         .context("configuring metrics")?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let store = Instrumented(store::open(&settings.store)?);
+    let store = Instrumented(store::open(&settings.store).await?);
     let engine = Engine::builder(store.clone())
         .lease_ttl(settings.lease_ttl)
         .max_waiters(settings.max_waiters)
@@ -87,7 +87,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         .with_context(|| format!("binding the admin listener {}", settings.admin_listen))?;
     tracing::info!(
         proxy = %settings.listen, admin = %settings.admin_listen,
-        upstream = %settings.upstream, store = %settings.store,
+        upstream = %settings.upstream, store = %store::redact(&settings.store),
         "idemgate listening"
     );
 

@@ -12,9 +12,21 @@ use idemgate_core::store::{
 use idemgate_core::{MemoryStore, SharedStore, Store, StoreError};
 use idemgate_store_redb::RedbStore;
 
-/// Opens the store named by `url`: `memory://` or `file:PATH` (a directory; the database is
-/// `PATH/idemgate.redb`).
-pub fn open(url: &str) -> Result<SharedStore> {
+/// Opens the store named by `url`: `memory://`, `file:PATH` (a directory; the database is
+/// `PATH/idemgate.redb`), `redis://HOST:PORT[/DB]` or `postgres://USER@HOST:PORT/DB`.
+pub async fn open(url: &str) -> Result<SharedStore> {
+    if url.starts_with("redis://") {
+        let store = idemgate_store_redis::RedisStore::connect(url)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        return Ok(SharedStore::new(store));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = idemgate_store_postgres::PostgresStore::connect(url)
+            .await
+            .with_context(|| "connecting to PostgreSQL".to_string())?;
+        return Ok(SharedStore::new(store));
+    }
     if url == "memory://" || url == "memory:" {
         return Ok(SharedStore::new(MemoryStore::default()));
     }
@@ -32,6 +44,21 @@ pub fn open(url: &str) -> Result<SharedStore> {
     bail!(
         "unsupported store URL {url:?}: use memory:// or file:PATH (redis:// and postgres:// come later)"
     )
+}
+
+/// The store URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 /// Records `idemgate_store_operation_seconds{op}` for every call.
@@ -103,5 +130,24 @@ impl Store for Instrumented {
     }
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
         timed("purge_expired", self.0.purge_expired(limit)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_never_reach_the_logs() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(
+            redact("redis://:pw@127.0.0.1:6379"),
+            "redis://:***@127.0.0.1:6379"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("file:./data"), "file:./data");
     }
 }

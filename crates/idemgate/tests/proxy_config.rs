@@ -75,7 +75,7 @@ fn bad_settings_stop_the_binary_with_a_reason() {
             "--upstream",
             "http://127.0.0.1:1",
             "--store",
-            "redis://x",
+            "dynamodb://x",
         ])
         .output()
         .unwrap();
