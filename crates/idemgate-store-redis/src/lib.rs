@@ -123,7 +123,17 @@ impl RedisStore {
         let client = redis::Client::open(url).map_err(|e| {
             StoreError::new(ErrorKind::Config, format!("invalid Redis URL {url:?}")).with_source(e)
         })?;
-        let conn = ConnectionManager::new(client).await.map_err(map_err)?;
+        // Fail fast while the server is down (the proxy answers 503 rather than hanging), and
+        // reconnect in the background so that service resumes without a restart.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500))
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(map_err)?;
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),

@@ -82,3 +82,175 @@ async fn two_instances_on_postgres_execute_each_key_once() {
         two_instances_share_the_work(&url).await;
     }
 }
+
+fn unique(prefix: &str) -> &'static str {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    Box::leak(format!("{prefix}-{}-{nanos}", std::process::id()).into_boxed_str())
+}
+
+/// Strict mode: instance A dies (SIGKILL) holding a key; the retry sent to instance B waits for
+/// A's lease to run out and gets outcome-unknown instead of a second dispatch.
+async fn strict_recovery_marks_the_key_unknown(store: &str) {
+    let up = Upstream::start().await;
+    let args = ["--lease-ttl", "1s", "--recovery", "strict"];
+    let mut a = Proxy::start(&up.url(), store, &args);
+    let b = Proxy::start(&up.url(), store, &args);
+    let http = Http::default();
+    let key = unique("strict");
+    let first = http.spawn_post(a.url("/pay?hold=1"), key);
+    common::until(10, "A's request to reach the upstream", || {
+        up.state.held() == 1
+    })
+    .await;
+    a.kill9();
+    let _ = first.await; // A's client sees the connection drop
+    let retry = http.post(&b.url("/pay?hold=1"), Some(key), b"{}").await;
+    assert_eq!(retry.status, StatusCode::BAD_GATEWAY, "{retry:?}");
+    assert_eq!(retry.problem_type(), "urn:idemgate:problem:outcome-unknown");
+    assert_eq!(up.state.started(), 1, "strict mode never dispatches twice");
+    up.state.release_held();
+}
+
+async fn takeover_runs_the_next_epoch(store: &str) {
+    let up = Upstream::start().await;
+    let args = ["--lease-ttl", "1s"];
+    let mut a = Proxy::start(&up.url(), store, &args);
+    let b = Proxy::start(&up.url(), store, &args);
+    let http = Http::default();
+    let key = unique("takeover");
+    // A dispatches with a 5 s upstream delay and dies at once: nothing renews its lease.
+    let first = http.spawn_post(a.url("/pay?delay_ms=5000"), key);
+    common::until(10, "A's request to reach the upstream", || {
+        up.state.started() == 1
+    })
+    .await;
+    a.kill9();
+    let _ = first.await;
+    let started = std::time::Instant::now();
+    let retry = http
+        .post(&b.url("/pay?delay_ms=5000"), Some(key), b"{}")
+        .await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert_eq!(
+        retry.json()["idempotency_epoch"],
+        "2",
+        "the takeover runs at epoch 2"
+    );
+    // Lease 1 s (+ renew interval): B took over long before its 30 s wait timeout.
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    let again = http
+        .post(&b.url("/pay?delay_ms=5000"), Some(key), b"{}")
+        .await;
+    assert!(again.replayed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_takeover_and_strict_recovery_after_sigkill() {
+    if let Some(url) = store_url("IDEMGATE_TEST_REDIS_URL") {
+        takeover_runs_the_next_epoch(&url).await;
+        strict_recovery_marks_the_key_unknown(&url).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_takeover_and_strict_recovery_after_sigkill() {
+    if let Some(url) = store_url("IDEMGATE_TEST_POSTGRES_URL") {
+        takeover_runs_the_next_epoch(&url).await;
+        strict_recovery_marks_the_key_unknown(&url).await;
+    }
+}
+
+/// A Redis server of this test's own on a free port (so stopping it disturbs nobody else).
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (it is on this machine kind)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Self { child, port }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_means_503_and_nothing_forwarded_then_service_resumes() {
+    if store_url("IDEMGATE_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let port = common::free_port();
+    let mut redis = PrivateRedis::start(port);
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&up.url(), &format!("redis://127.0.0.1:{}", redis.port), &[]);
+    let http = Http::default();
+    assert_eq!(
+        http.post(&proxy.url("/pay"), Some("before"), b"{}")
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    redis.stop();
+    for i in 0..20 {
+        let res = http
+            .post(&proxy.url("/pay"), Some(&format!("down-{i}")), b"{}")
+            .await;
+        assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE, "{res:?}");
+        assert_eq!(res.problem_type(), "urn:idemgate:problem:store-unavailable");
+    }
+    assert_eq!(
+        up.state.started(),
+        1,
+        "nothing is forwarded without a claim"
+    );
+    let _redis = PrivateRedis::start(port);
+    // The same idemgate process reconnects on its own.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let res = http.post(&proxy.url("/pay"), Some("after"), b"{}").await;
+        if res.status == StatusCode::CREATED {
+            break;
+        }
+        assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "service did not resume"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.state.started(), 2);
+}
