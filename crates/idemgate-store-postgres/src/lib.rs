@@ -160,6 +160,9 @@ impl PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.pool.get().await.map_err(pool_err)?;
         let txn = client.transaction().await.map_err(db_err)?;
+        txn.batch_execute("SET LOCAL client_min_messages = warning")
+            .await
+            .map_err(db_err)?;
         // One migrator at a time, across every instance.
         txn.execute("SELECT pg_advisory_xact_lock(7346229301)", &[])
             .await
@@ -210,6 +213,24 @@ impl PostgresStore {
         let client = self.pool.get().await.map_err(pool_err)?;
         let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
         client.execute(&stmt, params).await.map_err(db_err)
+    }
+
+    /// Reasons this database may lose acknowledged writes (which weakens G1), for a start-up
+    /// warning: `synchronous_commit` off or local.
+    pub async fn durability_warnings(&self) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .query("SELECT current_setting('synchronous_commit')", &[])
+            .await?;
+        let setting: String = rows
+            .first()
+            .and_then(|r| r.try_get(0).ok())
+            .unwrap_or_default();
+        Ok(match setting.as_str() {
+            "off" | "local" => vec![format!(
+                "PostgreSQL synchronous_commit = {setting}: a crash or failover can lose acknowledged records"
+            )],
+            _ => Vec::new(),
+        })
     }
 
     /// Fault injection for tests: sets a record's state column to a value no build understands.

@@ -184,6 +184,59 @@ impl RedisStore {
         })
     }
 
+    /// Reasons this server may lose or evict acknowledged records (which weakens G1), for a
+    /// start-up warning: an evicting `maxmemory-policy` (every record has a TTL, so `volatile-*`
+    /// policies evict them too), no AOF, AOF without `appendfsync always`, replicas (Redis
+    /// replication is asynchronous). A server that refuses `CONFIG GET` is reported as unchecked.
+    pub async fn durability_warnings(&self) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut warnings = Vec::new();
+        let config = |name: &'static str| {
+            let mut conn = conn.clone();
+            async move {
+                let pair: Result<Vec<String>, _> = redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg(name)
+                    .query_async(&mut conn)
+                    .await;
+                pair.ok().and_then(|p| p.into_iter().nth(1))
+            }
+        };
+        match config("maxmemory-policy").await {
+            Some(p) if p != "noeviction" => warnings.push(format!(
+                "Redis maxmemory-policy = {p}: records can be evicted under memory pressure"
+            )),
+            Some(_) => {}
+            None => warnings.push(
+                "could not read the Redis configuration (CONFIG GET refused); durability unchecked"
+                    .into(),
+            ),
+        }
+        if config("appendonly").await.as_deref() == Some("no") {
+            warnings.push("Redis appendonly = no: a restart loses every record".into());
+        } else if let Some(f) = config("appendfsync").await.filter(|f| f != "always") {
+            warnings.push(format!(
+                "Redis appendfsync = {f}: a crash can lose the last acknowledged writes"
+            ));
+        }
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await
+            .map_err(map_err)?;
+        if let Some(n) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_slaves:"))
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .filter(|n| *n > 0)
+        {
+            warnings.push(format!(
+                "Redis has {n} asynchronous replica(s): a failover can lose acknowledged records"
+            ));
+        }
+        Ok(warnings)
+    }
+
     /// Overwrites one field of a stored record (fault injection for tests: what bit rot or a
     /// foreign writer would do).
     pub async fn overwrite_field(

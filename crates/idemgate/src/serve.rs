@@ -56,7 +56,22 @@ pub async fn run(settings: Settings) -> Result<()> {
         .context("configuring metrics")?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let store = Instrumented(store::open(&settings.store).await?);
+    let (shared, warnings) = store::open(&settings.store).await?;
+    let strict = settings
+        .routes
+        .iter()
+        .any(|r| r.engine.recovery == idemgate_core::engine::Recovery::Strict);
+    for w in &warnings {
+        tracing::warn!(store = %store::redact(&settings.store), "{w}; duplicates become possible (PRODUCT G1)");
+    }
+    if strict && !warnings.is_empty() {
+        anyhow::bail!(
+            "refusing to start: recovery = strict needs a store that keeps acknowledged writes, \
+             and this one may not: {}",
+            warnings.join("; ")
+        );
+    }
+    let store = Instrumented(shared);
     let engine = Engine::builder(store.clone())
         .lease_ttl(settings.lease_ttl)
         .max_waiters(settings.max_waiters)

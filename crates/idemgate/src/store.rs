@@ -14,21 +14,25 @@ use idemgate_store_redb::RedbStore;
 
 /// Opens the store named by `url`: `memory://`, `file:PATH` (a directory; the database is
 /// `PATH/idemgate.redb`), `redis://HOST:PORT[/DB]` or `postgres://USER@HOST:PORT/DB`.
-pub async fn open(url: &str) -> Result<SharedStore> {
+///
+/// Also returns the reasons the store may lose acknowledged writes (empty for memory and file).
+pub async fn open(url: &str) -> Result<(SharedStore, Vec<String>)> {
     if url.starts_with("redis://") {
         let store = idemgate_store_redis::RedisStore::connect(url)
             .await
-            .with_context(|| format!("connecting to {url}"))?;
-        return Ok(SharedStore::new(store));
+            .with_context(|| format!("connecting to {}", redact(url)))?;
+        let warnings = store.durability_warnings().await?;
+        return Ok((SharedStore::new(store), warnings));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = idemgate_store_postgres::PostgresStore::connect(url)
             .await
-            .with_context(|| "connecting to PostgreSQL".to_string())?;
-        return Ok(SharedStore::new(store));
+            .with_context(|| format!("connecting to {}", redact(url)))?;
+        let warnings = store.durability_warnings().await?;
+        return Ok((SharedStore::new(store), warnings));
     }
     if url == "memory://" || url == "memory:" {
-        return Ok(SharedStore::new(MemoryStore::default()));
+        return Ok((SharedStore::new(MemoryStore::default()), Vec::new()));
     }
     if let Some(path) = url.strip_prefix("file:") {
         let path = path.strip_prefix("//").unwrap_or(path);
@@ -39,7 +43,7 @@ pub async fn open(url: &str) -> Result<SharedStore> {
             .with_context(|| format!("creating store directory {path}"))?;
         let store = RedbStore::open(std::path::Path::new(path).join("idemgate.redb"))
             .with_context(|| format!("opening the file store in {path}"))?;
-        return Ok(SharedStore::new(store));
+        return Ok((SharedStore::new(store), Vec::new()));
     }
     bail!(
         "unsupported store URL {url:?}: use memory:// or file:PATH (redis:// and postgres:// come later)"

@@ -151,8 +151,56 @@ async fn takeover_runs_the_next_epoch(store: &str) {
 async fn redis_takeover_and_strict_recovery_after_sigkill() {
     if let Some(url) = store_url("IDEMGATE_TEST_REDIS_URL") {
         takeover_runs_the_next_epoch(&url).await;
-        strict_recovery_marks_the_key_unknown(&url).await;
+        // Strict mode refuses a Redis that may lose writes: give it one with AOF fsync always.
+        let dir = tempfile::tempdir().unwrap();
+        let port = common::free_port();
+        let _durable = PrivateRedis::start_with(
+            port,
+            &[
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                dir.path().to_str().unwrap(),
+            ],
+        );
+        strict_recovery_marks_the_key_unknown(&format!("redis://127.0.0.1:{port}")).await;
     }
+}
+
+#[test]
+fn strict_mode_refuses_a_redis_that_may_lose_writes() {
+    if store_url("IDEMGATE_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    // A private server without AOF: every restart would forget every record.
+    let port = common::free_port();
+    let _redis = PrivateRedis::start(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args([
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--store",
+            &url,
+            "--recovery",
+            "strict",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{}", common::free_port())])
+        .args([
+            "--admin-listen",
+            &format!("127.0.0.1:{}", common::free_port()),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to start") && err.contains("appendonly = no"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,6 +219,10 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start(port: u16) -> Self {
+        Self::start_with(port, &["--appendonly", "no"])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> Self {
         let child = std::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -179,9 +231,8 @@ impl PrivateRedis {
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
             ])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server must be installed (it is on this machine kind)");
