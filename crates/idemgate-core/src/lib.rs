@@ -78,6 +78,7 @@
 //!
 //! See `docs/performance.md` in the repository for measured figures and the machine they come from.
 
+pub mod cache;
 pub mod clock;
 pub mod engine;
 pub mod error;

@@ -18,12 +18,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::store::Instrumented;
-
 /// What the admin handlers share.
 #[derive(Clone)]
 pub struct AdminState {
-    pub engine: Engine<Instrumented>,
+    pub engine: Engine<idemgate_core::SharedStore>,
     pub prometheus: PrometheusHandle,
     pub namespace: String,
     pub routes: Routes,

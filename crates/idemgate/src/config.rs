@@ -99,6 +99,10 @@ pub struct ServeArgs {
     /// JSON pointers left out of the fingerprint, comma-separated (with --canonical-json).
     #[arg(long, env = "IDEMGATE_IGNORE_JSON_FIELDS", value_delimiter = ',')]
     pub ignore_json_fields: Option<Vec<String>>,
+    /// Completed records cached per instance in front of Redis/PostgreSQL (0 disables; a delete
+    /// made through another instance is seen within 30 s) [default: 100000].
+    #[arg(long, env = "IDEMGATE_REPLAY_CACHE_ENTRIES")]
+    pub replay_cache_entries: Option<usize>,
     /// Most requests waiting on in-flight duplicates at once [default: 10000].
     #[arg(long, env = "IDEMGATE_MAX_WAITERS")]
     pub max_waiters: Option<usize>,
@@ -159,6 +163,7 @@ pub struct FileConfig {
     canonical_json: Option<bool>,
     ignore_json_fields: Option<Vec<String>>,
     max_waiters: Option<usize>,
+    replay_cache_entries: Option<usize>,
     #[serde(default)]
     route: Vec<RouteConfig>,
 }
@@ -177,6 +182,7 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub json_logs: bool,
     pub max_waiters: usize,
+    pub replay_cache_entries: usize,
     pub routes: Routes,
 }
 
@@ -457,6 +463,10 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
         drain_timeout: parse_duration(&pick(&args.drain_timeout, &file.drain_timeout, "30s"))?,
         json_logs: log_format == "json",
         max_waiters: args.max_waiters.or(file.max_waiters).unwrap_or(10_000),
+        replay_cache_entries: args
+            .replay_cache_entries
+            .or(file.replay_cache_entries)
+            .unwrap_or(100_000),
         routes,
     })
 }

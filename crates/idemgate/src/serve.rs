@@ -18,6 +18,8 @@ use crate::admin::{self, AdminState};
 use crate::config::Settings;
 use crate::store::{self, Instrumented};
 use crate::upstream::Upstream;
+use idemgate_core::SharedStore;
+use idemgate_core::cache::CachedStore;
 
 const LATENCY_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -71,7 +73,19 @@ pub async fn run(settings: Settings) -> Result<()> {
             warnings.join("; ")
         );
     }
-    let store = Instrumented(shared);
+    // Shared stores get a local cache of completed records: replays then cost no round trip.
+    // The latency histograms sit below the cache, so they count real store round trips only.
+    let shared_store =
+        settings.store.starts_with("redis") || settings.store.starts_with("postgres");
+    let store = if shared_store && settings.replay_cache_entries > 0 {
+        SharedStore::new(
+            CachedStore::builder(Instrumented(shared))
+                .capacity(settings.replay_cache_entries)
+                .build(),
+        )
+    } else {
+        SharedStore::new(Instrumented(shared))
+    };
     let engine = Engine::builder(store.clone())
         .lease_ttl(settings.lease_ttl)
         .max_waiters(settings.max_waiters)

@@ -1,0 +1,251 @@
+//! A local cache of completed records in front of a shared store, so that a replay can cost zero
+//! store round trips.
+//!
+//! Completed records never change (the [`Store`] contract), so a cached copy stays right until the
+//! record expires — or until an administrator deletes it. A delete through *this* wrapper removes
+//! the local copy at once; a delete made through another instance is not seen here, so every
+//! cached copy is also dropped `max_age` after it was cached. **Staleness bound:** after an admin
+//! delete elsewhere, this instance may go on replaying the deleted record for at most `max_age`
+//! (default 30 s).
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! use idemgate_core::cache::CachedStore;
+//! use idemgate_core::{Engine, MemoryStore};
+//!
+//! let engine = Engine::builder(CachedStore::builder(MemoryStore::default()).capacity(10_000).build()).build();
+//! # let _ = engine;
+//! # });
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::error::StoreError;
+use crate::key::StoreKey;
+use crate::record::{Fencing, Outcome, Record, RecordState};
+use crate::store::{
+    CasOutcome, ClaimOutcome, ClaimRequest, ListPage, ListRequest, Store, TakeOverOutcome,
+    TakeOverRequest,
+};
+
+const SHARDS: usize = 16;
+
+/// Builds a [`CachedStore`].
+#[derive(Debug)]
+pub struct CachedStoreBuilder<S> {
+    inner: S,
+    capacity: usize,
+    max_age: Duration,
+    clock: Arc<dyn Clock>,
+}
+
+impl<S: Store> CachedStoreBuilder<S> {
+    /// Most cached records (default 100,000); at the bound an arbitrary entry of the same shard
+    /// is dropped. 0 disables the cache.
+    pub fn capacity(mut self, n: usize) -> Self {
+        self.capacity = n;
+        self
+    }
+
+    /// Longest time a copy is trusted (default 30 s): the staleness bound for deletes made
+    /// through other instances.
+    pub fn max_age(mut self, d: Duration) -> Self {
+        self.max_age = d;
+        self
+    }
+
+    /// The clock used for the age and expiry of copies (default: the system clock). Expiry is
+    /// judged by this clock, so it should track the store's (skew shortens or lengthens the copy's
+    /// life by the skew, never past `max_age`).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Builds the wrapper.
+    pub fn build(self) -> CachedStore<S> {
+        CachedStore {
+            inner: self.inner,
+            shared: Arc::new(Shared {
+                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                per_shard: self.capacity.div_ceil(SHARDS),
+                max_age: self.max_age,
+                clock: self.clock,
+            }),
+        }
+    }
+}
+
+/// A store wrapper that answers `claim` and `get` of completed records from memory.
+#[derive(Clone)]
+pub struct CachedStore<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    shards: Vec<Mutex<HashMap<StoreKey, (Record, Timestamp)>>>,
+    per_shard: usize,
+    max_age: Duration,
+    clock: Arc<dyn Clock>,
+}
+
+impl<S> std::fmt::Debug for CachedStore<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedStore")
+            .field("capacity", &(self.shared.per_shard * SHARDS))
+            .field("max_age", &self.shared.max_age)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Store> CachedStore<S> {
+    /// A builder over `inner`.
+    pub fn builder(inner: S) -> CachedStoreBuilder<S> {
+        CachedStoreBuilder {
+            inner,
+            capacity: 100_000,
+            max_age: Duration::from_secs(30),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    fn shard(&self, key: &StoreKey) -> &Mutex<HashMap<StoreKey, (Record, Timestamp)>> {
+        &self.shared.shards[key.0[1] as usize % SHARDS]
+    }
+
+    /// A trusted copy: completed, unexpired, younger than `max_age`.
+    fn lookup(&self, key: &StoreKey) -> Option<(Record, Timestamp)> {
+        if self.shared.per_shard == 0 {
+            return None;
+        }
+        let now = self.shared.clock.now();
+        let mut shard = self.shard(key).lock();
+        match shard.get(key) {
+            Some((r, at)) if !r.is_expired(now) && now.since(*at) < self.shared.max_age => {
+                Some((r.clone(), now))
+            }
+            Some(_) => {
+                shard.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remember(&self, key: &StoreKey, record: &Record) {
+        if self.shared.per_shard == 0 || !matches!(record.state, RecordState::Completed { .. }) {
+            return;
+        }
+        let now = self.shared.clock.now();
+        let mut shard = self.shard(key).lock();
+        if shard.len() >= self.shared.per_shard
+            && !shard.contains_key(key)
+            && let Some(victim) = shard.keys().next().copied()
+        {
+            shard.remove(&victim);
+        }
+        shard.insert(*key, (record.clone(), now));
+    }
+
+    fn forget(&self, key: &StoreKey) {
+        self.shard(key).lock().remove(key);
+    }
+
+    /// Records cached right now.
+    pub fn len(&self) -> usize {
+        self.shared.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<S: Store> Store for CachedStore<S> {
+    async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        if let Some((record, now)) = self.lookup(key) {
+            return Ok(ClaimOutcome::Existing { record, now });
+        }
+        let out = self.inner.claim(key, req).await?;
+        if let ClaimOutcome::Existing { record, .. } = &out {
+            self.remember(key, record);
+        }
+        Ok(out)
+    }
+
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        f: Fencing,
+        lease: Duration,
+    ) -> Result<CasOutcome, StoreError> {
+        self.inner.renew(key, f, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        f: Fencing,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<CasOutcome, StoreError> {
+        self.inner.complete(key, f, outcome, ttl).await
+    }
+
+    async fn mark_unknown(
+        &self,
+        key: &StoreKey,
+        f: Fencing,
+        ttl: Duration,
+    ) -> Result<CasOutcome, StoreError> {
+        self.inner.mark_unknown(key, f, ttl).await
+    }
+
+    async fn release(&self, key: &StoreKey, f: Fencing) -> Result<CasOutcome, StoreError> {
+        self.inner.release(key, f).await
+    }
+
+    async fn take_over(
+        &self,
+        key: &StoreKey,
+        req: &TakeOverRequest,
+    ) -> Result<TakeOverOutcome, StoreError> {
+        self.inner.take_over(key, req).await
+    }
+
+    async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
+        if let Some((record, _)) = self.lookup(key) {
+            return Ok(Some(record));
+        }
+        let out = self.inner.get(key).await?;
+        if let Some(record) = &out {
+            self.remember(key, record);
+        }
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        self.forget(key);
+        self.inner.delete(key).await
+    }
+
+    async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
+        self.inner.list(req).await
+    }
+
+    async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
+        self.inner.purge_expired(limit).await
+    }
+}

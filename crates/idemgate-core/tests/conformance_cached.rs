@@ -1,0 +1,120 @@
+//! The local replay cache must not change the store's behaviour: the whole conformance suite and
+//! the model test run against `CachedStore<MemoryStore>`. Plus its own staleness bound.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use idemgate_core::cache::CachedStore;
+use idemgate_core::record::{Outcome, StoredResponse};
+use idemgate_core::store::{ClaimOutcome, Store};
+use idemgate_core::testkit::{Harness, claim_request, fresh_key, model};
+use idemgate_core::{ManualClock, MemoryStore, StoreKey};
+
+struct Cached {
+    store: CachedStore<MemoryStore>,
+    clock: ManualClock,
+}
+
+impl Harness for Cached {
+    type Store = CachedStore<MemoryStore>;
+    fn store(&self) -> &CachedStore<MemoryStore> {
+        &self.store
+    }
+    fn controlled_clock(&self) -> bool {
+        true
+    }
+    async fn advance(&self, d: Duration) {
+        self.clock.advance(d);
+    }
+    async fn corrupt(&self, _key: &StoreKey) -> bool {
+        false
+    }
+}
+
+fn harness() -> Cached {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let inner = MemoryStore::builder().clock(clock.clone()).build();
+    let store = CachedStore::builder(inner)
+        .capacity(64)
+        .clock(clock.clone())
+        .build();
+    Cached { store, clock }
+}
+
+idemgate_core::conformance_tests!(async { Some(harness()) });
+
+#[test]
+fn cached_store_agrees_with_the_reference_model() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    model::check_against_model(
+        &rt,
+        &harness(),
+        512,
+        "tests/proptest-regressions/model_cached.txt",
+    );
+}
+
+#[tokio::test]
+async fn replays_come_from_memory_and_staleness_is_bounded_by_max_age() {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let shared = MemoryStore::builder().clock(clock.clone()).build();
+    let cached = |age| {
+        CachedStore::builder(shared.clone())
+            .max_age(Duration::from_secs(age))
+            .clock(clock.clone())
+            .build()
+    };
+    let (a, b) = (cached(30), cached(30));
+    let key = fresh_key("cache");
+    let req = claim_request(Duration::from_secs(10), Duration::from_secs(3600), 1);
+    let ClaimOutcome::Acquired { fencing } = a.claim(&key, &req).await.unwrap() else {
+        panic!()
+    };
+    let done = Outcome::Response(StoredResponse::new(200, vec![], "ok"));
+    a.complete(&key, fencing, &done, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    // B caches it on its first replay.
+    assert!(matches!(
+        b.claim(&key, &req).await.unwrap(),
+        ClaimOutcome::Existing { .. }
+    ));
+    assert_eq!(b.len(), 1);
+    // Deleted behind B's back (through A): B still answers from its copy for up to max_age...
+    assert!(a.delete(&key).await.unwrap());
+    assert!(shared.get(&key).await.unwrap().is_none());
+    assert!(matches!(
+        b.claim(&key, &req).await.unwrap(),
+        ClaimOutcome::Existing { .. }
+    ));
+    // ...and no longer.
+    clock.advance(Duration::from_secs(31));
+    assert!(matches!(
+        b.claim(&key, &req).await.unwrap(),
+        ClaimOutcome::Acquired { .. }
+    ));
+}
+
+#[tokio::test]
+async fn the_cache_is_bounded() {
+    let store = CachedStore::builder(MemoryStore::default())
+        .capacity(32)
+        .build();
+    for _ in 0..500 {
+        let key = fresh_key("bound");
+        let req = claim_request(Duration::from_secs(10), Duration::from_secs(3600), 1);
+        let ClaimOutcome::Acquired { fencing } = store.claim(&key, &req).await.unwrap() else {
+            panic!()
+        };
+        let done = Outcome::Response(StoredResponse::new(200, vec![], "ok"));
+        store
+            .complete(&key, fencing, &done, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        store.get(&key).await.unwrap();
+    }
+    assert!(store.len() <= 32, "{}", store.len());
+}
