@@ -305,3 +305,42 @@ async fn redis_down_means_503_and_nothing_forwarded_then_service_resumes() {
     }
     assert_eq!(up.state.started(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_replays_cost_no_store_round_trip() {
+    let Some(url) = store_url("IDEMGATE_TEST_REDIS_URL") else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&up.url(), &url, &[]);
+    let http = Http::default();
+    let key = unique("cached");
+    http.post(&proxy.url("/pay"), Some(key), b"{}").await;
+    assert!(
+        http.post(&proxy.url("/pay"), Some(key), b"{}")
+            .await
+            .replayed()
+    );
+    let claims = || {
+        common::metric(
+            &http,
+            &proxy,
+            "idemgate_store_operation_seconds_count",
+            "op=\"claim\"",
+        )
+    };
+    let before = claims().await;
+    for _ in 0..5 {
+        assert!(
+            http.post(&proxy.url("/pay"), Some(key), b"{}")
+                .await
+                .replayed()
+        );
+    }
+    assert_eq!(
+        claims().await,
+        before,
+        "replays from the local cache reach no store"
+    );
+    assert_eq!(up.state.executions(), 1);
+}
