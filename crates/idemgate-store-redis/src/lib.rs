@@ -73,10 +73,45 @@ struct Scripts {
     delete: Script,
 }
 
+/// A standalone connection (reconnecting) or a cluster connection (routing by slot).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// The Redis store. Cloning shares the connection.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     scripts: std::sync::Arc<Scripts>,
 }
@@ -134,7 +169,35 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(map_err)?;
-        Ok(Self {
+        Ok(Self::with_conn(Conn::Single(conn), prefix))
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes (`redis://h1:p1`, …), with the key
+    /// prefix `idemgate:`. Every record lives in one slot (hash tag), so every script runs on the
+    /// node that owns it; `list` walks every master.
+    pub async fn connect_cluster(nodes: &[String]) -> Result<Self, StoreError> {
+        Self::connect_cluster_with_prefix(nodes, "idemgate:").await
+    }
+
+    /// [`RedisStore::connect_cluster`] with another key prefix.
+    pub async fn connect_cluster_with_prefix(
+        nodes: &[String],
+        prefix: &str,
+    ) -> Result<Self, StoreError> {
+        let client = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
+            .connection_timeout(Duration::from_secs(1))
+            .response_timeout(Duration::from_secs(2))
+            .retries(1)
+            .build()
+            .map_err(|e| {
+                StoreError::new(ErrorKind::Config, "invalid Redis Cluster node list").with_source(e)
+            })?;
+        let conn = client.get_async_connection().await.map_err(map_err)?;
+        Ok(Self::with_conn(Conn::Cluster(conn), prefix))
+    }
+
+    fn with_conn(conn: Conn, prefix: &str) -> Self {
+        Self {
             conn,
             prefix: prefix.to_owned(),
             scripts: std::sync::Arc::new(Scripts {
@@ -147,7 +210,7 @@ impl RedisStore {
                 get: scripts::get(),
                 delete: scripts::delete(),
             }),
-        })
+        }
     }
 
     /// The Redis key of a record.
@@ -189,49 +252,70 @@ impl RedisStore {
     /// policies evict them too), no AOF, AOF without `appendfsync always`, replicas (Redis
     /// replication is asynchronous). A server that refuses `CONFIG GET` is reported as unchecked.
     pub async fn durability_warnings(&self) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn.clone();
         let mut warnings = Vec::new();
-        let config = |name: &'static str| {
-            let mut conn = conn.clone();
+        // In a cluster these commands fan out to every node; `strings` flattens either reply.
+        let query = |args: &'static [&'static str]| {
+            let mut conn = self.conn.clone();
             async move {
-                let pair: Result<Vec<String>, _> = redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg(name)
-                    .query_async(&mut conn)
-                    .await;
-                pair.ok().and_then(|p| p.into_iter().nth(1))
+                let mut cmd = redis::cmd(args[0]);
+                for a in &args[1..] {
+                    cmd.arg(*a);
+                }
+                cmd.query_async::<Value>(&mut conn)
+                    .await
+                    .map(|v| strings(&v))
             }
         };
-        match config("maxmemory-policy").await {
-            Some(p) if p != "noeviction" => warnings.push(format!(
-                "Redis maxmemory-policy = {p}: records can be evicted under memory pressure"
-            )),
-            Some(_) => {}
-            None => warnings.push(
+        // CONFIG GET answers [name, value] (per node): every value that follows the name.
+        let config = |name: &'static str, reply: Vec<String>| -> Vec<String> {
+            reply
+                .windows(2)
+                .filter(|w| w[0] == name)
+                .map(|w| w[1].clone())
+                .collect()
+        };
+        match query(&["CONFIG", "GET", "maxmemory-policy"]).await {
+            Ok(r) if !config("maxmemory-policy", r.clone()).is_empty() => {
+                for p in config("maxmemory-policy", r) {
+                    if p != "noeviction" {
+                        warnings.push(format!(
+                            "Redis maxmemory-policy = {p}: records can be evicted under memory pressure"
+                        ));
+                    }
+                }
+            }
+            _ => warnings.push(
                 "could not read the Redis configuration (CONFIG GET refused); durability unchecked"
                     .into(),
             ),
         }
-        if config("appendonly").await.as_deref() == Some("no") {
+        let appendonly = query(&["CONFIG", "GET", "appendonly"])
+            .await
+            .unwrap_or_default();
+        let appendfsync = query(&["CONFIG", "GET", "appendfsync"])
+            .await
+            .unwrap_or_default();
+        if config("appendonly", appendonly).iter().any(|v| v == "no") {
             warnings.push("Redis appendonly = no: a restart loses every record".into());
-        } else if let Some(f) = config("appendfsync").await.filter(|f| f != "always") {
+        } else if let Some(f) = config("appendfsync", appendfsync)
+            .into_iter()
+            .find(|f| f != "always")
+        {
             warnings.push(format!(
                 "Redis appendfsync = {f}: a crash can lose the last acknowledged writes"
             ));
         }
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut conn)
+        let replicas: u32 = query(&["INFO", "replication"])
             .await
-            .map_err(map_err)?;
-        if let Some(n) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("connected_slaves:"))
-            .and_then(|n| n.trim().parse::<u32>().ok())
-            .filter(|n| *n > 0)
-        {
+            .map_err(map_err)?
+            .iter()
+            .flat_map(|text| text.lines())
+            .filter_map(|l| l.strip_prefix("connected_slaves:"))
+            .filter_map(|n| n.trim().parse::<u32>().ok())
+            .sum();
+        if replicas > 0 {
             warnings.push(format!(
-                "Redis has {n} asynchronous replica(s): a failover can lose acknowledged records"
+                "Redis has {replicas} asynchronous replica(s): a failover can lose acknowledged records"
             ));
         }
         Ok(warnings)
@@ -335,6 +419,19 @@ fn decode_hash(value: Value) -> Result<Option<Record>, StoreError> {
     }))
 }
 
+/// Every string in a reply, depth first (cluster fan-out replies are maps of node → reply).
+fn strings(v: &Value) -> Vec<String> {
+    match v {
+        Value::BulkString(b) => vec![String::from_utf8_lossy(b).into_owned()],
+        Value::SimpleString(s) => vec![s.clone()],
+        Value::VerbatimString { text, .. } => vec![text.clone()],
+        Value::Array(items) | Value::Set(items) => items.iter().flat_map(strings).collect(),
+        // Node-address keys are not part of the answer.
+        Value::Map(pairs) => pairs.iter().flat_map(|(_, v)| strings(v)).collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn int(v: &Value) -> Option<i64> {
     match v {
         Value::Int(n) => Some(*n),
@@ -345,6 +442,72 @@ fn int(v: &Value) -> Option<i64> {
 
 fn shape() -> StoreError {
     StoreError::new(ErrorKind::Internal, "unexpected reply shape from a script")
+}
+
+impl RedisStore {
+    /// Where `SCAN` must run: the one server, or every cluster master (sorted, for stable cursors).
+    async fn scan_nodes(&self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
+        let Conn::Cluster(conn) = &self.conn else {
+            return Ok(vec![None]);
+        };
+        let mut conn = conn.clone();
+        let text: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await
+            .map_err(map_err)?;
+        let mut masters: Vec<(String, u16)> = text
+            .lines()
+            .filter(|l| {
+                l.split(' ')
+                    .nth(2)
+                    .is_some_and(|f| f.contains("master") && !f.contains("fail"))
+            })
+            .filter_map(|l| {
+                let addr = l.split(' ').nth(1)?.split('@').next()?;
+                let (host, port) = addr.rsplit_once(':')?;
+                Some((host.to_owned(), port.parse().ok()?))
+            })
+            .collect();
+        masters.sort();
+        Ok(masters.into_iter().map(Some).collect())
+    }
+
+    async fn scan_once(
+        &self,
+        node: Option<&(String, u16)>,
+        cursor: u64,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(u64, Vec<String>), StoreError> {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(count);
+        match (&self.conn, node) {
+            (Conn::Cluster(conn), Some((host, port))) => {
+                use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                let value = conn
+                    .clone()
+                    .route_command(cmd, routing)
+                    .await
+                    .map_err(map_err)?;
+                redis::from_redis_value(value).map_err(|e| {
+                    StoreError::new(ErrorKind::Internal, format!("unexpected SCAN reply: {e}"))
+                })
+            }
+            _ => cmd
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(map_err),
+        }
+    }
 }
 
 impl Store for RedisStore {
@@ -496,32 +659,36 @@ impl Store for RedisStore {
         Ok(n == 1)
     }
 
-    /// `SCAN` over the prefix. The cursor is `<scan cursor>:<keys of that batch already returned>`,
-    /// so a page never exceeds the limit; as with `SCAN`, a record may appear twice.
+    /// `SCAN` over the prefix, on every master of a cluster in turn. The cursor is
+    /// `<node>:<scan cursor>:<keys of that batch already returned>`, so a page never exceeds the
+    /// limit; as with `SCAN`, a record may appear twice.
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
         let limit = req.limit.clamp(1, MAX_LIST_PAGE);
-        let (mut scan, mut skip) = match req.cursor.as_deref() {
-            None => (0u64, 0usize),
+        let (mut node, mut scan, mut skip) = match req.cursor.as_deref() {
+            None => (0usize, 0u64, 0usize),
             Some(c) => {
                 let bad =
                     || StoreError::new(ErrorKind::Internal, format!("invalid list cursor {c:?}"));
-                let (a, b) = c.split_once(':').ok_or_else(bad)?;
-                (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?)
+                let mut parts = c.split(':');
+                let mut next = || parts.next().ok_or_else(bad);
+                let (n, sc, sk) = (next()?, next()?, next()?);
+                (
+                    n.parse().map_err(|_| bad())?,
+                    sc.parse().map_err(|_| bad())?,
+                    sk.parse().map_err(|_| bad())?,
+                )
             }
         };
+        let nodes = self.scan_nodes().await?;
         let pattern = format!("{}{{*}}", self.prefix);
-        let mut conn = self.conn.clone();
         let mut keys = Vec::with_capacity(limit);
         let next = loop {
-            let (next_scan, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(scan)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(limit.max(100))
-                .query_async(&mut conn)
-                .await
-                .map_err(map_err)?;
+            let Some(target) = nodes.get(node) else {
+                break None;
+            };
+            let (next_scan, batch) = self
+                .scan_once(target.as_ref(), scan, &pattern, limit.max(100))
+                .await?;
             let mut taken = skip;
             let mut full = false;
             for k in batch.iter().skip(skip) {
@@ -533,15 +700,18 @@ impl Store for RedisStore {
                 taken += 1;
             }
             if full {
-                break Some(format!("{scan}:{taken}"));
+                break Some(format!("{node}:{scan}:{taken}"));
             }
             skip = 0;
             scan = next_scan;
             if scan == 0 {
-                break None;
+                node += 1;
+                if node == nodes.len() {
+                    break None;
+                }
             }
             if keys.len() == limit {
-                break Some(format!("{scan}:0"));
+                break Some(format!("{node}:{scan}:0"));
             }
         };
         let mut records = Vec::with_capacity(keys.len());

@@ -13,10 +13,26 @@ use idemgate_core::{MemoryStore, SharedStore, Store, StoreError};
 use idemgate_store_redb::RedbStore;
 
 /// Opens the store named by `url`: `memory://`, `file:PATH` (a directory; the database is
-/// `PATH/idemgate.redb`), `redis://HOST:PORT[/DB]` or `postgres://USER@HOST:PORT/DB`.
+/// `PATH/idemgate.redb`), `redis://HOST:PORT[/DB]`, `redis+cluster://H1:P1,H2:P2,…` or
+/// `postgres://USER@HOST:PORT/DB`.
 ///
 /// Also returns the reasons the store may lose acknowledged writes (empty for memory and file).
 pub async fn open(url: &str) -> Result<(SharedStore, Vec<String>)> {
+    if let Some(list) = url.strip_prefix("redis+cluster://") {
+        let nodes: Vec<String> = list
+            .split(',')
+            .filter(|n| !n.trim().is_empty())
+            .map(|n| format!("redis://{}", n.trim()))
+            .collect();
+        if nodes.is_empty() {
+            bail!("redis+cluster:// needs at least one node, e.g. redis+cluster://h1:7000,h2:7001");
+        }
+        let store = idemgate_store_redis::RedisStore::connect_cluster(&nodes)
+            .await
+            .with_context(|| format!("connecting to the Redis Cluster {}", redact(url)))?;
+        let warnings = store.durability_warnings().await?;
+        return Ok((SharedStore::new(store), warnings));
+    }
     if url.starts_with("redis://") {
         let store = idemgate_store_redis::RedisStore::connect(url)
             .await

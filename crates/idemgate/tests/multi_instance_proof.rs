@@ -1,7 +1,8 @@
 //! The multi-instance proof: 3 `idemgate serve` processes share one store; 2,000 keys, each sent 4
 //! times at once, round-robin across the instances, against a counting upstream. Upstream
 //! executions must equal the number of keys, and every duplicate must get the identical response
-//! (or `409` past the wait timeout). Runs on real Redis and PostgreSQL (`IDEMGATE_TEST_*_URL`).
+//! (or `409` past the wait timeout). Runs on real Redis, Redis Cluster and PostgreSQL
+//! (`IDEMGATE_TEST_REDIS_URL`, `IDEMGATE_TEST_REDIS_CLUSTER_URLS`, `IDEMGATE_TEST_POSTGRES_URL`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -93,5 +94,16 @@ async fn three_instances_on_redis_execute_each_key_once() {
 async fn three_instances_on_postgres_execute_each_key_once() {
     if let Some(u) = url("IDEMGATE_TEST_POSTGRES_URL") {
         prove(&u).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_redis_cluster_execute_each_key_once() {
+    if let Some(u) = url("IDEMGATE_TEST_REDIS_CLUSTER_URLS") {
+        let nodes: Vec<&str> = u
+            .split(',')
+            .map(|n| n.trim().trim_start_matches("redis://"))
+            .collect();
+        prove(&format!("redis+cluster://{}", nodes.join(","))).await;
     }
 }

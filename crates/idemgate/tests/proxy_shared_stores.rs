@@ -100,13 +100,17 @@ async fn strict_recovery_marks_the_key_unknown(store: &str) {
     let b = Proxy::start(&up.url(), store, &args);
     let http = Http::default();
     let key = unique("strict");
-    let first = http.spawn_post(a.url("/pay?hold=1"), key);
+    let first = http.spawn_doomed_post(a.url("/pay?hold=1"), key);
     common::until(10, "A's request to reach the upstream", || {
         up.state.held() == 1
     })
     .await;
     a.kill9();
-    let _ = first.await; // A's client sees the connection drop
+    assert_eq!(
+        first.await.unwrap(),
+        None,
+        "A's client sees the connection drop"
+    );
     let retry = http.post(&b.url("/pay?hold=1"), Some(key), b"{}").await;
     assert_eq!(retry.status, StatusCode::BAD_GATEWAY, "{retry:?}");
     assert_eq!(retry.problem_type(), "urn:idemgate:problem:outcome-unknown");
@@ -122,13 +126,13 @@ async fn takeover_runs_the_next_epoch(store: &str) {
     let http = Http::default();
     let key = unique("takeover");
     // A dispatches with a 5 s upstream delay and dies at once: nothing renews its lease.
-    let first = http.spawn_post(a.url("/pay?delay_ms=5000"), key);
+    let first = http.spawn_doomed_post(a.url("/pay?delay_ms=5000"), key);
     common::until(10, "A's request to reach the upstream", || {
         up.state.started() == 1
     })
     .await;
     a.kill9();
-    let _ = first.await;
+    assert_eq!(first.await.unwrap(), None);
     let started = std::time::Instant::now();
     let retry = http
         .post(&b.url("/pay?delay_ms=5000"), Some(key), b"{}")

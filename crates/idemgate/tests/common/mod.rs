@@ -244,6 +244,23 @@ impl Http {
         self.send(Method::POST, url, &headers, body).await
     }
 
+    /// A request whose connection is expected to break (its proxy gets killed): `None` then.
+    pub fn spawn_doomed_post(
+        &self,
+        url: String,
+        key: &'static str,
+    ) -> tokio::task::JoinHandle<Option<StatusCode>> {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let req = Request::post(url)
+                .header("idempotency-key", key)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+            client.request(req).await.ok().map(|r| r.status())
+        })
+    }
+
     /// `post` in a task of its own (for a request that will be held upstream).
     pub fn spawn_post(&self, url: String, key: &'static str) -> tokio::task::JoinHandle<Answer> {
         let http = self.clone();
