@@ -388,6 +388,13 @@ impl<S: Store> Engine<S> {
         &self.inner.stats
     }
 
+    /// Wakes this process's waiters on `key` at once (they re-read the store). Call it when a
+    /// store reports that another instance finished the key (Redis pub/sub, PostgreSQL
+    /// `LISTEN/NOTIFY`); without it, waiters still find out by polling.
+    pub fn wake(&self, key: &StoreKey) {
+        self.inner.waiters.notify(key);
+    }
+
     fn next_token(&self) -> u128 {
         (u128::from(self.inner.seed) << 64)
             | u128::from(self.inner.counter.fetch_add(1, Ordering::Relaxed))

@@ -313,6 +313,47 @@ fn now_of(row: &Row) -> Result<Timestamp, StoreError> {
 const HELD: &str =
     "r.store_key = $1 AND r.state = 1 AND r.epoch = $2 AND r.token = $3 AND r.expires_at > n.now";
 
+/// The channel on which completions, releases and outcome-unknown marks are announced (payload:
+/// the store key in hex), delivered when the statement commits.
+pub const CHANNEL: &str = "idemgate_done";
+
+/// Ends a compare-and-set statement whose CTE `w` returns the changed key: announce it, and
+/// return one row per change.
+const ANNOUNCE: &str = "SELECT pg_notify('idemgate_done', encode(w.store_key, 'hex')) FROM w";
+
+impl PostgresStore {
+    /// A stream of the keys other instances (and this one) finish, from a dedicated connection
+    /// that `LISTEN`s on [`CHANNEL`]. It ends when that connection breaks: listen again (waiters
+    /// fall back to polling meanwhile).
+    pub async fn completions(
+        url: &str,
+    ) -> Result<impl futures_util::Stream<Item = StoreKey> + Send + 'static, StoreError> {
+        use futures_util::StreamExt;
+        let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.map_err(db_err)?;
+        let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let (tx, rx) = tokio::sync::mpsc::channel::<StoreKey>(1024);
+        tokio::spawn(async move {
+            let mut messages = std::pin::pin!(messages);
+            while let Some(Ok(msg)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = msg
+                    && let Some(key) = StoreKey::from_hex(n.payload())
+                {
+                    // Full queue: drop the notice; the waiter's poll covers it.
+                    let _ = tx.try_send(key);
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(db_err)?;
+        Ok(futures_util::stream::unfold(
+            (rx, client),
+            |(mut rx, client)| async move { rx.recv().await.map(|k| (k, (rx, client))) },
+        ))
+    }
+}
+
 impl Store for PostgresStore {
     async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         let sql = format!(
@@ -421,10 +462,11 @@ impl Store for PostgresStore {
     ) -> Result<CasOutcome, StoreError> {
         protocol::check_outcome(outcome)?;
         let sql = format!(
-            "WITH n AS (SELECT {NOW} AS now)
-             UPDATE idemgate_records r SET state = 2, completed_at = n.now, outcome = $4,
+            "WITH n AS (SELECT {NOW} AS now),
+             w AS (UPDATE idemgate_records r SET state = 2, completed_at = n.now, outcome = $4,
                expires_at = n.now + $5, token = NULL, owner = NULL, lease_expires_at = NULL
-             FROM n WHERE {HELD}"
+             FROM n WHERE {HELD} RETURNING r.store_key)
+             {ANNOUNCE}"
         );
         let n = self
             .execute(
@@ -452,10 +494,11 @@ impl Store for PostgresStore {
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
         let sql = format!(
-            "WITH n AS (SELECT {NOW} AS now)
-             UPDATE idemgate_records r SET state = 3, unknown_since = n.now,
+            "WITH n AS (SELECT {NOW} AS now),
+             w AS (UPDATE idemgate_records r SET state = 3, unknown_since = n.now,
                expires_at = n.now + $4, token = NULL, owner = NULL, lease_expires_at = NULL
-             FROM n WHERE {HELD}"
+             FROM n WHERE {HELD} RETURNING r.store_key)
+             {ANNOUNCE}"
         );
         let n = self
             .execute(
@@ -477,8 +520,9 @@ impl Store for PostgresStore {
 
     async fn release(&self, key: &StoreKey, f: Fencing) -> Result<CasOutcome, StoreError> {
         let sql = format!(
-            "WITH n AS (SELECT {NOW} AS now)
-             DELETE FROM idemgate_records r USING n WHERE {HELD}"
+            "WITH n AS (SELECT {NOW} AS now),
+             w AS (DELETE FROM idemgate_records r USING n WHERE {HELD} RETURNING r.store_key)
+             {ANNOUNCE}"
         );
         let n = self
             .execute(

@@ -112,6 +112,8 @@ impl redis::aio::ConnectionLike for Conn {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Conn,
+    /// Where completion notices are subscribed (the server, or one cluster node).
+    pubsub_url: String,
     prefix: String,
     scripts: std::sync::Arc<Scripts>,
 }
@@ -169,7 +171,7 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(map_err)?;
-        Ok(Self::with_conn(Conn::Single(conn), prefix))
+        Ok(Self::with_conn(Conn::Single(conn), url, prefix))
     }
 
     /// Connects to a Redis Cluster through any of its nodes (`redis://h1:p1`, …), with the key
@@ -193,12 +195,14 @@ impl RedisStore {
                 StoreError::new(ErrorKind::Config, "invalid Redis Cluster node list").with_source(e)
             })?;
         let conn = client.get_async_connection().await.map_err(map_err)?;
-        Ok(Self::with_conn(Conn::Cluster(conn), prefix))
+        // Cluster pub/sub is broadcast: any one node hears every completion.
+        Ok(Self::with_conn(Conn::Cluster(conn), &nodes[0], prefix))
     }
 
-    fn with_conn(conn: Conn, prefix: &str) -> Self {
+    fn with_conn(conn: Conn, pubsub_url: &str, prefix: &str) -> Self {
         Self {
             conn,
+            pubsub_url: pubsub_url.to_owned(),
             prefix: prefix.to_owned(),
             scripts: std::sync::Arc::new(Scripts {
                 claim: scripts::claim(),
@@ -211,6 +215,33 @@ impl RedisStore {
                 delete: scripts::delete(),
             }),
         }
+    }
+
+    /// The pub/sub channel on which completions, releases and outcome-unknown marks are
+    /// announced (the announcing script publishes the record's Redis key).
+    pub fn channel(&self) -> String {
+        format!("{}done", self.prefix)
+    }
+
+    /// A stream of the keys other instances (and this one) finish, from a dedicated pub/sub
+    /// connection. It ends when that connection breaks: subscribe again (waiters fall back to
+    /// polling meanwhile, so nothing is lost but latency).
+    pub async fn completions(
+        &self,
+    ) -> Result<impl futures_util::Stream<Item = StoreKey> + Send + 'static, StoreError> {
+        use futures_util::StreamExt;
+        let client = redis::Client::open(self.pubsub_url.as_str())
+            .map_err(|e| StoreError::new(ErrorKind::Config, "invalid Redis URL").with_source(e))?;
+        let mut pubsub = client.get_async_pubsub().await.map_err(map_err)?;
+        pubsub.subscribe(self.channel()).await.map_err(map_err)?;
+        let this = self.clone();
+        Ok(pubsub.into_on_message().filter_map(move |msg| {
+            let key = msg
+                .get_payload::<String>()
+                .ok()
+                .and_then(|k| this.store_key_of(&k));
+            async move { key }
+        }))
     }
 
     /// The Redis key of a record.
@@ -574,6 +605,7 @@ impl Store for RedisStore {
             token_hex(f.token).into_bytes(),
             ms(ttl).to_string().into_bytes(),
             outcome.encode(),
+            self.channel().into_bytes(),
         ];
         self.cas(&self.scripts.complete, key, &args).await
     }
@@ -588,6 +620,7 @@ impl Store for RedisStore {
             f.epoch.to_string().into_bytes(),
             token_hex(f.token).into_bytes(),
             ms(ttl).to_string().into_bytes(),
+            self.channel().into_bytes(),
         ];
         self.cas(&self.scripts.mark_unknown, key, &args).await
     }
@@ -596,6 +629,7 @@ impl Store for RedisStore {
         let args = [
             f.epoch.to_string().into_bytes(),
             token_hex(f.token).into_bytes(),
+            self.channel().into_bytes(),
         ];
         self.cas(&self.scripts.release, key, &args).await
     }

@@ -84,7 +84,8 @@ return 1
     )
 }
 
-/// ARGV: ep, tk, ttl_ms, outcome bytes → 1 stored, 0 lost.
+/// ARGV: ep, tk, ttl_ms, outcome bytes, channel → 1 stored (and the key published on the
+/// channel, for waiters on other instances), 0 lost.
 pub fn complete() -> Script {
     script(
         r#"
@@ -94,12 +95,13 @@ local xa = now + tonumber(ARGV[3])
 redis.call('HDEL', KEYS[1], 'tk', 'ow', 'le')
 redis.call('HSET', KEYS[1], 'st', 'c', 'ct', fmt(now), 'out', ARGV[4], 'xa', fmt(xa))
 redis.call('PEXPIREAT', KEYS[1], xa)
+redis.call('PUBLISH', ARGV[5], KEYS[1])
 return 1
 "#,
     )
 }
 
-/// ARGV: ep, tk, ttl_ms → 1 marked, 0 lost.
+/// ARGV: ep, tk, ttl_ms, channel → 1 marked (and published), 0 lost.
 pub fn mark_unknown() -> Script {
     script(
         r#"
@@ -109,18 +111,20 @@ local xa = now + tonumber(ARGV[3])
 redis.call('HDEL', KEYS[1], 'tk', 'ow', 'le')
 redis.call('HSET', KEYS[1], 'st', 'u', 'us', fmt(now), 'xa', fmt(xa))
 redis.call('PEXPIREAT', KEYS[1], xa)
+redis.call('PUBLISH', ARGV[4], KEYS[1])
 return 1
 "#,
     )
 }
 
-/// ARGV: ep, tk → 1 released, 0 lost.
+/// ARGV: ep, tk, channel → 1 released (and published), 0 lost.
 pub fn release() -> Script {
     script(
         r#"
 local now = now_ms()
 if not held(now, ARGV[1], ARGV[2]) then return 0 end
 redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[3], KEYS[1])
 return 1
 "#,
     )

@@ -103,6 +103,13 @@ pub struct ServeArgs {
     /// made through another instance is seen within 30 s) [default: 100000].
     #[arg(long, env = "IDEMGATE_REPLAY_CACHE_ENTRIES")]
     pub replay_cache_entries: Option<usize>,
+    /// First pause between a waiter's store polls (doubling up to --waiter-poll-max) [default: 50ms].
+    #[arg(long, env = "IDEMGATE_WAITER_POLL_MIN")]
+    pub waiter_poll_min: Option<String>,
+    /// Longest pause between a waiter's store polls (the fallback when no completion notice
+    /// arrives) [default: 1s].
+    #[arg(long, env = "IDEMGATE_WAITER_POLL_MAX")]
+    pub waiter_poll_max: Option<String>,
     /// Most requests waiting on in-flight duplicates at once [default: 10000].
     #[arg(long, env = "IDEMGATE_MAX_WAITERS")]
     pub max_waiters: Option<usize>,
@@ -164,6 +171,8 @@ pub struct FileConfig {
     ignore_json_fields: Option<Vec<String>>,
     max_waiters: Option<usize>,
     replay_cache_entries: Option<usize>,
+    waiter_poll_max: Option<String>,
+    waiter_poll_min: Option<String>,
     #[serde(default)]
     route: Vec<RouteConfig>,
 }
@@ -183,6 +192,8 @@ pub struct Settings {
     pub json_logs: bool,
     pub max_waiters: usize,
     pub replay_cache_entries: usize,
+    pub waiter_poll_min: Duration,
+    pub waiter_poll_max: Duration,
     pub routes: Routes,
 }
 
@@ -463,6 +474,12 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
         drain_timeout: parse_duration(&pick(&args.drain_timeout, &file.drain_timeout, "30s"))?,
         json_logs: log_format == "json",
         max_waiters: args.max_waiters.or(file.max_waiters).unwrap_or(10_000),
+        waiter_poll_min: parse_duration(&pick(
+            &args.waiter_poll_min,
+            &file.waiter_poll_min,
+            "50ms",
+        ))?,
+        waiter_poll_max: parse_duration(&pick(&args.waiter_poll_max, &file.waiter_poll_max, "1s"))?,
         replay_cache_entries: args
             .replay_cache_entries
             .or(file.replay_cache_entries)

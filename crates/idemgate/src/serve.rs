@@ -58,7 +58,11 @@ pub async fn run(settings: Settings) -> Result<()> {
         .context("configuring metrics")?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let (shared, warnings) = store::open(&settings.store).await?;
+    let store::Opened {
+        store: shared,
+        warnings,
+        feed,
+    } = store::open(&settings.store).await?;
     let strict = settings
         .routes
         .iter()
@@ -89,6 +93,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let engine = Engine::builder(store.clone())
         .lease_ttl(settings.lease_ttl)
         .max_waiters(settings.max_waiters)
+        .poll_interval(settings.waiter_poll_min, settings.waiter_poll_max)
         .owner(format!(
             "idemgate:{}@{}",
             std::process::id(),
@@ -96,6 +101,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         ))
         .build();
     let sweeper = spawn_sweeper(store.clone(), Duration::from_secs(30), 1_000);
+    let follower = tokio::spawn(store::follow(feed, engine.clone()));
     let layer = IdempotencyLayer::builder(engine.clone())
         .routes(settings.routes.clone())
         .namespace(settings.namespace.clone())
@@ -192,6 +198,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let _ = admin_stop_tx.send(());
     let _ = admin_task.await;
     sweeper.abort();
+    follower.abort();
     tracing::info!("stopped");
     Ok(())
 }

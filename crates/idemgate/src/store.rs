@@ -12,12 +12,68 @@ use idemgate_core::store::{
 use idemgate_core::{MemoryStore, SharedStore, Store, StoreError};
 use idemgate_store_redb::RedbStore;
 
+/// Where completions by other instances are announced, if anywhere.
+pub enum Feed {
+    /// A single-process store: nothing to hear.
+    None,
+    /// Redis pub/sub.
+    Redis(idemgate_store_redis::RedisStore),
+    /// PostgreSQL `LISTEN/NOTIFY` (the URL for a dedicated connection).
+    Postgres(String),
+}
+
+/// An opened store.
+pub struct Opened {
+    pub store: SharedStore,
+    pub warnings: Vec<String>,
+    pub feed: Feed,
+}
+
+impl Opened {
+    fn new(store: impl Store, warnings: Vec<String>, feed: Feed) -> Self {
+        Self {
+            store: SharedStore::new(store),
+            warnings,
+            feed,
+        }
+    }
+}
+
+/// Wakes `engine`'s waiters whenever another instance finishes a key, reconnecting (after 1 s)
+/// whenever the feed breaks. Waiters poll meanwhile, so a broken feed costs latency, not safety.
+pub async fn follow(feed: Feed, engine: idemgate_core::Engine<SharedStore>) {
+    use futures_util::StreamExt;
+    loop {
+        let stream: Result<futures_util::stream::BoxStream<'static, StoreKey>, StoreError> =
+            match &feed {
+                Feed::None => return,
+                Feed::Redis(store) => store.completions().await.map(|s| s.boxed()),
+                Feed::Postgres(url) => idemgate_store_postgres::PostgresStore::completions(url)
+                    .await
+                    .map(|s| s.boxed()),
+            };
+        match stream {
+            Ok(mut keys) => {
+                tracing::info!("following completions announced by other instances");
+                while let Some(key) = keys.next().await {
+                    engine.wake(&key);
+                }
+                tracing::warn!("completion feed ended; reconnecting");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow completions; waiters poll meanwhile")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Opens the store named by `url`: `memory://`, `file:PATH` (a directory; the database is
 /// `PATH/idemgate.redb`), `redis://HOST:PORT[/DB]`, `redis+cluster://H1:P1,H2:P2,…` or
 /// `postgres://USER@HOST:PORT/DB`.
 ///
 /// Also returns the reasons the store may lose acknowledged writes (empty for memory and file).
-pub async fn open(url: &str) -> Result<(SharedStore, Vec<String>)> {
+pub async fn open(url: &str) -> Result<Opened> {
     if let Some(list) = url.strip_prefix("redis+cluster://") {
         let nodes: Vec<String> = list
             .split(',')
@@ -31,24 +87,24 @@ pub async fn open(url: &str) -> Result<(SharedStore, Vec<String>)> {
             .await
             .with_context(|| format!("connecting to the Redis Cluster {}", redact(url)))?;
         let warnings = store.durability_warnings().await?;
-        return Ok((SharedStore::new(store), warnings));
+        return Ok(Opened::new(store.clone(), warnings, Feed::Redis(store)));
     }
     if url.starts_with("redis://") {
         let store = idemgate_store_redis::RedisStore::connect(url)
             .await
             .with_context(|| format!("connecting to {}", redact(url)))?;
         let warnings = store.durability_warnings().await?;
-        return Ok((SharedStore::new(store), warnings));
+        return Ok(Opened::new(store.clone(), warnings, Feed::Redis(store)));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = idemgate_store_postgres::PostgresStore::connect(url)
             .await
             .with_context(|| format!("connecting to {}", redact(url)))?;
         let warnings = store.durability_warnings().await?;
-        return Ok((SharedStore::new(store), warnings));
+        return Ok(Opened::new(store, warnings, Feed::Postgres(url.to_owned())));
     }
     if url == "memory://" || url == "memory:" {
-        return Ok((SharedStore::new(MemoryStore::default()), Vec::new()));
+        return Ok(Opened::new(MemoryStore::default(), Vec::new(), Feed::None));
     }
     if let Some(path) = url.strip_prefix("file:") {
         let path = path.strip_prefix("//").unwrap_or(path);
@@ -59,7 +115,7 @@ pub async fn open(url: &str) -> Result<(SharedStore, Vec<String>)> {
             .with_context(|| format!("creating store directory {path}"))?;
         let store = RedbStore::open(std::path::Path::new(path).join("idemgate.redb"))
             .with_context(|| format!("opening the file store in {path}"))?;
-        return Ok((SharedStore::new(store), Vec::new()));
+        return Ok(Opened::new(store, Vec::new(), Feed::None));
     }
     bail!(
         "unsupported store URL {url:?}: use memory:// or file:PATH (redis:// and postgres:// come later)"

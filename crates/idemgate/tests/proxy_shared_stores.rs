@@ -348,3 +348,66 @@ async fn cached_replays_cost_no_store_round_trip() {
     );
     assert_eq!(up.state.executions(), 1);
 }
+
+/// A retry waiting on instance B for a key that instance A is executing is woken by A's
+/// completion notice (Redis pub/sub, PostgreSQL NOTIFY). Polling is slowed to one per minute, so
+/// without the notice B would only look again when A's 10 s lease comes due (it is renewed), at
+/// least several seconds after the release; with it, B answers at once. The 2 s bound below is that
+/// mechanism's witness, not a speed claim.
+async fn waiters_on_other_instances_are_woken_by_notices(store: &str) {
+    let up = Upstream::start().await;
+    let args = [
+        "--waiter-poll-min",
+        "60s",
+        "--waiter-poll-max",
+        "60s",
+        "--wait-timeout",
+        "5s",
+    ];
+    let a = Proxy::start(&up.url(), store, &args);
+    let b = Proxy::start(&up.url(), store, &args);
+    let http = Http::default();
+    let key = unique("notice");
+    let first = http.spawn_post(a.url("/pay?hold=1"), key);
+    common::until(10, "A's request to reach the upstream", || {
+        up.state.held() == 1
+    })
+    .await;
+    let second = http.spawn_post(b.url("/pay?hold=1"), key);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while common::metric(&http, &b, "idemgate_waiters", "").await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B's retry never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Let B settle into its long sleep (its lease-bound nap) before A finishes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    up.state.release_held();
+    let released = std::time::Instant::now();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert!(
+        released.elapsed() < std::time::Duration::from_secs(2),
+        "B was not woken by the notice: {:?}",
+        released.elapsed()
+    );
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(second.status, StatusCode::CREATED, "{second:?}");
+    assert!(second.replayed());
+    assert_eq!(second.body, first.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_waiters_on_other_instances_are_woken_by_pubsub() {
+    if let Some(url) = store_url("IDEMGATE_TEST_REDIS_URL") {
+        waiters_on_other_instances_are_woken_by_notices(&url).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_waiters_on_other_instances_are_woken_by_notify() {
+    if let Some(url) = store_url("IDEMGATE_TEST_POSTGRES_URL") {
+        waiters_on_other_instances_are_woken_by_notices(&url).await;
+    }
+}

@@ -81,6 +81,17 @@ impl Proxy {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        // A port picked free can be taken by someone else before the child binds it: try again
+        // with fresh ports when that is why it stopped.
+        for _ in 0..5 {
+            if let Some(proxy) = Self::try_start(upstream, store, args, env) {
+                return proxy;
+            }
+        }
+        panic!("idemgate could not bind free ports five times");
+    }
+
+    fn try_start(upstream: &str, store: &str, args: &[&str], env: &[(&str, &str)]) -> Option<Self> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
@@ -117,14 +128,23 @@ impl Proxy {
                 }
             }
         });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("idemgate did not start listening");
-        Self {
+        if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let busy = logs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("Address already in use"));
+            assert!(busy, "idemgate did not start listening");
+            return None;
+        }
+        Some(Self {
             child,
             addr,
             admin,
             logs,
-        }
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
