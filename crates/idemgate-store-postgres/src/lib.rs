@@ -304,6 +304,15 @@ fn decode(row: &Row) -> Result<Record, StoreError> {
     })
 }
 
+/// One changed row: the caller held the key.
+fn cas(rows: u64) -> CasOutcome {
+    if rows == 1 {
+        CasOutcome::Applied
+    } else {
+        CasOutcome::Lost
+    }
+}
+
 fn now_of(row: &Row) -> Result<Timestamp, StoreError> {
     req_u64(row, "now").map(Timestamp)
 }
@@ -446,11 +455,7 @@ impl Store for PostgresStore {
                 ],
             )
             .await?;
-        Ok(if n == 1 {
-            CasOutcome::Applied
-        } else {
-            CasOutcome::Lost
-        })
+        Ok(cas(n))
     }
 
     async fn complete(
@@ -480,11 +485,7 @@ impl Store for PostgresStore {
                 ],
             )
             .await?;
-        Ok(if n == 1 {
-            CasOutcome::Applied
-        } else {
-            CasOutcome::Lost
-        })
+        Ok(cas(n))
     }
 
     async fn mark_unknown(
@@ -511,11 +512,7 @@ impl Store for PostgresStore {
                 ],
             )
             .await?;
-        Ok(if n == 1 {
-            CasOutcome::Applied
-        } else {
-            CasOutcome::Lost
-        })
+        Ok(cas(n))
     }
 
     async fn release(&self, key: &StoreKey, f: Fencing) -> Result<CasOutcome, StoreError> {
@@ -534,11 +531,7 @@ impl Store for PostgresStore {
                 ],
             )
             .await?;
-        Ok(if n == 1 {
-            CasOutcome::Applied
-        } else {
-            CasOutcome::Lost
-        })
+        Ok(cas(n))
     }
 
     async fn take_over(

@@ -33,16 +33,7 @@ impl Harness for Pg {
 }
 
 fn url() -> Option<String> {
-    match std::env::var("IDEMGATE_TEST_POSTGRES_URL") {
-        Ok(u) => Some(u),
-        Err(_) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "IDEMGATE_TEST_POSTGRES_URL must be set in CI"
-            );
-            None
-        }
-    }
+    idemgate_core::testkit::server_url("IDEMGATE_TEST_POSTGRES_URL")
 }
 
 async fn harness() -> Option<Pg> {
@@ -63,7 +54,6 @@ fn postgres_store_agrees_with_the_reference_model() {
         .build()
         .unwrap();
     let Some(h) = rt.block_on(harness()) else {
-        eprintln!("SKIPPED: IDEMGATE_TEST_POSTGRES_URL is not set");
         return;
     };
     model::check_against_model(
@@ -77,7 +67,6 @@ fn postgres_store_agrees_with_the_reference_model() {
 #[tokio::test]
 async fn an_unreachable_server_is_unavailable_not_a_panic() {
     if url().is_none() {
-        eprintln!("SKIPPED: IDEMGATE_TEST_POSTGRES_URL is not set");
         return;
     }
     // Nothing listens on port 1.

@@ -33,16 +33,7 @@ impl Harness for Redis {
 }
 
 fn url() -> Option<String> {
-    match std::env::var("IDEMGATE_TEST_REDIS_URL") {
-        Ok(u) => Some(u),
-        Err(_) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "IDEMGATE_TEST_REDIS_URL must be set in CI"
-            );
-            None
-        }
-    }
+    idemgate_core::testkit::server_url("IDEMGATE_TEST_REDIS_URL")
 }
 
 async fn harness() -> Option<Redis> {
@@ -64,7 +55,6 @@ fn redis_store_agrees_with_the_reference_model() {
         .build()
         .unwrap();
     let Some(h) = rt.block_on(harness()) else {
-        eprintln!("SKIPPED: IDEMGATE_TEST_REDIS_URL is not set");
         return;
     };
     model::check_against_model(&rt, &h, 128, "tests/proptest-regressions/model_redis.txt");
@@ -73,7 +63,6 @@ fn redis_store_agrees_with_the_reference_model() {
 #[tokio::test]
 async fn an_unreachable_server_is_unavailable_not_a_panic() {
     if url().is_none() {
-        eprintln!("SKIPPED: IDEMGATE_TEST_REDIS_URL is not set");
         return;
     }
     // Nothing listens on port 1.

@@ -33,27 +33,19 @@ impl Harness for Redis {
 }
 
 fn url() -> Option<Vec<String>> {
-    match std::env::var("IDEMGATE_TEST_REDIS_CLUSTER_URLS") {
-        Ok(u) => Some(
-            u.split(',')
-                .map(|n| {
-                    let n = n.trim();
-                    if n.contains("://") {
-                        n.to_owned()
-                    } else {
-                        format!("redis://{n}")
-                    }
-                })
-                .collect(),
-        ),
-        Err(_) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "IDEMGATE_TEST_REDIS_CLUSTER_URLS must be set in CI"
-            );
-            None
-        }
-    }
+    let list = idemgate_core::testkit::server_url("IDEMGATE_TEST_REDIS_CLUSTER_URLS")?;
+    Some(
+        list.split(',')
+            .map(|n| {
+                let n = n.trim();
+                if n.contains("://") {
+                    n.to_owned()
+                } else {
+                    format!("redis://{n}")
+                }
+            })
+            .collect(),
+    )
 }
 
 async fn harness() -> Option<Redis> {
@@ -75,7 +67,6 @@ fn redis_cluster_store_agrees_with_the_reference_model() {
         .build()
         .unwrap();
     let Some(h) = rt.block_on(harness()) else {
-        eprintln!("SKIPPED: IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set");
         return;
     };
     model::check_against_model(
@@ -89,7 +80,6 @@ fn redis_cluster_store_agrees_with_the_reference_model() {
 #[tokio::test]
 async fn records_spread_over_every_master_and_list_finds_them_all() {
     let Some(h) = harness().await else {
-        eprintln!("SKIPPED: IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set");
         return;
     };
     use idemgate_core::store::{ClaimOutcome, ListRequest, Store};

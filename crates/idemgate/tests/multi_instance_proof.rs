@@ -72,34 +72,23 @@ async fn prove(store: &str) {
     );
 }
 
-fn url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(u) => Some(u),
-        Err(_) => {
-            assert!(std::env::var_os("CI").is_none(), "{var} must be set in CI");
-            eprintln!("SKIPPED: {var} is not set");
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_on_redis_execute_each_key_once() {
-    if let Some(u) = url("IDEMGATE_TEST_REDIS_URL") {
+    if let Some(u) = common::server_url("IDEMGATE_TEST_REDIS_URL") {
         prove(&u).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_on_postgres_execute_each_key_once() {
-    if let Some(u) = url("IDEMGATE_TEST_POSTGRES_URL") {
+    if let Some(u) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") {
         prove(&u).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_on_redis_cluster_execute_each_key_once() {
-    if let Some(u) = url("IDEMGATE_TEST_REDIS_CLUSTER_URLS") {
+    if let Some(u) = common::server_url("IDEMGATE_TEST_REDIS_CLUSTER_URLS") {
         let nodes: Vec<&str> = u
             .split(',')
             .map(|n| n.trim().trim_start_matches("redis://"))

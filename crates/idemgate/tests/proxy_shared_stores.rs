@@ -9,17 +9,6 @@ mod common;
 use common::{Http, Proxy, Upstream};
 use http::StatusCode;
 
-fn store_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(u) => Some(u),
-        Err(_) => {
-            assert!(std::env::var_os("CI").is_none(), "{var} must be set in CI");
-            eprintln!("SKIPPED: {var} is not set");
-            None
-        }
-    }
-}
-
 async fn two_instances_share_the_work(store: &str) {
     let up = Upstream::start().await;
     let a = Proxy::start(&up.url(), store, &[]);
@@ -71,14 +60,14 @@ async fn two_instances_share_the_work(store: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_redis_execute_each_key_once() {
-    if let Some(url) = store_url("IDEMGATE_TEST_REDIS_URL") {
+    if let Some(url) = common::server_url("IDEMGATE_TEST_REDIS_URL") {
         two_instances_share_the_work(&url).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_postgres_execute_each_key_once() {
-    if let Some(url) = store_url("IDEMGATE_TEST_POSTGRES_URL") {
+    if let Some(url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") {
         two_instances_share_the_work(&url).await;
     }
 }
@@ -153,7 +142,7 @@ async fn takeover_runs_the_next_epoch(store: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_takeover_and_strict_recovery_after_sigkill() {
-    if let Some(url) = store_url("IDEMGATE_TEST_REDIS_URL") {
+    if let Some(url) = common::server_url("IDEMGATE_TEST_REDIS_URL") {
         takeover_runs_the_next_epoch(&url).await;
         // Strict mode refuses a Redis that may lose writes: give it one with AOF fsync always.
         let dir = tempfile::tempdir().unwrap();
@@ -175,7 +164,7 @@ async fn redis_takeover_and_strict_recovery_after_sigkill() {
 
 #[test]
 fn strict_mode_refuses_a_redis_that_may_lose_writes() {
-    if store_url("IDEMGATE_TEST_REDIS_URL").is_none() {
+    if common::server_url("IDEMGATE_TEST_REDIS_URL").is_none() {
         return;
     }
     // A private server without AOF: every restart would forget every record.
@@ -209,7 +198,7 @@ fn strict_mode_refuses_a_redis_that_may_lose_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_takeover_and_strict_recovery_after_sigkill() {
-    if let Some(url) = store_url("IDEMGATE_TEST_POSTGRES_URL") {
+    if let Some(url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") {
         takeover_runs_the_next_epoch(&url).await;
         strict_recovery_marks_the_key_unknown(&url).await;
     }
@@ -265,7 +254,7 @@ impl Drop for PrivateRedis {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_means_503_and_nothing_forwarded_then_service_resumes() {
-    if store_url("IDEMGATE_TEST_REDIS_URL").is_none() {
+    if common::server_url("IDEMGATE_TEST_REDIS_URL").is_none() {
         return;
     }
     let port = common::free_port();
@@ -312,7 +301,7 @@ async fn redis_down_means_503_and_nothing_forwarded_then_service_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_replays_cost_no_store_round_trip() {
-    let Some(url) = store_url("IDEMGATE_TEST_REDIS_URL") else {
+    let Some(url) = common::server_url("IDEMGATE_TEST_REDIS_URL") else {
         return;
     };
     let up = Upstream::start().await;
@@ -400,14 +389,14 @@ async fn waiters_on_other_instances_are_woken_by_notices(store: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_waiters_on_other_instances_are_woken_by_pubsub() {
-    if let Some(url) = store_url("IDEMGATE_TEST_REDIS_URL") {
+    if let Some(url) = common::server_url("IDEMGATE_TEST_REDIS_URL") {
         waiters_on_other_instances_are_woken_by_notices(&url).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_waiters_on_other_instances_are_woken_by_notify() {
-    if let Some(url) = store_url("IDEMGATE_TEST_POSTGRES_URL") {
+    if let Some(url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") {
         waiters_on_other_instances_are_woken_by_notices(&url).await;
     }
 }

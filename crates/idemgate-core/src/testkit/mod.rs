@@ -65,6 +65,20 @@ pub trait Harness: Send + Sync + 'static {
 
 static COUNTER: AtomicU64 = AtomicU64::new(1);
 
+/// The URL of a test server from the environment variable `var`. Without it, `None` and a line on
+/// stderr saying the caller skips — except under CI (`CI` set), where a missing server is a
+/// failure, never a skip.
+pub fn server_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(u) if !u.trim().is_empty() => Some(u),
+        _ => {
+            assert!(std::env::var_os("CI").is_none(), "{var} must be set in CI");
+            eprintln!("SKIPPED: {var} is not set");
+            None
+        }
+    }
+}
+
 /// A store key unique to this process run (stores shared between test runs never collide).
 pub fn fresh_key(label: &str) -> StoreKey {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -16,6 +16,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+#[allow(unused_imports)] // not every test file needs it
+pub use idemgate_core::testkit::server_url;
 pub use idemgate_demo_upstream::Upstream as UpstreamState;
 
 /// The demo upstream, serving in this process.
