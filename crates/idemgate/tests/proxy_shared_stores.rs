@@ -400,3 +400,73 @@ async fn postgres_waiters_on_other_instances_are_woken_by_notify() {
         waiters_on_other_instances_are_woken_by_notices(&url).await;
     }
 }
+
+/// PostgreSQL becomes unreachable (its database refuses connections and ours are terminated):
+/// `503`, nothing forwarded; once it accepts connections again, service resumes without a
+/// restart. A database of the test's own, so nobody else is disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_means_503_and_nothing_forwarded_then_service_resumes() {
+    let Some(admin_url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let db = format!("idemgate_outage_{}", std::process::id());
+    let psql = |sql: String| {
+        let out = std::process::Command::new("psql")
+            .args([&admin_url, "-v", "ON_ERROR_STOP=1", "-Atc", &sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    psql(format!("DROP DATABASE IF EXISTS {db}"));
+    psql(format!("CREATE DATABASE {db}"));
+    let base = admin_url.rsplit_once('/').unwrap().0;
+    let store = format!("{base}/{db}");
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&up.url(), &store, &[]);
+    let http = Http::default();
+    assert_eq!(
+        http.post(&proxy.url("/pay"), Some("before"), b"{}")
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+
+    psql(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"));
+    psql(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+    ));
+    for i in 0..20 {
+        let res = http
+            .post(&proxy.url("/pay"), Some(&format!("down-{i}")), b"{}")
+            .await;
+        assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE, "{res:?}");
+        assert_eq!(res.problem_type(), "urn:idemgate:problem:store-unavailable");
+    }
+    assert_eq!(
+        up.state.started(),
+        1,
+        "nothing is forwarded without a claim"
+    );
+
+    psql(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let res = http.post(&proxy.url("/pay"), Some("after"), b"{}").await;
+        if res.status == StatusCode::CREATED {
+            break;
+        }
+        assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "service did not resume"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.state.started(), 2);
+    drop(proxy);
+    psql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+}
