@@ -269,34 +269,9 @@ async fn redis_down_means_503_and_nothing_forwarded_then_service_resumes() {
         StatusCode::CREATED
     );
     redis.stop();
-    for i in 0..20 {
-        let res = http
-            .post(&proxy.url("/pay"), Some(&format!("down-{i}")), b"{}")
-            .await;
-        assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE, "{res:?}");
-        assert_eq!(res.problem_type(), "urn:idemgate:problem:store-unavailable");
-    }
-    assert_eq!(
-        up.state.started(),
-        1,
-        "nothing is forwarded without a claim"
-    );
+    refused_while_down(&http, &proxy, &up).await;
     let _redis = PrivateRedis::start(port);
-    // The same idemgate process reconnects on its own.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let res = http.post(&proxy.url("/pay"), Some("after"), b"{}").await;
-        if res.status == StatusCode::CREATED {
-            break;
-        }
-        assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(
-            std::time::Instant::now() < deadline,
-            "service did not resume"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(up.state.started(), 2);
+    resumes_without_restart(&http, &proxy, &up).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,6 +414,17 @@ async fn postgres_down_means_503_and_nothing_forwarded_then_service_resumes() {
     psql(format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}' AND pid <> pg_backend_pid()"
     ));
+    refused_while_down(&http, &proxy, &up).await;
+
+    psql(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+    resumes_without_restart(&http, &proxy, &up).await;
+    drop(proxy);
+    psql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+}
+
+/// While the store is down: `503` store-unavailable for new keys, and nothing reaches the upstream
+/// (which had served exactly one request before the outage).
+async fn refused_while_down(http: &Http, proxy: &Proxy, up: &Upstream) {
     for i in 0..20 {
         let res = http
             .post(&proxy.url("/pay"), Some(&format!("down-{i}")), b"{}")
@@ -451,8 +437,10 @@ async fn postgres_down_means_503_and_nothing_forwarded_then_service_resumes() {
         1,
         "nothing is forwarded without a claim"
     );
+}
 
-    psql(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+/// Once the store is back, the same idemgate process serves again (it reconnects on its own).
+async fn resumes_without_restart(http: &Http, proxy: &Proxy, up: &Upstream) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let res = http.post(&proxy.url("/pay"), Some("after"), b"{}").await;
@@ -467,6 +455,4 @@ async fn postgres_down_means_503_and_nothing_forwarded_then_service_resumes() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(up.state.started(), 2);
-    drop(proxy);
-    psql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }
