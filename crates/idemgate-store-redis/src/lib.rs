@@ -5,7 +5,7 @@
 //! ## Overview
 //!
 //! - Every operation is ONE round trip: a Lua script that reads, decides and writes atomically
-//!   (see [`scripts`](crate::scripts) for the record layout). `claim` returns the existing record in
+//!   (see [`scripts`] for the record layout). `claim` returns the existing record in
 //!   the same trip; `renew`, `complete`, `mark_unknown`, `release` and `take_over` are
 //!   compare-and-set on the epoch and token.
 //! - The server's clock (`TIME`) decides leases and expiry, never the instance's; records carry a

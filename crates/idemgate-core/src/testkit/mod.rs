@@ -1,6 +1,6 @@
 //! The store test kit: one conformance suite and one model-based property test for every store.
 //!
-//! A store crate implements [`Harness`] for its store and invokes [`conformance_tests!`]
+//! A store crate implements [`Harness`] for its store and invokes [`conformance_tests!`](crate::conformance_tests)
 //! (one `#[tokio::test]` per case) and [`model::check_against_model`] in its tests:
 //!
 //! ```
