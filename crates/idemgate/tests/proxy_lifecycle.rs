@@ -100,11 +100,7 @@ async fn sigterm_stops_accepting_finishes_in_flight_work_and_exits_cleanly() {
     let up = Upstream::start().await;
     let mut proxy = Proxy::start(&up.url(), "memory://", &[]);
     let http = Http::default();
-    let in_flight = http.spawn_post(proxy.url("/pay?hold=1"), "drain");
-    until(10, "the request to reach the upstream", || {
-        up.state.held() == 1
-    })
-    .await;
+    let in_flight = common::hold_first(&http, &up, proxy.url("/pay?hold=1"), "drain").await;
     proxy.sigterm();
     // New connections are refused once the listener is closed.
     let addr = proxy.addr;

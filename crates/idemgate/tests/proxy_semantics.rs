@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Http, Proxy, Upstream, free_port, metric, until};
+use common::{Http, Proxy, Upstream, free_port, metric};
 use http::{HeaderValue, Method, StatusCode};
 
 fn memory() -> &'static str {
@@ -345,11 +345,7 @@ async fn reject_mode_answers_409_with_retry_after_while_the_first_runs() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), memory(), &["--concurrency", "reject"]);
     let http = Http::default();
-    let first = http.spawn_post(proxy.url("/pay?hold=1"), "busy");
-    until(10, "the first request to reach the upstream", || {
-        up.state.held() == 1
-    })
-    .await;
+    let first = common::hold_first(&http, &up, proxy.url("/pay?hold=1"), "busy").await;
     let dup = http
         .post(&proxy.url("/pay?hold=1"), Some("busy"), b"{}")
         .await;
@@ -376,13 +372,8 @@ async fn wait_mode_holds_the_retry_until_the_first_completes_then_replays() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), memory(), &[]);
     let http = Http::default();
-    let spawn_post = || http.spawn_post(proxy.url("/pay?hold=1"), "w");
-    let first = spawn_post();
-    until(10, "the first request to reach the upstream", || {
-        up.state.held() == 1
-    })
-    .await;
-    let second = spawn_post();
+    let first = common::hold_first(&http, &up, proxy.url("/pay?hold=1"), "w").await;
+    let second = http.spawn_post(proxy.url("/pay?hold=1"), "w");
     // Signal: the proxy reports one waiter.
     let deadline = Instant::now() + Duration::from_secs(10);
     while metric(&http, &proxy, "idemgate_waiters", "").await < 1.0 {
@@ -402,11 +393,7 @@ async fn wait_mode_gives_409_after_the_wait_timeout() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), memory(), &["--wait-timeout", "1s"]);
     let http = Http::default();
-    let first = http.spawn_post(proxy.url("/pay?hold=1"), "slow");
-    until(10, "the first request to reach the upstream", || {
-        up.state.held() == 1
-    })
-    .await;
+    let first = common::hold_first(&http, &up, proxy.url("/pay?hold=1"), "slow").await;
     let dup = http
         .post(&proxy.url("/pay?hold=1"), Some("slow"), b"{}")
         .await;

@@ -332,11 +332,7 @@ async fn waiters_on_other_instances_are_woken_by_notices(store: &str) {
     let b = Proxy::start(&up.url(), store, &args);
     let http = Http::default();
     let key = unique("notice");
-    let first = http.spawn_post(a.url("/pay?hold=1"), key);
-    common::until(10, "A's request to reach the upstream", || {
-        up.state.held() == 1
-    })
-    .await;
+    let first = common::hold_first(&http, &up, a.url("/pay?hold=1"), key).await;
     let second = http.spawn_post(b.url("/pay?hold=1"), key);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while common::metric(&http, &b, "idemgate_waiters", "").await < 1.0 {

@@ -294,6 +294,22 @@ impl Http {
     }
 }
 
+/// Sends `key` to `url` (a `hold=1` request) in a task of its own and returns once the upstream
+/// is holding it: the key is then in flight.
+pub async fn hold_first(
+    http: &Http,
+    up: &Upstream,
+    url: String,
+    key: &'static str,
+) -> tokio::task::JoinHandle<Answer> {
+    let first = http.spawn_post(url, key);
+    until(10, "the first request to reach the upstream", || {
+        up.state.held() == 1
+    })
+    .await;
+    first
+}
+
 /// Waits until `cond` holds, checking every few milliseconds, for at most `secs` seconds.
 pub async fn until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
