@@ -14,6 +14,7 @@
 //! ```
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
@@ -247,28 +248,33 @@ fn lower(items: impl IntoIterator<Item = impl Into<String>>) -> Vec<String> {
 
 /// The routes, tried in order; the first that covers a request applies.
 #[derive(Clone, Debug, Default)]
-pub struct Routes(Vec<RoutePolicy>);
+pub struct Routes(Vec<Arc<RoutePolicy>>);
 
 impl Routes {
     /// Routes tried in the given order.
     pub fn new(routes: Vec<RoutePolicy>) -> Self {
-        Self(routes)
+        Self(routes.into_iter().map(Arc::new).collect())
     }
 
     /// The default of `idemgate serve` with no routes configured: POST and PATCH on every path,
     /// key optional (or `required`).
     pub fn catch_all(required: bool) -> Self {
-        Self(vec![RoutePolicy::new("default", "/**").required(required)])
+        Self::new(vec![RoutePolicy::new("default", "/**").required(required)])
     }
 
     /// The first route covering the request.
     pub fn find(&self, method: &Method, path: &str) -> Option<&RoutePolicy> {
+        self.find_shared(method, path).map(|r| &**r)
+    }
+
+    /// The first route covering the request, shared (a request holds it without copying it).
+    pub(crate) fn find_shared(&self, method: &Method, path: &str) -> Option<&Arc<RoutePolicy>> {
         self.0.iter().find(|r| r.covers(method, path))
     }
 
     /// All routes.
     pub fn iter(&self) -> impl Iterator<Item = &RoutePolicy> {
-        self.0.iter()
+        self.0.iter().map(|r| &**r)
     }
 }
 

@@ -181,7 +181,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
-        let Some(route) = shared.routes.find(req.method(), req.uri().path()).cloned() else {
+        let Some(route) = shared.routes.find_shared(req.method(), req.uri().path()).cloned() else {
             count("passthrough", "");
             return ResponseFuture::pass(inner.call(req.map(boxed)));
         };
@@ -225,7 +225,9 @@ where
             count("too_large", &route.name);
             return ResponseFuture::ready(too_large(route.max_request_body));
         }
-        let span = tracing::info_span!("idempotent_request",
+        // Debug level: at the default `info` the span is disabled and costs nothing per request
+        // (formatting its fields was ~8% of a replay's CPU); warnings carry route and key.
+        let span = tracing::debug_span!("idempotent_request",
             route = %route.name, method = %req.method(), path = %req.uri().path(),
             key = %key, outcome = tracing::field::Empty);
         let fut = protect(shared, route, inner, req, key).instrument(span);
@@ -252,24 +254,31 @@ enum UpstreamBody {
     Streaming(IdemBody),
 }
 
-fn classifier(route: &RoutePolicy) -> impl Fn(&UpstreamResult) -> Disposition + Send + 'static {
-    let transient = route.transient_statuses.clone();
-    let deny = route.deny_response_headers.clone();
-    let allow = route.allow_response_headers.clone();
-    let limit = route.max_response_body;
+fn classifier(
+    route: Arc<RoutePolicy>,
+) -> impl Fn(&UpstreamResult) -> Disposition + Send + 'static {
     move |result| match result {
         Err(e) if e.is_not_sent() => Disposition::Release,
         Err(_) => Disposition::Unknown,
-        Ok(r) if transient.contains(&r.parts.status.as_u16()) => Disposition::Release,
+        Ok(r) if route.transient_statuses.contains(&r.parts.status.as_u16()) => {
+            Disposition::Release
+        }
         Ok(r) => match &r.body {
             UpstreamBody::Buffered(body) => Disposition::Store(Outcome::Response(StoredResponse {
                 status: r.parts.status.as_u16(),
-                headers: storable(&r.parts.headers, allow.as_deref(), &deny),
+                headers: storable(
+                    &r.parts.headers,
+                    route.allow_response_headers.as_deref(),
+                    &route.deny_response_headers,
+                ),
                 body: body.clone(),
             })),
             UpstreamBody::Streaming(_) => Disposition::Store(Outcome::NotReplayable {
                 status: r.parts.status.as_u16(),
-                reason: format!("response body over the {limit}-byte limit"),
+                reason: format!(
+                    "response body over the {}-byte limit",
+                    route.max_response_body
+                ),
             }),
         },
     }
@@ -320,7 +329,7 @@ where
 
 async fn protect<I, S, ReqB, ResB>(
     shared: Arc<Shared<S>>,
-    route: RoutePolicy,
+    route: Arc<RoutePolicy>,
     inner: I,
     req: Request<ReqB>,
     key: IdempotencyKey,
@@ -386,7 +395,7 @@ where
     let (limit, timeout) = (route.max_response_body, shared.response_timeout);
     let result = shared
         .engine
-        .run(&scoped, fingerprint, &route.engine, classifier(&route), {
+        .run(&scoped, fingerprint, &route.engine, classifier(route.clone()), {
             let request_for = request_for.clone();
             move |dispatch| forward(inner, request_for(dispatch.epoch), limit, timeout)
         })
@@ -457,7 +466,8 @@ where
         ),
         Err(e) => match fallback {
             Some(mut inner) => {
-                tracing::warn!(error = %e, "store unavailable; forwarding without protection (fail open)");
+                tracing::warn!(route = %route.name, key = %scoped.key(), error = %e,
+                    "store unavailable; forwarding without protection (fail open)");
                 futures_util::future::poll_fn(|cx| inner.poll_ready(cx))
                     .await
                     .map_err(Into::into)?;
@@ -465,7 +475,8 @@ where
                 finish("store_error", res.map(boxed))
             }
             None => {
-                tracing::warn!(error = %e, "store unavailable; refusing (fail closed)");
+                tracing::warn!(route = %route.name, key = %scoped.key(), error = %e,
+                    "store unavailable; refusing (fail closed)");
                 finish(
                     "store_error",
                     ProblemKind::StoreUnavailable

@@ -113,6 +113,10 @@ pub struct ServeArgs {
     /// Most requests waiting on in-flight duplicates at once [default: 10000].
     #[arg(long, env = "IDEMGATE_MAX_WAITERS")]
     pub max_waiters: Option<usize>,
+    /// Proxy worker threads, each serving its share of the connections on its own
+    /// single-threaded runtime [default: one per CPU].
+    #[arg(long, env = "IDEMGATE_WORKERS")]
+    pub workers: Option<usize>,
 }
 
 /// The `[[route]]` tables of the config file. Unset fields take the global settings.
@@ -173,6 +177,7 @@ pub struct FileConfig {
     replay_cache_entries: Option<usize>,
     waiter_poll_max: Option<String>,
     waiter_poll_min: Option<String>,
+    workers: Option<usize>,
     #[serde(default)]
     route: Vec<RouteConfig>,
 }
@@ -194,6 +199,7 @@ pub struct Settings {
     pub replay_cache_entries: usize,
     pub waiter_poll_min: Duration,
     pub waiter_poll_max: Duration,
+    pub workers: usize,
     pub routes: Routes,
 }
 
@@ -484,6 +490,11 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
             .replay_cache_entries
             .or(file.replay_cache_entries)
             .unwrap_or(100_000),
+        workers: match args.workers.or(file.workers) {
+            Some(0) => bail!("workers must be at least 1"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+        },
         routes,
     })
 }

@@ -9,6 +9,7 @@ mod keys;
 mod serve;
 mod store;
 mod upstream;
+mod workers;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -1,13 +1,9 @@
 //! `idemgate serve`: the proxy listener, the admin listener, and graceful shutdown.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use idemgate_core::Engine;
 use idemgate_core::sweeper::spawn_sweeper;
 use idemgate_tower::IdempotencyLayer;
@@ -17,7 +13,7 @@ use tokio::net::TcpListener;
 use crate::admin::{self, AdminState};
 use crate::config::Settings;
 use crate::store::{self, Instrumented};
-use crate::upstream::Upstream;
+use crate::workers::{WorkerPlan, Workers};
 use idemgate_core::SharedStore;
 use idemgate_core::cache::CachedStore;
 
@@ -83,12 +79,12 @@ pub async fn run(settings: Settings) -> Result<()> {
         settings.store.starts_with("redis") || settings.store.starts_with("postgres");
     let store = if shared_store && settings.replay_cache_entries > 0 {
         SharedStore::new(
-            CachedStore::builder(Instrumented(shared))
+            CachedStore::builder(Instrumented::new(shared))
                 .capacity(settings.replay_cache_entries)
                 .build(),
         )
     } else {
-        SharedStore::new(Instrumented(shared))
+        SharedStore::new(Instrumented::new(shared))
     };
     let engine = Engine::builder(store.clone())
         .lease_ttl(settings.lease_ttl)
@@ -107,12 +103,6 @@ pub async fn run(settings: Settings) -> Result<()> {
         .namespace(settings.namespace.clone())
         .response_timeout(settings.response_timeout)
         .build();
-    let service = tower::ServiceBuilder::new()
-        .layer(layer)
-        .service(Upstream::new(
-            settings.upstream.clone(),
-            settings.connect_timeout,
-        ));
 
     let listener = TcpListener::bind(settings.listen)
         .await
@@ -145,8 +135,16 @@ pub async fn run(settings: Settings) -> Result<()> {
         }
     });
 
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut workers = Workers::start(
+        settings.workers,
+        &WorkerPlan {
+            layer,
+            upstream: settings.upstream.clone(),
+            connect_timeout: settings.connect_timeout,
+            engine: engine.clone(),
+            drain_timeout: settings.drain_timeout,
+        },
+    )?;
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         tokio::select! {
@@ -160,34 +158,17 @@ pub async fn run(settings: Settings) -> Result<()> {
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
-                let svc = TowerToHyperService::new(service.clone());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+                workers.hand_over(stream).await;
             }
             _ = &mut shutdown => break,
         }
     }
 
-    // Drain: stop accepting, let open requests finish, then wait for operations whose clients
-    // went away (their outcomes are still being recorded).
+    // Drain: stop accepting; each worker lets its open requests finish, then waits for operations
+    // whose clients went away (their outcomes are still being recorded).
     drop(listener);
-    let deadline = Instant::now() + settings.drain_timeout;
     tracing::info!(timeout = ?settings.drain_timeout, "shutting down: draining in-flight requests");
-    if tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timeout: closing connections that are still open");
-    }
-    while engine.stats().in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    workers.stop().await;
     let left = engine.stats().in_flight.load(Ordering::SeqCst);
     if left > 0 {
         tracing::warn!(

@@ -139,16 +139,45 @@ pub fn redact(url: &str) -> String {
 
 /// Records `idemgate_store_operation_seconds{op}` for every call.
 #[derive(Clone)]
-pub struct Instrumented(pub SharedStore);
+pub struct Instrumented {
+    store: SharedStore,
+    /// Handles for the per-request operations, registered once (a lookup by name and labels
+    /// on every call showed in profiles).
+    claim: metrics::Histogram,
+    complete: metrics::Histogram,
+}
+
+impl Instrumented {
+    /// Wraps `store`; call after the metrics recorder is installed.
+    pub fn new(store: SharedStore) -> Self {
+        Self {
+            store,
+            claim: metrics::histogram!("idemgate_store_operation_seconds", "op" => "claim"),
+            complete: metrics::histogram!("idemgate_store_operation_seconds", "op" => "complete"),
+        }
+    }
+}
 
 async fn timed<T>(
     op: &'static str,
     fut: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
+    timed_into(
+        &metrics::histogram!("idemgate_store_operation_seconds", "op" => op),
+        op,
+        fut,
+    )
+    .await
+}
+
+async fn timed_into<T>(
+    histogram: &metrics::Histogram,
+    op: &'static str,
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
     let start = Instant::now();
     let out = fut.await;
-    metrics::histogram!("idemgate_store_operation_seconds", "op" => op)
-        .record(start.elapsed().as_secs_f64());
+    histogram.record(start.elapsed().as_secs_f64());
     if let Err(e) = &out {
         metrics::counter!("idemgate_store_errors_total", "op" => op, "kind" => e.kind().as_str())
             .increment(1);
@@ -158,7 +187,7 @@ async fn timed<T>(
 
 impl Store for Instrumented {
     async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        timed("claim", self.0.claim(key, req)).await
+        timed_into(&self.claim, "claim", self.store.claim(key, req)).await
     }
     async fn renew(
         &self,
@@ -166,7 +195,7 @@ impl Store for Instrumented {
         f: Fencing,
         lease: Duration,
     ) -> Result<CasOutcome, StoreError> {
-        timed("renew", self.0.renew(key, f, lease)).await
+        timed("renew", self.store.renew(key, f, lease)).await
     }
     async fn complete(
         &self,
@@ -175,7 +204,12 @@ impl Store for Instrumented {
         outcome: &Outcome,
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
-        timed("complete", self.0.complete(key, f, outcome, ttl)).await
+        timed_into(
+            &self.complete,
+            "complete",
+            self.store.complete(key, f, outcome, ttl),
+        )
+        .await
     }
     async fn mark_unknown(
         &self,
@@ -183,29 +217,29 @@ impl Store for Instrumented {
         f: Fencing,
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
-        timed("mark_unknown", self.0.mark_unknown(key, f, ttl)).await
+        timed("mark_unknown", self.store.mark_unknown(key, f, ttl)).await
     }
     async fn release(&self, key: &StoreKey, f: Fencing) -> Result<CasOutcome, StoreError> {
-        timed("release", self.0.release(key, f)).await
+        timed("release", self.store.release(key, f)).await
     }
     async fn take_over(
         &self,
         key: &StoreKey,
         req: &TakeOverRequest,
     ) -> Result<TakeOverOutcome, StoreError> {
-        timed("take_over", self.0.take_over(key, req)).await
+        timed("take_over", self.store.take_over(key, req)).await
     }
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
-        timed("get", self.0.get(key)).await
+        timed("get", self.store.get(key)).await
     }
     async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        timed("delete", self.0.delete(key)).await
+        timed("delete", self.store.delete(key)).await
     }
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
-        timed("list", self.0.list(req)).await
+        timed("list", self.store.list(req)).await
     }
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
-        timed("purge_expired", self.0.purge_expired(limit)).await
+        timed("purge_expired", self.store.purge_expired(limit)).await
     }
 }
 
