@@ -181,7 +181,11 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
-        let Some(route) = shared.routes.find_shared(req.method(), req.uri().path()).cloned() else {
+        let Some(route) = shared
+            .routes
+            .find_shared(req.method(), req.uri().path())
+            .cloned()
+        else {
             count("passthrough", "");
             return ResponseFuture::pass(inner.call(req.map(boxed)));
         };
@@ -254,9 +258,7 @@ enum UpstreamBody {
     Streaming(IdemBody),
 }
 
-fn classifier(
-    route: Arc<RoutePolicy>,
-) -> impl Fn(&UpstreamResult) -> Disposition + Send + 'static {
+fn classifier(route: Arc<RoutePolicy>) -> impl Fn(&UpstreamResult) -> Disposition + Send + 'static {
     move |result| match result {
         Err(e) if e.is_not_sent() => Disposition::Release,
         Err(_) => Disposition::Unknown,
@@ -395,10 +397,16 @@ where
     let (limit, timeout) = (route.max_response_body, shared.response_timeout);
     let result = shared
         .engine
-        .run(&scoped, fingerprint, &route.engine, classifier(route.clone()), {
-            let request_for = request_for.clone();
-            move |dispatch| forward(inner, request_for(dispatch.epoch), limit, timeout)
-        })
+        .run(
+            &scoped,
+            fingerprint,
+            &route.engine,
+            classifier(route.clone()),
+            {
+                let request_for = request_for.clone();
+                move |dispatch| forward(inner, request_for(dispatch.epoch), limit, timeout)
+            },
+        )
         .await;
     match result {
         Ok(Execution::Executed { value, .. }) => match value {

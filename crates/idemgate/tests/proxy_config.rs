@@ -82,7 +82,13 @@ fn bad_settings_stop_the_binary_with_a_reason() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported store URL"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
-        .args(["serve", "--upstream", "http://127.0.0.1:1", "--workers", "0"])
+        .args([
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--workers",
+            "0",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -72,6 +72,9 @@ fn row_rank(label: &str, mode: Mode) -> (usize, Mode) {
 }
 
 fn mode_title(label: &str, mode: Mode) -> &'static str {
+    if label == "upstream" {
+        return "direct (no proxy)";
+    }
     if !label.starts_with("idemgate") {
         return "plain proxying";
     }
