@@ -242,22 +242,38 @@ impl Record {
 
     /// Encodes with the current [`ENCODING_VERSION`].
     pub fn encode(&self) -> Vec<u8> {
-        let body_len = match &self.state {
+        let mut w = Vec::with_capacity(self.encoded_len_hint());
+        self.encode_into(&mut w);
+        w
+    }
+
+    /// An upper bound of the encoded length (exact but for a few bytes of slack).
+    pub(crate) fn encoded_len_hint(&self) -> usize {
+        let state = match &self.state {
             RecordState::Completed {
                 outcome: Outcome::Response(r),
                 ..
-            } => r.payload_len() + 8 * r.headers.len(),
-            _ => 0,
+            } => 24 + r.payload_len() + 8 * r.headers.len(),
+            RecordState::Completed {
+                outcome: Outcome::NotReplayable { reason, .. },
+                ..
+            } => 32 + reason.len(),
+            RecordState::InFlight { owner, .. } => 48 + owner.len(),
+            RecordState::Unknown { .. } => 24,
         };
-        let mut w = Vec::with_capacity(128 + body_len + self.idempotency_key.len());
+        64 + self.namespace.len() + self.scope.len() + self.idempotency_key.len() + state
+    }
+
+    /// Appends the encoding to `w`.
+    pub(crate) fn encode_into(&self, w: &mut Vec<u8>) {
         w.push(ENCODING_VERSION);
-        put_str(&mut w, &self.namespace);
-        put_str(&mut w, &self.scope);
-        put_str(&mut w, &self.idempotency_key);
+        put_str(w, &self.namespace);
+        put_str(w, &self.scope);
+        put_str(w, &self.idempotency_key);
         w.push(self.fingerprint.algorithm.tag());
         w.extend_from_slice(&self.fingerprint.digest);
-        put_u64(&mut w, self.created_at.0);
-        put_u64(&mut w, self.expires_at.0);
+        put_u64(w, self.created_at.0);
+        put_u64(w, self.expires_at.0);
         match &self.state {
             RecordState::InFlight {
                 fencing,
@@ -265,10 +281,10 @@ impl Record {
                 lease_expires_at,
             } => {
                 w.push(1);
-                put_u64(&mut w, fencing.epoch);
+                put_u64(w, fencing.epoch);
                 w.extend_from_slice(&fencing.token.to_le_bytes());
-                put_str(&mut w, owner);
-                put_u64(&mut w, lease_expires_at.0);
+                put_str(w, owner);
+                put_u64(w, lease_expires_at.0);
             }
             RecordState::Completed {
                 epoch,
@@ -276,17 +292,16 @@ impl Record {
                 outcome,
             } => {
                 w.push(2);
-                put_u64(&mut w, *epoch);
-                put_u64(&mut w, completed_at.0);
-                outcome.encode_into(&mut w);
+                put_u64(w, *epoch);
+                put_u64(w, completed_at.0);
+                outcome.encode_into(w);
             }
             RecordState::Unknown { epoch, since } => {
                 w.push(3);
-                put_u64(&mut w, *epoch);
-                put_u64(&mut w, since.0);
+                put_u64(w, *epoch);
+                put_u64(w, since.0);
             }
         }
-        w
     }
 
     /// Decodes bytes written by [`Record::encode`]. Garbage, truncation, trailing bytes or an

@@ -2,7 +2,8 @@
 //!
 //! Fills a fresh [`MemoryStore`] with `--records` completed records shaped like the proxy's (a
 //! scoped key of a principal, a 36-character client key, a BLAKE3 fingerprint, a `201` answer
-//! with a `content-type` header and the ~200-byte benchmark body, each body its own allocation)
+//! with the headers the proxy stores from the bench upstream, `content-type` and `date`, and the
+//! ~200-byte benchmark body, each body its own allocation)
 //! and prints, as one JSON line, the growth of the process's resident set size (`VmRSS`) per
 //! record, with and without the body bytes. Linux only (reads `/proc/self/status`).
 
