@@ -28,8 +28,13 @@ use bytes::Bytes;
 use crate::clock::Timestamp;
 use crate::fingerprint::{Algorithm, Fingerprint};
 
-/// The first byte of every encoded record.
-pub const ENCODING_VERSION: u8 = 1;
+/// The first byte of every encoded record. Version 2 writes lengths, epochs and timestamps as
+/// LEB128 varints (version 1, still read, wrote them as 4- and 8-byte integers); the layout is
+/// otherwise the same.
+pub const ENCODING_VERSION: u8 = 2;
+
+/// The first encoding version, still decoded.
+const ENCODING_V1: u8 = 1;
 
 /// The largest payload (body plus headers) a record may hold: 16 MiB. Larger outcomes must be stored as
 /// [`Outcome::NotReplayable`]; stores refuse bigger bodies with a `Capacity` error.
@@ -102,13 +107,13 @@ impl Outcome {
             Outcome::Response(r) => 16 + r.payload_len() + 8 * r.headers.len(),
             Outcome::NotReplayable { reason, .. } => 8 + reason.len(),
         });
-        self.encode_into(&mut w);
+        self.encode_into(&mut w, Lengths::Fixed);
         w
     }
 
     /// Inverse of [`Outcome::encode`]; garbage is an error, never a panic.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader { buf: bytes, pos: 0 };
+        let mut r = Reader::new(bytes, Lengths::Fixed);
         let outcome = Self::read(&mut r)?;
         if r.remaining() != 0 {
             return Err(DecodeError::TrailingBytes(r.remaining()));
@@ -116,22 +121,22 @@ impl Outcome {
         Ok(outcome)
     }
 
-    fn encode_into(&self, w: &mut Vec<u8>) {
+    fn encode_into(&self, w: &mut Vec<u8>, l: Lengths) {
         match self {
             Outcome::Response(r) => {
                 w.push(1);
                 w.extend_from_slice(&r.status.to_le_bytes());
-                put_u32(w, r.headers.len());
+                put_len(w, r.headers.len(), l);
                 for (name, value) in &r.headers {
-                    put_str(w, name);
-                    put_bytes(w, value);
+                    put_bytes(w, name.as_bytes(), l);
+                    put_bytes(w, value, l);
                 }
-                put_bytes(w, &r.body);
+                put_bytes(w, &r.body, l);
             }
             Outcome::NotReplayable { status, reason } => {
                 w.push(2);
                 w.extend_from_slice(&status.to_le_bytes());
-                put_str(w, reason);
+                put_bytes(w, reason.as_bytes(), l);
             }
         }
     }
@@ -140,9 +145,9 @@ impl Outcome {
         Ok(match r.u8()? {
             1 => {
                 let status = u16::from_le_bytes(r.array()?);
-                let count = r.u32()?;
-                // Each header takes at least 8 bytes: bound the allocation by the input.
-                if count > r.remaining() / 8 {
+                let count = r.len()?;
+                // Each header takes at least two length prefixes: bound the allocation by the input.
+                if count > r.remaining() / r.lengths.min_len_prefixes(2) {
                     return Err(DecodeError::Truncated);
                 }
                 let mut headers = Vec::with_capacity(count);
@@ -266,14 +271,18 @@ impl Record {
 
     /// Appends the encoding to `w`.
     pub(crate) fn encode_into(&self, w: &mut Vec<u8>) {
-        w.push(ENCODING_VERSION);
-        put_str(w, &self.namespace);
-        put_str(w, &self.scope);
-        put_str(w, &self.idempotency_key);
+        self.encode_as(w, ENCODING_VERSION, Lengths::Varint);
+    }
+
+    fn encode_as(&self, w: &mut Vec<u8>, version: u8, lengths: Lengths) {
+        w.push(version);
+        put_bytes(w, self.namespace.as_bytes(), lengths);
+        put_bytes(w, self.scope.as_bytes(), lengths);
+        put_bytes(w, self.idempotency_key.as_bytes(), lengths);
         w.push(self.fingerprint.algorithm.tag());
         w.extend_from_slice(&self.fingerprint.digest);
-        put_u64(w, self.created_at.0);
-        put_u64(w, self.expires_at.0);
+        put_int(w, self.created_at.0, lengths);
+        put_int(w, self.expires_at.0, lengths);
         match &self.state {
             RecordState::InFlight {
                 fencing,
@@ -281,10 +290,10 @@ impl Record {
                 lease_expires_at,
             } => {
                 w.push(1);
-                put_u64(w, fencing.epoch);
+                put_int(w, fencing.epoch, lengths);
                 w.extend_from_slice(&fencing.token.to_le_bytes());
-                put_str(w, owner);
-                put_u64(w, lease_expires_at.0);
+                put_bytes(w, owner.as_bytes(), lengths);
+                put_int(w, lease_expires_at.0, lengths);
             }
             RecordState::Completed {
                 epoch,
@@ -292,14 +301,14 @@ impl Record {
                 outcome,
             } => {
                 w.push(2);
-                put_u64(w, *epoch);
-                put_u64(w, completed_at.0);
-                outcome.encode_into(w);
+                put_int(w, *epoch, lengths);
+                put_int(w, completed_at.0, lengths);
+                outcome.encode_into(w, lengths);
             }
             RecordState::Unknown { epoch, since } => {
                 w.push(3);
-                put_u64(w, *epoch);
-                put_u64(w, since.0);
+                put_int(w, *epoch, lengths);
+                put_int(w, since.0, lengths);
             }
         }
     }
@@ -307,11 +316,7 @@ impl Record {
     /// Decodes bytes written by [`Record::encode`]. Garbage, truncation, trailing bytes or an
     /// unknown version give an error, never a panic.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader { buf: bytes, pos: 0 };
-        let version = r.u8()?;
-        if version != ENCODING_VERSION {
-            return Err(DecodeError::UnknownVersion(version));
-        }
+        let mut r = Reader::for_record(bytes)?;
         let namespace = r.string()?;
         let scope = r.string()?;
         let idempotency_key = r.string()?;
@@ -321,20 +326,20 @@ impl Record {
             tag: alg_tag,
         })?;
         let digest: [u8; 32] = r.array()?;
-        let created_at = Timestamp(r.u64()?);
-        let expires_at = Timestamp(r.u64()?);
+        let created_at = Timestamp(r.int()?);
+        let expires_at = Timestamp(r.int()?);
         let state = match r.u8()? {
             1 => RecordState::InFlight {
                 fencing: Fencing {
-                    epoch: r.u64()?,
+                    epoch: r.int()?,
                     token: u128::from_le_bytes(r.array()?),
                 },
                 owner: r.string()?,
-                lease_expires_at: Timestamp(r.u64()?),
+                lease_expires_at: Timestamp(r.int()?),
             },
             2 => {
-                let epoch = r.u64()?;
-                let completed_at = Timestamp(r.u64()?);
+                let epoch = r.int()?;
+                let completed_at = Timestamp(r.int()?);
                 let outcome = Outcome::read(&mut r)?;
                 RecordState::Completed {
                     epoch,
@@ -343,8 +348,8 @@ impl Record {
                 }
             }
             3 => RecordState::Unknown {
-                epoch: r.u64()?,
-                since: Timestamp(r.u64()?),
+                epoch: r.int()?,
+                since: Timestamp(r.int()?),
             },
             tag => {
                 return Err(DecodeError::BadTag {
@@ -377,8 +382,11 @@ pub enum DecodeError {
     #[error("record is truncated")]
     Truncated,
     /// The version byte is not one this build reads.
-    #[error("record encoding version {0} is unknown (this build reads {ENCODING_VERSION})")]
+    #[error("record encoding version {0} is unknown (this build reads 1 to {ENCODING_VERSION})")]
     UnknownVersion(u8),
+    /// A varint (length, epoch or timestamp) is malformed or overlong.
+    #[error("record holds a malformed varint")]
+    BadLength,
     /// A tag byte has no meaning.
     #[error("record has an invalid {field} tag {tag}")]
     BadTag {
@@ -395,30 +403,89 @@ pub enum DecodeError {
     TrailingBytes(usize),
 }
 
-fn put_u64(w: &mut Vec<u8>, v: u64) {
-    w.extend_from_slice(&v.to_le_bytes());
+/// How lengths are written: 4-byte little-endian (record version 1, and [`Outcome::encode`],
+/// which Redis and PostgreSQL keep), or LEB128 varints (record version 2).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Lengths {
+    Fixed,
+    Varint,
 }
 
-fn put_u32(w: &mut Vec<u8>, v: usize) {
-    // Lengths are bounded by MAX_BODY_LEN and key limits, far below u32::MAX.
-    w.extend_from_slice(&u32::try_from(v).unwrap_or(u32::MAX).to_le_bytes());
+impl Lengths {
+    /// The fewest bytes `n` length prefixes can take.
+    fn min_len_prefixes(self, n: usize) -> usize {
+        match self {
+            Lengths::Fixed => 4 * n,
+            Lengths::Varint => n,
+        }
+    }
 }
 
-fn put_bytes(w: &mut Vec<u8>, b: &[u8]) {
-    put_u32(w, b.len());
+fn put_len(w: &mut Vec<u8>, v: usize, l: Lengths) {
+    match l {
+        // Lengths are bounded by MAX_BODY_LEN and key limits, far below u32::MAX.
+        Lengths::Fixed => w.extend_from_slice(&u32::try_from(v).unwrap_or(u32::MAX).to_le_bytes()),
+        Lengths::Varint => put_varint(w, v as u64),
+    }
+}
+
+/// An epoch or a timestamp: 8 bytes little-endian (version 1) or a varint (version 2).
+fn put_int(w: &mut Vec<u8>, v: u64, l: Lengths) {
+    match l {
+        Lengths::Fixed => w.extend_from_slice(&v.to_le_bytes()),
+        Lengths::Varint => put_varint(w, v),
+    }
+}
+
+fn put_varint(w: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        w.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    w.push(v as u8);
+}
+
+fn put_bytes(w: &mut Vec<u8>, b: &[u8], l: Lengths) {
+    put_len(w, b.len(), l);
     w.extend_from_slice(b);
 }
 
-fn put_str(w: &mut Vec<u8>, s: &str) {
-    put_bytes(w, s.as_bytes());
+/// The expiry time of an encoded record, read without decoding the rest (for stores that scan).
+pub(crate) fn encoded_expires_at(bytes: &[u8]) -> Result<Timestamp, DecodeError> {
+    let mut r = Reader::for_record(bytes)?;
+    for _ in 0..3 {
+        r.bytes()?; // namespace, scope, client key
+    }
+    r.take(1 + 32)?; // fingerprint algorithm and digest
+    r.int()?; // created_at
+    Ok(Timestamp(r.int()?))
 }
 
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    lengths: Lengths,
 }
 
 impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8], lengths: Lengths) -> Self {
+        Self {
+            buf,
+            pos: 0,
+            lengths,
+        }
+    }
+
+    /// A reader past the version byte of an encoded record.
+    fn for_record(buf: &'a [u8]) -> Result<Self, DecodeError> {
+        let mut r = Self::new(buf, Lengths::Fixed);
+        r.lengths = match r.u8()? {
+            ENCODING_V1 => Lengths::Fixed,
+            ENCODING_VERSION => Lengths::Varint,
+            other => return Err(DecodeError::UnknownVersion(other)),
+        };
+        Ok(r)
+    }
     fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
@@ -442,8 +509,38 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
 
-    fn u32(&mut self) -> Result<usize, DecodeError> {
-        Ok(u32::from_le_bytes(self.array()?) as usize)
+    fn len(&mut self) -> Result<usize, DecodeError> {
+        match self.lengths {
+            Lengths::Fixed => Ok(u32::from_le_bytes(self.array()?) as usize),
+            // At most five bytes: no length exceeds u32.
+            Lengths::Varint => usize::try_from(self.varint(5)?).map_err(|_| DecodeError::BadLength),
+        }
+    }
+
+    /// An epoch or a timestamp (see `put_int`).
+    fn int(&mut self) -> Result<u64, DecodeError> {
+        match self.lengths {
+            Lengths::Fixed => self.u64(),
+            Lengths::Varint => self.varint(10),
+        }
+    }
+
+    /// A LEB128 varint of at most `max_bytes` bytes.
+    fn varint(&mut self, max_bytes: usize) -> Result<u64, DecodeError> {
+        let mut v: u64 = 0;
+        for i in 0..max_bytes {
+            let b = self.u8()?;
+            let shift = 7 * i as u32;
+            let bits = u64::from(b & 0x7f);
+            if shift >= 64 || (shift > 0 && bits >> (64 - shift) != 0) {
+                return Err(DecodeError::BadLength);
+            }
+            v |= bits << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(DecodeError::BadLength)
     }
 
     fn u64(&mut self) -> Result<u64, DecodeError> {
@@ -451,7 +548,7 @@ impl<'a> Reader<'a> {
     }
 
     fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
-        let n = self.u32()?;
+        let n = self.len()?;
         self.take(n)
     }
 
@@ -545,6 +642,44 @@ mod tests {
         assert_eq!(Record::decode(&bytes), Err(DecodeError::TrailingBytes(1)));
         bytes[0] = 9;
         assert_eq!(Record::decode(&bytes), Err(DecodeError::UnknownVersion(9)));
+    }
+
+    #[test]
+    fn version_1_records_still_decode_and_version_2_is_smaller() {
+        for record in [
+            sample(RecordState::Completed {
+                epoch: 3,
+                completed_at: Timestamp(9),
+                outcome: Outcome::Response(StoredResponse::new(
+                    201,
+                    vec![(
+                        "content-type".into(),
+                        Bytes::from_static(b"application/json"),
+                    )],
+                    "{}",
+                )),
+            }),
+            sample(RecordState::Unknown {
+                epoch: 2,
+                since: Timestamp(5),
+            }),
+        ] {
+            let mut v1 = Vec::new();
+            record.encode_as(&mut v1, ENCODING_V1, Lengths::Fixed);
+            assert_eq!(v1[0], 1);
+            assert_eq!(Record::decode(&v1).unwrap(), record);
+            let v2 = record.encode();
+            assert!(v2.len() < v1.len());
+            assert_eq!(encoded_expires_at(&v1).unwrap(), record.expires_at);
+            assert_eq!(encoded_expires_at(&v2).unwrap(), record.expires_at);
+        }
+    }
+
+    #[test]
+    fn overlong_varint_lengths_are_refused() {
+        let mut bytes = vec![ENCODING_VERSION];
+        bytes.extend_from_slice(&[0xff; 6]);
+        assert_eq!(Record::decode(&bytes), Err(DecodeError::BadLength));
     }
 
     proptest! {
