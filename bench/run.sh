@@ -20,8 +20,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-quick=0
+quick=0 report_only=""
 [[ "${1:-}" == "--quick" ]] && quick=1
+# `bench/run.sh --report DIR`: regenerate docs/performance.md from an earlier run's directory.
+if [[ "${1:-}" == "--report" ]]; then report_only=${2:?usage: bench/run.sh --report DIR}; fi
 if ((quick)); then
   reps=${BENCH_REPS:-1} duration=${BENCH_DURATION_MS:-800} warmup=${BENCH_WARMUP_MS:-200}
   conns=${BENCH_CONNS:-16} delays=${BENCH_DELAYS:-0} profile=${BENCH_PROFILE:-dev}
@@ -42,7 +44,11 @@ command -v nginx >/dev/null || { echo "bench: nginx is not installed (apt-get in
 cargo build --profile "$profile" -q -p idemgate -p idemgate-bench
 bin=target/$([[ "$profile" == dev ]] && echo debug || echo "$profile")
 
-work=$(mktemp -d /tmp/idemgate-bench.XXXXXX)
+if [[ -n "$report_only" ]]; then
+  work=$report_only
+else
+  work=$(mktemp -d /tmp/idemgate-bench.XXXXXX)
+fi
 results=$work/results.jsonl
 pids=()
 cleanup() {
@@ -113,6 +119,7 @@ run_target() { # target store delay rep
   if [[ "$1" == upstream ]]; then proxy_port=$proxy_port_saved; else stop "$target_pid"; fi
 }
 
+if [[ -z "$report_only" ]]; then
 echo "bench: profile $profile, $reps repetition(s), ${duration} ms windows (+${warmup} ms warm-up), connections: $conns, upstream delays: $delays ms, stores: $stores"
 for rep in $(seq "$reps"); do
   for delay in $delays; do
@@ -133,7 +140,12 @@ cat "$work/footprint.jsonl"
 
 if ((!quick)); then
   echo "bench: store round trips"
-  bench/store-roundtrips.sh 300 | tee "$work/roundtrips.txt"
+  if ! bench/store-roundtrips.sh 300 >"$work/roundtrips.txt"; then
+    echo "bench: the round-trip count failed" >&2
+    failed=1
+  fi
+  cat "$work/roundtrips.txt"
+fi
 fi
 
 report=$work/report.md

@@ -23,7 +23,9 @@ redis_calls() { redis-cli -h 127.0.0.1 info commandstats | awk -F'[:=,]' '/^cmds
 pg_commits() { psql -h 127.0.0.1 -U postgres -d test -Atc "select xact_commit from pg_stat_database where datname = 'test'"; }
 
 run() { # name, store url, counter function, seconds for the server's counters to settle
-  local port=$((RANDOM % 1000 + 40000)) admin=$((RANDOM % 1000 + 41000)) run=$RANDOM$RANDOM
+  # Fixed ports below the ephemeral range (random ones there could collide with the many
+  # client sockets a benchmark run leaves behind).
+  local port=3918 admin=3919 run=$RANDOM$RANDOM
   target/release/idemgate serve --upstream http://127.0.0.1:3917 --store "$2" \
     --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin 2>/dev/null &
   local pid=$!
