@@ -60,37 +60,23 @@ async fn flags_beat_env_which_beats_the_file() {
     );
 }
 
+/// Runs `idemgate serve --upstream http://127.0.0.1:1 ARGS`, which must fail; returns its stderr.
+fn refused(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args(["serve", "--upstream", "http://127.0.0.1:1"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn bad_settings_stop_the_binary_with_a_reason() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
-        .args(["serve", "--upstream", "http://127.0.0.1:1", "--ttl", "soon"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["--ttl", "soon"]);
     assert!(err.contains("invalid duration"), "{err}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
-        .args([
-            "serve",
-            "--upstream",
-            "http://127.0.0.1:1",
-            "--store",
-            "dynamodb://x",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported store URL"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
-        .args([
-            "serve",
-            "--upstream",
-            "http://127.0.0.1:1",
-            "--workers",
-            "0",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("workers must be at least 1"));
+    let err = refused(&["--store", "dynamodb://x"]);
+    assert!(err.contains("unsupported store URL"), "{err}");
+    let err = refused(&["--workers", "0"]);
+    assert!(err.contains("workers must be at least 1"), "{err}");
 }
