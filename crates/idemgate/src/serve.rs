@@ -113,6 +113,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     tracing::info!(
         proxy = %settings.listen, admin = %settings.admin_listen,
         upstream = %settings.upstream, store = %store::redact(&settings.store),
+        workers = settings.workers,
         "idemgate listening"
     );
 
