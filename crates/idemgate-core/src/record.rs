@@ -121,6 +121,22 @@ impl Outcome {
         Ok(outcome)
     }
 
+    /// The exact length of `encode_into(.., l)`'s output.
+    fn encoded_len(&self, l: Lengths) -> usize {
+        1 + 2
+            + match self {
+                Outcome::Response(r) => {
+                    len_len(r.headers.len(), l)
+                        + r.headers
+                            .iter()
+                            .map(|(n, v)| bytes_len(n.len(), l) + bytes_len(v.len(), l))
+                            .sum::<usize>()
+                        + bytes_len(r.body.len(), l)
+                }
+                Outcome::NotReplayable { reason, .. } => bytes_len(reason.len(), l),
+            }
+    }
+
     fn encode_into(&self, w: &mut Vec<u8>, l: Lengths) {
         match self {
             Outcome::Response(r) => {
@@ -247,26 +263,41 @@ impl Record {
 
     /// Encodes with the current [`ENCODING_VERSION`].
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Vec::with_capacity(self.encoded_len_hint());
+        let mut w = Vec::with_capacity(self.encoded_len());
         self.encode_into(&mut w);
         w
     }
 
-    /// An upper bound of the encoded length (exact but for a few bytes of slack).
-    pub(crate) fn encoded_len_hint(&self) -> usize {
+    /// The exact length of [`Record::encode`]'s output.
+    pub(crate) fn encoded_len(&self) -> usize {
+        const L: Lengths = Lengths::Varint;
         let state = match &self.state {
+            RecordState::InFlight {
+                fencing,
+                owner,
+                lease_expires_at,
+            } => {
+                int_len(fencing.epoch, L)
+                    + 16
+                    + bytes_len(owner.len(), L)
+                    + int_len(lease_expires_at.0, L)
+            }
             RecordState::Completed {
-                outcome: Outcome::Response(r),
-                ..
-            } => 24 + r.payload_len() + 8 * r.headers.len(),
-            RecordState::Completed {
-                outcome: Outcome::NotReplayable { reason, .. },
-                ..
-            } => 32 + reason.len(),
-            RecordState::InFlight { owner, .. } => 48 + owner.len(),
-            RecordState::Unknown { .. } => 24,
+                epoch,
+                completed_at,
+                outcome,
+            } => int_len(*epoch, L) + int_len(completed_at.0, L) + outcome.encoded_len(L),
+            RecordState::Unknown { epoch, since } => int_len(*epoch, L) + int_len(since.0, L),
         };
-        64 + self.namespace.len() + self.scope.len() + self.idempotency_key.len() + state
+        1 + bytes_len(self.namespace.len(), L)
+            + bytes_len(self.scope.len(), L)
+            + bytes_len(self.idempotency_key.len(), L)
+            + 1
+            + 32
+            + int_len(self.created_at.0, L)
+            + int_len(self.expires_at.0, L)
+            + 1
+            + state
     }
 
     /// Appends the encoding to `w`.
@@ -443,6 +474,31 @@ fn put_varint(w: &mut Vec<u8>, mut v: u64) {
         v >>= 7;
     }
     w.push(v as u8);
+}
+
+/// Bytes `put_len` writes for `v`.
+fn len_len(v: usize, l: Lengths) -> usize {
+    match l {
+        Lengths::Fixed => 4,
+        Lengths::Varint => varint_len(v as u64),
+    }
+}
+
+/// Bytes `put_int` writes for `v`.
+fn int_len(v: u64, l: Lengths) -> usize {
+    match l {
+        Lengths::Fixed => 8,
+        Lengths::Varint => varint_len(v),
+    }
+}
+
+/// Bytes `put_bytes` writes for `n` bytes.
+fn bytes_len(n: usize, l: Lengths) -> usize {
+    len_len(n, l) + n
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 fn put_bytes(w: &mut Vec<u8>, b: &[u8], l: Lengths) {
@@ -682,7 +738,45 @@ mod tests {
         assert_eq!(Record::decode(&bytes), Err(DecodeError::BadLength));
     }
 
+    #[test]
+    fn encoded_len_is_exact() {
+        for state in states() {
+            let record = sample(state);
+            assert_eq!(record.encoded_len(), record.encode().len(), "{record:?}");
+        }
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut w = Vec::new();
+            put_varint(&mut w, v);
+            assert_eq!(varint_len(v), w.len(), "{v}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn encoded_len_matches_for_any_sizes(
+            ns in "[a-z]{0,200}", key in "[a-z]{0,300}", body in 0usize..70_000,
+            epoch in any::<u64>(), at in any::<u64>(),
+        ) {
+            let mut record = sample(RecordState::Completed {
+                epoch,
+                completed_at: Timestamp(at),
+                outcome: Outcome::Response(StoredResponse::new(200, vec![], vec![0u8; body])),
+            });
+            record.namespace = ns;
+            record.idempotency_key = key;
+            record.expires_at = Timestamp(at);
+            prop_assert_eq!(record.encoded_len(), record.encode().len());
+        }
+
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = Record::decode(&bytes);
