@@ -28,13 +28,15 @@
 //!
 //! # Representation
 //!
-//! Each record is kept as ONE exact-size allocation, its versioned encoding
-//! ([`Record::encode`]), filed in a per-shard `BTreeMap` under its 32-byte key; operations decode
-//! it, apply the [`protocol`] step and re-encode. There is no separate expiry index: purging scans
+//! Each finished record (completed or outcome-unknown) is kept as ONE exact-size allocation, its
+//! versioned encoding ([`Record::encode`]), filed in a per-shard `BTreeMap` under its 32-byte
+//! key; operations decode it, apply the [`protocol`] step and re-encode. Records in flight stay
+//! decoded (boxed): there are few of them, and completing one then needs no decode. There is no separate expiry index: purging scans
 //! the shards (a sweep visits each record once). Measured with 1,000,000 completed records of a
 //! 221-byte body (`record-footprint`, see docs/performance.md): 271 bytes per record beyond the
 //! body, against 729 when `Record` values were kept in the map with a separate expiry index.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -47,7 +49,7 @@ use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::{ErrorKind, StoreError};
 use crate::key::StoreKey;
 use crate::protocol::{self, Write};
-use crate::record::{Fencing, Outcome, Record};
+use crate::record::{Fencing, Outcome, Record, RecordState};
 use crate::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, ListPage, ListRequest, Store, TakeOverOutcome,
     TakeOverRequest,
@@ -63,31 +65,56 @@ struct Shard {
     records: BTreeMap<StoreKey, Slot>,
 }
 
-/// One stored record: [`Record::encode`]'s bytes, in one allocation.
-struct Slot(Box<[u8]>);
+/// One stored record. Records in flight (few, short-lived, and changed again soon) stay decoded;
+/// finished ones are packed into [`Record::encode`]'s bytes, one exact-size allocation.
+enum Slot {
+    Live(Box<Record>),
+    Packed(Box<[u8]>),
+}
 
 impl Slot {
-    fn new(record: &Record) -> Self {
+    fn new(record: Record) -> Self {
+        if matches!(record.state, RecordState::InFlight { .. }) {
+            return Slot::Live(Box::new(record));
+        }
         // Allocated at the exact size: shrinking an estimated buffer in place leaves the
         // allocator's block (or a hole beside it) at the estimate (measured: 32 bytes per record).
         let mut bytes = Vec::with_capacity(record.encoded_len());
         record.encode_into(&mut bytes);
-        Self(bytes.into_boxed_slice())
+        Slot::Packed(bytes.into_boxed_slice())
     }
 
     /// Whether the record is gone at `now` (one that does not decode counts as gone: it can only
     /// be purged).
     fn is_expired(&self, now: Timestamp) -> bool {
-        crate::record::encoded_expires_at(&self.0).map_or(true, |at| now >= at)
+        match self {
+            Slot::Live(record) => record.is_expired(now),
+            Slot::Packed(bytes) => {
+                crate::record::encoded_expires_at(bytes).map_or(true, |at| now >= at)
+            }
+        }
     }
 
-    fn record(&self) -> Result<Record, StoreError> {
-        Ok(Record::decode(&self.0)?)
+    /// The record, borrowed when it is kept decoded.
+    fn record(&self) -> Result<Cow<'_, Record>, StoreError> {
+        match self {
+            Slot::Live(record) => Ok(Cow::Borrowed(record)),
+            Slot::Packed(bytes) => Ok(Cow::Owned(Record::decode(bytes)?)),
+        }
     }
 
-    /// Approximate heap cost: what the byte budget counts (the allocation plus its map entry).
+    /// Approximate heap cost: what the byte budget counts (allocations plus the map entry).
     fn cost(&self) -> usize {
-        self.0.len() + 64
+        match self {
+            Slot::Live(r) => {
+                let owner = match &r.state {
+                    RecordState::InFlight { owner, .. } => owner.len(),
+                    _ => 0,
+                };
+                200 + r.namespace.len() + r.scope.len() + r.idempotency_key.len() + owner
+            }
+            Slot::Packed(bytes) => bytes.len() + 64,
+        }
     }
 }
 
@@ -213,11 +240,12 @@ impl MemoryStore {
             Some(slot) => Some(slot.record()?),
             None => None,
         };
-        let (write, out) = f(current.as_ref(), now)?;
+        let (write, out) = f(current.as_deref(), now)?;
+        drop(current);
         match write {
             Write::Unchanged => {}
             Write::Put(record) => {
-                let slot = Slot::new(&record);
+                let slot = Slot::new(record);
                 let added = slot.cost();
                 match shard.records.insert(*key, slot) {
                     Some(old) => {
@@ -367,7 +395,7 @@ impl Store for MemoryStore {
         let record = {
             let shard = self.inner.shards[Self::shard_of(key)].lock();
             match shard.records.get(key) {
-                Some(slot) => Some(slot.record()?),
+                Some(slot) => Some(slot.record()?.into_owned()),
                 None => None,
             }
         };
@@ -396,7 +424,7 @@ impl Store for MemoryStore {
                 if slot.is_expired(now) {
                     continue;
                 }
-                records.push((*k, slot.record()?));
+                records.push((*k, slot.record()?.into_owned()));
                 if records.len() == limit {
                     let next = Some(k.to_hex());
                     return Ok(ListPage { records, next });
