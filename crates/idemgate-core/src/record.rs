@@ -506,17 +506,6 @@ fn put_bytes(w: &mut Vec<u8>, b: &[u8], l: Lengths) {
     w.extend_from_slice(b);
 }
 
-/// The expiry time of an encoded record, read without decoding the rest (for stores that scan).
-pub(crate) fn encoded_expires_at(bytes: &[u8]) -> Result<Timestamp, DecodeError> {
-    let mut r = Reader::for_record(bytes)?;
-    for _ in 0..3 {
-        r.bytes()?; // namespace, scope, client key
-    }
-    r.take(1 + 32)?; // fingerprint algorithm and digest
-    r.int()?; // created_at
-    Ok(Timestamp(r.int()?))
-}
-
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -726,8 +715,6 @@ mod tests {
             assert_eq!(Record::decode(&v1).unwrap(), record);
             let v2 = record.encode();
             assert!(v2.len() < v1.len());
-            assert_eq!(encoded_expires_at(&v1).unwrap(), record.expires_at);
-            assert_eq!(encoded_expires_at(&v2).unwrap(), record.expires_at);
         }
     }
 
