@@ -328,7 +328,7 @@ const HELD: &str =
     "r.store_key = $1 AND r.state = 1 AND r.epoch = $2 AND r.token = $3 AND r.expires_at > n.now";
 
 /// The channel on which completions, releases and outcome-unknown marks are announced (payload:
-/// the store key in hex), delivered when the statement commits.
+/// the store key in hex), after the change has committed, batched, from transactions of their own.
 pub const CHANNEL: &str = "idemgate_done";
 
 /// Ends a compare-and-set statement whose CTE `w` returns the changed key: one row per change.

@@ -277,7 +277,7 @@ fn footprint_rows(out: &mut String, path: &PathBuf) -> anyhow::Result<()> {
         );
         total.push(v["bytes_per_record"].as_f64().unwrap_or(f64::NAN));
     }
-    if let (Some(b), Some(t)) = (median_of_slice(&beyond), median_of_slice(&total)) {
+    if let (Some(b), Some(t)) = (median_min_max(&beyond), median_min_max(&total)) {
         let _ = writeln!(
             out,
             "| bytes per stored record beyond its body, memory store ({records} records) | {:.0} B (min–max {:.0}–{:.0}; {:.0} B with the body, {:.0} MiB per million) | ≤ 300 B | {} |",
@@ -290,10 +290,6 @@ fn footprint_rows(out: &mut String, path: &PathBuf) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn median_of_slice(v: &[f64]) -> Option<(f64, f64, f64)> {
-    median_min_max(v)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -123,19 +123,18 @@ struct Keys {
 }
 
 impl Keys {
+    /// The `i`th key of the replay path.
+    fn hot(&self, i: usize) -> String {
+        format!("{}-hot-{}", self.prefix, i % self.hot_keys)
+    }
+
     fn next(&self, conn: usize) -> Option<HeaderValue> {
         let n = self.next.get();
         self.next.set(n + 1);
         let key = match self.mode {
             Mode::None => return None,
             Mode::Unique => format!("{}-{conn}-{n}", self.prefix),
-            Mode::Replay => {
-                format!(
-                    "{}-hot-{}",
-                    self.prefix,
-                    (n as usize + conn) % self.hot_keys
-                )
-            }
+            Mode::Replay => self.hot(n as usize + conn),
         };
         HeaderValue::from_str(&key).ok()
     }
@@ -256,7 +255,7 @@ async fn run(args: Args) -> anyhow::Result<RunResult> {
         // Execute every hot key once, so that the measured requests are all replays.
         let mut sender = connect(args.addr).await?;
         for i in 0..keys.hot_keys {
-            let key = HeaderValue::from_str(&format!("{}-hot-{i}", keys.prefix))?;
+            let key = HeaderValue::from_str(&keys.hot(i))?;
             let answer = send(&mut sender, &args.path, Some(key)).await?;
             before.non_2xx += u64::from(!answer.success);
         }
