@@ -8,6 +8,11 @@
 //! delete elsewhere, this instance may go on replaying the deleted record for at most `max_age`
 //! (default 30 s).
 //!
+//! **Deletes racing reads.** A read that started before a delete through this wrapper may return
+//! the record as it was before the delete; it must not put that copy back into the cache. Each
+//! shard counts deletes (a generation), bumped before and after the store's delete; a copy read
+//! by an operation that saw another generation at its start is not cached.
+//!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 //! use idemgate_core::cache::CachedStore;
@@ -29,8 +34,8 @@ use crate::error::StoreError;
 use crate::key::StoreKey;
 use crate::record::{Fencing, Outcome, Record, RecordState};
 use crate::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, ListPage, ListRequest, Store, TakeOverOutcome,
-    TakeOverRequest,
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, Store,
+    TakeOverOutcome, TakeOverRequest,
 };
 
 const SHARDS: usize = 16;
@@ -72,7 +77,7 @@ impl<S: Store> CachedStoreBuilder<S> {
         CachedStore {
             inner: self.inner,
             shared: Arc::new(Shared {
-                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                shards: (0..SHARDS).map(|_| Mutex::new(Slots::default())).collect(),
                 per_shard: self.capacity.div_ceil(SHARDS),
                 max_age: self.max_age,
                 clock: self.clock,
@@ -88,8 +93,15 @@ pub struct CachedStore<S> {
     shared: Arc<Shared>,
 }
 
+/// One shard: the cached copies and its delete generation.
+#[derive(Default)]
+struct Slots {
+    copies: HashMap<StoreKey, (Record, Timestamp)>,
+    generation: u64,
+}
+
 struct Shared {
-    shards: Vec<Mutex<HashMap<StoreKey, (Record, Timestamp)>>>,
+    shards: Vec<Mutex<Slots>>,
     per_shard: usize,
     max_age: Duration,
     clock: Arc<dyn Clock>,
@@ -120,51 +132,59 @@ impl<S: Store> CachedStore<S> {
         &self.inner
     }
 
-    fn shard(&self, key: &StoreKey) -> &Mutex<HashMap<StoreKey, (Record, Timestamp)>> {
+    fn shard(&self, key: &StoreKey) -> &Mutex<Slots> {
         &self.shared.shards[key.0[1] as usize % SHARDS]
     }
 
-    /// A trusted copy: completed, unexpired, younger than `max_age`.
-    fn lookup(&self, key: &StoreKey) -> Option<(Record, Timestamp)> {
+    /// A trusted copy (completed, unexpired, younger than `max_age`), or the shard's delete
+    /// generation to hand to [`remember`](Self::remember) after asking the store.
+    fn lookup(&self, key: &StoreKey) -> Result<(Record, Timestamp), u64> {
         if self.shared.per_shard == 0 {
-            return None;
+            return Err(0);
         }
         let now = self.shared.clock.now();
         let mut shard = self.shard(key).lock();
-        match shard.get(key) {
+        match shard.copies.get(key) {
             Some((r, at)) if !r.is_expired(now) && now.since(*at) < self.shared.max_age => {
-                Some((r.clone(), now))
+                Ok((r.clone(), now))
             }
             Some(_) => {
-                shard.remove(key);
-                None
+                shard.copies.remove(key);
+                Err(shard.generation)
             }
-            None => None,
+            None => Err(shard.generation),
         }
     }
 
-    fn remember(&self, key: &StoreKey, record: &Record) {
+    /// Caches `record` if it is completed and no delete ran in its shard since `generation`.
+    fn remember(&self, key: &StoreKey, record: &Record, generation: u64) {
         if self.shared.per_shard == 0 || !matches!(record.state, RecordState::Completed { .. }) {
             return;
         }
         let now = self.shared.clock.now();
         let mut shard = self.shard(key).lock();
-        if shard.len() >= self.shared.per_shard
-            && !shard.contains_key(key)
-            && let Some(victim) = shard.keys().next().copied()
-        {
-            shard.remove(&victim);
+        if shard.generation != generation {
+            return;
         }
-        shard.insert(*key, (record.clone(), now));
+        if shard.copies.len() >= self.shared.per_shard
+            && !shard.copies.contains_key(key)
+            && let Some(victim) = shard.copies.keys().next().copied()
+        {
+            shard.copies.remove(&victim);
+        }
+        shard.copies.insert(*key, (record.clone(), now));
     }
 
+    /// Drops the copy of `key` and makes every read already under way in its shard uncacheable.
     fn forget(&self, key: &StoreKey) {
-        self.shard(key).lock().remove(key);
+        let mut shard = self.shard(key).lock();
+        shard.copies.remove(key);
+        shard.generation = shard.generation.wrapping_add(1);
     }
 
     /// Records cached right now.
     pub fn len(&self) -> usize {
-        self.shared.shards.iter().map(|s| s.lock().len()).sum()
+        self.shared.shards.iter().map(|s| s.lock().copies.len()).sum()
     }
 
     /// Whether nothing is cached.
@@ -175,12 +195,13 @@ impl<S: Store> CachedStore<S> {
 
 impl<S: Store> Store for CachedStore<S> {
     async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        if let Some((record, now)) = self.lookup(key) {
-            return Ok(ClaimOutcome::Existing { record, now });
-        }
+        let generation = match self.lookup(key) {
+            Ok((record, now)) => return Ok(ClaimOutcome::Existing { record, now }),
+            Err(generation) => generation,
+        };
         let out = self.inner.claim(key, req).await?;
         if let ClaimOutcome::Existing { record, .. } = &out {
-            self.remember(key, record);
+            self.remember(key, record, generation);
         }
         Ok(out)
     }
@@ -226,19 +247,24 @@ impl<S: Store> Store for CachedStore<S> {
     }
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
-        if let Some((record, _)) = self.lookup(key) {
-            return Ok(Some(record));
-        }
+        let generation = match self.lookup(key) {
+            Ok((record, _)) => return Ok(Some(record)),
+            Err(generation) => generation,
+        };
         let out = self.inner.get(key).await?;
         if let Some(record) = &out {
-            self.remember(key, record);
+            self.remember(key, record, generation);
         }
         Ok(out)
     }
 
-    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
+    async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
+        // Before: no copy answers from now on. After: no read that overlapped the delete caches
+        // what it saw before it.
         self.forget(key);
-        self.inner.delete(key).await
+        let out = self.inner.delete(key, mode).await;
+        self.forget(key);
+        out
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {

@@ -76,17 +76,38 @@ impl<C: Clock + ?Sized> Clock for Arc<C> {
     }
 }
 
-/// Wall-clock time from the operating system.
+/// Wall-clock time that never steps within a process: the operating system's wall clock read
+/// once (at the first use), then advanced by the monotonic clock.
+///
+/// Leases are judged by this clock in stores without a clock of their own (memory, redb), so an
+/// NTP step or an operator's `date -s` cannot expire a live lease early (or keep a dead one
+/// alive) inside a running process. The price: over a long uptime it drifts from the wall clock
+/// by whatever the wall clock was stepped (slewing adjusts both alike). A restart re-anchors it,
+/// which is why records persisted by redb carry wall-clock times.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
 
+/// The wall clock read at the process's first use of [`SystemClock`], and the monotonic instant
+/// of that reading.
+fn anchor() -> &'static (Timestamp, std::time::Instant) {
+    static ANCHOR: std::sync::OnceLock<(Timestamp, std::time::Instant)> =
+        std::sync::OnceLock::new();
+    ANCHOR.get_or_init(|| (wall_clock(), std::time::Instant::now()))
+}
+
+/// The operating system's wall clock, read now.
+pub fn wall_clock() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
+        let (wall, at) = anchor();
+        wall.after(at.elapsed())
     }
 }
 

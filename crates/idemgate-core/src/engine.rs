@@ -318,6 +318,7 @@ impl<S: Store> EngineBuilder<S> {
                 seed,
                 counter: AtomicU64::new(1),
                 waiters: Waiters::default(),
+                running: Running::default(),
                 stats: EngineStats::default(),
             }),
         }
@@ -357,6 +358,7 @@ struct Inner<S> {
     seed: u64,
     counter: AtomicU64,
     waiters: Waiters,
+    running: Running,
     stats: EngineStats,
 }
 
@@ -445,7 +447,7 @@ impl<S: Store> Engine<S> {
                 n.enable();
             }
             request.token = self.next_token();
-            let (record, now) = match inner.store.claim(&store_key, &request).await? {
+            let (record, now) = match self.claim_detached(store_key, &request).await? {
                 ClaimOutcome::Acquired { fencing } => {
                     drop(waiter);
                     return self
@@ -489,7 +491,13 @@ impl<S: Store> Engine<S> {
                     TakeOverOutcome::Acquired { fencing } => {
                         inner.stats.takeovers.fetch_add(1, Ordering::Relaxed);
                         drop(waiter);
-                        return match policy.recovery {
+                        // A record an operator revoked (forced delete) asked for a new run.
+                        let recovery = if holder.is_revoked() {
+                            Recovery::Takeover
+                        } else {
+                            policy.recovery
+                        };
+                        return match recovery {
                             Recovery::Takeover => {
                                 self.execute(
                                     store_key,
@@ -563,6 +571,35 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// Claims through a spawned task, so that a caller dropped mid-claim (a client that went
+    /// away) cannot leave an orphan lease: if nobody is left to hear "acquired", the task releases
+    /// the key at once (nothing was dispatched).
+    async fn claim_detached(
+        &self,
+        key: StoreKey,
+        request: &ClaimRequest,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let engine = self.clone();
+        let request = request.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let out = engine.inner.store.claim(&key, &request).await;
+            if let Err(Ok(ClaimOutcome::Acquired { fencing })) = tx.send(out) {
+                if let Err(e) = engine.inner.store.release(&key, fencing).await {
+                    tracing::warn!(key = %key, error = %e,
+                        "the caller left during its claim and the release failed; the lease will expire");
+                }
+                engine.inner.waiters.notify(&key);
+            }
+        });
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::new(
+                ErrorKind::Internal,
+                "the claim task did not finish (runtime shutting down)",
+            ))
+        })
+    }
+
     async fn execute<T, C, F, Fut>(
         &self,
         key: StoreKey,
@@ -580,89 +617,101 @@ impl<S: Store> Engine<S> {
         let epoch = fencing.epoch;
         let fut = operation(Dispatch { epoch });
         let engine = self.clone();
-        let task = tokio::spawn(async move {
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
             let stats = &engine.inner.stats;
             stats.in_flight.fetch_add(1, Ordering::Relaxed);
-            let result = engine.heartbeat_while(&key, fencing, fut).await;
-            let recorded = match &result {
-                Ok(value) => {
-                    let disposition = classify.classify(value);
-                    engine.record(&key, fencing, disposition, &policy).await
-                }
-                Err(()) => {
-                    engine
-                        .record(&key, fencing, Disposition::Unknown, &policy)
-                        .await
+            let running = engine.inner.running.track(key, fencing, &policy);
+            let work = async {
+                let classify = classify; // owned by this future, which is not shared
+                let result = AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| ());
+                let disposition = match &result {
+                    Ok(value) => classify.classify(value),
+                    Err(()) => Disposition::Unknown,
+                };
+                engine.inner.running.finished(running, &disposition);
+                let mut answer = Some((answer_tx, result));
+                let recorded = engine
+                    .record(&key, fencing, disposition, &policy, &mut answer)
+                    .await;
+                if let Some((tx, result)) = answer {
+                    let _ = tx.send((result, recorded));
                 }
             };
+            // The heartbeat is a future of its own beside the work: a slow renewal never stops
+            // the upstream exchange from being polled, and renewals go on while the outcome is
+            // being recorded, so a lease is never left to lapse while its outcome is known.
+            tokio::select! {
+                biased;
+                () = work => {}
+                () = engine.heartbeat(&key, fencing) => {}
+            }
+            engine.inner.running.done(running);
             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             engine.inner.waiters.notify(&key);
-            (result, recorded)
         });
-        match task.await {
+        match answer_rx.await {
             Ok((Ok(value), recorded)) => Ok(Execution::Executed {
                 value,
                 epoch,
                 recorded,
             }),
             Ok((Err(()), _)) => Err(EngineError::OperationPanicked),
-            Err(join) => {
+            Err(_) => {
                 // Only reachable if the runtime is shutting down and cancelled the task.
-                tracing::error!(error = %join, "operation task did not finish");
+                tracing::error!("operation task did not finish");
                 Err(EngineError::OperationPanicked)
             }
         }
     }
 
-    /// Runs `fut` while renewing the lease. `Err(())` if it panicked.
-    async fn heartbeat_while<T>(
-        &self,
-        key: &StoreKey,
-        fencing: Fencing,
-        fut: impl Future<Output = T> + Send,
-    ) -> Result<T, ()> {
+    /// Renews the lease every `renew_interval` until dropped; never completes. Each renewal has
+    /// `renew_interval` to answer (so renewals never pile up); a failed one is retried at the
+    /// next tick. Once the fencing is lost it stops renewing (the recording step reports it).
+    async fn heartbeat(&self, key: &StoreKey, fencing: Fencing) {
         let inner = &self.inner;
-        let mut fut = std::pin::pin!(AssertUnwindSafe(fut).catch_unwind());
         let every = inner.config.renew_interval.max(Duration::from_millis(1));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut renewing = true;
         loop {
-            tokio::select! {
-                biased;
-                out = &mut fut => return out.map_err(|_| ()),
-                _ = ticker.tick(), if renewing => {
-                    match inner.store.renew(key, fencing, inner.config.lease_ttl).await {
-                        Ok(CasOutcome::Applied) => {
-                            inner.stats.renewals.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(CasOutcome::Lost) => {
-                            inner.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(key = %key, epoch = fencing.epoch,
-                                "lease lost while the operation runs (deleted or taken over)");
-                            renewing = false;
-                        }
-                        Err(e) => {
-                            inner.stats.renewal_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(key = %key, error = %e, "lease renewal failed; will retry");
-                        }
-                    }
+            ticker.tick().await;
+            let renewal = inner.store.renew(key, fencing, inner.config.lease_ttl);
+            match tokio::time::timeout(every, renewal).await {
+                Ok(Ok(CasOutcome::Applied)) => {
+                    inner.stats.renewals.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Ok(CasOutcome::Lost)) => break,
+                Ok(Err(e)) => {
+                    inner.stats.renewal_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %key, error = %e, "lease renewal failed; will retry");
+                }
+                Err(_) => {
+                    inner.stats.renewal_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %key, timeout = ?every,
+                        "lease renewal timed out; will retry");
                 }
             }
         }
+        std::future::pending::<()>().await;
     }
 
-    /// Writes the disposition, retrying store errors a few times with backoff.
-    async fn record(
+    /// Writes the disposition, retrying store errors with capped exponential backoff until it is
+    /// written or the fencing is lost (the heartbeat keeps the lease meanwhile), for at most the
+    /// record's TTL. After `record_retries` failed attempts the caller is answered (with
+    /// [`Recorded::Failed`]) through `answer`, and recording goes on in the background.
+    async fn record<A>(
         &self,
         key: &StoreKey,
         fencing: Fencing,
         disposition: Disposition,
         policy: &Policy,
+        answer: &mut Option<(tokio::sync::oneshot::Sender<(A, Recorded)>, A)>,
     ) -> Recorded {
         let store = &self.inner.store;
+        let mut disposition = disposition;
         let mut backoff = Duration::from_millis(20);
         let mut attempt = 0;
+        let give_up_at = tokio::time::Instant::now() + policy.ttl.max(policy.unknown_ttl);
         loop {
             let result = match &disposition {
                 Disposition::Store(outcome) => store
@@ -678,41 +727,126 @@ impl<S: Store> Engine<S> {
                     .await
                     .map(|o| (o, Recorded::MarkedUnknown)),
             };
-            match result {
+            let e = match result {
                 Ok((CasOutcome::Applied, recorded)) => return recorded,
                 Ok((CasOutcome::Lost, _)) => {
                     self.inner.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %key, epoch = fencing.epoch,
+                        "lease lost before the outcome was recorded (deleted by an operator, \
+                         or taken over after the lease ran out); nothing was written");
                     return Recorded::LeaseLost;
                 }
-                // A value the store will never take: keep the fact that it ran, not the value.
-                Err(e) if e.kind() == ErrorKind::Capacity => {
-                    if let Disposition::Store(Outcome::Response(r)) = &disposition {
-                        let tombstone = Outcome::NotReplayable {
-                            status: r.status,
-                            reason: e.message().to_owned(),
-                        };
-                        return Box::pin(self.record(
-                            key,
-                            fencing,
-                            Disposition::Store(tombstone),
-                            policy,
-                        ))
-                        .await;
-                    }
-                    return Recorded::Failed(e.kind());
+                Err(e) => e,
+            };
+            // A value the store will never take: keep the fact that it ran, not the value.
+            if e.kind() == ErrorKind::Capacity
+                && let Disposition::Store(Outcome::Response(r)) = &disposition
+            {
+                disposition = Disposition::Store(Outcome::NotReplayable {
+                    status: r.status,
+                    reason: e.message().to_owned(),
+                });
+                continue;
+            }
+            attempt += 1;
+            if attempt == self.inner.config.record_retries
+                && let Some((tx, value)) = answer.take()
+            {
+                tracing::error!(key = %key, error = %e,
+                    "could not record the outcome yet; answering the client and retrying in the background");
+                let _ = tx.send((value, Recorded::Failed(e.kind())));
+            }
+            if tokio::time::Instant::now() >= give_up_at {
+                tracing::error!(key = %key, error = %e,
+                    "gave up recording the outcome: the record has expired by now");
+                return Recorded::Failed(e.kind());
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_RECORD_BACKOFF);
+        }
+    }
+
+    /// Marks every operation still registered as running outcome-unknown (or records the outcome
+    /// it already has): for a shutdown whose drain timed out, so that no request that may have
+    /// reached the upstream is left in flight for a takeover to run again. Returns how many
+    /// records were written. Call it after the tasks running those operations have stopped.
+    pub async fn abandon_running(&self) -> usize {
+        let left = self.inner.running.take_all();
+        let mut written = 0;
+        for op in left {
+            let disposition = op.pending.unwrap_or(Disposition::Unknown);
+            let store = &self.inner.store;
+            let result = match &disposition {
+                Disposition::Store(outcome) => {
+                    store.complete(&op.key, op.fencing, outcome, op.ttl).await
                 }
-                Err(e) => {
-                    attempt += 1;
-                    if attempt > self.inner.config.record_retries {
-                        tracing::error!(key = %key, error = %e,
-                            "could not record the outcome; the lease will expire");
-                        return Recorded::Failed(e.kind());
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
+                Disposition::Release => store.release(&op.key, op.fencing).await,
+                Disposition::Unknown => {
+                    store
+                        .mark_unknown(&op.key, op.fencing, op.unknown_ttl)
+                        .await
                 }
+            };
+            match result {
+                Ok(CasOutcome::Applied) => written += 1,
+                Ok(CasOutcome::Lost) => {}
+                Err(e) => tracing::error!(key = %op.key, error = %e,
+                    "shutdown: could not record an abandoned operation; its lease will expire"),
             }
         }
+        written
+    }
+}
+
+/// Longest pause between two attempts to record an outcome.
+const MAX_RECORD_BACKOFF: Duration = Duration::from_secs(2);
+
+/// An operation the engine is running (or recording), for [`Engine::abandon_running`].
+#[derive(Debug)]
+struct RunningOp {
+    key: StoreKey,
+    fencing: Fencing,
+    ttl: Duration,
+    unknown_ttl: Duration,
+    /// The disposition once the operation finished (recording may still be under way).
+    pending: Option<Disposition>,
+}
+
+/// The operations running in this process, by fencing token.
+#[derive(Debug, Default)]
+struct Running {
+    ops: Mutex<HashMap<u128, RunningOp>>,
+}
+
+impl Running {
+    fn track(&self, key: StoreKey, fencing: Fencing, policy: &Policy) -> u128 {
+        self.ops.lock().insert(
+            fencing.token,
+            RunningOp {
+                key,
+                fencing,
+                ttl: policy.ttl,
+                unknown_ttl: policy.unknown_ttl,
+                pending: None,
+            },
+        );
+        fencing.token
+    }
+
+    fn finished(&self, token: u128, disposition: &Disposition) {
+        if let Some(op) = self.ops.lock().get_mut(&token) {
+            op.pending = Some(disposition.clone());
+        }
+    }
+
+    /// Removed only here, when the task ends normally: a task cancelled by a runtime shutdown
+    /// leaves its entry for [`Engine::abandon_running`].
+    fn done(&self, token: u128) {
+        self.ops.lock().remove(&token);
+    }
+
+    fn take_all(&self) -> Vec<RunningOp> {
+        self.ops.lock().drain().map(|(_, op)| op).collect()
     }
 }
 

@@ -53,8 +53,8 @@ use crate::key::StoreKey;
 use crate::protocol::{self, Write};
 use crate::record::{Fencing, Outcome, Record, RecordState};
 use crate::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, ListPage, ListRequest, Store, TakeOverOutcome,
-    TakeOverRequest,
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, Store,
+    TakeOverOutcome, TakeOverRequest,
 };
 
 const SHARD_BITS: u32 = 6;
@@ -414,8 +414,8 @@ impl Store for MemoryStore {
         Ok(record.filter(|r| !r.is_expired(now)))
     }
 
-    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        self.step(key, |c, now| Ok(protocol::delete(c, now)))
+    async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
+        self.step(key, |c, now| Ok(protocol::delete(c, now, mode)))
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {

@@ -30,7 +30,10 @@ use std::time::Duration;
 use crate::clock::Timestamp;
 use crate::error::{ErrorKind, StoreError};
 use crate::record::{Fencing, MAX_BODY_LEN, Outcome, Record, RecordState};
-use crate::store::{CasOutcome, ClaimOutcome, ClaimRequest, TakeOverOutcome, TakeOverRequest};
+use crate::store::{
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, TakeOverOutcome,
+    TakeOverRequest,
+};
 
 /// What the store must do to the stored record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +52,13 @@ pub fn live(current: Option<&Record>, now: Timestamp) -> Option<&Record> {
     current.filter(|r| !r.is_expired(now))
 }
 
+/// The live in-flight record with exactly `fencing`. A revoked fencing is held by nobody (every
+/// compare-and-set with it fails); [`take_over`] alone matches it, through [`in_flight_with`].
 fn held(current: Option<&Record>, now: Timestamp, fencing: Fencing) -> Option<&Record> {
+    in_flight_with(current, now, fencing).filter(|_| !fencing.is_revoked())
+}
+
+fn in_flight_with(current: Option<&Record>, now: Timestamp, fencing: Fencing) -> Option<&Record> {
     live(current, now)
         .filter(|r| matches!(r.state, RecordState::InFlight { fencing: f, .. } if f == fencing))
 }
@@ -179,7 +188,7 @@ pub fn take_over(
             },
         )
     };
-    let Some(record) = held(current, now, req.expired) else {
+    let Some(record) = in_flight_with(current, now, req.expired) else {
         return refused(current);
     };
     let RecordState::InFlight {
@@ -206,13 +215,46 @@ pub fn take_over(
     (Write::Put(next), TakeOverOutcome::Acquired { fencing })
 }
 
-/// See [`Store::delete`](crate::Store::delete): always removes; reports whether it was live.
-pub fn delete(current: Option<&Record>, now: Timestamp) -> (Write, bool) {
-    match current {
-        None => (Write::Unchanged, false),
-        Some(r) => (Write::Delete, !r.is_expired(now)),
+/// See [`Store::delete`](crate::Store::delete).
+pub fn delete(current: Option<&Record>, now: Timestamp, mode: DeleteMode) -> (Write, DeleteOutcome) {
+    let Some(record) = live(current, now) else {
+        let write = if current.is_some() {
+            Write::Delete
+        } else {
+            Write::Unchanged
+        };
+        return (write, DeleteOutcome::Absent);
+    };
+    let refused = || {
+        (
+            Write::Unchanged,
+            DeleteOutcome::Refused {
+                current: Box::new(record.clone()),
+            },
+        )
+    };
+    match (&record.state, mode) {
+        (RecordState::InFlight { fencing, .. }, DeleteMode::Force) => {
+            let mut next = record.clone();
+            next.state = RecordState::InFlight {
+                fencing: Fencing {
+                    epoch: fencing.epoch,
+                    token: Fencing::REVOKED,
+                },
+                owner: REVOKED_OWNER.to_owned(),
+                lease_expires_at: now,
+            };
+            let epoch = fencing.epoch;
+            (Write::Put(next), DeleteOutcome::Revoked { epoch })
+        }
+        (RecordState::InFlight { .. }, _) => refused(),
+        (RecordState::Completed { .. }, DeleteMode::Unknown) => refused(),
+        _ => (Write::Delete, DeleteOutcome::Deleted),
     }
 }
+
+/// The owner name a revoked in-flight record carries.
+pub const REVOKED_OWNER: &str = "revoked by an operator";
 
 /// Refuses outcomes whose body exceeds [`MAX_BODY_LEN`] with a `Capacity` error.
 pub fn check_outcome(outcome: &Outcome) -> Result<(), StoreError> {

@@ -47,8 +47,21 @@ pub const MAX_BODY_LEN: usize = 16 * 1024 * 1024;
 pub struct Fencing {
     /// 1 for the first dispatch, +1 for every takeover.
     pub epoch: u64,
-    /// Chosen by the acquirer; unique per acquisition.
+    /// Chosen by the acquirer; unique per acquisition. Never [`Fencing::REVOKED`].
     pub token: u128,
+}
+
+impl Fencing {
+    /// The token an operator's forced delete puts on an in-flight record
+    /// ([`DeleteMode::Force`](crate::store::DeleteMode::Force)): no holder has it, so every
+    /// compare-and-set of the old holder fails, and the next claimer takes the record over at
+    /// epoch + 1. Only [`Store::take_over`](crate::Store::take_over) accepts it.
+    pub const REVOKED: u128 = 0;
+
+    /// Whether this is the fencing of a record revoked by an operator.
+    pub fn is_revoked(&self) -> bool {
+        self.token == Self::REVOKED
+    }
 }
 
 /// A stored HTTP-like response: status, headers and the body, replayed byte-identical.

@@ -32,6 +32,12 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{Fencing, Outcome, Record};
 
+/// Short-circuits a compare-and-set by a revoked fencing, which no record ever grants to a
+/// holder (see [`Fencing::REVOKED`]).
+pub fn revoked_cas(fencing: Fencing) -> Option<CasOutcome> {
+    fencing.is_revoked().then_some(CasOutcome::Lost)
+}
+
 /// What a new in-flight record is made of.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimRequest {
@@ -129,6 +135,40 @@ pub enum TakeOverOutcome {
         current: Option<Record>,
         /// The store's clock at the time of the read.
         now: Timestamp,
+    },
+}
+
+/// Which records [`Store::delete`] may remove.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeleteMode {
+    /// Only a finished record (completed or outcome-unknown); an in-flight record is refused,
+    /// so a delete never lets a second dispatch start while the first runs.
+    Finished,
+    /// Only an outcome-unknown record (an operator's "it did not take effect"): one
+    /// compare-and-set, so a record that expired and was claimed again meanwhile is left alone.
+    Unknown,
+    /// Any record. An in-flight one is not removed but *revoked*: its token becomes
+    /// [`Fencing::REVOKED`] and its lease ends now, so the holder loses every later
+    /// compare-and-set and the next claimer takes over at epoch + 1 — never epoch 1 again.
+    Force,
+}
+
+/// Result of [`Store::delete`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// A live record was removed.
+    Deleted,
+    /// An in-flight record was revoked ([`DeleteMode::Force`]); it was at this epoch.
+    Revoked {
+        /// The revoked holder's epoch; the next dispatch runs at `epoch + 1`.
+        epoch: u64,
+    },
+    /// There was no live record (an expired one may have been removed).
+    Absent,
+    /// The mode does not allow removing the record as it is; nothing changed.
+    Refused {
+        /// The record as it is.
+        current: Box<Record>,
     },
 }
 
@@ -232,9 +272,16 @@ pub trait Store: Send + Sync + 'static {
         key: &StoreKey,
     ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
 
-    /// Deletes the record in any state (administrators). Returns whether an unexpired record existed.
-    /// A holder of a deleted in-flight record loses every later compare-and-set.
-    fn delete(&self, key: &StoreKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Administrators' delete, in one atomic step, as `mode` allows (see [`DeleteMode`]): removes
+    /// a finished record, refuses or revokes an in-flight one. A revoked holder loses every later
+    /// compare-and-set, and a later [`take_over`](Store::take_over) of `(epoch, REVOKED)` succeeds
+    /// at once (its lease ended at the revocation). An expired record is absent (and may be
+    /// removed).
+    fn delete(
+        &self,
+        key: &StoreKey,
+        mode: DeleteMode,
+    ) -> impl Future<Output = Result<DeleteOutcome, StoreError>> + Send;
 
     /// One page of unexpired records, in an order the backend defines. Every record that exists for
     /// the whole listing appears in at least one page; records created or deleted meanwhile may or
@@ -295,7 +342,11 @@ pub trait DynStore: Send + Sync + 'static {
         &'a self,
         key: &'a StoreKey,
     ) -> BoxFuture<'a, Result<Option<Record>, StoreError>>;
-    fn dyn_delete<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn dyn_delete<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        mode: DeleteMode,
+    ) -> BoxFuture<'a, Result<DeleteOutcome, StoreError>>;
     fn dyn_list<'a>(&'a self, req: &'a ListRequest) -> BoxFuture<'a, Result<ListPage, StoreError>>;
     fn dyn_purge_expired(&self, limit: usize) -> BoxFuture<'_, Result<usize, StoreError>>;
 }
@@ -353,8 +404,12 @@ impl<S: Store> DynStore for S {
     ) -> BoxFuture<'a, Result<Option<Record>, StoreError>> {
         Box::pin(self.get(key))
     }
-    fn dyn_delete<'a>(&'a self, key: &'a StoreKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.delete(key))
+    fn dyn_delete<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        mode: DeleteMode,
+    ) -> BoxFuture<'a, Result<DeleteOutcome, StoreError>> {
+        Box::pin(self.delete(key, mode))
     }
     fn dyn_list<'a>(&'a self, req: &'a ListRequest) -> BoxFuture<'a, Result<ListPage, StoreError>> {
         Box::pin(self.list(req))
@@ -426,8 +481,8 @@ impl Store for SharedStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         self.0.dyn_get(key).await
     }
-    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        self.0.dyn_delete(key).await
+    async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
+        self.0.dyn_delete(key, mode).await
     }
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
         self.0.dyn_list(req).await
@@ -479,8 +534,8 @@ impl<S: Store> Store for Arc<S> {
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         (**self).get(key).await
     }
-    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        (**self).delete(key).await
+    async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
+        (**self).delete(key, mode).await
     }
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
         (**self).list(req).await

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use idemgate_core::cache::CachedStore;
 use idemgate_core::record::{Outcome, StoredResponse};
-use idemgate_core::store::{ClaimOutcome, Store};
+use idemgate_core::store::{ClaimOutcome, DeleteMode, DeleteOutcome, Store};
 use idemgate_core::testkit::{Harness, claim_request, fresh_key, model};
 use idemgate_core::{ManualClock, MemoryStore, StoreKey};
 
@@ -84,7 +84,10 @@ async fn replays_come_from_memory_and_staleness_is_bounded_by_max_age() {
     ));
     assert_eq!(b.len(), 1);
     // Deleted behind B's back (through A): B still answers from its copy for up to max_age...
-    assert!(a.delete(&key).await.unwrap());
+    assert_eq!(
+        a.delete(&key, DeleteMode::Finished).await.unwrap(),
+        DeleteOutcome::Deleted
+    );
     assert!(shared.get(&key).await.unwrap().is_none());
     assert!(matches!(
         b.claim(&key, &req).await.unwrap(),

@@ -15,7 +15,7 @@ use idemgate_core::engine::{
     Concurrency, Disposition, Engine, EngineError, Execution, Policy, Recorded, Recovery,
 };
 use idemgate_core::record::{MAX_BODY_LEN, Outcome, RecordState, StoredResponse};
-use idemgate_core::store::{ClaimOutcome, ClaimRequest, Store};
+use idemgate_core::store::{ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, Store};
 use idemgate_core::{
     Fingerprint, FingerprintOptions, IdempotencyKey, MemoryStore, Scope, ScopedKey, TokioClock,
 };
@@ -568,12 +568,24 @@ async fn deleting_a_running_key_fences_its_holder() {
         })
     };
     started_rx.await.unwrap();
-    assert!(
+    let store_key = key("del").store_key();
+    // A plain delete refuses while the first request runs: it would open epoch 1 twice.
+    assert!(matches!(
         engine
             .store()
-            .delete(&key("del").store_key())
+            .delete(&store_key, DeleteMode::Finished)
             .await
-            .unwrap()
+            .unwrap(),
+        DeleteOutcome::Refused { .. }
+    ));
+    // A forced one revokes the holder...
+    assert_eq!(
+        engine
+            .store()
+            .delete(&store_key, DeleteMode::Force)
+            .await
+            .unwrap(),
+        DeleteOutcome::Revoked { epoch: 1 }
     );
     go_tx.send(()).unwrap();
     let out = holder.await.unwrap().unwrap();
@@ -587,13 +599,21 @@ async fn deleting_a_running_key_fences_its_holder() {
         ),
         "{out:?}"
     );
+    // ...and the next retry runs at epoch 2 at once, even under strict recovery (the operator
+    // asked for a new run), never at epoch 1 again.
+    let strict = Policy {
+        recovery: Recovery::Strict,
+        ..Policy::default()
+    };
+    let retry = engine
+        .run(&key("del"), fp("x"), &strict, store_it, |d| async move {
+            format!("epoch {}", d.epoch)
+        })
+        .await
+        .unwrap();
     assert!(
-        engine
-            .store()
-            .get(&key("del").store_key())
-            .await
-            .unwrap()
-            .is_none()
+        matches!(&retry, Execution::Executed { epoch: 2, value, .. } if value == "epoch 2"),
+        "{retry:?}"
     );
 }
 

@@ -51,10 +51,7 @@ use idemgate_core::fingerprint::{Algorithm, Fingerprint};
 use idemgate_core::key::StoreKey;
 use idemgate_core::protocol;
 use idemgate_core::record::{Fencing, Outcome, Record, RecordState};
-use idemgate_core::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, ListPage, ListRequest, Store, TakeOverOutcome,
-    TakeOverRequest,
-};
+use idemgate_core::store::{CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, Store, TakeOverOutcome, TakeOverRequest, revoked_cas};
 use tokio_postgres::{NoTls, Row};
 
 /// The schema version this build writes.
@@ -497,6 +494,9 @@ impl Store for PostgresStore {
         f: Fencing,
         lease_ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
+        if let Some(lost) = revoked_cas(f) {
+            return Ok(lost);
+        }
         let sql = format!(
             "WITH n AS (SELECT {NOW} AS now)
              UPDATE idemgate_records r SET lease_expires_at = n.now + $4,
@@ -524,6 +524,9 @@ impl Store for PostgresStore {
         outcome: &Outcome,
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
+        if let Some(lost) = revoked_cas(f) {
+            return Ok(lost);
+        }
         protocol::check_outcome(outcome)?;
         let sql = format!(
             "WITH n AS (SELECT {NOW} AS now),
@@ -553,6 +556,9 @@ impl Store for PostgresStore {
         f: Fencing,
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
+        if let Some(lost) = revoked_cas(f) {
+            return Ok(lost);
+        }
         let sql = format!(
             "WITH n AS (SELECT {NOW} AS now),
              w AS (UPDATE idemgate_records r SET state = 3, unknown_since = n.now,
@@ -575,6 +581,9 @@ impl Store for PostgresStore {
     }
 
     async fn release(&self, key: &StoreKey, f: Fencing) -> Result<CasOutcome, StoreError> {
+        if let Some(lost) = revoked_cas(f) {
+            return Ok(lost);
+        }
         let sql = format!(
             "WITH n AS (SELECT {NOW} AS now),
              w AS (DELETE FROM idemgate_records r USING n WHERE {HELD} RETURNING r.store_key)
@@ -652,15 +661,58 @@ impl Store for PostgresStore {
         rows.first().map(decode).transpose()
     }
 
-    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
+    async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
+        // One statement: remove what the mode allows (and any expired row), revoke an in-flight
+        // row under `force`, and return the row as it was so that a refusal can show it.
+        // Parameters: $1 key, $2 mode ('f', 'u' or 'x'), $3 revoked token, $4 revoked owner.
         let sql = format!(
-            "DELETE FROM idemgate_records WHERE store_key = $1 RETURNING expires_at > {NOW} AS live"
+            "WITH n AS (SELECT {NOW} AS now),
+             cur AS (SELECT r.*, r.expires_at > n.now AS live FROM idemgate_records r, n
+                     WHERE r.store_key = $1 FOR UPDATE),
+             del AS (DELETE FROM idemgate_records r USING cur
+                     WHERE r.store_key = $1 AND (NOT cur.live
+                        OR (cur.state <> 1 AND NOT ($2 = 'u' AND cur.state = 2)))
+                     RETURNING r.store_key),
+             rev AS (UPDATE idemgate_records r SET token = $3, owner = $4, lease_expires_at = n.now
+                     FROM cur, n
+                     WHERE r.store_key = $1 AND cur.live AND cur.state = 1 AND $2 = 'x'
+                     RETURNING r.store_key)
+             SELECT CASE WHEN NOT cur.live THEN 0
+                         WHEN EXISTS (SELECT 1 FROM del) THEN 1
+                         WHEN EXISTS (SELECT 1 FROM rev) THEN 2
+                         ELSE 3 END AS verdict, n.now, cur.*
+             FROM cur, n"
         );
-        let rows = self.query(&sql, &[&key.as_bytes().as_slice()]).await?;
-        Ok(rows
-            .first()
-            .and_then(|r| r.try_get::<_, bool>("live").ok())
-            .unwrap_or(false))
+        let mode = match mode {
+            DeleteMode::Finished => "f",
+            DeleteMode::Unknown => "u",
+            DeleteMode::Force => "x",
+        };
+        let rows = self
+            .query(
+                &sql,
+                &[
+                    &key.as_bytes().as_slice(),
+                    &mode,
+                    &Fencing::REVOKED.to_be_bytes().to_vec(),
+                    &protocol::REVOKED_OWNER,
+                ],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(DeleteOutcome::Absent);
+        };
+        let verdict: i32 = row.try_get("verdict").map_err(|_| corrupt("verdict"))?;
+        Ok(match verdict {
+            0 => DeleteOutcome::Absent,
+            1 => DeleteOutcome::Deleted,
+            2 => DeleteOutcome::Revoked {
+                epoch: req_u64(row, "epoch")?,
+            },
+            _ => DeleteOutcome::Refused {
+                current: Box::new(decode(row)?),
+            },
+        })
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {

@@ -78,10 +78,7 @@ use idemgate_core::error::{ErrorKind, StoreError};
 use idemgate_core::key::StoreKey;
 use idemgate_core::protocol::{self, Write};
 use idemgate_core::record::{Fencing, Outcome, Record};
-use idemgate_core::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, ListPage, ListRequest, Store, TakeOverOutcome,
-    TakeOverRequest,
-};
+use idemgate_core::store::{CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, Store, TakeOverOutcome, TakeOverRequest};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
@@ -224,7 +221,7 @@ enum Op {
     MarkUnknown(Fencing, Duration),
     Release(Fencing),
     TakeOver(TakeOverRequest),
-    Delete,
+    Delete(DeleteMode),
     Purge(usize),
     OverwriteRaw(Vec<u8>),
 }
@@ -235,6 +232,7 @@ enum Reply {
     TakeOver(TakeOverOutcome),
     Bool(bool),
     Count(usize),
+    Delete(DeleteOutcome),
 }
 
 struct Job {
@@ -321,23 +319,11 @@ impl Writer {
                     .get(key)
                     .map_err(|e| map_err(e, "get"))?
                     .map(|g| g.value().to_vec());
-                if let Op::Delete = job.op {
-                    // Works on undecodable bytes too: administrators can always remove a record.
-                    let live = match raw.as_deref().map(decode) {
-                        None => false,
-                        Some(Ok(r)) => {
-                            expiry
-                                .remove((r.expires_at.as_millis(), key))
-                                .map_err(|e| map_err(e, "remove"))?;
-                            !r.is_expired(now)
-                        }
-                        Some(Err(_)) => true,
-                    };
-                    if raw.is_some() {
-                        records.remove(key).map_err(|e| map_err(e, "remove"))?;
-                        dirty = true;
-                    }
-                    replies.push(Ok(Reply::Bool(live)));
+                if let (Op::Delete(_), Some(Err(_))) = (&job.op, raw.as_deref().map(decode)) {
+                    // Undecodable bytes: administrators can always remove them, in any mode.
+                    records.remove(key).map_err(|e| map_err(e, "remove"))?;
+                    dirty = true;
+                    replies.push(Ok(Reply::Delete(DeleteOutcome::Deleted)));
                     continue;
                 }
                 let current = match raw.as_deref().map(decode).transpose() {
@@ -373,8 +359,12 @@ impl Writer {
                         let (w, o) = protocol::take_over(cur, now, req);
                         (w, Reply::TakeOver(o))
                     }
+                    Op::Delete(mode) => {
+                        let (w, o) = protocol::delete(cur, now, *mode);
+                        (w, Reply::Delete(o))
+                    }
                     // Answered above, before the record was decoded.
-                    Op::Delete | Op::Purge(_) | Op::OverwriteRaw(_) => {
+                    Op::Purge(_) | Op::OverwriteRaw(_) => {
                         (Write::Unchanged, Reply::Bool(false))
                     }
                 };
@@ -585,9 +575,9 @@ impl Store for RedbStore {
         Ok(self.read(key)?.filter(|r| !r.is_expired(now)))
     }
 
-    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        match self.submit(*key, Op::Delete).await? {
-            Reply::Bool(b) => Ok(b),
+    async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
+        match self.submit(*key, Op::Delete(mode)).await? {
+            Reply::Delete(o) => Ok(o),
             _ => Err(unexpected()),
         }
     }

@@ -49,10 +49,7 @@ use idemgate_core::fingerprint::{Algorithm, Fingerprint};
 use idemgate_core::key::StoreKey;
 use idemgate_core::protocol;
 use idemgate_core::record::{Fencing, Outcome, Record, RecordState};
-use idemgate_core::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, ListPage, ListRequest, Store, TakeOverOutcome,
-    TakeOverRequest,
-};
+use idemgate_core::store::{CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, Store, TakeOverOutcome, TakeOverRequest, revoked_cas};
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
@@ -584,6 +581,9 @@ impl Store for RedisStore {
         f: Fencing,
         lease_ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
+        if let Some(lost) = revoked_cas(f) {
+            return Ok(lost);
+        }
         let args = [
             f.epoch.to_string().into_bytes(),
             token_hex(f.token).into_bytes(),
@@ -599,6 +599,9 @@ impl Store for RedisStore {
         outcome: &Outcome,
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
+        if let Some(lost) = revoked_cas(f) {
+            return Ok(lost);
+        }
         protocol::check_outcome(outcome)?;
         let args = [
             f.epoch.to_string().into_bytes(),
@@ -616,6 +619,9 @@ impl Store for RedisStore {
         f: Fencing,
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
+        if let Some(lost) = revoked_cas(f) {
+            return Ok(lost);
+        }
         let args = [
             f.epoch.to_string().into_bytes(),
             token_hex(f.token).into_bytes(),
@@ -626,6 +632,9 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, key: &StoreKey, f: Fencing) -> Result<CasOutcome, StoreError> {
+        if let Some(lost) = revoked_cas(f) {
+            return Ok(lost);
+        }
         let args = [
             f.epoch.to_string().into_bytes(),
             token_hex(f.token).into_bytes(),
@@ -682,15 +691,44 @@ impl Store for RedisStore {
         decode_hash(reply.into_iter().nth(1).ok_or_else(shape)?)
     }
 
-    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        let n: i64 = self
+    async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
+        let mode = match mode {
+            DeleteMode::Finished => "f",
+            DeleteMode::Unknown => "u",
+            DeleteMode::Force => "x",
+        };
+        let reply: Vec<Value> = self
             .scripts
             .delete
             .key(self.redis_key(key))
+            .arg(mode)
+            .arg(token_hex(Fencing::REVOKED))
+            .arg(protocol::REVOKED_OWNER)
+            .arg(self.channel())
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(map_err)?;
-        Ok(n == 1)
+        let mut it = reply.into_iter();
+        let (Some(flag), Some(_now)) = (it.next(), it.next()) else {
+            return Err(shape());
+        };
+        match int(&flag) {
+            Some(0) => Ok(DeleteOutcome::Absent),
+            Some(1) => Ok(DeleteOutcome::Deleted),
+            Some(2) => {
+                let epoch = it.next().as_ref().and_then(int).ok_or_else(shape)?;
+                Ok(DeleteOutcome::Revoked {
+                    epoch: u64::try_from(epoch).map_err(|_| shape())?,
+                })
+            }
+            Some(3) => match decode_hash(it.next().ok_or_else(shape)?)? {
+                Some(current) => Ok(DeleteOutcome::Refused {
+                    current: Box::new(current),
+                }),
+                None => Ok(DeleteOutcome::Absent),
+            },
+            _ => Err(shape()),
+        }
     }
 
     /// `SCAN` over the prefix, on every master of a cluster in turn. The cursor is

@@ -164,15 +164,32 @@ return {now, {}}
     )
 }
 
-/// → 1 if a live record was deleted, else 0 (an expired one is deleted too).
+/// ARGV: mode (`f` finished only, `u` outcome-unknown only, `x` force), revoked token, revoked
+/// owner, channel → `{0, now}` absent (an expired record is removed), `{1, now}` deleted,
+/// `{2, now, epoch}` in flight and revoked (token and lease replaced; published, so waiters take
+/// over at once), `{3, now, HGETALL}` refused.
 pub fn delete() -> Script {
     script(
         r#"
 local now = now_ms()
-local was = live(now)
+if not live(now) then
+  redis.call('DEL', KEYS[1])
+  return {0, now}
+end
+local f = redis.call('HMGET', KEYS[1], 'st', 'ep')
+if f[1] == 'i' then
+  if ARGV[1] == 'x' then
+    redis.call('HSET', KEYS[1], 'tk', ARGV[2], 'ow', ARGV[3], 'le', fmt(now))
+    redis.call('PUBLISH', ARGV[4], KEYS[1])
+    return {2, now, f[2]}
+  end
+  return {3, now, redis.call('HGETALL', KEYS[1])}
+end
+if f[1] == 'c' and ARGV[1] == 'u' then
+  return {3, now, redis.call('HGETALL', KEYS[1])}
+end
 redis.call('DEL', KEYS[1])
-if was then return 1 end
-return 0
+return {1, now}
 "#,
     )
 }

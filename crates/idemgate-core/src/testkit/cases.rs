@@ -15,7 +15,10 @@ use super::{Harness, claim_request, fresh_key, fresh_token, take_over_request};
 use crate::error::ErrorKind;
 use crate::key::StoreKey;
 use crate::record::{Fencing, MAX_BODY_LEN, Outcome, Record, RecordState, StoredResponse};
-use crate::store::{CasOutcome, ClaimOutcome, ClaimRequest, ListRequest, Store, TakeOverOutcome};
+use crate::store::{
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListRequest, Store,
+    TakeOverOutcome,
+};
 
 /// Lease used by expiry cases.
 pub const SHORT_LEASE: Duration = Duration::from_millis(300);
@@ -631,30 +634,134 @@ pub async fn in_flight_record_expires_after_ttl<H: Harness>(h: &H) {
     acquire(h, &key, &long_claim()).await;
 }
 
-pub async fn delete_removes_any_state_and_fences_the_holder<H: Harness>(h: &H) {
-    let key = fresh_key("delete");
+async fn delete<H: Harness>(h: &H, key: &StoreKey, mode: DeleteMode) -> DeleteOutcome {
+    h.store().delete(key, mode).await.expect("delete")
+}
+
+pub async fn delete_removes_finished_records_in_every_mode<H: Harness>(h: &H) {
+    for mode in [DeleteMode::Finished, DeleteMode::Force] {
+        let (done, _) = completed(h, LONG_TTL).await;
+        assert_eq!(delete(h, &done, mode).await, DeleteOutcome::Deleted);
+        assert_eq!(get(h, &done).await, None);
+        acquire(h, &done, &long_claim()).await;
+    }
+    for mode in [DeleteMode::Finished, DeleteMode::Unknown, DeleteMode::Force] {
+        let key = fresh_key("delete-unknown");
+        let f = acquire(h, &key, &long_claim()).await;
+        let marked = h.store().mark_unknown(&key, f, LONG_TTL).await.unwrap();
+        assert_eq!(marked, CasOutcome::Applied);
+        assert_eq!(delete(h, &key, mode).await, DeleteOutcome::Deleted);
+        assert_eq!(get(h, &key).await, None);
+    }
+}
+
+pub async fn delete_refuses_what_its_mode_does_not_cover<H: Harness>(h: &H) {
+    let key = fresh_key("delete-in-flight");
     let f = acquire(h, &key, &long_claim()).await;
-    assert!(h.store().delete(&key).await.unwrap());
-    assert_eq!(get(h, &key).await, None);
+    for mode in [DeleteMode::Finished, DeleteMode::Unknown] {
+        let DeleteOutcome::Refused { current } = delete(h, &key, mode).await else {
+            panic!("{mode:?} must refuse an in-flight record");
+        };
+        assert!(matches!(current.state, RecordState::InFlight { fencing, .. } if fencing == f));
+    }
+    // Nothing changed: the holder still holds it, and no claim gets in.
     assert_eq!(
-        h.store()
+        h.store().renew(&key, f, LONG_LEASE).await.unwrap(),
+        CasOutcome::Applied
+    );
+    assert!(matches!(
+        h.store().claim(&key, &long_claim()).await.unwrap(),
+        ClaimOutcome::Existing { .. }
+    ));
+    let (done, _) = completed(h, LONG_TTL).await;
+    assert!(matches!(
+        delete(h, &done, DeleteMode::Unknown).await,
+        DeleteOutcome::Refused { .. }
+    ));
+    assert!(get(h, &done).await.is_some());
+}
+
+pub async fn forced_delete_revokes_the_holder_and_opens_the_next_epoch<H: Harness>(h: &H) {
+    let key = fresh_key("delete-force");
+    let f = acquire(h, &key, &long_claim()).await;
+    assert_eq!(
+        delete(h, &key, DeleteMode::Force).await,
+        DeleteOutcome::Revoked { epoch: f.epoch }
+    );
+    // The old holder is fenced off from every compare-and-set.
+    let store = h.store();
+    assert_eq!(
+        store.renew(&key, f, LONG_LEASE).await.unwrap(),
+        CasOutcome::Lost
+    );
+    assert_eq!(
+        store
             .complete(&key, f, &response(b"late"), LONG_TTL)
             .await
             .unwrap(),
         CasOutcome::Lost
     );
     assert_eq!(
-        get(h, &key).await,
-        None,
-        "a fenced-off complete must not recreate the record"
+        store.mark_unknown(&key, f, LONG_TTL).await.unwrap(),
+        CasOutcome::Lost
     );
-    let (done, _) = completed(h, LONG_TTL).await;
-    assert!(h.store().delete(&done).await.unwrap());
-    assert_eq!(get(h, &done).await, None);
+    assert_eq!(store.release(&key, f).await.unwrap(), CasOutcome::Lost);
+    // The revoked fencing is held by nobody either.
+    let revoked = Fencing {
+        epoch: f.epoch,
+        token: Fencing::REVOKED,
+    };
+    assert_eq!(
+        store.renew(&key, revoked, LONG_LEASE).await.unwrap(),
+        CasOutcome::Lost
+    );
+    assert_eq!(
+        store
+            .complete(&key, revoked, &response(b"forged"), LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Lost
+    );
+    // A claim sees an in-flight record whose lease has ended, never an absent key (epoch 1 again).
+    let ClaimOutcome::Existing { record, now } = store.claim(&key, &long_claim()).await.unwrap()
+    else {
+        panic!("a revoked record must not be claimable at epoch 1");
+    };
+    let RecordState::InFlight {
+        fencing,
+        lease_expires_at,
+        ..
+    } = record.state
+    else {
+        panic!("a revoked record stays in flight, got {:?}", record.state);
+    };
+    assert_eq!(fencing, revoked);
+    assert!(now >= lease_expires_at, "a revoked lease has ended");
+    // Taking over from the revoked fencing opens epoch + 1, at once.
+    let TakeOverOutcome::Acquired { fencing: next } = store
+        .take_over(&key, &take_over_request(revoked, LONG_LEASE))
+        .await
+        .unwrap()
+    else {
+        panic!("a revoked record must be taken over at once");
+    };
+    assert_eq!(next.epoch, f.epoch + 1);
+    assert_eq!(
+        store
+            .complete(&key, next, &response(b"second"), LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Applied
+    );
 }
 
-pub async fn delete_of_absent_key_is_false<H: Harness>(h: &H) {
-    assert!(!h.store().delete(&fresh_key("delete-absent")).await.unwrap());
+pub async fn delete_of_absent_key_is_absent<H: Harness>(h: &H) {
+    for mode in [DeleteMode::Finished, DeleteMode::Unknown, DeleteMode::Force] {
+        assert_eq!(
+            delete(h, &fresh_key("delete-absent"), mode).await,
+            DeleteOutcome::Absent
+        );
+    }
 }
 
 async fn list_all<H: Harness>(h: &H, page: usize) -> Vec<(StoreKey, Record)> {
@@ -834,6 +941,6 @@ pub async fn corrupt_bytes_are_reported_as_corrupt<H: Harness>(h: &H) {
         .expect_err("claim on garbage");
     assert_eq!(err.kind(), ErrorKind::Corrupt);
     // An administrator can still remove it.
-    h.store().delete(&key).await.unwrap();
+    h.store().delete(&key, DeleteMode::Finished).await.unwrap();
     assert_eq!(get(h, &key).await, None);
 }

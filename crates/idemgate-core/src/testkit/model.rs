@@ -13,7 +13,9 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestR
 use super::{Harness, claim_request, fresh_key, fresh_token};
 use crate::key::StoreKey;
 use crate::record::{Fencing, Outcome, Record, RecordState, StoredResponse};
-use crate::store::{CasOutcome, ClaimOutcome, Store, TakeOverOutcome, TakeOverRequest};
+use crate::store::{
+    CasOutcome, ClaimOutcome, DeleteMode, DeleteOutcome, Store, TakeOverOutcome, TakeOverRequest,
+};
 
 const KEYS: usize = 3;
 const LEASE_MS: u64 = 1_000;
@@ -36,8 +38,8 @@ pub enum Op {
     Release { k: usize, h: usize },
     /// Take over from the `h`-th fencing.
     TakeOver { k: usize, h: usize },
-    /// Administrative delete.
-    Delete { k: usize },
+    /// Administrative delete: mode 0 finished only, 1 outcome-unknown only, 2 force.
+    Delete { k: usize, mode: u8 },
     /// Read.
     Get { k: usize },
     /// Move the clock (controlled clocks only).
@@ -54,7 +56,7 @@ fn op_strategy(controlled: bool) -> BoxedStrategy<Op> {
         1 => (k.clone(), h.clone()).prop_map(|(k, h)| Op::MarkUnknown { k, h }),
         1 => (k.clone(), h.clone()).prop_map(|(k, h)| Op::Release { k, h }),
         2 => (k.clone(), h).prop_map(|(k, h)| Op::TakeOver { k, h }),
-        1 => k.clone().prop_map(|k| Op::Delete { k }),
+        2 => (k.clone(), 0u8..3).prop_map(|(k, mode)| Op::Delete { k, mode }),
         2 => k.prop_map(|k| Op::Get { k }),
     ];
     if controlled {
@@ -100,7 +102,12 @@ impl Model {
         self.recs[k].as_ref().filter(|r| self.now < r.expires)
     }
 
+    /// Whether `f` may compare-and-set `k` (a revoked fencing never may).
     fn holds(&self, k: usize, f: Fencing) -> bool {
+        !f.is_revoked() && self.in_flight_with(k, f)
+    }
+
+    fn in_flight_with(&self, k: usize, f: Fencing) -> bool {
         matches!(self.live(k), Some(MRec { state: MState::InFlight { epoch, token, .. }, .. })
             if *epoch == f.epoch && *token == f.token)
     }
@@ -317,7 +324,7 @@ async fn run_sequence<H: Harness>(h: &H, ops: &[Op]) -> Result<(), TestCaseError
                     .await
                     .map_err(|e| fail(step, op, e.to_string()))?;
                 let expired = matches!(m.live(k), Some(MRec { state: MState::InFlight { lease_until, .. }, .. }) if m.now >= *lease_until);
-                let expect = m.holds(k, f) && expired;
+                let expect = m.in_flight_with(k, f) && expired;
                 match (got, expect) {
                     (TakeOverOutcome::Acquired { fencing }, true) => {
                         if fencing
@@ -358,15 +365,47 @@ async fn run_sequence<H: Harness>(h: &H, ops: &[Op]) -> Result<(), TestCaseError
                     }
                 }
             }
-            Op::Delete { k } => {
+            Op::Delete { k, mode } => {
+                let mode = [DeleteMode::Finished, DeleteMode::Unknown, DeleteMode::Force]
+                    [usize::from(mode) % 3];
                 let got = store
-                    .delete(&keys[k])
+                    .delete(&keys[k], mode)
                     .await
                     .map_err(|e| fail(step, op, e.to_string()))?;
-                let expect = m.live(k).is_some();
-                m.recs[k] = None;
-                if got != expect {
-                    return Err(fail(step, op, format!("store {got} model {expect}")));
+                let now = m.now;
+                let expect = match m.live(k).map(|r| r.state.clone()) {
+                    None => {
+                        m.recs[k] = None;
+                        "absent"
+                    }
+                    Some(MState::InFlight { epoch, .. }) if mode == DeleteMode::Force => {
+                        let r = m.recs[k].as_mut().unwrap();
+                        r.state = MState::InFlight {
+                            epoch,
+                            token: Fencing::REVOKED,
+                            lease_until: now,
+                        };
+                        holders[k].push(Fencing {
+                            epoch,
+                            token: Fencing::REVOKED,
+                        });
+                        "revoked"
+                    }
+                    Some(MState::InFlight { .. }) => "refused",
+                    Some(MState::Completed { .. }) if mode == DeleteMode::Unknown => "refused",
+                    Some(_) => {
+                        m.recs[k] = None;
+                        "deleted"
+                    }
+                };
+                let got_name = match &got {
+                    DeleteOutcome::Absent => "absent",
+                    DeleteOutcome::Deleted => "deleted",
+                    DeleteOutcome::Revoked { .. } => "revoked",
+                    DeleteOutcome::Refused { .. } => "refused",
+                };
+                if got_name != expect {
+                    return Err(fail(step, op, format!("store {got:?} model {expect}")));
                 }
             }
             Op::Get { k } => {
