@@ -230,7 +230,6 @@ enum Reply {
     Claim(ClaimOutcome),
     Cas(CasOutcome),
     TakeOver(TakeOverOutcome),
-    Bool(bool),
     Count(usize),
     Delete(DeleteOutcome),
 }
@@ -312,7 +311,7 @@ impl Writer {
                         .insert(key, bytes.as_slice())
                         .map_err(|e| map_err(e, "insert"))?;
                     dirty = true;
-                    replies.push(Ok(Reply::Bool(true)));
+                    replies.push(Ok(Reply::Count(1)));
                     continue;
                 }
                 let raw = records
@@ -365,7 +364,7 @@ impl Writer {
                     }
                     // Answered above, before the record was decoded.
                     Op::Purge(_) | Op::OverwriteRaw(_) => {
-                        (Write::Unchanged, Reply::Bool(false))
+                        (Write::Unchanged, Reply::Count(0))
                     }
                 };
                 match write {

@@ -11,7 +11,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use idemgate_core::record::{Outcome, Record, RecordState};
-use idemgate_core::store::ListRequest;
+use idemgate_core::store::{DeleteMode, DeleteOutcome, ListRequest};
 use idemgate_core::{Engine, IdempotencyKey, Scope, ScopedKey, Store, StoreKey};
 use idemgate_tower::policy::Routes;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -186,12 +186,56 @@ async fn get_key(State(s): State<AdminState>, Path(hex): Path<String>) -> Respon
     }
 }
 
-async fn delete_key(State(s): State<AdminState>, Path(hex): Path<String>) -> Response {
+#[derive(Deserialize)]
+struct DeleteParams {
+    /// Also revoke an in-flight record (see [`DeleteMode::Force`]).
+    #[serde(default)]
+    force: bool,
+}
+
+/// `DELETE /api/keys/{store_key}[?force=true]`: removes a finished record. An in-flight record
+/// is refused with 409 (deleting it would let a retry run while the first request still runs,
+/// at the same epoch); with `force=true` it is revoked instead: the holder is fenced off and the
+/// next retry runs at epoch + 1.
+async fn delete_key(
+    State(s): State<AdminState>,
+    Path(hex): Path<String>,
+    Query(p): Query<DeleteParams>,
+) -> Response {
     let Some(key) = StoreKey::from_hex(&hex) else {
         return bad_store_key();
     };
-    match s.engine.store().delete(&key).await {
-        Ok(existed) => Json(json!({ "store_key": hex, "deleted": existed })).into_response(),
+    let mode = if p.force {
+        DeleteMode::Force
+    } else {
+        DeleteMode::Finished
+    };
+    match s.engine.store().delete(&key, mode).await {
+        Ok(DeleteOutcome::Deleted) => {
+            Json(json!({ "store_key": hex, "deleted": true })).into_response()
+        }
+        Ok(DeleteOutcome::Absent) => {
+            Json(json!({ "store_key": hex, "deleted": false })).into_response()
+        }
+        Ok(DeleteOutcome::Revoked { epoch }) => {
+            s.engine.wake(&key);
+            tracing::warn!(store_key = %hex, epoch,
+                "admin: revoked an in-flight record; the next retry runs at epoch {}", epoch + 1);
+            Json(json!({
+                "store_key": hex, "deleted": true, "revoked_epoch": epoch,
+                "next_epoch": epoch + 1,
+            }))
+            .into_response()
+        }
+        Ok(DeleteOutcome::Refused { current }) => problem(
+            StatusCode::CONFLICT,
+            format!(
+                "the record is {}: deleting it would let a retry run while the first request \
+                 still runs; wait for it, or delete with ?force=true to revoke it (the next \
+                 retry then runs at epoch + 1)",
+                current.state.name()
+            ),
+        ),
         Err(e) => store_error(e),
     }
 }
@@ -267,18 +311,21 @@ async fn resolve(
             "the only resolution is {\"action\": \"retry\"} (the request did not take effect)",
         );
     }
-    match s.engine.store().get(&key).await {
-        Ok(Some(rec)) if matches!(rec.state, RecordState::Unknown { .. }) => {
-            match s.engine.store().delete(&key).await {
-                Ok(_) => Json(json!({ "store_key": hex, "resolved": "retry" })).into_response(),
-                Err(e) => store_error(e),
-            }
+    // One compare-and-set: only an outcome-unknown record goes, so a record that expired and
+    // was claimed again meanwhile (in flight) is never deleted under its new holder.
+    match s.engine.store().delete(&key, DeleteMode::Unknown).await {
+        Ok(DeleteOutcome::Deleted) => {
+            Json(json!({ "store_key": hex, "resolved": "retry" })).into_response()
         }
-        Ok(Some(rec)) => problem(
+        Ok(DeleteOutcome::Refused { current }) => problem(
             StatusCode::CONFLICT,
-            format!("the record is {}, not outcome-unknown", rec.state.name()),
+            format!("the record is {}, not outcome-unknown", current.state.name()),
         ),
-        Ok(None) => problem(StatusCode::NOT_FOUND, "no such record"),
+        Ok(DeleteOutcome::Absent) => problem(StatusCode::NOT_FOUND, "no such record"),
+        Ok(DeleteOutcome::Revoked { .. }) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the store revoked a record it was asked to resolve",
+        ),
         Err(e) => store_error(e),
     }
 }

@@ -34,10 +34,15 @@ pub enum KeysCommand {
         #[arg(long = "credential")]
         credentials: Vec<String>,
     },
-    /// Delete a record (by store key): a retry of it will run again.
+    /// Delete a finished record (by store key): a retry of it will run again. An in-flight
+    /// record is refused (409) unless --force.
     Delete {
         /// The 64-hex store key.
         store_key: String,
+        /// Also revoke an in-flight record: its holder is fenced off and the next retry runs
+        /// again at epoch + 1 (the first run may still be under way upstream).
+        #[arg(long)]
+        force: bool,
     },
     /// Resolve an outcome-unknown record as "did not happen": the next retry runs it.
     Resolve {
@@ -101,11 +106,12 @@ pub async fn run(admin: &str, cmd: KeysCommand) -> Result<()> {
             call(admin, Method::POST, "/api/keys/lookup", Some(body)).await?
         }
         KeysCommand::Get { .. } => bail!("give a store key, or --key"),
-        KeysCommand::Delete { store_key } => {
+        KeysCommand::Delete { store_key, force } => {
+            let query = if force { "?force=true" } else { "" };
             call(
                 admin,
                 Method::DELETE,
-                &format!("/api/keys/{store_key}"),
+                &format!("/api/keys/{store_key}{query}"),
                 None,
             )
             .await?

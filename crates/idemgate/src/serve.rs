@@ -1,6 +1,5 @@
 //! `idemgate serve`: the proxy listener, the admin listener, and graceful shutdown.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -170,11 +169,14 @@ pub async fn run(settings: Settings) -> Result<()> {
     drop(listener);
     tracing::info!(timeout = ?settings.drain_timeout, "shutting down: draining in-flight requests");
     workers.stop().await;
-    let left = engine.stats().in_flight.load(Ordering::SeqCst);
-    if left > 0 {
+    // Operations the drain could not wait for were cancelled with their workers: they may have
+    // reached the upstream, so they become outcome-unknown (never left in flight for a takeover
+    // to run again).
+    let abandoned = engine.abandon_running().await;
+    if abandoned > 0 {
         tracing::warn!(
-            operations = left,
-            "exiting with operations in flight; their leases will expire"
+            operations = abandoned,
+            "drain timeout: operations still running were marked outcome-unknown"
         );
     }
     let _ = admin_stop_tx.send(());

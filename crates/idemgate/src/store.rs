@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use idemgate_core::key::StoreKey;
 use idemgate_core::record::{Fencing, Outcome, Record};
-use idemgate_core::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, ListPage, ListRequest, TakeOverOutcome, TakeOverRequest,
-};
+use idemgate_core::store::{CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, TakeOverOutcome, TakeOverRequest};
 use idemgate_core::{MemoryStore, SharedStore, Store, StoreError};
 use idemgate_store_redb::RedbStore;
 
@@ -232,8 +230,8 @@ impl Store for Instrumented {
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         timed("get", self.store.get(key)).await
     }
-    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        timed("delete", self.store.delete(key)).await
+    async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
+        timed("delete", self.store.delete(key, mode)).await
     }
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
         timed("list", self.store.list(req)).await

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{Http, Proxy, Upstream, metric};
+use common::{Http, Proxy, Upstream, hold_first, metric, until};
 use http::{HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -223,4 +223,56 @@ async fn json_logs_carry_one_span_per_request_with_its_outcome() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+/// An admin delete never opens the same epoch twice: an in-flight key is refused (409) unless
+/// forced, and a forced delete revokes the holder so that the next retry runs at epoch 2 while
+/// the first (epoch 1) may still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_in_flight_key_needs_force_and_opens_the_next_epoch() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&up.url(), "memory://", &[]);
+    let http = Http::default();
+    let first = hold_first(&http, &up, proxy.url("/pay?hold=1"), "adm-live").await;
+    let found = http
+        .send(
+            Method::POST,
+            &proxy.admin_url("/api/keys/lookup"),
+            &[("content-type", HeaderValue::from_static("application/json"))],
+            json!({ "key": "adm-live" }).to_string(),
+        )
+        .await
+        .json();
+    assert_eq!(found["record"]["state"], "in_flight");
+    let store_key = found["store_key"].as_str().unwrap().to_owned();
+
+    let refused = http
+        .send(
+            Method::DELETE,
+            &proxy.admin_url(&format!("/api/keys/{store_key}")),
+            &[],
+            b"",
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT);
+    let (ok, _) = keys_cli(&proxy, &["delete", &store_key]);
+    assert!(!ok, "the CLI reports the refusal");
+
+    let (ok, forced) = keys_cli(&proxy, &["delete", "--force", &store_key]);
+    assert!(ok);
+    assert_eq!(forced["revoked_epoch"], 1);
+    assert_eq!(forced["next_epoch"], 2);
+
+    // The retry runs again, at epoch 2, while the first still runs.
+    let retry = http.spawn_post(proxy.url("/pay?hold=1"), "adm-live");
+    until(10, "the retry to reach the upstream", || up.state.held() == 2).await;
+    up.state.release_held();
+    let (first, retry) = (first.await.unwrap(), retry.await.unwrap());
+    assert_eq!(first.json()["idempotency_epoch"], "1");
+    assert_eq!(retry.json()["idempotency_epoch"], "2");
+    assert_eq!(up.state.executions_of("adm-live"), 2);
+    // The revoked holder could not write its outcome over the new one.
+    let again = http.post(&proxy.url("/pay?hold=1"), Some("adm-live"), b"{}").await;
+    assert!(again.replayed());
+    assert_eq!(again.json()["idempotency_epoch"], "2");
 }
