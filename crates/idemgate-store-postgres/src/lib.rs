@@ -748,9 +748,16 @@ impl Store for PostgresStore {
     }
 
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
+        // Under READ COMMITTED a DELETE re-checks only its own WHERE against a row changed
+        // since its snapshot, never the subquery's: without the outer `expires_at` condition, a
+        // row that a concurrent claim revived (a new in-flight record on an expired key) was
+        // deleted under its holder, and a retry then claimed epoch 1 again. The subquery skips
+        // rows being changed right now instead of waiting for them.
         let sql = format!(
-            "DELETE FROM idemgate_records WHERE store_key IN (
-               SELECT store_key FROM idemgate_records WHERE expires_at <= {NOW} LIMIT $1)"
+            "DELETE FROM idemgate_records r WHERE r.store_key IN (
+               SELECT store_key FROM idemgate_records WHERE expires_at <= {NOW}
+               LIMIT $1 FOR UPDATE SKIP LOCKED)
+             AND r.expires_at <= {NOW}"
         );
         let n = self
             .execute(&sql, &[&(limit.min(i64::MAX as usize) as i64)])
