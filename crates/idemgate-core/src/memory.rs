@@ -17,14 +17,17 @@
 //! # Bounds
 //!
 //! - At most `max_records` records (default 1,000,000) and roughly `max_bytes` of keys, labels and
-//!   payloads (default 1 GiB). When either bound is reached, expired records are swept first; if the
-//!   store is still full, `claim` of a new key fails with [`ErrorKind::Capacity`] (the proxy answers
-//!   `503`). In-flight and unexpired records are never evicted. `complete` is always accepted for a
-//!   held key, so the byte bound can be overshot by the bodies of operations already in flight.
+//!   payloads (default 1 GiB). When either bound is reached, a claim of a new key first purges the
+//!   expired records of one shard (the next in turn: bounded work, 1/64 of the store, never a
+//!   sweep of the whole store on a request); if the store is still full, it fails with
+//!   [`ErrorKind::Capacity`] (the proxy answers `503` problem `store-full` with `Retry-After`). In-flight and
+//!   unexpired records are never evicted. `complete` is always accepted for a held key, so the
+//!   byte bound can be overshot by the bodies of operations already in flight. There is no
+//!   per-scope quota: one principal can fill the store for all (size it, or use a shared store).
 //! - Expired records are invisible at once and removed by [`Store::purge_expired`] (see
-//!   [`spawn_sweeper`](crate::sweeper::spawn_sweeper)), when their key is claimed again, or by a
-//!   sweep of the whole store when a claim finds it full (at most once a second of store time, so
-//!   that a full store refuses quickly instead of rescanning on every claim).
+//!   [`spawn_sweeper`](crate::sweeper::spawn_sweeper)), when their key is claimed again, or a
+//!   shard at a time by claims that find the store full (after a whole round of shards that freed
+//!   nothing, claims rest from purging for a second of store time and refuse at once).
 //!
 //! # Representation
 //!
@@ -166,7 +169,8 @@ impl MemoryStoreBuilder {
                 max_records: self.max_records,
                 max_bytes: self.max_bytes,
                 clock: self.clock,
-                last_full_sweep: AtomicU64::new(0),
+                rest_until: AtomicU64::new(0),
+                fruitless: AtomicUsize::new(0),
                 purge_cursor: AtomicUsize::new(0),
             }),
         }
@@ -186,8 +190,11 @@ struct Inner {
     max_records: usize,
     max_bytes: usize,
     clock: Arc<dyn Clock>,
-    /// Store time (ms) of the last whole-store sweep made because the store was full.
-    last_full_sweep: AtomicU64,
+    /// Store time (ms) before which a full store does not look for expired records (see
+    /// `make_room`).
+    rest_until: AtomicU64,
+    /// Shards purged in a row that freed nothing.
+    fruitless: AtomicUsize,
     /// Shard where the next purge starts, so that limited purges visit every shard in turn.
     purge_cursor: AtomicUsize,
 }
@@ -316,18 +323,24 @@ impl MemoryStore {
         removed
     }
 
-    /// When full, sweeps the whole store for expired records, at most once a second.
+    /// When full: purges the expired records of ONE shard (the next in turn), so the work a
+    /// request does is bounded by a shard's size (1/64 of the store), never a sweep of the whole
+    /// store. After a whole round of shards that freed nothing, it rests for a second of store
+    /// time (a full store of live records then refuses at once).
     fn make_room(&self) {
-        let now = self.inner.clock.now().0;
-        let last = self.inner.last_full_sweep.load(Ordering::Relaxed);
-        if now >= last.saturating_add(1_000)
-            && self
-                .inner
-                .last_full_sweep
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.purge_all(usize::MAX);
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        if now.0 < inner.rest_until.load(Ordering::Relaxed) {
+            return;
+        }
+        let index = inner.purge_cursor.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        if self.purge_shard(index, now, usize::MAX) > 0 {
+            inner.fruitless.store(0, Ordering::Relaxed);
+        } else if inner.fruitless.fetch_add(1, Ordering::Relaxed) + 1 >= SHARDS {
+            inner.fruitless.store(0, Ordering::Relaxed);
+            inner
+                .rest_until
+                .store(now.0.saturating_add(1_000), Ordering::Relaxed);
         }
     }
 }

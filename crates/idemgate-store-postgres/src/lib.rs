@@ -58,6 +58,10 @@ use tokio_postgres::{NoTls, Row};
 pub const SCHEMA_VERSION: i32 = 1;
 /// Largest page returned by `list`.
 pub const MAX_LIST_PAGE: usize = 1_000;
+/// How long connecting to the database may take, unless the URL says (`connect_timeout`).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a caller waits for a pooled connection (and a connection is created or recycled).
+pub const POOL_TIMEOUT: Duration = Duration::from_secs(3);
 
 const NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
@@ -137,10 +141,21 @@ impl PostgresStore {
     }
 
     /// Connects with a pool of `size` connections.
+    ///
+    /// Bounds (so that an unreachable or partitioned database is an error within seconds, never a
+    /// hang): connecting takes at most [`CONNECT_TIMEOUT`] unless the URL sets `connect_timeout`;
+    /// waiting for a pooled connection, creating one and recycling one each take at most
+    /// [`POOL_TIMEOUT`]; TCP keepalives notice a dead peer. Statements themselves are bounded by
+    /// the caller (the proxy gives every store operation a deadline, `--store-timeout`).
     pub async fn connect_with_pool_size(url: &str, size: usize) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             StoreError::new(ErrorKind::Config, "invalid PostgreSQL URL").with_source(e)
         })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -150,6 +165,10 @@ impl PostgresStore {
         );
         let pool = Pool::builder(manager)
             .max_size(size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(POOL_TIMEOUT))
+            .create_timeout(Some(POOL_TIMEOUT))
+            .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|e| StoreError::new(ErrorKind::Config, "postgres pool").with_source(e))?;
         let (announcer, queue) = tokio::sync::mpsc::channel(ANNOUNCE_QUEUE);

@@ -37,6 +37,9 @@ pub enum ProblemKind {
     NotReplayable,
     /// `502`: the upstream could not be reached; nothing ran, a retry may.
     UpstreamUnavailable,
+    /// `503`: the store has no room for a new key (a bounded in-memory store at its capacity);
+    /// nothing was forwarded.
+    StoreFull,
 }
 
 impl ProblemKind {
@@ -52,6 +55,7 @@ impl ProblemKind {
             ProblemKind::OutcomeUnknown => "outcome-unknown",
             ProblemKind::NotReplayable => "not-replayable",
             ProblemKind::UpstreamUnavailable => "upstream-unavailable",
+            ProblemKind::StoreFull => "store-full",
         }
     }
 
@@ -67,7 +71,9 @@ impl ProblemKind {
             ProblemKind::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
             ProblemKind::InFlight => StatusCode::CONFLICT,
             ProblemKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProblemKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProblemKind::StoreUnavailable | ProblemKind::StoreFull => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProblemKind::OutcomeUnknown | ProblemKind::UpstreamUnavailable => {
                 StatusCode::BAD_GATEWAY
             }
@@ -87,6 +93,7 @@ impl ProblemKind {
             ProblemKind::OutcomeUnknown => "Outcome of the original request is unknown",
             ProblemKind::NotReplayable => "Original response cannot be replayed",
             ProblemKind::UpstreamUnavailable => "Upstream could not be reached",
+            ProblemKind::StoreFull => "Idempotency store is full",
         }
     }
 

@@ -13,7 +13,7 @@ use http::{Request, Response};
 use http_body::Body;
 use idemgate_core::engine::{Disposition, Engine, EngineError, Execution};
 use idemgate_core::record::{Outcome, StoredResponse};
-use idemgate_core::{IdempotencyKey, Scope, ScopedKey, Store};
+use idemgate_core::{ErrorKind, IdempotencyKey, Scope, ScopedKey, Store};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -24,6 +24,9 @@ use crate::headers::{IDEMPOTENCY_EPOCH, IDEMPOTENCY_KEY, replay, storable};
 use crate::policy::{FailMode, RoutePolicy, Routes};
 use crate::problem::ProblemKind;
 use crate::upstream::UpstreamError;
+
+/// `Retry-After` (seconds) on `503` answers about the store.
+const STORE_RETRY_AFTER: &str = "1";
 
 /// Adds Idempotency-Key semantics (PRODUCT §3) to an HTTP service. `Clone` and cheap to clone.
 pub struct IdempotencyLayer<S> {
@@ -472,7 +475,24 @@ where
                  it is not retried automatically (an operator can resolve it)",
             ),
         ),
-        Err(e) => match fallback {
+        // Fail open only when the store could not answer (down, slow): a corrupt record or a
+        // full store answered, and forwarding past it could run a request twice.
+        Err(e)
+            if e.kind() == ErrorKind::Capacity =>
+        {
+            tracing::warn!(route = %route.name, key = %scoped.key(), error = %e,
+                "store full; refusing new keys");
+            let mut res = ProblemKind::StoreFull.response(
+                "the idempotency store has no room for a new key right now; nothing was \
+                 forwarded, retry later",
+            );
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static(STORE_RETRY_AFTER));
+            finish("store_full", res)
+        }
+        Err(e) => match fallback.filter(|_| {
+            matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout)
+        }) {
             Some(mut inner) => {
                 tracing::warn!(route = %route.name, key = %scoped.key(), error = %e,
                     "store unavailable; forwarding without protection (fail open)");
@@ -485,11 +505,15 @@ where
             None => {
                 tracing::warn!(route = %route.name, key = %scoped.key(), error = %e,
                     "store unavailable; refusing (fail closed)");
-                finish(
-                    "store_error",
-                    ProblemKind::StoreUnavailable
-                        .response(format!("{e}; nothing was forwarded, retry later")),
-                )
+                // The error's text (hosts, paths) stays in the log, not in the answer.
+                let mut res = ProblemKind::StoreUnavailable.response(format!(
+                    "the idempotency store could not be used ({}); nothing was forwarded, \
+                     retry later",
+                    e.kind().as_str()
+                ));
+                res.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static(STORE_RETRY_AFTER));
+                finish("store_error", res)
             }
         },
     }

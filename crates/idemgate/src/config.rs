@@ -117,6 +117,10 @@ pub struct ServeArgs {
     /// single-threaded runtime [default: one per CPU].
     #[arg(long, env = "IDEMGATE_WORKERS")]
     pub workers: Option<usize>,
+    /// Deadline of every store operation; past it a request gets 503 store-unavailable (nothing
+    /// forwarded) and a renewal is retried [default: 3s; 10ms to 60s].
+    #[arg(long, env = "IDEMGATE_STORE_TIMEOUT")]
+    pub store_timeout: Option<String>,
 }
 
 /// The `[[route]]` tables of the config file. Unset fields take the global settings.
@@ -178,6 +182,7 @@ pub struct FileConfig {
     waiter_poll_max: Option<String>,
     waiter_poll_min: Option<String>,
     workers: Option<usize>,
+    store_timeout: Option<String>,
     #[serde(default)]
     route: Vec<RouteConfig>,
 }
@@ -201,6 +206,7 @@ pub struct Settings {
     pub waiter_poll_max: Duration,
     pub workers: usize,
     pub routes: Routes,
+    pub store_timeout: Duration,
 }
 
 /// Parses `250ms`, `30s`, `10m`, `24h`, `7d`, or a number of seconds.
@@ -496,6 +502,13 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
             None => std::thread::available_parallelism().map_or(1, usize::from),
         },
         routes,
+        store_timeout: {
+            let d = parse_duration(&pick(&args.store_timeout, &file.store_timeout, "3s"))?;
+            if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&d) {
+                bail!("store_timeout must be between 10ms and 60s, got {d:?}");
+            }
+            d
+        },
     })
 }
 

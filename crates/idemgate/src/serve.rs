@@ -78,12 +78,12 @@ pub async fn run(settings: Settings) -> Result<()> {
         settings.store.starts_with("redis") || settings.store.starts_with("postgres");
     let store = if shared_store && settings.replay_cache_entries > 0 {
         SharedStore::new(
-            CachedStore::builder(Instrumented::new(shared))
+            CachedStore::builder(Instrumented::new(shared, settings.store_timeout))
                 .capacity(settings.replay_cache_entries)
                 .build(),
         )
     } else {
-        SharedStore::new(Instrumented::new(shared))
+        SharedStore::new(Instrumented::new(shared, settings.store_timeout))
     };
     let engine = Engine::builder(store.clone())
         .lease_ttl(settings.lease_ttl)

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use idemgate_core::key::StoreKey;
 use idemgate_core::record::{Fencing, Outcome, Record};
 use idemgate_core::store::{CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, TakeOverOutcome, TakeOverRequest};
-use idemgate_core::{MemoryStore, SharedStore, Store, StoreError};
+use idemgate_core::{ErrorKind, MemoryStore, SharedStore, Store, StoreError};
 use idemgate_store_redb::RedbStore;
 
 /// Where completions by other instances are announced, if anywhere.
@@ -101,8 +101,11 @@ pub async fn open(url: &str) -> Result<Opened> {
         let warnings = store.durability_warnings().await?;
         return Ok(Opened::new(store, warnings, Feed::Postgres(url.to_owned())));
     }
-    if url == "memory://" || url == "memory:" {
-        return Ok(Opened::new(MemoryStore::default(), Vec::new(), Feed::None));
+    if let Some(rest) = url
+        .strip_prefix("memory://")
+        .or_else(|| url.strip_prefix("memory:"))
+    {
+        return Ok(Opened::new(memory_store(rest)?, Vec::new(), Feed::None));
     }
     if let Some(path) = url.strip_prefix("file:") {
         let path = path.strip_prefix("//").unwrap_or(path);
@@ -120,6 +123,43 @@ pub async fn open(url: &str) -> Result<Opened> {
     )
 }
 
+/// `memory://[?max_records=N&max_bytes=SIZE]`: the bounds of the in-memory store (defaults
+/// 1,000,000 records and 1GiB; at a bound new keys get `503` store-full).
+fn memory_store(rest: &str) -> Result<MemoryStore> {
+    let mut builder = MemoryStore::builder();
+    let query = match rest.strip_prefix('?') {
+        Some(q) => q,
+        None if rest.is_empty() => "",
+        None => bail!("memory:// takes no path, only ?max_records=N&max_bytes=SIZE, got {rest:?}"),
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair
+            .split_once('=')
+            .with_context(|| format!("memory:// option {pair:?} needs a value"))?;
+        match name {
+            "max_records" => {
+                let n: usize = value
+                    .parse()
+                    .with_context(|| format!("memory:// max_records {value:?} is not a number"))?;
+                if n == 0 {
+                    bail!("memory:// max_records must be at least 1");
+                }
+                builder = builder.max_records(n);
+            }
+            "max_bytes" => {
+                let n = crate::config::parse_size(value)
+                    .with_context(|| format!("memory:// max_bytes {value:?}"))?;
+                if n < 1 << 20 {
+                    bail!("memory:// max_bytes must be at least 1MiB, got {value:?}");
+                }
+                builder = builder.max_bytes(n);
+            }
+            other => bail!("unknown memory:// option {other:?} (use max_records or max_bytes)"),
+        }
+    }
+    Ok(builder.build())
+}
+
 /// The store URL without its password, for logs.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -135,10 +175,17 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Records `idemgate_store_operation_seconds{op}` for every call.
-#[derive(Clone)]
+/// The proxy's view of its store: every operation bounded by a deadline (so a slow or
+/// partitioned store is an error within `deadline`, never a hang: `503` for a request, a retry
+/// for a renewal) and timed into `idemgate_store_operation_seconds{op}`, with errors counted in
+/// `idemgate_store_errors_total{op,kind}`.
+///
+/// A write that misses its deadline may still have been applied: as the [`Store`] contract says
+/// for `Timeout`, callers assume neither (a claim that landed unheard is an orphan lease that
+/// expires after the lease; a completion is retried under the lease).
 pub struct Instrumented {
     store: SharedStore,
+    deadline: Duration,
     /// Handles for the per-request operations, registered once (a lookup by name and labels
     /// on every call showed in profiles).
     claim: metrics::Histogram,
@@ -146,46 +193,56 @@ pub struct Instrumented {
 }
 
 impl Instrumented {
-    /// Wraps `store`; call after the metrics recorder is installed.
-    pub fn new(store: SharedStore) -> Self {
+    /// Wraps `store` with a deadline per operation; call after the metrics recorder is installed.
+    pub fn new(store: SharedStore, deadline: Duration) -> Self {
         Self {
             store,
+            deadline,
             claim: metrics::histogram!("idemgate_store_operation_seconds", "op" => "claim"),
             complete: metrics::histogram!("idemgate_store_operation_seconds", "op" => "complete"),
         }
     }
-}
 
-async fn timed<T>(
-    op: &'static str,
-    fut: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    timed_into(
-        &metrics::histogram!("idemgate_store_operation_seconds", "op" => op),
-        op,
-        fut,
-    )
-    .await
-}
-
-async fn timed_into<T>(
-    histogram: &metrics::Histogram,
-    op: &'static str,
-    fut: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    let start = Instant::now();
-    let out = fut.await;
-    histogram.record(start.elapsed().as_secs_f64());
-    if let Err(e) = &out {
-        metrics::counter!("idemgate_store_errors_total", "op" => op, "kind" => e.kind().as_str())
-            .increment(1);
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.timed_into(
+            &metrics::histogram!("idemgate_store_operation_seconds", "op" => op),
+            op,
+            fut,
+        )
+        .await
     }
-    out
+
+    async fn timed_into<T>(
+        &self,
+        histogram: &metrics::Histogram,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let start = Instant::now();
+        let out = match tokio::time::timeout(self.deadline, fut).await {
+            Ok(out) => out,
+            Err(_) => Err(StoreError::new(
+                ErrorKind::Timeout,
+                format!("store operation {op} did not answer within {:?}", self.deadline),
+            )),
+        };
+        histogram.record(start.elapsed().as_secs_f64());
+        if let Err(e) = &out {
+            metrics::counter!("idemgate_store_errors_total", "op" => op, "kind" => e.kind().as_str())
+                .increment(1);
+        }
+        out
+    }
 }
 
 impl Store for Instrumented {
     async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        timed_into(&self.claim, "claim", self.store.claim(key, req)).await
+        self.timed_into(&self.claim, "claim", self.store.claim(key, req))
+            .await
     }
     async fn renew(
         &self,
@@ -193,7 +250,7 @@ impl Store for Instrumented {
         f: Fencing,
         lease: Duration,
     ) -> Result<CasOutcome, StoreError> {
-        timed("renew", self.store.renew(key, f, lease)).await
+        self.timed("renew", self.store.renew(key, f, lease)).await
     }
     async fn complete(
         &self,
@@ -202,7 +259,7 @@ impl Store for Instrumented {
         outcome: &Outcome,
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
-        timed_into(
+        self.timed_into(
             &self.complete,
             "complete",
             self.store.complete(key, f, outcome, ttl),
@@ -215,29 +272,31 @@ impl Store for Instrumented {
         f: Fencing,
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
-        timed("mark_unknown", self.store.mark_unknown(key, f, ttl)).await
+        self.timed("mark_unknown", self.store.mark_unknown(key, f, ttl))
+            .await
     }
     async fn release(&self, key: &StoreKey, f: Fencing) -> Result<CasOutcome, StoreError> {
-        timed("release", self.store.release(key, f)).await
+        self.timed("release", self.store.release(key, f)).await
     }
     async fn take_over(
         &self,
         key: &StoreKey,
         req: &TakeOverRequest,
     ) -> Result<TakeOverOutcome, StoreError> {
-        timed("take_over", self.store.take_over(key, req)).await
+        self.timed("take_over", self.store.take_over(key, req)).await
     }
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
-        timed("get", self.store.get(key)).await
+        self.timed("get", self.store.get(key)).await
     }
     async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
-        timed("delete", self.store.delete(key, mode)).await
+        self.timed("delete", self.store.delete(key, mode)).await
     }
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
-        timed("list", self.store.list(req)).await
+        self.timed("list", self.store.list(req)).await
     }
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
-        timed("purge_expired", self.store.purge_expired(limit)).await
+        self.timed("purge_expired", self.store.purge_expired(limit))
+            .await
     }
 }
 
