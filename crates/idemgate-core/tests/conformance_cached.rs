@@ -121,3 +121,45 @@ async fn the_cache_is_bounded() {
     }
     assert!(store.len() <= 32, "{}", store.len());
 }
+
+/// A read that started before a delete through the cache (its answer still on the wire) must
+/// not put the deleted record back into the cache: the next claim reaches the store and runs.
+#[tokio::test(start_paused = true)]
+async fn a_read_overlapping_a_delete_does_not_resurrect_the_record() {
+    use idemgate_core::testkit::faults::Faulty;
+    let shared = Faulty::new(MemoryStore::builder().clock(idemgate_core::TokioClock::new()).build());
+    let cached = CachedStore::builder(shared.clone())
+        .clock(idemgate_core::TokioClock::new())
+        .build();
+    let key = fresh_key("cache-race");
+    let req = claim_request(Duration::from_secs(10), Duration::from_secs(3600), 1);
+    let ClaimOutcome::Acquired { fencing } = cached.claim(&key, &req).await.unwrap() else {
+        panic!()
+    };
+    let done = Outcome::Response(StoredResponse::new(200, vec![], "ok"));
+    cached
+        .complete(&key, fencing, &done, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    // A replay whose answer is slow: it reads the completed record now, answers in 100 ms.
+    shared.set_delay("claim", Duration::from_millis(100));
+    let replay = tokio::spawn({
+        let cached = cached.clone();
+        let req = req.clone();
+        async move { cached.claim(&key, &req).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        cached.delete(&key, DeleteMode::Finished).await.unwrap(),
+        DeleteOutcome::Deleted
+    );
+    assert!(matches!(
+        replay.await.unwrap().unwrap(),
+        ClaimOutcome::Existing { .. }
+    ));
+    shared.set_delay("claim", Duration::ZERO);
+    assert!(
+        matches!(cached.claim(&key, &req).await.unwrap(), ClaimOutcome::Acquired { .. }),
+        "the deleted record came back from the cache"
+    );
+}

@@ -99,3 +99,24 @@ async fn fail_open_forwards_without_protection() {
         "unprotected: each request runs"
     );
 }
+
+/// Fail-open forwards only when the store could not answer: a full store or a corrupt record
+/// answered, and forwarding past it could run a request twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_never_forwards_past_a_full_store_or_a_corrupt_record() {
+    let (addr, store, calls) = serve(FailMode::Open).await;
+    store.set_failing_with("claim", idemgate_core::ErrorKind::Capacity);
+    let (status, body) = post(addr, "k").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&body).contains("urn:idemgate:problem:store-full"));
+    store.set_failing_with("claim", idemgate_core::ErrorKind::Corrupt);
+    let (status, body) = post(addr, "k").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(body.contains("urn:idemgate:problem:store-unavailable"));
+    assert!(
+        !body.contains("injected fault"),
+        "the store error's text stays in the logs: {body}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing forwarded unprotected");
+}

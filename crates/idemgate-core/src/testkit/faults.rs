@@ -20,7 +20,7 @@ use crate::store::{
 pub struct Faulty<S> {
     inner: S,
     down: Arc<AtomicBool>,
-    failing: Arc<parking_lot::Mutex<std::collections::HashSet<&'static str>>>,
+    failing: Arc<parking_lot::Mutex<std::collections::HashMap<&'static str, ErrorKind>>>,
     delays: Arc<parking_lot::Mutex<std::collections::HashMap<&'static str, Duration>>>,
 }
 
@@ -39,10 +39,16 @@ impl<S: Store> Faulty<S> {
     pub fn set_failing(&self, op: &'static str, failing: bool) {
         let mut set = self.failing.lock();
         if failing {
-            set.insert(op);
+            set.insert(op, ErrorKind::Unavailable);
         } else {
             set.remove(op);
         }
+    }
+
+    /// Makes operation `op` fail with an error of `kind` (a full store: `Capacity`; rotten
+    /// bytes: `Corrupt`) until [`set_failing`](Self::set_failing)`(op, false)`.
+    pub fn set_failing_with(&self, op: &'static str, kind: ErrorKind) {
+        self.failing.lock().insert(op, kind);
     }
 
     /// Delays the answer of every call of operation `op` by `delay` (tokio's timer): the
@@ -60,11 +66,9 @@ impl<S: Store> Faulty<S> {
     }
 
     async fn enter(&self, op: &'static str) -> Result<(), StoreError> {
-        if self.failing.lock().contains(op) {
-            return Err(StoreError::new(
-                ErrorKind::Unavailable,
-                format!("injected fault: {op} fails"),
-            ));
+        let failing = self.failing.lock().get(op).copied();
+        if let Some(kind) = failing {
+            return Err(StoreError::new(kind, format!("injected fault: {op} fails")));
         }
         self.check()
     }
