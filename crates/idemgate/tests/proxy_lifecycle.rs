@@ -166,3 +166,42 @@ fn a_raw_http1_replay_is_byte_identical_on_the_wire() {
     drop(proxy);
     drop(up);
 }
+
+/// A drain that times out with a request still at the upstream: the request may have taken
+/// effect, so its record becomes outcome-unknown (on the durable store, seen after a restart)
+/// instead of staying in flight for a takeover to dispatch it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_timeout_marks_operations_still_running_outcome_unknown() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file:{}", dir.path().join("data").display());
+    let http = Http::default();
+    let mut proxy = Proxy::start(
+        &up.url(),
+        &store,
+        &["--drain-timeout", "1s", "--lease-ttl", "1s"],
+    );
+    let _first = common::hold_first(&http, &up, proxy.url("/pay?hold=1"), "abandoned").await;
+    proxy.sigterm();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = proxy.child.wait().unwrap();
+        (status, proxy)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert!(status.success(), "exit status {status:?}");
+
+    let proxy = Proxy::start(&up.url(), &store, &["--lease-ttl", "1s"]);
+    // Before the fix the retry took the key over and was held upstream: bound the wait.
+    let retry = tokio::time::timeout(
+        Duration::from_secs(20),
+        http.post(&proxy.url("/pay?hold=1"), Some("abandoned"), b"{}"),
+    )
+    .await
+    .expect("the retry was dispatched again and held upstream");
+    assert_eq!(retry.status, StatusCode::BAD_GATEWAY, "{retry:?}");
+    assert_eq!(retry.problem_type(), "urn:idemgate:problem:outcome-unknown");
+    assert_eq!(up.state.started(), 1, "the abandoned request was not dispatched again");
+    up.state.release_held();
+}
