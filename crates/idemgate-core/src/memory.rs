@@ -18,8 +18,10 @@
 //!
 //! - At most `max_records` records (default 1,000,000) and roughly `max_bytes` of keys, labels and
 //!   payloads (default 1 GiB). When either bound is reached, a claim of a new key first purges the
-//!   expired records of one shard (the next in turn: bounded work, 1/64 of the store, never a
-//!   sweep of the whole store on a request); if the store is still full, it fails with
+//!   expired records of the next shards in turn until one frees something (at most
+//!   [`PURGE_SHARDS_PER_CLAIM`] = 4 of the 64: bounded work, never a sweep of the whole store on
+//!   a request; so a store whose expired records sit in few shards may refuse a few claims
+//!   while it recycles); if the store is still full, it fails with
 //!   [`ErrorKind::Capacity`] (the proxy answers `503` problem `store-full` with `Retry-After`). In-flight and
 //!   unexpired records are never evicted. `complete` is always accepted for a held key, so the
 //!   byte bound can be overshot by the bodies of operations already in flight. There is no
@@ -62,6 +64,8 @@ use crate::store::{
 
 const SHARD_BITS: u32 = 6;
 const SHARDS: usize = 1 << SHARD_BITS;
+/// Most shards a claim on a full store purges before it gives up (see the module docs).
+pub const PURGE_SHARDS_PER_CLAIM: usize = 4;
 /// Largest page [`MemoryStore`] returns from `list`.
 pub const MAX_LIST_PAGE: usize = 1_000;
 
@@ -323,24 +327,29 @@ impl MemoryStore {
         removed
     }
 
-    /// When full: purges the expired records of ONE shard (the next in turn), so the work a
-    /// request does is bounded by a shard's size (1/64 of the store), never a sweep of the whole
-    /// store. After a whole round of shards that freed nothing, it rests for a second of store
-    /// time (a full store of live records then refuses at once).
+    /// When full: purges the expired records of the next shards in turn until one frees
+    /// something, at most [`PURGE_SHARDS_PER_CLAIM`] of them, so the work a request does is
+    /// bounded (4/64 of the store), never a sweep of the whole store. After a whole round of
+    /// shards that freed nothing, claims rest from purging for a second of store time (a store
+    /// full of live records then refuses at once).
     fn make_room(&self) {
         let inner = &self.inner;
         let now = inner.clock.now();
-        if now.0 < inner.rest_until.load(Ordering::Relaxed) {
-            return;
-        }
-        let index = inner.purge_cursor.fetch_add(1, Ordering::Relaxed) % SHARDS;
-        if self.purge_shard(index, now, usize::MAX) > 0 {
-            inner.fruitless.store(0, Ordering::Relaxed);
-        } else if inner.fruitless.fetch_add(1, Ordering::Relaxed) + 1 >= SHARDS {
-            inner.fruitless.store(0, Ordering::Relaxed);
-            inner
-                .rest_until
-                .store(now.0.saturating_add(1_000), Ordering::Relaxed);
+        for _ in 0..PURGE_SHARDS_PER_CLAIM {
+            if now.0 < inner.rest_until.load(Ordering::Relaxed) {
+                return;
+            }
+            let index = inner.purge_cursor.fetch_add(1, Ordering::Relaxed) % SHARDS;
+            if self.purge_shard(index, now, usize::MAX) > 0 {
+                inner.fruitless.store(0, Ordering::Relaxed);
+                return;
+            }
+            if inner.fruitless.fetch_add(1, Ordering::Relaxed) + 1 >= SHARDS {
+                inner.fruitless.store(0, Ordering::Relaxed);
+                inner
+                    .rest_until
+                    .store(now.0.saturating_add(1_000), Ordering::Relaxed);
+            }
         }
     }
 }
@@ -510,13 +519,15 @@ mod tests {
             ClaimOutcome::Existing { .. }
         ));
         assert_eq!(store.len(), 10);
-        // Once they expire, room is made without an explicit purge.
+        // Once they expire, claims make room without an explicit purge, a few shards each: a
+        // round of the 64 shards takes at most 16 claims.
         clock.advance(Duration::from_secs(61));
-        assert!(matches!(
-            store.claim(&key(99), &req(99)).await.unwrap(),
-            ClaimOutcome::Acquired { .. }
-        ));
-        assert_eq!(store.len(), 1);
+        let mut refused = 0;
+        while store.claim(&key(99), &req(99)).await.is_err() {
+            refused += 1;
+            assert!(refused < SHARDS / PURGE_SHARDS_PER_CLAIM, "no room made");
+        }
+        assert!(store.len() <= 10);
     }
 
     #[tokio::test]

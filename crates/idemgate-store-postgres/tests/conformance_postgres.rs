@@ -45,9 +45,10 @@ async fn harness() -> Option<Pg> {
     Some(Pg { store })
 }
 
-idemgate_core::conformance_tests!(harness());
+idemgate_core::conformance_tests!(harness(), ignore_if = no_postgres, "IDEMGATE_TEST_POSTGRES_URL is not set");
 
 #[test]
+#[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
 fn postgres_store_agrees_with_the_reference_model() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -65,6 +66,7 @@ fn postgres_store_agrees_with_the_reference_model() {
 }
 
 #[tokio::test]
+#[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
 async fn an_unreachable_server_is_unavailable_not_a_panic() {
     if url().is_none() {
         return;

@@ -19,6 +19,7 @@ fn url() -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
 async fn a_purge_never_deletes_a_row_a_claim_revived() {
     let Some(url) = url() else { return };
     let store = PostgresStore::connect_with_pool_size(&url, 4)

@@ -46,9 +46,10 @@ async fn harness() -> Option<Redis> {
     Some(Redis { store })
 }
 
-idemgate_core::conformance_tests!(harness());
+idemgate_core::conformance_tests!(harness(), ignore_if = no_redis, "IDEMGATE_TEST_REDIS_URL is not set");
 
 #[test]
+#[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]
 fn redis_store_agrees_with_the_reference_model() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -61,6 +62,7 @@ fn redis_store_agrees_with_the_reference_model() {
 }
 
 #[tokio::test]
+#[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]
 async fn an_unreachable_server_is_unavailable_not_a_panic() {
     if url().is_none() {
         return;

@@ -130,10 +130,21 @@ pub fn take_over_request(expired: crate::record::Fencing, lease_ttl: Duration) -
 /// The argument is an expression evaluating to a future of `Option<H>` where `H: Harness`, built
 /// afresh for every case. `None` skips the case with a message on stderr (a laptop without the
 /// server); CI sets the servers' variables and the harness must then fail rather than return `None`.
+///
+/// `conformance_tests!(make, ignore_if = CFG, "why")` also marks every case `#[ignore = "why"]`
+/// when the cfg `CFG` is set, so that a run without the server says so in its summary
+/// (`N ignored`); the store crates set such a cfg from a build script when the server's variable
+/// is unset (`build-support/service_cfgs.rs`).
 #[macro_export]
 macro_rules! conformance_tests {
+    ($make:expr, ignore_if = $cfg:ident, $why:literal) => {
+        $crate::conformance_tests!(@all [#[cfg_attr($cfg, ignore = $why)]] $make);
+    };
     ($make:expr) => {
-        $crate::conformance_tests!(@cases $make;
+        $crate::conformance_tests!(@all [] $make);
+    };
+    (@all [$($attr:tt)*] $make:expr) => {
+        $crate::conformance_tests!(@cases [$($attr)*] $make;
             claim_absent_acquires_epoch_one,
             claim_existing_returns_record_unchanged,
             concurrent_claims_have_exactly_one_winner,
@@ -172,18 +183,20 @@ macro_rules! conformance_tests {
             corrupt_bytes_are_reported_as_corrupt,
         );
     };
-    (@cases $make:expr; $($case:ident),+ $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $case() {
-                match $make.await {
-                    Some(harness) => $crate::testkit::cases::$case(&harness).await,
-                    None => eprintln!(
-                        "SKIPPED {}: the store's server is not configured",
-                        stringify!($case)
-                    ),
-                }
+    (@cases $attrs:tt $make:expr; $($case:ident),+ $(,)?) => {
+        $( $crate::conformance_tests!(@one $attrs $make; $case); )+
+    };
+    (@one [$($attr:tt)*] $make:expr; $case:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        $($attr)*
+        async fn $case() {
+            match $make.await {
+                Some(harness) => $crate::testkit::cases::$case(&harness).await,
+                None => eprintln!(
+                    "SKIPPED {}: the store's server is not configured",
+                    stringify!($case)
+                ),
             }
-        )+
+        }
     };
 }
