@@ -59,6 +59,7 @@ async fn two_instances_share_the_work(store: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]
 async fn two_instances_on_redis_execute_each_key_once() {
     if let Some(url) = common::server_url("IDEMGATE_TEST_REDIS_URL") {
         two_instances_share_the_work(&url).await;
@@ -66,6 +67,7 @@ async fn two_instances_on_redis_execute_each_key_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
 async fn two_instances_on_postgres_execute_each_key_once() {
     if let Some(url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") {
         two_instances_share_the_work(&url).await;
@@ -141,6 +143,7 @@ async fn takeover_runs_the_next_epoch(store: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]
 async fn redis_takeover_and_strict_recovery_after_sigkill() {
     if let Some(url) = common::server_url("IDEMGATE_TEST_REDIS_URL") {
         takeover_runs_the_next_epoch(&url).await;
@@ -163,6 +166,7 @@ async fn redis_takeover_and_strict_recovery_after_sigkill() {
 }
 
 #[test]
+#[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]
 fn strict_mode_refuses_a_redis_that_may_lose_writes() {
     if common::server_url("IDEMGATE_TEST_REDIS_URL").is_none() {
         return;
@@ -197,6 +201,7 @@ fn strict_mode_refuses_a_redis_that_may_lose_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
 async fn postgres_takeover_and_strict_recovery_after_sigkill() {
     if let Some(url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") {
         takeover_runs_the_next_epoch(&url).await;
@@ -253,6 +258,7 @@ impl Drop for PrivateRedis {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]
 async fn redis_down_means_503_and_nothing_forwarded_then_service_resumes() {
     if common::server_url("IDEMGATE_TEST_REDIS_URL").is_none() {
         return;
@@ -275,6 +281,7 @@ async fn redis_down_means_503_and_nothing_forwarded_then_service_resumes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]
 async fn cached_replays_cost_no_store_round_trip() {
     let Some(url) = common::server_url("IDEMGATE_TEST_REDIS_URL") else {
         return;
@@ -359,6 +366,7 @@ async fn waiters_on_other_instances_are_woken_by_notices(store: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]
 async fn redis_waiters_on_other_instances_are_woken_by_pubsub() {
     if let Some(url) = common::server_url("IDEMGATE_TEST_REDIS_URL") {
         waiters_on_other_instances_are_woken_by_notices(&url).await;
@@ -366,6 +374,7 @@ async fn redis_waiters_on_other_instances_are_woken_by_pubsub() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
 async fn postgres_waiters_on_other_instances_are_woken_by_notify() {
     if let Some(url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") {
         waiters_on_other_instances_are_woken_by_notices(&url).await;
@@ -376,6 +385,7 @@ async fn postgres_waiters_on_other_instances_are_woken_by_notify() {
 /// `503`, nothing forwarded; once it accepts connections again, service resumes without a
 /// restart. A database of the test's own, so nobody else is disturbed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
 async fn postgres_down_means_503_and_nothing_forwarded_then_service_resumes() {
     let Some(admin_url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") else {
         return;

@@ -64,6 +64,14 @@ async fn a_bad_memory_store_url_is_refused_at_start_up() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_records"));
 }
 
+/// A number that differs between runs.
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
 /// `host:port` of a server URL such as `postgres://user@127.0.0.1:5432/db`.
 fn authority(url: &str) -> (String, SocketAddr) {
     let rest = url.split_once("://").unwrap().1;
@@ -80,6 +88,8 @@ fn authority(url: &str) -> (String, SocketAddr) {
 /// requests are answered `503` within the bound and nothing reaches the upstream; healed,
 /// service resumes without a restart.
 async fn partition_and_heal(url: &str, namespace: &str) {
+    // Records outlive a test run on a shared server: a namespace of this run's own.
+    let namespace = &format!("{namespace}-{}-{}", std::process::id(), unique());
     let (hostport, target) = authority(url);
     let relay = Relay::start(target).await.unwrap();
     let via_relay = url.replacen(&hostport, &relay.addr().to_string(), 1);
@@ -141,6 +151,7 @@ async fn partition_and_heal(url: &str, namespace: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
 async fn a_partitioned_postgres_is_answered_promptly_and_heals() {
     let Some(url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") else {
         return;
@@ -149,9 +160,91 @@ async fn a_partitioned_postgres_is_answered_promptly_and_heals() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]
 async fn a_partitioned_redis_is_answered_promptly_and_heals() {
     let Some(url) = common::server_url("IDEMGATE_TEST_REDIS_URL") else {
         return;
     };
     partition_and_heal(&url, "partition-redis").await;
+}
+
+/// A private `redis-server` on a free port, stopped (SIGKILL) when dropped.
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    fn start() -> Option<Self> {
+        let port = common::free_port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(Self { child, port })
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A paused Redis (SIGSTOP: connections stay open, nothing answers) is answered within the bound,
+/// and service resumes after SIGCONT without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set (redis-server needed)")]
+async fn a_paused_redis_is_answered_promptly_and_resumes() {
+    if common::server_url("IDEMGATE_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let redis = PrivateRedis::start().expect("redis-server is on this machine");
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(
+        &up.url(),
+        &format!("redis://127.0.0.1:{}", redis.port),
+        &["--store-timeout", "1s", "--namespace", "paused"],
+    );
+    let http = Http::default();
+    assert_eq!(
+        http.post(&proxy.url("/pay"), Some("p-before"), b"{}").await.status,
+        StatusCode::CREATED
+    );
+    redis.signal("-STOP");
+    let res = tokio::time::timeout(
+        ANSWER_BOUND,
+        http.post(&proxy.url("/pay"), Some("p-cut"), b"{}"),
+    )
+    .await
+    .expect("answered within the bound while Redis is paused");
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE, "{res:?}");
+    assert_eq!(up.state.started(), 1);
+    redis.signal("-CONT");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while http.post(&proxy.url("/pay"), Some("p-after"), b"{}").await.status
+        != StatusCode::CREATED
+    {
+        assert!(tokio::time::Instant::now() < deadline, "did not resume");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(up.state.started(), 2);
 }
