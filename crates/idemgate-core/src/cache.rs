@@ -34,8 +34,8 @@ use crate::error::StoreError;
 use crate::key::StoreKey;
 use crate::record::{Fencing, Outcome, Record, RecordState};
 use crate::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, Store,
-    TakeOverOutcome, TakeOverRequest,
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
+    Store, TakeOverOutcome, TakeOverRequest,
 };
 
 const SHARDS: usize = 16;
@@ -184,7 +184,11 @@ impl<S: Store> CachedStore<S> {
 
     /// Records cached right now.
     pub fn len(&self) -> usize {
-        self.shared.shards.iter().map(|s| s.lock().copies.len()).sum()
+        self.shared
+            .shards
+            .iter()
+            .map(|s| s.lock().copies.len())
+            .sum()
     }
 
     /// Whether nothing is cached.

@@ -58,8 +58,8 @@ use crate::key::StoreKey;
 use crate::protocol::{self, Write};
 use crate::record::{Fencing, Outcome, Record, RecordState};
 use crate::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, Store,
-    TakeOverOutcome, TakeOverRequest,
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
+    Store, TakeOverOutcome, TakeOverRequest,
 };
 
 const SHARD_BITS: u32 = 6;

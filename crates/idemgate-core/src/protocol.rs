@@ -216,7 +216,11 @@ pub fn take_over(
 }
 
 /// See [`Store::delete`](crate::Store::delete).
-pub fn delete(current: Option<&Record>, now: Timestamp, mode: DeleteMode) -> (Write, DeleteOutcome) {
+pub fn delete(
+    current: Option<&Record>,
+    now: Timestamp,
+    mode: DeleteMode,
+) -> (Write, DeleteOutcome) {
     let Some(record) = live(current, now) else {
         let write = if current.is_some() {
             Write::Delete

@@ -127,7 +127,11 @@ async fn the_cache_is_bounded() {
 #[tokio::test(start_paused = true)]
 async fn a_read_overlapping_a_delete_does_not_resurrect_the_record() {
     use idemgate_core::testkit::faults::Faulty;
-    let shared = Faulty::new(MemoryStore::builder().clock(idemgate_core::TokioClock::new()).build());
+    let shared = Faulty::new(
+        MemoryStore::builder()
+            .clock(idemgate_core::TokioClock::new())
+            .build(),
+    );
     let cached = CachedStore::builder(shared.clone())
         .clock(idemgate_core::TokioClock::new())
         .build();
@@ -159,7 +163,10 @@ async fn a_read_overlapping_a_delete_does_not_resurrect_the_record() {
     ));
     shared.set_delay("claim", Duration::ZERO);
     assert!(
-        matches!(cached.claim(&key, &req).await.unwrap(), ClaimOutcome::Acquired { .. }),
+        matches!(
+            cached.claim(&key, &req).await.unwrap(),
+            ClaimOutcome::Acquired { .. }
+        ),
         "the deleted record came back from the cache"
     );
 }

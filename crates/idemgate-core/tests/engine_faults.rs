@@ -5,7 +5,7 @@
 //!
 //! Time is tokio's paused clock, shared by the store (`TokioClock`) and the engine's timers.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::ptr_arg)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,7 +32,11 @@ fn fp() -> Fingerprint {
 }
 
 fn store_it(v: &String) -> Disposition {
-    Disposition::Store(Outcome::Response(StoredResponse::new(200, vec![], v.clone())))
+    Disposition::Store(Outcome::Response(StoredResponse::new(
+        200,
+        vec![],
+        v.clone(),
+    )))
 }
 
 fn faulty_engine() -> (Engine<Faulty<MemoryStore>>, Faulty<MemoryStore>) {
@@ -78,15 +82,25 @@ async fn a_recording_outage_longer_than_the_lease_runs_nothing_twice() {
         let runs = runs.clone();
         async move {
             engine
-                .run(&key("rec"), fp(), &Policy::default(), store_it, move |_| async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    "charged again".to_string()
-                })
+                .run(
+                    &key("rec"),
+                    fp(),
+                    &Policy::default(),
+                    store_it,
+                    move |_| async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        "charged again".to_string()
+                    },
+                )
                 .await
         }
     });
     tokio::time::sleep(LEASE * 4).await;
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "nothing ran twice during the outage");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "nothing ran twice during the outage"
+    );
     store.set_failing("complete", false);
     let retry = retry.await.unwrap().unwrap();
     match retry {
@@ -112,10 +126,16 @@ async fn a_slow_renewal_does_not_stall_the_operation() {
         let engine = engine.clone();
         async move {
             engine
-                .run(&key("slow"), fp(), &Policy::default(), store_it, |_| async move {
-                    let _ = finish_rx.await;
-                    "done".to_string()
-                })
+                .run(
+                    &key("slow"),
+                    fp(),
+                    &Policy::default(),
+                    store_it,
+                    |_| async move {
+                        let _ = finish_rx.await;
+                        "done".to_string()
+                    },
+                )
                 .await
         }
     });
@@ -152,10 +172,16 @@ async fn a_caller_that_leaves_mid_claim_leaves_no_orphan_lease() {
         let ran = ran.clone();
         async move {
             engine
-                .run(&key("orphan"), fp(), &Policy::default(), store_it, move |_| async move {
-                    ran.fetch_add(1, Ordering::SeqCst);
-                    "never".to_string()
-                })
+                .run(
+                    &key("orphan"),
+                    fp(),
+                    &Policy::default(),
+                    store_it,
+                    move |_| async move {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        "never".to_string()
+                    },
+                )
                 .await
         }
     });
@@ -171,9 +197,13 @@ async fn a_caller_that_leaves_mid_claim_leaves_no_orphan_lease() {
         "the claim of a caller that left must be released"
     );
     let retry = engine
-        .run(&key("orphan"), fp(), &Policy::default(), store_it, |d| async move {
-            format!("epoch {}", d.epoch)
-        })
+        .run(
+            &key("orphan"),
+            fp(),
+            &Policy::default(),
+            store_it,
+            |d| async move { format!("epoch {}", d.epoch) },
+        )
         .await
         .unwrap();
     assert!(
@@ -200,10 +230,16 @@ fn an_abandoned_operation_is_marked_unknown() {
             runtime.block_on(async move {
                 tokio::spawn(async move {
                     engine
-                        .run(&key("abandoned"), fp(), &Policy::default(), store_it, move |_| async move {
-                            started_tx.send(()).unwrap();
-                            std::future::pending::<String>().await
-                        })
+                        .run(
+                            &key("abandoned"),
+                            fp(),
+                            &Policy::default(),
+                            store_it,
+                            move |_| async move {
+                                started_tx.send(()).unwrap();
+                                std::future::pending::<String>().await
+                            },
+                        )
                         .await
                 });
                 let _ = stop_rx.await;

@@ -78,7 +78,11 @@ pub struct Relay {
 impl Relay {
     /// Starts a relay on a free loopback port, forwarding to `target`.
     pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
-        Self::start_on("127.0.0.1:0".parse().map_err(std::io::Error::other)?, target).await
+        Self::start_on(
+            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
+            target,
+        )
+        .await
     }
 
     /// Starts a relay listening on `listen`, forwarding to `target`.

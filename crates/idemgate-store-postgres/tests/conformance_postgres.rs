@@ -45,7 +45,11 @@ async fn harness() -> Option<Pg> {
     Some(Pg { store })
 }
 
-idemgate_core::conformance_tests!(harness(), ignore_if = no_postgres, "IDEMGATE_TEST_POSTGRES_URL is not set");
+idemgate_core::conformance_tests!(
+    harness(),
+    ignore_if = no_postgres,
+    "IDEMGATE_TEST_POSTGRES_URL is not set"
+);
 
 #[test]
 #[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]

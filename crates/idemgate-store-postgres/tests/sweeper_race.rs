@@ -34,7 +34,10 @@ async fn a_purge_never_deletes_a_row_a_claim_revived() {
     // Expired by the database's clock.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while store.get(&key).await.unwrap().is_some() {
-        assert!(tokio::time::Instant::now() < deadline, "the record never expired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the record never expired"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
@@ -78,7 +81,10 @@ async fn a_purge_never_deletes_a_row_a_claim_revived() {
         if waiting > 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the purge neither waited nor ended");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the purge neither waited nor ended"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     reviver.batch_execute("COMMIT").await.unwrap();

@@ -78,7 +78,10 @@ use idemgate_core::error::{ErrorKind, StoreError};
 use idemgate_core::key::StoreKey;
 use idemgate_core::protocol::{self, Write};
 use idemgate_core::record::{Fencing, Outcome, Record};
-use idemgate_core::store::{CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, Store, TakeOverOutcome, TakeOverRequest};
+use idemgate_core::store::{
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
+    Store, TakeOverOutcome, TakeOverRequest,
+};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
@@ -363,9 +366,7 @@ impl Writer {
                         (w, Reply::Delete(o))
                     }
                     // Answered above, before the record was decoded.
-                    Op::Purge(_) | Op::OverwriteRaw(_) => {
-                        (Write::Unchanged, Reply::Count(0))
-                    }
+                    Op::Purge(_) | Op::OverwriteRaw(_) => (Write::Unchanged, Reply::Count(0)),
                 };
                 match write {
                     Write::Unchanged => {}

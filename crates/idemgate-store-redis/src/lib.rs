@@ -49,7 +49,10 @@ use idemgate_core::fingerprint::{Algorithm, Fingerprint};
 use idemgate_core::key::StoreKey;
 use idemgate_core::protocol;
 use idemgate_core::record::{Fencing, Outcome, Record, RecordState};
-use idemgate_core::store::{CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, Store, TakeOverOutcome, TakeOverRequest, revoked_cas};
+use idemgate_core::store::{
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
+    Store, TakeOverOutcome, TakeOverRequest, revoked_cas,
+};
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 

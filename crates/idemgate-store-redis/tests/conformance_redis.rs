@@ -46,7 +46,11 @@ async fn harness() -> Option<Redis> {
     Some(Redis { store })
 }
 
-idemgate_core::conformance_tests!(harness(), ignore_if = no_redis, "IDEMGATE_TEST_REDIS_URL is not set");
+idemgate_core::conformance_tests!(
+    harness(),
+    ignore_if = no_redis,
+    "IDEMGATE_TEST_REDIS_URL is not set"
+);
 
 #[test]
 #[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]

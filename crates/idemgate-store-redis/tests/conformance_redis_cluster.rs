@@ -58,10 +58,17 @@ async fn harness() -> Option<Redis> {
     Some(Redis { store })
 }
 
-idemgate_core::conformance_tests!(harness(), ignore_if = no_redis_cluster, "IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set");
+idemgate_core::conformance_tests!(
+    harness(),
+    ignore_if = no_redis_cluster,
+    "IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set"
+);
 
 #[test]
-#[cfg_attr(no_redis_cluster, ignore = "IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set")]
+#[cfg_attr(
+    no_redis_cluster,
+    ignore = "IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set"
+)]
 fn redis_cluster_store_agrees_with_the_reference_model() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -79,7 +86,10 @@ fn redis_cluster_store_agrees_with_the_reference_model() {
 }
 
 #[tokio::test]
-#[cfg_attr(no_redis_cluster, ignore = "IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set")]
+#[cfg_attr(
+    no_redis_cluster,
+    ignore = "IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set"
+)]
 async fn records_spread_over_every_master_and_list_finds_them_all() {
     let Some(h) = harness().await else {
         return;

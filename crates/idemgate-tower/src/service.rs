@@ -477,9 +477,7 @@ where
         ),
         // Fail open only when the store could not answer (down, slow): a corrupt record or a
         // full store answered, and forwarding past it could run a request twice.
-        Err(e)
-            if e.kind() == ErrorKind::Capacity =>
-        {
+        Err(e) if e.kind() == ErrorKind::Capacity => {
             tracing::warn!(route = %route.name, key = %scoped.key(), error = %e,
                 "store full; refusing new keys");
             let mut res = ProblemKind::StoreFull.response(
@@ -490,9 +488,9 @@ where
                 .insert(RETRY_AFTER, HeaderValue::from_static(STORE_RETRY_AFTER));
             finish("store_full", res)
         }
-        Err(e) => match fallback.filter(|_| {
-            matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout)
-        }) {
+        Err(e) => match fallback
+            .filter(|_| matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout))
+        {
             Some(mut inner) => {
                 tracing::warn!(route = %route.name, key = %scoped.key(), error = %e,
                     "store unavailable; forwarding without protection (fail open)");

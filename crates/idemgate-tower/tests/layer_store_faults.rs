@@ -118,5 +118,9 @@ async fn fail_open_never_forwards_past_a_full_store_or_a_corrupt_record() {
         !body.contains("injected fault"),
         "the store error's text stays in the logs: {body}"
     );
-    assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing forwarded unprotected");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "nothing forwarded unprotected"
+    );
 }

@@ -319,7 +319,10 @@ async fn resolve(
         }
         Ok(DeleteOutcome::Refused { current }) => problem(
             StatusCode::CONFLICT,
-            format!("the record is {}, not outcome-unknown", current.state.name()),
+            format!(
+                "the record is {}, not outcome-unknown",
+                current.state.name()
+            ),
         ),
         Ok(DeleteOutcome::Absent) => problem(StatusCode::NOT_FOUND, "no such record"),
         Ok(DeleteOutcome::Revoked { .. }) => problem(

@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use idemgate_core::key::StoreKey;
 use idemgate_core::record::{Fencing, Outcome, Record};
-use idemgate_core::store::{CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, TakeOverOutcome, TakeOverRequest};
+use idemgate_core::store::{
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
+    TakeOverOutcome, TakeOverRequest,
+};
 use idemgate_core::{ErrorKind, MemoryStore, SharedStore, Store, StoreError};
 use idemgate_store_redb::RedbStore;
 
@@ -227,7 +230,10 @@ impl Instrumented {
             Ok(out) => out,
             Err(_) => Err(StoreError::new(
                 ErrorKind::Timeout,
-                format!("store operation {op} did not answer within {:?}", self.deadline),
+                format!(
+                    "store operation {op} did not answer within {:?}",
+                    self.deadline
+                ),
             )),
         };
         histogram.record(start.elapsed().as_secs_f64());
@@ -283,7 +289,8 @@ impl Store for Instrumented {
         key: &StoreKey,
         req: &TakeOverRequest,
     ) -> Result<TakeOverOutcome, StoreError> {
-        self.timed("take_over", self.store.take_over(key, req)).await
+        self.timed("take_over", self.store.take_over(key, req))
+            .await
     }
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         self.timed("get", self.store.get(key)).await

@@ -89,7 +89,10 @@ async fn three_instances_on_postgres_execute_each_key_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(no_redis_cluster, ignore = "IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set")]
+#[cfg_attr(
+    no_redis_cluster,
+    ignore = "IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set"
+)]
 async fn three_instances_on_redis_cluster_execute_each_key_once() {
     if let Some(u) = common::server_url("IDEMGATE_TEST_REDIS_CLUSTER_URLS") {
         let nodes: Vec<&str> = u

@@ -265,14 +265,19 @@ async fn deleting_an_in_flight_key_needs_force_and_opens_the_next_epoch() {
 
     // The retry runs again, at epoch 2, while the first still runs.
     let retry = http.spawn_post(proxy.url("/pay?hold=1"), "adm-live");
-    until(10, "the retry to reach the upstream", || up.state.held() == 2).await;
+    until(10, "the retry to reach the upstream", || {
+        up.state.held() == 2
+    })
+    .await;
     up.state.release_held();
     let (first, retry) = (first.await.unwrap(), retry.await.unwrap());
     assert_eq!(first.json()["idempotency_epoch"], "1");
     assert_eq!(retry.json()["idempotency_epoch"], "2");
     assert_eq!(up.state.executions_of("adm-live"), 2);
     // The revoked holder could not write its outcome over the new one.
-    let again = http.post(&proxy.url("/pay?hold=1"), Some("adm-live"), b"{}").await;
+    let again = http
+        .post(&proxy.url("/pay?hold=1"), Some("adm-live"), b"{}")
+        .await;
     assert!(again.replayed());
     assert_eq!(again.json()["idempotency_epoch"], "2");
 }

@@ -31,7 +31,10 @@ async fn a_wall_clock_step_does_not_expire_a_live_lease() {
     let offset = dir.path().join("offset");
     std::fs::write(&offset, "+0\n").unwrap();
     let offset_path = offset.display().to_string();
-    for store in ["memory://".to_owned(), format!("file:{}", dir.path().join("data").display())] {
+    for store in [
+        "memory://".to_owned(),
+        format!("file:{}", dir.path().join("data").display()),
+    ] {
         let up = Upstream::start().await;
         let proxy = Proxy::start_with_env(
             &up.url(),

@@ -202,6 +202,10 @@ async fn a_drain_timeout_marks_operations_still_running_outcome_unknown() {
     .expect("the retry was dispatched again and held upstream");
     assert_eq!(retry.status, StatusCode::BAD_GATEWAY, "{retry:?}");
     assert_eq!(retry.problem_type(), "urn:idemgate:problem:outcome-unknown");
-    assert_eq!(up.state.started(), 1, "the abandoned request was not dispatched again");
+    assert_eq!(
+        up.state.started(),
+        1,
+        "the abandoned request was not dispatched again"
+    );
     up.state.release_held();
 }

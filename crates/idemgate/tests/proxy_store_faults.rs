@@ -34,7 +34,11 @@ async fn a_full_memory_store_answers_503_store_full_with_retry_after() {
     assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(res.problem_type(), "urn:idemgate:problem:store-full");
     assert!(res.headers.contains_key("retry-after"));
-    assert_eq!(up.state.executions(), 2, "nothing forwarded without a record");
+    assert_eq!(
+        up.state.executions(),
+        2,
+        "nothing forwarded without a record"
+    );
     // Existing keys still replay.
     let again = http.post(&proxy.url("/pay"), Some("full-1"), b"{}").await;
     assert!(again.replayed());
@@ -108,7 +112,11 @@ async fn partition_and_heal(url: &str, namespace: &str) {
     );
     let http = Http::default();
     let res = http
-        .post(&proxy.url("/pay"), Some(&format!("{namespace}-before")), b"{}")
+        .post(
+            &proxy.url("/pay"),
+            Some(&format!("{namespace}-before")),
+            b"{}",
+        )
         .await;
     assert_eq!(res.status, StatusCode::CREATED);
 
@@ -116,7 +124,11 @@ async fn partition_and_heal(url: &str, namespace: &str) {
     for i in 0..3 {
         let res = tokio::time::timeout(
             ANSWER_BOUND,
-            http.post(&proxy.url("/pay"), Some(&format!("{namespace}-cut-{i}")), b"{}"),
+            http.post(
+                &proxy.url("/pay"),
+                Some(&format!("{namespace}-cut-{i}")),
+                b"{}",
+            ),
         )
         .await
         .expect("a keyed request must be answered within the bound while the store is cut off");
@@ -135,7 +147,11 @@ async fn partition_and_heal(url: &str, namespace: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let res = http
-            .post(&proxy.url("/pay"), Some(&format!("{namespace}-after")), b"{}")
+            .post(
+                &proxy.url("/pay"),
+                Some(&format!("{namespace}-after")),
+                b"{}",
+            )
             .await;
         if res.status == StatusCode::CREATED {
             break;
@@ -178,14 +194,24 @@ impl PrivateRedis {
     fn start() -> Option<Self> {
         let port = common::free_port();
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args(["--appendonly", "no"])
             .stdout(std::process::Stdio::null())
             .spawn()
             .ok()?;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         Some(Self { child, port })
@@ -212,7 +238,10 @@ impl Drop for PrivateRedis {
 /// A paused Redis (SIGSTOP: connections stay open, nothing answers) is answered within the bound,
 /// and service resumes after SIGCONT without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set (redis-server needed)")]
+#[cfg_attr(
+    no_redis,
+    ignore = "IDEMGATE_TEST_REDIS_URL is not set (redis-server needed)"
+)]
 async fn a_paused_redis_is_answered_promptly_and_resumes() {
     if common::server_url("IDEMGATE_TEST_REDIS_URL").is_none() {
         return;
@@ -226,7 +255,9 @@ async fn a_paused_redis_is_answered_promptly_and_resumes() {
     );
     let http = Http::default();
     assert_eq!(
-        http.post(&proxy.url("/pay"), Some("p-before"), b"{}").await.status,
+        http.post(&proxy.url("/pay"), Some("p-before"), b"{}")
+            .await
+            .status,
         StatusCode::CREATED
     );
     redis.signal("-STOP");
@@ -240,7 +271,10 @@ async fn a_paused_redis_is_answered_promptly_and_resumes() {
     assert_eq!(up.state.started(), 1);
     redis.signal("-CONT");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while http.post(&proxy.url("/pay"), Some("p-after"), b"{}").await.status
+    while http
+        .post(&proxy.url("/pay"), Some("p-after"), b"{}")
+        .await
+        .status
         != StatusCode::CREATED
     {
         assert!(tokio::time::Instant::now() < deadline, "did not resume");

@@ -9,8 +9,8 @@ use crate::error::{ErrorKind, StoreError};
 use crate::key::StoreKey;
 use crate::record::{Fencing, Outcome, Record};
 use crate::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest, Store,
-    TakeOverOutcome, TakeOverRequest,
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
+    Store, TakeOverOutcome, TakeOverRequest,
 };
 
 /// A store that answers `Unavailable` to every operation while it is "down", or to chosen

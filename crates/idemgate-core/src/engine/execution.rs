@@ -1,0 +1,278 @@
+//! Running one operation under its lease.
+//!
+//! - **G1** — the heartbeat is a future of its own beside the operation: a slow renewal never
+//!   stops the upstream exchange from being polled, each renewal has the renew interval to
+//!   answer, and renewals go on while the outcome is being recorded, so a live holder whose
+//!   outcome is known never lets its lease lapse into a takeover.
+//! - **G3** — the [`Classify`] policy decides store / release / unknown; recording is retried
+//!   (capped backoff) until it is written or the fencing is lost, for at most the record's TTL.
+//! - **G4** — every write is a compare-and-set on the fencing; a lost fencing writes nothing.
+//! - **Cancellation** — the operation runs in a spawned task: a caller that goes away does not
+//!   cancel it. A task cancelled by a runtime shutdown (a drain that timed out) leaves its entry
+//!   in the running registry, and [`Engine::abandon_running`] marks it outcome-unknown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+
+use super::{Classify, Dispatch, Disposition, Engine, EngineError, Execution, Policy, Recorded};
+use crate::error::ErrorKind;
+use crate::key::StoreKey;
+use crate::record::{Fencing, Outcome};
+use crate::store::{CasOutcome, Store};
+
+impl<S: Store> Engine<S> {
+    pub(super) async fn execute<T, C, F, Fut>(
+        &self,
+        key: StoreKey,
+        fencing: Fencing,
+        policy: Policy,
+        classify: C,
+        operation: F,
+    ) -> Result<Execution<T>, EngineError>
+    where
+        T: Send + 'static,
+        C: Classify<T>,
+        F: FnOnce(Dispatch) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let epoch = fencing.epoch;
+        let fut = operation(Dispatch { epoch });
+        let engine = self.clone();
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let stats = &engine.inner.stats;
+            stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            let running = engine.inner.running.track(key, fencing, &policy);
+            let work = async {
+                let classify = classify; // owned by this future, which is not shared
+                let result = AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| ());
+                let disposition = match &result {
+                    Ok(value) => classify.classify(value),
+                    Err(()) => Disposition::Unknown,
+                };
+                engine.inner.running.finished(running, &disposition);
+                let mut answer = Some((answer_tx, result));
+                let recorded = engine
+                    .record(&key, fencing, disposition, &policy, &mut answer)
+                    .await;
+                if let Some((tx, result)) = answer {
+                    let _ = tx.send((result, recorded));
+                }
+            };
+            // The heartbeat is a future of its own beside the work: a slow renewal never stops
+            // the upstream exchange from being polled, and renewals go on while the outcome is
+            // being recorded, so a lease is never left to lapse while its outcome is known.
+            tokio::select! {
+                biased;
+                () = work => {}
+                () = engine.heartbeat(&key, fencing) => {}
+            }
+            engine.inner.running.done(running);
+            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            engine.inner.waiters.notify(&key);
+        });
+        match answer_rx.await {
+            Ok((Ok(value), recorded)) => Ok(Execution::Executed {
+                value,
+                epoch,
+                recorded,
+            }),
+            Ok((Err(()), _)) => Err(EngineError::OperationPanicked),
+            Err(_) => {
+                // Only reachable if the runtime is shutting down and cancelled the task.
+                tracing::error!("operation task did not finish");
+                Err(EngineError::OperationPanicked)
+            }
+        }
+    }
+
+    /// Renews the lease every `renew_interval` until dropped; never completes. Each renewal has
+    /// `renew_interval` to answer (so renewals never pile up); a failed one is retried at the
+    /// next tick. Once the fencing is lost it stops renewing (the recording step reports it).
+    async fn heartbeat(&self, key: &StoreKey, fencing: Fencing) {
+        let inner = &self.inner;
+        let every = inner.config.renew_interval.max(Duration::from_millis(1));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let renewal = inner.store.renew(key, fencing, inner.config.lease_ttl);
+            match tokio::time::timeout(every, renewal).await {
+                Ok(Ok(CasOutcome::Applied)) => {
+                    inner.stats.renewals.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Ok(CasOutcome::Lost)) => break,
+                Ok(Err(e)) => {
+                    inner.stats.renewal_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %key, error = %e, "lease renewal failed; will retry");
+                }
+                Err(_) => {
+                    inner.stats.renewal_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %key, timeout = ?every,
+                        "lease renewal timed out; will retry");
+                }
+            }
+        }
+        std::future::pending::<()>().await;
+    }
+
+    /// Writes the disposition, retrying store errors with capped exponential backoff until it is
+    /// written or the fencing is lost (the heartbeat keeps the lease meanwhile), for at most the
+    /// record's TTL. After `record_retries` failed attempts the caller is answered (with
+    /// [`Recorded::Failed`]) through `answer`, and recording goes on in the background.
+    async fn record<A>(
+        &self,
+        key: &StoreKey,
+        fencing: Fencing,
+        disposition: Disposition,
+        policy: &Policy,
+        answer: &mut Option<(tokio::sync::oneshot::Sender<(A, Recorded)>, A)>,
+    ) -> Recorded {
+        let store = &self.inner.store;
+        let mut disposition = disposition;
+        let mut backoff = Duration::from_millis(20);
+        let mut attempt = 0;
+        let give_up_at = tokio::time::Instant::now() + policy.ttl.max(policy.unknown_ttl);
+        loop {
+            let result = match &disposition {
+                Disposition::Store(outcome) => store
+                    .complete(key, fencing, outcome, policy.ttl)
+                    .await
+                    .map(|o| (o, Recorded::Stored)),
+                Disposition::Release => store
+                    .release(key, fencing)
+                    .await
+                    .map(|o| (o, Recorded::Released)),
+                Disposition::Unknown => store
+                    .mark_unknown(key, fencing, policy.unknown_ttl)
+                    .await
+                    .map(|o| (o, Recorded::MarkedUnknown)),
+            };
+            let e = match result {
+                Ok((CasOutcome::Applied, recorded)) => return recorded,
+                Ok((CasOutcome::Lost, _)) => {
+                    self.inner.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %key, epoch = fencing.epoch,
+                        "lease lost before the outcome was recorded (deleted by an operator, \
+                         or taken over after the lease ran out); nothing was written");
+                    return Recorded::LeaseLost;
+                }
+                Err(e) => e,
+            };
+            // A value the store will never take: keep the fact that it ran, not the value.
+            if e.kind() == ErrorKind::Capacity
+                && let Disposition::Store(Outcome::Response(r)) = &disposition
+            {
+                disposition = Disposition::Store(Outcome::NotReplayable {
+                    status: r.status,
+                    reason: e.message().to_owned(),
+                });
+                continue;
+            }
+            attempt += 1;
+            if attempt == self.inner.config.record_retries
+                && let Some((tx, value)) = answer.take()
+            {
+                tracing::error!(key = %key, error = %e,
+                    "could not record the outcome yet; answering the client and retrying in the background");
+                let _ = tx.send((value, Recorded::Failed(e.kind())));
+            }
+            if tokio::time::Instant::now() >= give_up_at {
+                tracing::error!(key = %key, error = %e,
+                    "gave up recording the outcome: the record has expired by now");
+                return Recorded::Failed(e.kind());
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_RECORD_BACKOFF);
+        }
+    }
+
+    /// Marks every operation still registered as running outcome-unknown (or records the outcome
+    /// it already has): for a shutdown whose drain timed out, so that no request that may have
+    /// reached the upstream is left in flight for a takeover to run again. Returns how many
+    /// records were written. Call it after the tasks running those operations have stopped.
+    pub async fn abandon_running(&self) -> usize {
+        let left = self.inner.running.take_all();
+        let mut written = 0;
+        for op in left {
+            let disposition = op.pending.unwrap_or(Disposition::Unknown);
+            let store = &self.inner.store;
+            let result = match &disposition {
+                Disposition::Store(outcome) => {
+                    store.complete(&op.key, op.fencing, outcome, op.ttl).await
+                }
+                Disposition::Release => store.release(&op.key, op.fencing).await,
+                Disposition::Unknown => {
+                    store
+                        .mark_unknown(&op.key, op.fencing, op.unknown_ttl)
+                        .await
+                }
+            };
+            match result {
+                Ok(CasOutcome::Applied) => written += 1,
+                Ok(CasOutcome::Lost) => {}
+                Err(e) => tracing::error!(key = %op.key, error = %e,
+                    "shutdown: could not record an abandoned operation; its lease will expire"),
+            }
+        }
+        written
+    }
+}
+
+/// Longest pause between two attempts to record an outcome.
+const MAX_RECORD_BACKOFF: Duration = Duration::from_secs(2);
+
+/// An operation the engine is running (or recording), for [`Engine::abandon_running`].
+#[derive(Debug)]
+struct RunningOp {
+    key: StoreKey,
+    fencing: Fencing,
+    ttl: Duration,
+    unknown_ttl: Duration,
+    /// The disposition once the operation finished (recording may still be under way).
+    pending: Option<Disposition>,
+}
+
+/// The operations running in this process, by fencing token.
+#[derive(Debug, Default)]
+pub(super) struct Running {
+    ops: Mutex<HashMap<u128, RunningOp>>,
+}
+
+impl Running {
+    fn track(&self, key: StoreKey, fencing: Fencing, policy: &Policy) -> u128 {
+        self.ops.lock().insert(
+            fencing.token,
+            RunningOp {
+                key,
+                fencing,
+                ttl: policy.ttl,
+                unknown_ttl: policy.unknown_ttl,
+                pending: None,
+            },
+        );
+        fencing.token
+    }
+
+    fn finished(&self, token: u128, disposition: &Disposition) {
+        if let Some(op) = self.ops.lock().get_mut(&token) {
+            op.pending = Some(disposition.clone());
+        }
+    }
+
+    /// Removed only here, when the task ends normally: a task cancelled by a runtime shutdown
+    /// leaves its entry for [`Engine::abandon_running`].
+    fn done(&self, token: u128) {
+        self.ops.lock().remove(&token);
+    }
+
+    fn take_all(&self) -> Vec<RunningOp> {
+        self.ops.lock().drain().map(|(_, op)| op).collect()
+    }
+}

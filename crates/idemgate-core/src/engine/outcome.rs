@@ -1,0 +1,99 @@
+//! What [`Engine::run`](super::Engine::run) returns: [`Execution`], [`Recorded`], the error type,
+//! and the counters.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::time::Duration;
+
+use crate::error::{ErrorKind, StoreError};
+use crate::record::{Outcome, Record};
+
+/// What became of the outcome of an executed operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// Stored; retries replay it.
+    Stored,
+    /// Released; a retry will run again.
+    Released,
+    /// Marked outcome-unknown.
+    MarkedUnknown,
+    /// The fencing was lost (the key was deleted, or taken over after the lease ran out): nothing
+    /// was written.
+    LeaseLost,
+    /// The store failed while recording; the record stays in flight until its lease expires.
+    Failed(ErrorKind),
+}
+
+/// The result of [`Engine::run`].
+#[derive(Debug)]
+pub enum Execution<T> {
+    /// This call ran the operation.
+    Executed {
+        /// The operation's result.
+        value: T,
+        /// The epoch it ran under.
+        epoch: u64,
+        /// What became of its outcome.
+        recorded: Recorded,
+    },
+    /// A previous call completed; here is its stored outcome.
+    Replayed {
+        /// The stored outcome.
+        outcome: Outcome,
+        /// The record (times, epoch) for headers and logs.
+        record: Box<Record>,
+    },
+    /// The key is in use with a different fingerprint.
+    Mismatch {
+        /// The existing record.
+        record: Box<Record>,
+    },
+    /// Another call holds the key (reject mode, wait timeout, or too many waiters).
+    InFlight {
+        /// A hint for `Retry-After`: the holder's remaining lease, at least one second.
+        retry_after: Duration,
+    },
+    /// The first call's outcome is unknown; the operation is not run again.
+    Unknown {
+        /// The record.
+        record: Box<Record>,
+    },
+}
+
+/// Why [`Engine::run`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The store could not be asked (nothing was dispatched) or failed mid-way.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The operation panicked; its record was marked outcome-unknown.
+    #[error("the operation panicked; its outcome is unknown")]
+    OperationPanicked,
+}
+
+impl EngineError {
+    /// The store error kind, or `Internal` for a panic.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EngineError::Store(e) => e.kind(),
+            EngineError::OperationPanicked => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Counters of what the engine did, for metrics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Lease renewals that succeeded.
+    pub renewals: AtomicU64,
+    /// Lease renewals that failed with a store error.
+    pub renewal_errors: AtomicU64,
+    /// Holders that found their fencing lost.
+    pub leases_lost: AtomicU64,
+    /// Successful takeovers of expired leases.
+    pub takeovers: AtomicU64,
+    /// Calls waiting right now.
+    pub waiting: AtomicUsize,
+    /// Operations running right now.
+    pub in_flight: AtomicUsize,
+}
