@@ -14,6 +14,8 @@
 //! - [`store`]: the narrow [`Store`] contract; [`protocol`]: its state machine as pure functions.
 //! - [`engine`]: [`Engine`], the policy (wait or reject, heartbeats, takeover or strict recovery,
 //!   which outcomes to keep).
+//! - [`hook`]: [`hook::Hooked`], the one delegation point for store wrappers (faults, deadlines,
+//!   metrics are hooks).
 //! - [`memory`]: [`MemoryStore`], a bounded sharded in-memory store; [`sweeper`] purges expiry.
 //! - `testkit` (feature): the conformance suite and the model-based property test every store runs.
 //!
@@ -83,6 +85,7 @@ pub mod clock;
 pub mod engine;
 pub mod error;
 pub mod fingerprint;
+pub mod hook;
 pub mod key;
 pub mod memory;
 pub mod protocol;

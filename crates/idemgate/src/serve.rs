@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState};
 use crate::config::Settings;
-use crate::store::{self, Instrumented};
+use crate::store;
 use crate::workers::{WorkerPlan, Workers};
 use idemgate_core::SharedStore;
 use idemgate_core::cache::CachedStore;
@@ -78,12 +78,12 @@ pub async fn run(settings: Settings) -> Result<()> {
         settings.store.starts_with("redis") || settings.store.starts_with("postgres");
     let store = if shared_store && settings.replay_cache_entries > 0 {
         SharedStore::new(
-            CachedStore::builder(Instrumented::new(shared, settings.store_timeout))
+            CachedStore::builder(store::instrumented(shared, settings.store_timeout))
                 .capacity(settings.replay_cache_entries)
                 .build(),
         )
     } else {
-        SharedStore::new(Instrumented::new(shared, settings.store_timeout))
+        SharedStore::new(store::instrumented(shared, settings.store_timeout))
     };
     let engine = Engine::builder(store.clone())
         .lease_ttl(settings.lease_ttl)

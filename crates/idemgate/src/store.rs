@@ -4,12 +4,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use idemgate_core::hook::{Hooked, Operation, StoreHook};
 use idemgate_core::key::StoreKey;
-use idemgate_core::record::{Fencing, Outcome, Record};
-use idemgate_core::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
-    TakeOverOutcome, TakeOverRequest,
-};
 use idemgate_core::{ErrorKind, MemoryStore, SharedStore, Store, StoreError};
 use idemgate_store_redb::RedbStore;
 
@@ -186,124 +182,47 @@ pub fn redact(url: &str) -> String {
 /// A write that misses its deadline may still have been applied: as the [`Store`] contract says
 /// for `Timeout`, callers assume neither (a claim that landed unheard is an orphan lease that
 /// expires after the lease; a completion is retried under the lease).
-pub struct Instrumented {
-    store: SharedStore,
+pub type Instrumented = Hooked<SharedStore, Instrumentation>;
+
+/// The hook of [`Instrumented`]: a deadline and metrics per operation.
+pub struct Instrumentation {
     deadline: Duration,
-    /// Handles for the per-request operations, registered once (a lookup by name and labels
-    /// on every call showed in profiles).
-    claim: metrics::Histogram,
-    complete: metrics::Histogram,
+    /// One histogram handle per operation, registered once (a lookup by name and labels on
+    /// every call showed in profiles).
+    latency: [metrics::Histogram; 10],
 }
 
-impl Instrumented {
-    /// Wraps `store` with a deadline per operation; call after the metrics recorder is installed.
-    pub fn new(store: SharedStore, deadline: Duration) -> Self {
-        Self {
-            store,
-            deadline,
-            claim: metrics::histogram!("idemgate_store_operation_seconds", "op" => "claim"),
-            complete: metrics::histogram!("idemgate_store_operation_seconds", "op" => "complete"),
-        }
-    }
+/// Wraps `store` with a deadline per operation; call after the metrics recorder is installed.
+pub fn instrumented(store: SharedStore, deadline: Duration) -> Instrumented {
+    let latency = Operation::ALL
+        .map(|op| metrics::histogram!("idemgate_store_operation_seconds", "op" => op.as_str()));
+    Hooked::wrap(store, Instrumentation { deadline, latency })
+}
 
-    async fn timed<T>(
-        &self,
-        op: &'static str,
-        fut: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        self.timed_into(
-            &metrics::histogram!("idemgate_store_operation_seconds", "op" => op),
-            op,
-            fut,
-        )
-        .await
-    }
-
-    async fn timed_into<T>(
-        &self,
-        histogram: &metrics::Histogram,
-        op: &'static str,
-        fut: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
+impl StoreHook for Instrumentation {
+    async fn around<T, F>(&self, op: Operation, call: F) -> Result<T, StoreError>
+    where
+        T: Send,
+        F: Future<Output = Result<T, StoreError>> + Send,
+    {
         let start = Instant::now();
-        let out = match tokio::time::timeout(self.deadline, fut).await {
+        let out = match tokio::time::timeout(self.deadline, call).await {
             Ok(out) => out,
             Err(_) => Err(StoreError::new(
                 ErrorKind::Timeout,
                 format!(
-                    "store operation {op} did not answer within {:?}",
+                    "store operation {} did not answer within {:?}",
+                    op.as_str(),
                     self.deadline
                 ),
             )),
         };
-        histogram.record(start.elapsed().as_secs_f64());
+        self.latency[op as usize].record(start.elapsed().as_secs_f64());
         if let Err(e) = &out {
-            metrics::counter!("idemgate_store_errors_total", "op" => op, "kind" => e.kind().as_str())
+            metrics::counter!("idemgate_store_errors_total", "op" => op.as_str(), "kind" => e.kind().as_str())
                 .increment(1);
         }
         out
-    }
-}
-
-impl Store for Instrumented {
-    async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        self.timed_into(&self.claim, "claim", self.store.claim(key, req))
-            .await
-    }
-    async fn renew(
-        &self,
-        key: &StoreKey,
-        f: Fencing,
-        lease: Duration,
-    ) -> Result<CasOutcome, StoreError> {
-        self.timed("renew", self.store.renew(key, f, lease)).await
-    }
-    async fn complete(
-        &self,
-        key: &StoreKey,
-        f: Fencing,
-        outcome: &Outcome,
-        ttl: Duration,
-    ) -> Result<CasOutcome, StoreError> {
-        self.timed_into(
-            &self.complete,
-            "complete",
-            self.store.complete(key, f, outcome, ttl),
-        )
-        .await
-    }
-    async fn mark_unknown(
-        &self,
-        key: &StoreKey,
-        f: Fencing,
-        ttl: Duration,
-    ) -> Result<CasOutcome, StoreError> {
-        self.timed("mark_unknown", self.store.mark_unknown(key, f, ttl))
-            .await
-    }
-    async fn release(&self, key: &StoreKey, f: Fencing) -> Result<CasOutcome, StoreError> {
-        self.timed("release", self.store.release(key, f)).await
-    }
-    async fn take_over(
-        &self,
-        key: &StoreKey,
-        req: &TakeOverRequest,
-    ) -> Result<TakeOverOutcome, StoreError> {
-        self.timed("take_over", self.store.take_over(key, req))
-            .await
-    }
-    async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
-        self.timed("get", self.store.get(key)).await
-    }
-    async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
-        self.timed("delete", self.store.delete(key, mode)).await
-    }
-    async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
-        self.timed("list", self.store.list(req)).await
-    }
-    async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
-        self.timed("purge_expired", self.store.purge_expired(limit))
-            .await
     }
 }
 
