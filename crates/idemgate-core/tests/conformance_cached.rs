@@ -8,53 +8,24 @@ use std::time::Duration;
 use idemgate_core::cache::CachedStore;
 use idemgate_core::record::{Outcome, StoredResponse};
 use idemgate_core::store::{ClaimOutcome, DeleteMode, DeleteOutcome, Store};
-use idemgate_core::testkit::{Harness, claim_request, fresh_key, model};
-use idemgate_core::{ManualClock, MemoryStore, StoreKey};
+use idemgate_core::testkit::harness::ManualClockHarness;
+use idemgate_core::testkit::{claim_request, fresh_key};
+use idemgate_core::{ManualClock, MemoryStore};
 
-struct Cached {
-    store: CachedStore<MemoryStore>,
-    clock: ManualClock,
-}
-
-impl Harness for Cached {
-    type Store = CachedStore<MemoryStore>;
-    fn store(&self) -> &CachedStore<MemoryStore> {
-        &self.store
-    }
-    fn controlled_clock(&self) -> bool {
-        true
-    }
-    async fn advance(&self, d: Duration) {
-        self.clock.advance(d);
-    }
-    async fn corrupt(&self, _key: &StoreKey) -> bool {
-        false
-    }
-}
-
-fn harness() -> Cached {
+async fn harness() -> Option<ManualClockHarness<CachedStore<MemoryStore>>> {
     let clock = ManualClock::new(1_700_000_000_000);
     let inner = MemoryStore::builder().clock(clock.clone()).build();
     let store = CachedStore::builder(inner)
         .capacity(64)
         .clock(clock.clone())
         .build();
-    Cached { store, clock }
+    Some(ManualClockHarness::new(store, clock))
 }
 
-idemgate_core::conformance_tests!(async { Some(harness()) });
-
-#[test]
-fn cached_store_agrees_with_the_reference_model() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    model::check_against_model(
-        &rt,
-        &harness(),
-        512,
-        "tests/proptest-regressions/model_cached.txt",
-    );
+idemgate_core::store_suite! {
+    harness: harness(),
+    model_cases: 512,
+    regressions: "tests/proptest-regressions/model_cached.txt",
 }
 
 #[tokio::test]

@@ -257,7 +257,9 @@ impl PostgresStore {
         })
     }
 
-    /// Fault injection for tests: sets a record's state column to a value no build understands.
+    /// Fault injection for tests (feature `testkit`): sets a record's state column to a value
+    /// no build understands.
+    #[cfg(feature = "testkit")]
     pub async fn corrupt_state(&self, key: &StoreKey) -> Result<(), StoreError> {
         self.execute(
             "UPDATE idemgate_records SET state = 99 WHERE store_key = $1",

@@ -226,6 +226,7 @@ enum Op {
     TakeOver(TakeOverRequest),
     Delete(DeleteMode),
     Purge(usize),
+    #[cfg(feature = "testkit")]
     OverwriteRaw(Vec<u8>),
 }
 
@@ -309,6 +310,7 @@ impl Writer {
                     replies.push(Ok(Reply::Count(n)));
                     continue;
                 }
+                #[cfg(feature = "testkit")]
                 if let Op::OverwriteRaw(bytes) = &job.op {
                     records
                         .insert(key, bytes.as_slice())
@@ -366,7 +368,9 @@ impl Writer {
                         (w, Reply::Delete(o))
                     }
                     // Answered above, before the record was decoded.
-                    Op::Purge(_) | Op::OverwriteRaw(_) => (Write::Unchanged, Reply::Count(0)),
+                    Op::Purge(_) => (Write::Unchanged, Reply::Count(0)),
+                    #[cfg(feature = "testkit")]
+                    Op::OverwriteRaw(_) => (Write::Unchanged, Reply::Count(0)),
                 };
                 match write {
                     Write::Unchanged => {}
@@ -487,8 +491,9 @@ impl RedbStore {
         raw.map(|g| decode(g.value())).transpose()
     }
 
-    /// Fault injection for tests: overwrites the bytes stored under `key` without any check, as
-    /// bit rot or a foreign writer would.
+    /// Fault injection for tests (feature `testkit`): overwrites the bytes stored under `key`
+    /// without any check, as bit rot or a foreign writer would.
+    #[cfg(feature = "testkit")]
     pub async fn overwrite_raw(&self, key: &StoreKey, bytes: Vec<u8>) -> Result<(), StoreError> {
         self.submit(*key, Op::OverwriteRaw(bytes)).await.map(|_| ())
     }

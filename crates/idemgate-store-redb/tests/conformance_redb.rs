@@ -1,64 +1,36 @@
 //! The store conformance suite and the model-based property test against [`RedbStore`].
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::ptr_arg)]
+#![allow(clippy::expect_used)]
 
-use std::time::Duration;
-
-use idemgate_core::testkit::{Harness, model};
+use idemgate_core::testkit::harness::ManualClockHarness;
 use idemgate_core::{ManualClock, StoreKey};
 use idemgate_store_redb::RedbStore;
 
-struct Redb {
-    store: RedbStore,
-    clock: ManualClock,
-    _dir: tempfile::TempDir,
-}
-
-impl Harness for Redb {
-    type Store = RedbStore;
-    fn store(&self) -> &RedbStore {
-        &self.store
-    }
-    fn controlled_clock(&self) -> bool {
-        true
-    }
-    async fn advance(&self, d: Duration) {
-        self.clock.advance(d);
-    }
-    async fn corrupt(&self, key: &StoreKey) -> bool {
-        self.store
+fn corrupt<'a>(store: &'a RedbStore, key: &'a StoreKey) -> idemgate_core::store::BoxFuture<'a, ()> {
+    Box::pin(async move {
+        store
             .overwrite_raw(key, b"\x01garbage that is not a record".to_vec())
             .await
-            .unwrap();
-        true
-    }
+            .expect("overwrite");
+    })
 }
 
-fn harness() -> Redb {
-    let dir = tempfile::tempdir().unwrap();
+async fn harness() -> Option<ManualClockHarness<RedbStore>> {
+    let dir = tempfile::tempdir().expect("a temporary directory");
     let clock = ManualClock::new(1_700_000_000_000);
     let store = RedbStore::builder(dir.path().join("conformance.redb"))
         .clock(clock.clone())
         .open()
-        .unwrap();
-    Redb {
-        store,
-        clock,
-        _dir: dir,
-    }
+        .expect("open");
+    Some(
+        ManualClockHarness::new(store, clock)
+            .corrupt_with(corrupt)
+            .keep(dir),
+    )
 }
 
-idemgate_core::conformance_tests!(async { Some(harness()) });
-
-#[test]
-fn redb_store_agrees_with_the_reference_model() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    model::check_against_model(
-        &rt,
-        &harness(),
-        256,
-        "tests/proptest-regressions/model_redb.txt",
-    );
+idemgate_core::store_suite! {
+    harness: harness(),
+    model_cases: 256,
+    regressions: "tests/proptest-regressions/model_redb.txt",
 }

@@ -354,6 +354,7 @@ impl RedisStore {
 
     /// Overwrites one field of a stored record (fault injection for tests: what bit rot or a
     /// foreign writer would do).
+    #[cfg(feature = "testkit")]
     pub async fn overwrite_field(
         &self,
         key: &StoreKey,

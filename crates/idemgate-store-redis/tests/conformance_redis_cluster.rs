@@ -7,29 +7,18 @@
 use std::time::Duration;
 
 use idemgate_core::StoreKey;
-use idemgate_core::testkit::{Harness, model};
+use idemgate_core::store::BoxFuture;
+use idemgate_core::testkit::Harness;
+use idemgate_core::testkit::harness::ServerClockHarness;
 use idemgate_store_redis::RedisStore;
 
-struct Redis {
-    store: RedisStore,
-}
-
-impl Harness for Redis {
-    type Store = RedisStore;
-    fn store(&self) -> &RedisStore {
-        &self.store
-    }
-    fn controlled_clock(&self) -> bool {
-        false
-    }
-    async fn advance(&self, d: Duration) {
-        // The server's clock decides: real time has to pass.
-        tokio::time::sleep(d).await;
-    }
-    async fn corrupt(&self, key: &StoreKey) -> bool {
-        self.store.overwrite_field(key, "st", b"?").await.unwrap();
-        true
-    }
+fn corrupt<'a>(store: &'a RedisStore, key: &'a StoreKey) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        store
+            .overwrite_field(key, "st", b"?")
+            .await
+            .expect("overwrite");
+    })
 }
 
 fn url() -> Option<Vec<String>> {
@@ -48,41 +37,21 @@ fn url() -> Option<Vec<String>> {
     )
 }
 
-async fn harness() -> Option<Redis> {
+async fn harness() -> Option<ServerClockHarness<RedisStore>> {
     let url = url()?;
     // A prefix of our own: parallel runs on one server never meet.
     let prefix = format!("idemgate-test-{}:", std::process::id());
     let store = RedisStore::connect_cluster_with_prefix(&url, &prefix)
         .await
         .expect("connect to IDEMGATE_TEST_REDIS_CLUSTER_URLS");
-    Some(Redis { store })
+    Some(ServerClockHarness::new(store).corrupt_with(corrupt))
 }
 
-idemgate_core::conformance_tests!(
-    harness(),
-    ignore_if = no_redis_cluster,
-    "IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set"
-);
-
-#[test]
-#[cfg_attr(
-    no_redis_cluster,
-    ignore = "IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set"
-)]
-fn redis_cluster_store_agrees_with_the_reference_model() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let Some(h) = rt.block_on(harness()) else {
-        return;
-    };
-    model::check_against_model(
-        &rt,
-        &h,
-        128,
-        "tests/proptest-regressions/model_redis_cluster.txt",
-    );
+idemgate_core::store_suite! {
+    harness: harness(),
+    model_cases: 128,
+    regressions: "tests/proptest-regressions/model_redis_cluster.txt",
+    ignore_if: no_redis_cluster, "IDEMGATE_TEST_REDIS_CLUSTER_URLS is not set",
 }
 
 #[tokio::test]
@@ -101,7 +70,7 @@ async fn records_spread_over_every_master_and_list_finds_them_all() {
         let key = fresh_key("cluster-list");
         let req = claim_request(Duration::from_secs(60), Duration::from_secs(600), 1);
         assert!(matches!(
-            h.store.claim(&key, &req).await.unwrap(),
+            h.store().claim(&key, &req).await.unwrap(),
             ClaimOutcome::Acquired { .. }
         ));
         mine.insert(key);
@@ -110,7 +79,7 @@ async fn records_spread_over_every_master_and_list_finds_them_all() {
     let mut cursor = None;
     loop {
         let page = h
-            .store
+            .store()
             .list(&ListRequest { cursor, limit: 7 })
             .await
             .unwrap();

@@ -41,6 +41,7 @@ use crate::store::{ClaimRequest, Store, TakeOverRequest};
 pub mod bench;
 pub mod cases;
 pub mod faults;
+pub mod harness;
 pub mod model;
 
 /// What the suite needs besides the store itself.
