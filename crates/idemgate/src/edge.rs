@@ -51,8 +51,8 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let now = self.open.fetch_sub(1, Ordering::AcqRel) - 1;
-        metrics::gauge!("idemgate_client_connections").set(now as f64);
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("idemgate_client_connections").decrement(1.0);
     }
 }
 
@@ -72,14 +72,12 @@ impl Connections {
     /// A slot for a new connection, or `None` at the cap.
     pub fn try_open(&self) -> Option<Slot> {
         let max = self.max;
-        let now = self
-            .open
+        self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
-            .ok()?
-            + 1;
-        metrics::gauge!("idemgate_client_connections").set(now as f64);
+            .ok()?;
+        metrics::gauge!("idemgate_client_connections").increment(1.0);
         Some(Slot {
             open: self.open.clone(),
         })
