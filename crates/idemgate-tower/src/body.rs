@@ -160,3 +160,181 @@ where
         hint
     }
 }
+
+/// A cap on the bytes of request bodies held in memory at once, shared by every request that
+/// holds a [`Reservation`] from it (across threads). Requests never queue for it: one that cannot
+/// reserve what it needs is refused (the layer answers `503` + `Retry-After`).
+///
+/// ```
+/// use idemgate_tower::body::BodyBudget;
+///
+/// let budget = BodyBudget::new(10);
+/// let mut a = budget.try_reserve(6).unwrap();
+/// assert!(budget.try_reserve(5).is_none());
+/// assert!(a.try_grow(4));
+/// assert!(!a.try_grow(1));
+/// drop(a);
+/// assert_eq!(budget.in_use(), 0);
+/// ```
+#[derive(Clone, Debug)]
+pub struct BodyBudget {
+    inner: std::sync::Arc<BudgetInner>,
+}
+
+#[derive(Debug)]
+struct BudgetInner {
+    used: std::sync::atomic::AtomicUsize,
+    cap: usize,
+}
+
+impl BodyBudget {
+    /// A budget of `cap` bytes.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            inner: std::sync::Arc::new(BudgetInner {
+                used: std::sync::atomic::AtomicUsize::new(0),
+                cap,
+            }),
+        }
+    }
+
+    /// The cap, in bytes.
+    pub fn cap(&self) -> usize {
+        self.inner.cap
+    }
+
+    /// Bytes reserved right now.
+    pub fn in_use(&self) -> usize {
+        self.inner.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reserves `n` bytes, or `None` if that would go over the cap.
+    pub fn try_reserve(&self, n: usize) -> Option<Reservation> {
+        self.take(n).then(|| Reservation {
+            budget: self.clone(),
+            bytes: n,
+        })
+    }
+
+    fn take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let cap = self.inner.cap;
+        self.inner
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&total| total <= cap)
+            })
+            .is_ok()
+    }
+}
+
+/// Bytes reserved from a [`BodyBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: BodyBudget,
+    bytes: usize,
+}
+
+impl Reservation {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Reserves `n` more bytes; false (and nothing reserved) if that would go over the cap.
+    pub fn try_grow(&mut self, n: usize) -> bool {
+        let ok = self.budget.take(n);
+        if ok {
+            self.bytes += n;
+        }
+        ok
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget
+            .inner
+            .used
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The result of [`collect_budgeted`].
+pub enum Budgeted<B> {
+    /// The whole body, and the reservation that accounts for its memory.
+    Complete(Bytes, Reservation),
+    /// The body went over `limit`: the rest, unread.
+    Oversized(B),
+    /// The budget could not cover the body: the rest, unread.
+    OverBudget(B),
+}
+
+/// Reads `body` into memory up to `limit` bytes, accounting for the memory in `budget`: the
+/// declared length (`Content-Length`, via the size hint) is reserved up front and allocated exactly;
+/// a body of unknown length reserves each growth of its buffer before making it.
+pub async fn collect_budgeted<B>(
+    mut body: B,
+    limit: usize,
+    budget: &BodyBudget,
+) -> Result<Budgeted<B>, B::Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let hint = body.size_hint();
+    if hint.lower() > limit as u64 {
+        return Ok(Budgeted::Oversized(body));
+    }
+    let exact = hint.upper().filter(|&u| u == hint.lower());
+    let initial = exact.map_or(0, |n| n as usize);
+    let Some(mut reservation) = budget.try_reserve(initial) else {
+        return Ok(Budgeted::OverBudget(body));
+    };
+    let mut buf = BytesMut::with_capacity(initial);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if buf.len() + data.len() > limit {
+                return Ok(Budgeted::Oversized(body));
+            }
+            if buf.capacity() - buf.len() < data.len() {
+                // Grow the way `BytesMut` would (at least double), reserving the growth first.
+                let want = (buf.len() + data.len()).max(buf.capacity() * 2).min(limit);
+                let grow = want.saturating_sub(reservation.bytes());
+                if !reservation.try_grow(grow) {
+                    return Ok(Budgeted::OverBudget(body));
+                }
+                buf.reserve(want - buf.len());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Budgeted::Complete(buf.freeze(), reservation))
+}
+
+/// Bodies of refused requests are read and dropped up to this many bytes before the answer.
+pub const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Reads and drops what is left of a refused request's body (up to [`DRAIN_LIMIT`] bytes, in
+/// constant memory; the caller bounds the time), so that the client, which is still sending it,
+/// reads the answer: closing a connection with unread data resets it, which can destroy the
+/// answer before the client reads it. Returns whether the body was read to its end.
+pub async fn drain<B>(mut body: B) -> bool
+where
+    B: Body + Unpin,
+{
+    if body.size_hint().lower() > DRAIN_LIMIT as u64 {
+        return false;
+    }
+    let mut left = DRAIN_LIMIT;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { return false };
+        if let Some(data) = frame.data_ref() {
+            let n = bytes::Buf::remaining(data);
+            if n > left {
+                return false;
+            }
+            left -= n;
+        }
+    }
+    true
+}

@@ -69,9 +69,18 @@
 //!
 //! ## Errors
 //!
-//! The service's error is [`body::BoxError`]: only inner-service errors on pass-through requests,
-//! and failures reading the client's request body. Everything idemgate decides itself is a response
-//! (see [`problem::ProblemKind`]).
+//! The service's error is [`body::BoxError`]: only failures reading the client's request body,
+//! and inner-service errors on pass-through requests that are not an
+//! [`upstream::UpstreamError`] (those are answered `502`, naming only their
+//! [`upstream::Cause`]). Everything idemgate decides itself is a response (see
+//! [`problem::ProblemKind`]).
+//!
+//! ## Limits
+//!
+//! [`IdempotencyLayerBuilder::max_concurrent_requests`] caps protected requests in progress and
+//! [`IdempotencyLayerBuilder::body_budget`] the bytes of their bodies held in memory; over either,
+//! `503` + `Retry-After` at once (no queue). Requests refused before their body was read have it
+//! drained first (up to [`body::DRAIN_LIMIT`]), so the client can read the answer.
 
 pub mod body;
 pub mod headers;

@@ -13,6 +13,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
 use crate::body::{IdemBody, box_full};
+use crate::upstream::UpstreamError;
 
 /// The cases idemgate answers itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -40,6 +41,17 @@ pub enum ProblemKind {
     /// `503`: the store has no room for a new key (a bounded in-memory store at its capacity);
     /// nothing was forwarded.
     StoreFull,
+    /// `502`: an unprotected (passed-through) request may have reached the upstream, but no
+    /// complete answer came back.
+    UpstreamFailed,
+    /// `503` (with `Retry-After`): a limit of this instance is reached (connections, concurrent
+    /// requests, buffered body bytes); nothing was forwarded.
+    Overloaded,
+    /// `408`: the request body did not arrive within the body read timeout; nothing was forwarded
+    /// for a protected request.
+    RequestTimeout,
+    /// `400`: the request body could not be read (malformed framing, or the client went away).
+    InvalidRequestBody,
 }
 
 impl ProblemKind {
@@ -56,6 +68,10 @@ impl ProblemKind {
             ProblemKind::NotReplayable => "not-replayable",
             ProblemKind::UpstreamUnavailable => "upstream-unavailable",
             ProblemKind::StoreFull => "store-full",
+            ProblemKind::UpstreamFailed => "upstream-failed",
+            ProblemKind::Overloaded => "overloaded",
+            ProblemKind::RequestTimeout => "request-timeout",
+            ProblemKind::InvalidRequestBody => "invalid-request-body",
         }
     }
 
@@ -67,16 +83,20 @@ impl ProblemKind {
     /// The HTTP status.
     pub fn status(self) -> StatusCode {
         match self {
-            ProblemKind::MissingKey | ProblemKind::MalformedKey => StatusCode::BAD_REQUEST,
+            ProblemKind::MissingKey
+            | ProblemKind::MalformedKey
+            | ProblemKind::InvalidRequestBody => StatusCode::BAD_REQUEST,
             ProblemKind::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
             ProblemKind::InFlight => StatusCode::CONFLICT,
             ProblemKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProblemKind::StoreUnavailable | ProblemKind::StoreFull => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProblemKind::OutcomeUnknown | ProblemKind::UpstreamUnavailable => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProblemKind::OutcomeUnknown
+            | ProblemKind::UpstreamUnavailable
+            | ProblemKind::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            ProblemKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ProblemKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProblemKind::NotReplayable => StatusCode::GONE,
         }
     }
@@ -94,12 +114,62 @@ impl ProblemKind {
             ProblemKind::NotReplayable => "Original response cannot be replayed",
             ProblemKind::UpstreamUnavailable => "Upstream could not be reached",
             ProblemKind::StoreFull => "Idempotency store is full",
+            ProblemKind::UpstreamFailed => "Upstream did not answer completely",
+            ProblemKind::Overloaded => "Too many requests in progress; retry later",
+            ProblemKind::RequestTimeout => "Request body did not arrive in time",
+            ProblemKind::InvalidRequestBody => "Request body could not be read",
         }
     }
 
     /// A problem response with `detail`.
     pub fn response(self, detail: impl Into<String>) -> Response<IdemBody> {
         self.response_with(detail, serde_json::Map::new())
+    }
+
+    /// A `503` [`ProblemKind::Overloaded`] answer with `Retry-After: 1`, naming the limit that was
+    /// reached in a `limit` member.
+    pub fn overloaded(limit: &'static str, detail: impl Into<String>) -> Response<IdemBody> {
+        let mut extra = serde_json::Map::new();
+        extra.insert("limit".into(), limit.into());
+        let mut res = ProblemKind::Overloaded.response_with(detail, extra);
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        res
+    }
+
+    /// The answer to a failed upstream exchange: `502` [`ProblemKind::UpstreamUnavailable`] when
+    /// nothing was sent, else `sent_kind` (outcome-unknown for a protected request,
+    /// upstream-failed for a passed-through one). The `detail` and the `cause` member name only the
+    /// cause class: no addresses, no error chain.
+    pub fn upstream(e: &UpstreamError, sent_kind: ProblemKind) -> Response<IdemBody> {
+        let cause = e.cause();
+        let mut extra = serde_json::Map::new();
+        extra.insert("cause".into(), cause.slug().into());
+        if e.is_not_sent() {
+            ProblemKind::UpstreamUnavailable.response_with(
+                format!(
+                    "the upstream could not be reached ({cause}); the request was not sent, a \
+                     retry may run"
+                ),
+                extra,
+            )
+        } else if sent_kind == ProblemKind::OutcomeUnknown {
+            ProblemKind::OutcomeUnknown.response_with(
+                format!(
+                    "the upstream did not answer completely ({cause}); the request may or may \
+                     not have taken effect"
+                ),
+                extra,
+            )
+        } else {
+            sent_kind.response_with(
+                format!(
+                    "the upstream did not answer completely ({cause}); the request may have \
+                     reached it"
+                ),
+                extra,
+            )
+        }
     }
 
     /// A problem response with `detail` and extension members.

@@ -19,11 +19,15 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
 
-use crate::body::{BoxError, Collected, IdemBody, Prefixed, boxed, collect_limited, full};
+use crate::body::{
+    BodyBudget, BoxError, Budgeted, Collected, IdemBody, Prefixed, boxed, collect_budgeted,
+    collect_limited, drain, full,
+};
 use crate::headers::{IDEMPOTENCY_EPOCH, IDEMPOTENCY_KEY, replay, storable};
 use crate::policy::{FailMode, RoutePolicy, Routes};
 use crate::problem::ProblemKind;
-use crate::upstream::UpstreamError;
+use crate::upstream::{Cause, UpstreamError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// `Retry-After` (seconds) on `503` answers about the store.
 const STORE_RETRY_AFTER: &str = "1";
@@ -38,6 +42,16 @@ struct Shared<S> {
     routes: Routes,
     namespace: String,
     response_timeout: Option<Duration>,
+    limits: Limits,
+}
+
+/// The layer's resource limits (none by default).
+#[derive(Clone, Debug, Default)]
+struct Limits {
+    /// Protected requests in progress at once.
+    concurrent: Option<Arc<Semaphore>>,
+    /// Bytes of protected request bodies held in memory at once.
+    body_budget: Option<BodyBudget>,
 }
 
 impl<S> Clone for IdempotencyLayer<S> {
@@ -70,6 +84,7 @@ impl<S: Store> IdempotencyLayer<S> {
             routes: Routes::catch_all(false),
             namespace: "default".into(),
             response_timeout: None,
+            limits: Limits::default(),
         }
     }
 
@@ -86,6 +101,7 @@ pub struct IdempotencyLayerBuilder<S> {
     routes: Routes,
     namespace: String,
     response_timeout: Option<Duration>,
+    limits: Limits,
 }
 
 impl<S: Store> IdempotencyLayerBuilder<S> {
@@ -108,6 +124,21 @@ impl<S: Store> IdempotencyLayerBuilder<S> {
         self
     }
 
+    /// Most protected requests in progress at once (across every clone of the layer); beyond it a
+    /// protected request gets `503` + `Retry-After` at once (default: no limit).
+    pub fn max_concurrent_requests(mut self, max: usize) -> Self {
+        self.limits.concurrent = Some(Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))));
+        self
+    }
+
+    /// Caps the bytes of protected request bodies held in memory at once: a request that cannot
+    /// reserve its declared length (or, without one, its buffer's next growth) gets `503` +
+    /// `Retry-After` and nothing is claimed (default: no cap).
+    pub fn body_budget(mut self, budget: BodyBudget) -> Self {
+        self.limits.body_budget = Some(budget);
+        self
+    }
+
     /// Builds the layer.
     pub fn build(self) -> IdempotencyLayer<S> {
         IdempotencyLayer {
@@ -116,6 +147,7 @@ impl<S: Store> IdempotencyLayerBuilder<S> {
                 routes: self.routes,
                 namespace: self.namespace,
                 response_timeout: self.response_timeout,
+                limits: self.limits,
             }),
         }
     }
@@ -160,6 +192,11 @@ fn count(outcome: &'static str, route: &str) {
         .increment(1);
 }
 
+/// Counts a request or connection refused at a limit, by the name of the setting.
+pub(crate) fn limit_rejection(reason: &'static str) {
+    metrics::counter!("idemgate_limit_rejections_total", "reason" => reason).increment(1);
+}
+
 impl<I, S, ReqB, ResB> Service<Request<ReqB>> for Idempotency<I, S>
 where
     I: Service<Request<IdemBody>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -197,11 +234,12 @@ where
         let key = match raw {
             None if route.required => {
                 count("missing_key", &route.name);
-                return ResponseFuture::ready(ProblemKind::MissingKey.response(format!(
+                let res = ProblemKind::MissingKey.response(format!(
                     "{} {} requires an Idempotency-Key header",
                     req.method(),
                     req.uri().path()
-                )));
+                ));
+                return ResponseFuture::refuse(req, res);
             }
             None => {
                 count("passthrough", &route.name);
@@ -209,7 +247,8 @@ where
             }
             Some(_) if extra => {
                 count("invalid_key", &route.name);
-                return ResponseFuture::ready(
+                return ResponseFuture::refuse(
+                    req,
                     ProblemKind::MalformedKey.response("more than one Idempotency-Key header"),
                 );
             }
@@ -217,7 +256,8 @@ where
                 Ok(k) => k,
                 Err(e) => {
                     count("invalid_key", &route.name);
-                    return ResponseFuture::ready(
+                    return ResponseFuture::refuse(
+                        req,
                         ProblemKind::MalformedKey.response(e.to_string()),
                     );
                 }
@@ -230,14 +270,31 @@ where
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > route.max_request_body as u64) {
             count("too_large", &route.name);
-            return ResponseFuture::ready(too_large(route.max_request_body));
+            return ResponseFuture::refuse(req, too_large(route.max_request_body));
         }
+        let permit = match &shared.limits.concurrent {
+            None => None,
+            Some(slots) => match slots.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    count("overloaded", &route.name);
+                    limit_rejection("max_concurrent_requests");
+                    return ResponseFuture::refuse(
+                        req,
+                        ProblemKind::overloaded(
+                            "max_concurrent_requests",
+                            "too many protected requests in progress; nothing was forwarded, retry later",
+                        ),
+                    );
+                }
+            },
+        };
         // Debug level: at the default `info` the span is disabled and costs nothing per request
         // (formatting its fields was ~8% of a replay's CPU); warnings carry route and key.
         let span = tracing::debug_span!("idempotent_request",
             route = %route.name, method = %req.method(), path = %req.uri().path(),
             key = %key, outcome = tracing::field::Empty);
-        let fut = protect(shared, route, inner, req, key).instrument(span);
+        let fut = protect(shared, route, inner, req, key, permit).instrument(span);
         ResponseFuture::protected(Box::pin(fut))
     }
 }
@@ -325,8 +382,9 @@ where
         None => exchange.await,
         Some(t) => match tokio::time::timeout(t, exchange).await {
             Ok(r) => r,
-            Err(_) => Err(UpstreamError::Sent(
-                format!("no complete response within {t:?}").into(),
+            Err(_) => Err(UpstreamError::sent(
+                Cause::Timeout,
+                format!("no complete response within {t:?}"),
             )),
         },
     }
@@ -338,6 +396,7 @@ async fn protect<I, S, ReqB, ResB>(
     inner: I,
     req: Request<ReqB>,
     key: IdempotencyKey,
+    _permit: Option<OwnedSemaphorePermit>,
 ) -> Result<Response<IdemBody>, BoxError>
 where
     I: Service<Request<IdemBody>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -356,12 +415,39 @@ where
         Ok(res)
     };
     let (parts, body) = req.into_parts();
-    let body = match collect_limited(boxed(body), route.max_request_body).await? {
-        Collected::Complete(b) => b,
-        Collected::Oversized { .. } => {
-            return finish("too_large", too_large(route.max_request_body));
+    // The reservation accounts for the body's memory for as long as a copy of the request may be
+    // sent (it moves into `request_for` below).
+    let (body, reservation) = match &shared.limits.body_budget {
+        None => match collect_limited(boxed(body), route.max_request_body).await? {
+            Collected::Complete(b) => (b, None),
+            Collected::Oversized { rest, .. } => {
+                drain(rest).await;
+                return finish("too_large", too_large(route.max_request_body));
+            }
+        },
+        Some(budget) => {
+            match collect_budgeted(boxed(body), route.max_request_body, budget).await? {
+                Budgeted::Complete(b, r) => (b, Some(r)),
+                Budgeted::Oversized(rest) => {
+                    drain(rest).await;
+                    return finish("too_large", too_large(route.max_request_body));
+                }
+                Budgeted::OverBudget(rest) => {
+                    drain(rest).await;
+                    limit_rejection("max_buffered_body_bytes");
+                    return finish(
+                        "overloaded",
+                        ProblemKind::overloaded(
+                            "max_buffered_body_bytes",
+                            "too many request body bytes are buffered right now; nothing was \
+                             forwarded, retry later",
+                        ),
+                    );
+                }
+            }
         }
     };
+    let reservation = Arc::new(reservation);
     let credentials: Vec<&[u8]> = route
         .scope_headers
         .iter()
@@ -391,6 +477,7 @@ where
         let parts = parts.clone();
         let body = body.clone();
         move |epoch: u64| {
+            let _accounted = &reservation;
             let mut req = Request::from_parts(parts, full(body));
             req.headers_mut()
                 .insert(IDEMPOTENCY_EPOCH, HeaderValue::from(epoch));
@@ -420,16 +507,13 @@ where
                 };
                 finish("executed", Response::from_parts(parts, body))
             }
-            Err(UpstreamError::NotSent(e)) => finish(
-                "executed",
-                ProblemKind::UpstreamUnavailable.response(format!(
-                    "the upstream was not reached: {e}; a retry may run"
-                )),
-            ),
             Err(e) => finish(
-                "unknown",
-                ProblemKind::OutcomeUnknown
-                    .response(format!("{e}; the request may or may not have taken effect")),
+                if e.is_not_sent() {
+                    "executed"
+                } else {
+                    "unknown"
+                },
+                ProblemKind::upstream(&e, ProblemKind::OutcomeUnknown),
             ),
         },
         Ok(Execution::Replayed { outcome, .. }) => match outcome {
@@ -545,6 +629,27 @@ impl<F> ResponseFuture<F> {
             },
         }
     }
+    /// An answer given before the request body was read: the body is drained first (unless it
+    /// is empty, or the client waits for `100 Continue` and so will not send it).
+    fn refuse<B>(req: Request<B>, response: Response<IdemBody>) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let expects = req
+            .headers()
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let body = req.into_body();
+        if expects || body.is_end_stream() {
+            return Self::ready(response);
+        }
+        Self::protected(Box::pin(async move {
+            drain(boxed(body)).await;
+            Ok(response)
+        }))
+    }
+
     fn pass(future: F) -> Self {
         Self {
             kind: Kind::PassThrough { future },
@@ -572,9 +677,15 @@ where
                 Some(r) => Poll::Ready(Ok(r)),
                 None => Poll::Ready(Err("ResponseFuture polled after completion".into())),
             },
-            Proj::PassThrough { future } => future
-                .poll(cx)
-                .map(|r| r.map(|res| res.map(boxed)).map_err(Into::into)),
+            // An upstream failure of a passed-through request is answered too (502, naming only
+            // the cause class); other inner-service errors stay errors.
+            Proj::PassThrough { future } => future.poll(cx).map(|r| match r {
+                Ok(res) => Ok(res.map(boxed)),
+                Err(e) => match e.into().downcast::<UpstreamError>() {
+                    Ok(u) => Ok(ProblemKind::upstream(&u, ProblemKind::UpstreamFailed)),
+                    Err(other) => Err(other),
+                },
+            }),
             Proj::Protected { future } => future.as_mut().poll(cx),
         }
     }

@@ -121,6 +121,33 @@ pub struct ServeArgs {
     /// forwarded) and a renewal is retried [default: 3s; 10ms to 60s].
     #[arg(long, env = "IDEMGATE_STORE_TIMEOUT")]
     pub store_timeout: Option<String>,
+
+    // --- HTTP edge: limits and timeouts (README "Limits and timeouts") ---
+    /// Longest time an idle upstream connection is kept for reuse; kept below the upstreams'
+    /// own keep-alive timeouts (gunicorn 2s, Node/uvicorn/Apache 5s), and shortened further by a
+    /// `Keep-Alive: timeout=N` response header [default: 500ms].
+    #[arg(long, env = "IDEMGATE_UPSTREAM_IDLE_TIMEOUT")]
+    pub upstream_idle_timeout: Option<String>,
+    /// Longest time for a client's request head, from the connection's start or the previous
+    /// response (so also the keep-alive idle timeout); the connection is then closed
+    /// [default: 10s].
+    #[arg(long, env = "IDEMGATE_HEADER_READ_TIMEOUT")]
+    pub header_read_timeout: Option<String>,
+    /// Longest time for a client's whole request body, from its head; then 408 [default: 30s].
+    #[arg(long, env = "IDEMGATE_BODY_READ_TIMEOUT")]
+    pub body_read_timeout: Option<String>,
+    /// Most open client connections; a connection over it gets 503 + Retry-After and is closed
+    /// [default: 10000].
+    #[arg(long, env = "IDEMGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most protected (keyed) requests in progress at once; beyond it 503 + Retry-After
+    /// [default: 4096].
+    #[arg(long, env = "IDEMGATE_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
+    /// Most bytes of protected request bodies buffered at once, over all requests; a request
+    /// that cannot reserve its body gets 503 + Retry-After [default: 256MiB].
+    #[arg(long, env = "IDEMGATE_MAX_BUFFERED_BODY_BYTES")]
+    pub max_buffered_body_bytes: Option<String>,
 }
 
 /// The `[[route]]` tables of the config file. Unset fields take the global settings.
@@ -183,6 +210,13 @@ pub struct FileConfig {
     waiter_poll_min: Option<String>,
     workers: Option<usize>,
     store_timeout: Option<String>,
+    // HTTP edge: limits and timeouts.
+    upstream_idle_timeout: Option<String>,
+    header_read_timeout: Option<String>,
+    body_read_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_concurrent_requests: Option<usize>,
+    max_buffered_body_bytes: Option<String>,
     #[serde(default)]
     route: Vec<RouteConfig>,
 }
@@ -207,6 +241,19 @@ pub struct Settings {
     pub workers: usize,
     pub routes: Routes,
     pub store_timeout: Duration,
+    // HTTP edge: limits and timeouts.
+    /// Longest idle time of a pooled upstream connection.
+    pub upstream_idle_timeout: Duration,
+    /// Longest time for a client's request head (and keep-alive idle time).
+    pub header_read_timeout: Duration,
+    /// Longest time for a client's whole request body.
+    pub body_read_timeout: Duration,
+    /// Most open client connections.
+    pub max_connections: usize,
+    /// Most protected requests in progress at once.
+    pub max_concurrent_requests: usize,
+    /// Most bytes of protected request bodies buffered at once.
+    pub max_buffered_body_bytes: usize,
 }
 
 /// Parses `250ms`, `30s`, `10m`, `24h`, `7d`, or a number of seconds.
@@ -464,7 +511,75 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
     if log_format != "text" && log_format != "json" {
         bail!("log_format must be text or json, not {log_format:?}");
     }
+    // HTTP edge: limits and timeouts.
+    let positive = |name: &str, d: Duration| -> Result<Duration> {
+        if d.is_zero() {
+            bail!("{name} must be more than zero");
+        }
+        Ok(d)
+    };
+    let at_least_one = |name: &str, n: usize| -> Result<usize> {
+        if n == 0 {
+            bail!("{name} must be at least 1");
+        }
+        Ok(n)
+    };
+    let upstream_idle_timeout = parse_duration(&pick(
+        &args.upstream_idle_timeout,
+        &file.upstream_idle_timeout,
+        "500ms",
+    ))?;
+    let header_read_timeout = positive(
+        "header_read_timeout",
+        parse_duration(&pick(
+            &args.header_read_timeout,
+            &file.header_read_timeout,
+            "10s",
+        ))?,
+    )?;
+    let body_read_timeout = positive(
+        "body_read_timeout",
+        parse_duration(&pick(
+            &args.body_read_timeout,
+            &file.body_read_timeout,
+            "30s",
+        ))?,
+    )?;
+    let max_connections = at_least_one(
+        "max_connections",
+        args.max_connections
+            .or(file.max_connections)
+            .unwrap_or(10_000),
+    )?;
+    let max_concurrent_requests = at_least_one(
+        "max_concurrent_requests",
+        args.max_concurrent_requests
+            .or(file.max_concurrent_requests)
+            .unwrap_or(4_096),
+    )?;
+    let max_buffered_body_bytes = parse_size(&pick(
+        &args.max_buffered_body_bytes,
+        &file.max_buffered_body_bytes,
+        "256MiB",
+    ))?;
+    if let Some(route) = routes
+        .iter()
+        .find(|r| r.max_request_body > max_buffered_body_bytes)
+    {
+        bail!(
+            "max_buffered_body_bytes ({max_buffered_body_bytes}) is smaller than route {:?}'s \
+             max_request_body ({}): such a request could never be buffered",
+            route.name,
+            route.max_request_body
+        );
+    }
     Ok(Settings {
+        upstream_idle_timeout,
+        header_read_timeout,
+        body_read_timeout,
+        max_connections,
+        max_concurrent_requests,
+        max_buffered_body_bytes,
         upstream,
         listen: args
             .listen
@@ -578,5 +693,31 @@ ignore_json_fields = ["/ts"]
             ..ServeArgs::default()
         };
         assert!(format!("{:#}", resolve(&args).unwrap_err()).contains("wait or reject"));
+    }
+
+    #[test]
+    fn edge_limits_have_defaults_and_are_checked() {
+        let base = ServeArgs {
+            upstream: Some("http://127.0.0.1:1".into()),
+            ..ServeArgs::default()
+        };
+        let s = resolve(&base).unwrap();
+        assert_eq!(s.upstream_idle_timeout, Duration::from_millis(500));
+        assert_eq!(s.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(s.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(s.max_connections, 10_000);
+        assert_eq!(s.max_concurrent_requests, 4_096);
+        assert_eq!(s.max_buffered_body_bytes, 256 << 20);
+        let small = ServeArgs {
+            max_buffered_body_bytes: Some("1MiB".into()),
+            ..base.clone()
+        };
+        let e = format!("{:#}", resolve(&small).unwrap_err());
+        assert!(e.contains("could never be buffered"), "{e}");
+        let zero = ServeArgs {
+            max_connections: Some(0),
+            ..base
+        };
+        assert!(format!("{:#}", resolve(&zero).unwrap_err()).contains("at least 1"));
     }
 }

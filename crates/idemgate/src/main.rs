@@ -5,6 +5,7 @@
 
 mod admin;
 mod config;
+mod edge;
 mod keys;
 mod serve;
 mod store;
@@ -59,6 +60,29 @@ fn init_logs(json: bool) {
     }
 }
 
+/// Raises the soft limit of open file descriptors to the hard limit (services often inherit a
+/// soft limit of 1024, too few for a proxy: each connection takes one, and its upstream connection
+/// another), and logs the result.
+fn raise_fd_limit() {
+    let before = rlimit::Resource::NOFILE.get();
+    match (before, rlimit::increase_nofile_limit(u64::MAX)) {
+        (Ok((soft, hard)), Ok(now)) if now > soft => {
+            tracing::info!(
+                fd_limit = now,
+                was = soft,
+                hard,
+                "raised the file descriptor limit"
+            );
+        }
+        (Ok((soft, hard)), Ok(_)) => {
+            tracing::info!(fd_limit = soft, hard, "file descriptor limit");
+        }
+        (_, Err(e)) | (Err(e), _) => {
+            tracing::warn!(error = %e, "could not read or raise the file descriptor limit");
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -68,6 +92,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => {
             let settings = config::resolve(&args)?;
             init_logs(settings.json_logs);
+            raise_fd_limit();
             runtime.block_on(serve::run(settings))
         }
         Command::Keys { admin, command } => runtime.block_on(keys::run(&admin, command)),

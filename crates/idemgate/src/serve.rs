@@ -6,12 +6,16 @@ use anyhow::{Context, Result};
 use idemgate_core::Engine;
 use idemgate_core::sweeper::spawn_sweeper;
 use idemgate_tower::IdempotencyLayer;
+use idemgate_tower::body::BodyBudget;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState};
 use crate::config::Settings;
 use crate::store;
+use crate::edge::Connections;
+
+use crate::upstream::UpstreamConfig;
 use crate::workers::{WorkerPlan, Workers};
 use idemgate_core::SharedStore;
 use idemgate_core::cache::CachedStore;
@@ -101,6 +105,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         .routes(settings.routes.clone())
         .namespace(settings.namespace.clone())
         .response_timeout(settings.response_timeout)
+        .max_concurrent_requests(settings.max_concurrent_requests)
+        .body_budget(BodyBudget::new(settings.max_buffered_body_bytes))
         .build();
 
     let listener = TcpListener::bind(settings.listen)
@@ -115,6 +121,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         workers = settings.workers,
         "idemgate listening"
     );
+    check_fd_limit(settings.max_connections);
 
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let admin_app = admin::router(AdminState {
@@ -139,12 +146,20 @@ pub async fn run(settings: Settings) -> Result<()> {
         settings.workers,
         &WorkerPlan {
             layer,
-            upstream: settings.upstream.clone(),
-            connect_timeout: settings.connect_timeout,
+            upstream: UpstreamConfig {
+                base: settings.upstream.clone(),
+                connect_timeout: settings.connect_timeout,
+                idle_timeout: settings.upstream_idle_timeout,
+                response_timeout: settings.response_timeout,
+            },
+            header_read_timeout: settings.header_read_timeout,
+            body_read_timeout: settings.body_read_timeout,
             engine: engine.clone(),
             drain_timeout: settings.drain_timeout,
         },
     )?;
+    let connections = Connections::new(settings.max_connections);
+    let mut backoff = AcceptBackoff::default();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         tokio::select! {
@@ -152,13 +167,21 @@ pub async fn run(settings: Settings) -> Result<()> {
                 let stream = match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
-                        // Out of file descriptors and the like: keep serving the others.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
+                        // Out of file descriptors and the like: keep serving the connections
+                        // already open, and try again after a growing pause (no busy loop, and
+                        // at most about one log line a second).
+                        let pause = backoff.failed(&e);
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => continue,
+                            _ = &mut shutdown => break,
+                        }
                     }
                 };
-                workers.hand_over(stream).await;
+                backoff.succeeded();
+                match connections.try_open() {
+                    Some(slot) => workers.hand_over(stream, slot).await,
+                    None => connections.reject(stream),
+                }
             }
             _ = &mut shutdown => break,
         }
@@ -185,4 +208,75 @@ pub async fn run(settings: Settings) -> Result<()> {
     follower.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The acceptor's pause after failures (out of file descriptors, out of memory, ...): 10 ms,
+/// doubling up to 1 s, back to nothing after a success. Logs at most one warning a second, with
+/// the number of failures since the last one.
+struct AcceptBackoff {
+    pause: Duration,
+    failures: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        Self {
+            pause: Duration::ZERO,
+            failures: 0,
+            last_log: None,
+        }
+    }
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// Records a failure; returns how long to pause before accepting again.
+    fn failed(&mut self, e: &std::io::Error) -> Duration {
+        let reason = match e.raw_os_error() {
+            Some(23 | 24) => "fd_exhausted", // ENFILE, EMFILE
+            Some(12 | 105) => "memory",      // ENOMEM, ENOBUFS
+            _ => "other",
+        };
+        metrics::counter!("idemgate_accept_errors_total", "reason" => reason).increment(1);
+        self.failures += 1;
+        self.pause = (self.pause * 2).clamp(Self::FIRST, Self::MAX);
+        let now = std::time::Instant::now();
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_log = Some(now);
+            tracing::warn!(
+                error = %e,
+                failures = self.failures,
+                pause = ?self.pause,
+                "accept failed; serving the open connections and accepting again after a pause"
+            );
+            self.failures = 0;
+        }
+        self.pause
+    }
+
+    fn succeeded(&mut self) {
+        self.pause = Duration::ZERO;
+    }
+}
+
+/// Warns when the file descriptor limit cannot hold `max_connections` client connections plus
+/// room for upstream connections and files.
+fn check_fd_limit(max_connections: usize) {
+    if let Ok((soft, _)) = rlimit::Resource::NOFILE.get() {
+        let needed = (max_connections as u64).saturating_add(1024);
+        if soft < needed {
+            tracing::warn!(
+                fd_limit = soft,
+                max_connections,
+                "the file descriptor limit is below max_connections + 1024 (upstream connections \
+                 and files need some too); past it, accepting pauses until descriptors are free"
+            );
+        }
+    }
 }

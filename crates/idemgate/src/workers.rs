@@ -5,13 +5,17 @@
 //! on the hot path. The engine, store and caches are shared by all workers.
 //!
 //! Bounds: each worker's hand-over queue holds [`QUEUE`] accepted connections; when it is full,
-//! the acceptor waits, and new connections wait in the kernel's listen backlog.
+//! the acceptor waits, and new connections wait in the kernel's listen backlog. Every connection
+//! holds a [`Slot`] of `--max-connections` until it closes; a connection must send its request
+//! head within `--header-read-timeout` (also the keep-alive idle timeout: hyper starts that timer
+//! as soon as a connection waits for its next request), and its request body within
+//! `--body-read-timeout`.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -19,7 +23,8 @@ use idemgate_core::{Engine, SharedStore};
 use idemgate_tower::IdempotencyLayer;
 use tokio::sync::{mpsc, watch};
 
-use crate::upstream::Upstream;
+use crate::edge::{Edge, FirstBytes, Slot, is_header_timeout, limit_rejection};
+use crate::upstream::{Upstream, UpstreamConfig};
 
 /// Accepted connections a worker's queue holds before the acceptor waits.
 pub const QUEUE: usize = 1024;
@@ -29,10 +34,12 @@ pub const QUEUE: usize = 1024;
 pub struct WorkerPlan {
     /// The idempotency layer (shared engine and store).
     pub layer: IdempotencyLayer<SharedStore>,
-    /// The upstream base URL; each worker keeps its own connection pool to it.
-    pub upstream: http::Uri,
-    /// Upstream connect timeout.
-    pub connect_timeout: Duration,
+    /// The upstream; each worker keeps its own connection pool to it.
+    pub upstream: UpstreamConfig,
+    /// Longest time for a client's request head (and a keep-alive connection's idle time).
+    pub header_read_timeout: Duration,
+    /// Longest time for a client's whole request body, from its head.
+    pub body_read_timeout: Duration,
     /// The engine, to wait for operations still being recorded when draining.
     pub engine: Engine<SharedStore>,
     /// How long a drain may take.
@@ -41,7 +48,7 @@ pub struct WorkerPlan {
 
 /// The running workers.
 pub struct Workers {
-    queues: Vec<mpsc::Sender<std::net::TcpStream>>,
+    queues: Vec<mpsc::Sender<(std::net::TcpStream, Slot)>>,
     next: usize,
     threads: Vec<std::thread::JoinHandle<()>>,
     stop: watch::Sender<bool>,
@@ -77,7 +84,7 @@ impl Workers {
     }
 
     /// Hands an accepted connection to the next worker (waiting while its queue is full).
-    pub async fn hand_over(&mut self, stream: tokio::net::TcpStream) {
+    pub async fn hand_over(&mut self, stream: tokio::net::TcpStream, slot: Slot) {
         let _ = stream.set_nodelay(true);
         let stream = match stream.into_std() {
             Ok(stream) => stream,
@@ -88,7 +95,7 @@ impl Workers {
         };
         let queue = &self.queues[self.next % self.queues.len()];
         self.next = self.next.wrapping_add(1);
-        if queue.send(stream).await.is_err() {
+        if queue.send((stream, slot)).await.is_err() {
             tracing::error!("a proxy worker has stopped; connection closed");
         }
     }
@@ -112,18 +119,25 @@ impl Workers {
 /// One worker: serves connections until told to stop, then drains.
 async fn serve_connections(
     plan: WorkerPlan,
-    mut queue: mpsc::Receiver<std::net::TcpStream>,
+    mut queue: mpsc::Receiver<(std::net::TcpStream, Slot)>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let service = tower::ServiceBuilder::new()
-        .layer(plan.layer.clone())
-        .service(Upstream::new(plan.upstream.clone(), plan.connect_timeout));
+    let service = Edge::new(
+        tower::ServiceBuilder::new()
+            .layer(plan.layer.clone())
+            .service(Upstream::new(plan.upstream.clone())),
+        plan.body_read_timeout,
+    );
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(plan.header_read_timeout);
     loop {
         tokio::select! {
             stream = queue.recv() => {
-                let Some(stream) = stream else { break };
+                let Some((stream, slot)) = stream else { break };
                 let stream = match tokio::net::TcpStream::from_std(stream) {
                     Ok(stream) => stream,
                     Err(e) => {
@@ -132,10 +146,16 @@ async fn serve_connections(
                     }
                 };
                 let svc = TowerToHyperService::new(service.clone());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let io = TokioIo::new(FirstBytes::new(stream, plan.header_read_timeout));
+                let conn = builder.serve_connection_with_upgrades(io, svc);
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = conn.await {
+                        // FirstBytes counts its own timeouts; hyper's show as `hyper::Error`.
+                        if is_header_timeout(e.as_ref()) {
+                            limit_rejection("header_read_timeout");
+                        }
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });

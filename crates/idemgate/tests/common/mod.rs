@@ -93,10 +93,44 @@ impl Proxy {
         panic!("idemgate could not bind free ports five times");
     }
 
+    /// Like [`Proxy::start`], run by `sh -c "PREFIX; exec idemgate ..."` (e.g. `ulimit -n 64`).
+    pub fn start_in_shell(upstream: &str, store: &str, args: &[&str], prefix: &str) -> Self {
+        for _ in 0..5 {
+            if let Some(proxy) = Self::try_start_in(upstream, store, args, &[], Some(prefix)) {
+                return proxy;
+            }
+        }
+        panic!("idemgate could not bind free ports five times");
+    }
+
     fn try_start(upstream: &str, store: &str, args: &[&str], env: &[(&str, &str)]) -> Option<Self> {
+        Self::try_start_in(upstream, store, args, env, None)
+    }
+
+    fn try_start_in(
+        upstream: &str,
+        store: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        shell_prefix: Option<&str>,
+    ) -> Option<Self> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        // IDEMGATE_TEST_BIN runs the tests against another build (e.g. to see a regression test
+        // fail on the code before a fix).
+        let bin = std::env::var("IDEMGATE_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_idemgate").to_owned());
+        let mut command = match shell_prefix {
+            None => Command::new(&bin),
+            Some(prefix) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("{prefix}; exec \"$0\" \"$@\""))
+                    .arg(&bin);
+                c
+            }
+        };
+        let mut child = command
             .arg("serve")
             .args(["--upstream", upstream, "--store", store])
             .args([
