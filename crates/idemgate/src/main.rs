@@ -8,7 +8,6 @@ mod config;
 mod edge;
 mod keys;
 mod serve;
-mod store;
 mod upstream;
 mod workers;
 

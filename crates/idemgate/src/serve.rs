@@ -12,13 +12,10 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState};
 use crate::config::Settings;
-use crate::store;
 use crate::edge::Connections;
 
 use crate::upstream::UpstreamConfig;
 use crate::workers::{WorkerPlan, Workers};
-use idemgate_core::SharedStore;
-use idemgate_core::cache::CachedStore;
 
 const LATENCY_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -57,38 +54,35 @@ pub async fn run(settings: Settings) -> Result<()> {
         .context("configuring metrics")?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let store::Opened {
-        store: shared,
-        warnings,
-        feed,
-    } = store::open(&settings.store).await?;
+    let opened = idemgate_stores::open(&settings.store)
+        .await
+        .with_context(|| {
+            format!(
+                "opening the store {}",
+                idemgate_stores::redact(&settings.store)
+            )
+        })?;
     let strict = settings
         .routes
         .iter()
         .any(|r| r.engine.recovery == idemgate_core::engine::Recovery::Strict);
-    for w in &warnings {
-        tracing::warn!(store = %store::redact(&settings.store), "{w}; duplicates become possible (PRODUCT G1)");
+    for w in &opened.warnings {
+        tracing::warn!(store = %idemgate_stores::redact(&settings.store), "{w}; duplicates become possible (PRODUCT G1)");
     }
-    if strict && !warnings.is_empty() {
+    if strict && !opened.warnings.is_empty() {
         anyhow::bail!(
             "refusing to start: recovery = strict needs a store that keeps acknowledged writes, \
              and this one may not: {}",
-            warnings.join("; ")
+            opened.warnings.join("; ")
         );
     }
-    // Shared stores get a local cache of completed records: replays then cost no round trip.
-    // The latency histograms sit below the cache, so they count real store round trips only.
-    let shared_store =
-        settings.store.starts_with("redis") || settings.store.starts_with("postgres");
-    let store = if shared_store && settings.replay_cache_entries > 0 {
-        SharedStore::new(
-            CachedStore::builder(store::instrumented(shared, settings.store_timeout))
-                .capacity(settings.replay_cache_entries)
-                .build(),
-        )
-    } else {
-        SharedStore::new(store::instrumented(shared, settings.store_timeout))
-    };
+    // A deadline and metrics on every operation; shared stores also get a local cache of
+    // completed records (replays then cost no round trip), above the metrics so that the
+    // latency histograms count real store round trips only.
+    let (store, feed) = opened.stack(&idemgate_stores::StackOptions {
+        deadline: settings.store_timeout,
+        replay_cache_entries: settings.replay_cache_entries,
+    });
     let engine = Engine::builder(store.clone())
         .lease_ttl(settings.lease_ttl)
         .max_waiters(settings.max_waiters)
@@ -100,7 +94,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         ))
         .build();
     let sweeper = spawn_sweeper(store.clone(), Duration::from_secs(30), 1_000);
-    let follower = tokio::spawn(store::follow(feed, engine.clone()));
+    let follower = tokio::spawn(idemgate_stores::follow(feed, engine.clone()));
     let layer = IdempotencyLayer::builder(engine.clone())
         .routes(settings.routes.clone())
         .namespace(settings.namespace.clone())
@@ -117,7 +111,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         .with_context(|| format!("binding the admin listener {}", settings.admin_listen))?;
     tracing::info!(
         proxy = %settings.listen, admin = %settings.admin_listen,
-        upstream = %settings.upstream, store = %store::redact(&settings.store),
+        upstream = %settings.upstream, store = %idemgate_stores::redact(&settings.store),
         workers = settings.workers,
         "idemgate listening"
     );

@@ -1,0 +1,271 @@
+//! # idemgate-stores
+//!
+//! The store wiring that `idemgate serve` uses, public so that a tower user gets the same: a
+//! store from a URL, the feed of completions announced by other instances, a local replay cache
+//! in front of shared stores, and a deadline plus metrics around every store operation.
+//!
+//! ## Overview
+//!
+//! - [`open`] parses a store URL ([`StoreUrl`]) and connects: `memory://[?max_records=N&max_bytes=SIZE]`,
+//!   `file:DIR` (feature `redb`), `redis://HOST:PORT[/DB]`, `redis+cluster://H1:P1,H2:P2,…`
+//!   (feature `redis`), `postgres://USER@HOST:PORT/DB` (feature `postgres`). The [`Opened`] store
+//!   says whether it is shared between instances and why it may lose acknowledged writes.
+//! - [`Opened::stack`] puts the [`Instrumentation`] hook (deadline, latency histogram, error
+//!   counter) and, for a shared store, the replay cache in front of it: the store an
+//!   [`Engine`](idemgate_core::Engine) should run on.
+//! - [`follow`] wakes an engine's waiters when another instance finishes a key.
+//!
+//! ## Example
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use std::time::Duration;
+//! use idemgate_core::Engine;
+//! use idemgate_stores::{StackOptions, follow, open};
+//!
+//! let opened = open("memory://?max_records=1000").await?;
+//! assert!(!opened.shared && opened.warnings.is_empty());
+//! let (store, feed) = opened.stack(&StackOptions {
+//!     deadline: Duration::from_secs(3),
+//!     replay_cache_entries: 100_000,
+//! });
+//! let engine = Engine::builder(store).build();
+//! tokio::spawn(follow(feed, engine.clone())); // returns at once: nothing to follow in memory
+//! # Ok::<(), idemgate_core::StoreError>(())
+//! # }).unwrap();
+//! ```
+//!
+//! ## Guarantees
+//!
+//! Those of the store opened (the [`Store`](idemgate_core::Store) contract), plus: every
+//! operation through [`Opened::stack`] answers within its deadline (a `Timeout` error after it;
+//! a write that timed out may still have been applied, which the contract already allows). The
+//! replay cache holds completed records only, and a record deleted through another instance may
+//! still be replayed here for at most 30 s.
+//!
+//! ## Feature flags
+//!
+//! - `redb` (default): `file:` URLs.
+//! - `redis`: `redis://` and `redis+cluster://` URLs and their pub/sub completion feed.
+//! - `postgres`: `postgres://` URLs and their `LISTEN/NOTIFY` completion feed.
+//!
+//! Without a backend's feature its URLs are refused with a `Config` error that names the
+//! feature. `memory://` is always there.
+//!
+//! ## Errors
+//!
+//! [`open`] returns [`StoreError`]s: `Config` for a URL it cannot use (the message says why),
+//! the backend's own kinds (`Unavailable`, `Timeout`, …) for a server it cannot reach.
+
+mod instrument;
+mod url;
+
+use std::time::Duration;
+
+use idemgate_core::cache::CachedStore;
+use idemgate_core::{ErrorKind, SharedStore, Store, StoreError};
+
+pub use instrument::{Instrumentation, Instrumented, instrumented};
+pub use url::{StoreUrl, redact};
+
+/// Where completions by other instances are announced, if anywhere.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum Feed {
+    /// A single-process store: nothing to hear.
+    None,
+    /// Redis pub/sub.
+    #[cfg(feature = "redis")]
+    Redis(idemgate_store_redis::RedisStore),
+    /// PostgreSQL `LISTEN/NOTIFY` (the URL for a dedicated connection).
+    #[cfg(feature = "postgres")]
+    Postgres(String),
+}
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Feed::None => f.write_str("Feed::None"),
+            #[cfg(feature = "redis")]
+            Feed::Redis(_) => f.write_str("Feed::Redis"),
+            #[cfg(feature = "postgres")]
+            Feed::Postgres(_) => f.write_str("Feed::Postgres"),
+        }
+    }
+}
+
+/// An opened store, before [`stack`](Opened::stack).
+#[derive(Debug)]
+pub struct Opened {
+    /// The store itself.
+    pub store: SharedStore,
+    /// Reasons it may lose acknowledged writes (which weakens G1); empty for memory and file.
+    pub warnings: Vec<String>,
+    /// Whether several instances share it (Redis, PostgreSQL): a local replay cache then saves
+    /// round trips, and a namespace must keep services apart.
+    pub shared: bool,
+    /// Its completion feed.
+    pub feed: Feed,
+}
+
+/// How [`Opened::stack`] wraps a store.
+#[derive(Clone, Debug)]
+pub struct StackOptions {
+    /// Deadline of every store operation.
+    pub deadline: Duration,
+    /// Completed records cached in front of a shared store (0: no cache). Ignored for stores
+    /// that are not shared (a cache would only duplicate them).
+    pub replay_cache_entries: usize,
+}
+
+impl Opened {
+    fn new(store: impl Store, warnings: Vec<String>, shared: bool, feed: Feed) -> Self {
+        Self {
+            store: SharedStore::new(store),
+            warnings,
+            shared,
+            feed,
+        }
+    }
+
+    /// The store to run an engine on: the deadline and metrics hook, and for a shared store the
+    /// replay cache in front of it (so the latency histograms count real round trips only).
+    /// Also hands back the completion feed for [`follow`].
+    pub fn stack(self, options: &StackOptions) -> (SharedStore, Feed) {
+        let timed = instrumented(self.store, options.deadline);
+        let store = if self.shared && options.replay_cache_entries > 0 {
+            SharedStore::new(
+                CachedStore::builder(timed)
+                    .capacity(options.replay_cache_entries)
+                    .build(),
+            )
+        } else {
+            SharedStore::new(timed)
+        };
+        (store, self.feed)
+    }
+}
+
+/// Opens the store named by `url` (see the crate docs for the forms).
+pub async fn open(url: &str) -> Result<Opened, StoreError> {
+    match StoreUrl::parse(url)? {
+        StoreUrl::Memory {
+            max_records,
+            max_bytes,
+        } => {
+            let mut builder = idemgate_core::MemoryStore::builder();
+            if let Some(n) = max_records {
+                builder = builder.max_records(n);
+            }
+            if let Some(n) = max_bytes {
+                builder = builder.max_bytes(n);
+            }
+            Ok(Opened::new(builder.build(), Vec::new(), false, Feed::None))
+        }
+        StoreUrl::File { dir } => open_file(&dir),
+        StoreUrl::Redis { url } => open_redis(&url, None).await,
+        StoreUrl::RedisCluster { nodes } => open_redis(url, Some(&nodes)).await,
+        StoreUrl::Postgres { url } => open_postgres(&url).await,
+    }
+}
+
+#[cfg(not(all(feature = "redb", feature = "redis", feature = "postgres")))]
+fn missing_feature(feature: &str) -> StoreError {
+    StoreError::new(
+        ErrorKind::Config,
+        format!("this build has no {feature} store (cargo feature `{feature}` of idemgate-stores)"),
+    )
+}
+
+#[cfg(feature = "redb")]
+fn open_file(dir: &std::path::Path) -> Result<Opened, StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        StoreError::new(
+            ErrorKind::Config,
+            format!("creating store directory {}", dir.display()),
+        )
+        .with_source(e)
+    })?;
+    let store = idemgate_store_redb::RedbStore::open(dir.join("idemgate.redb"))?;
+    Ok(Opened::new(store, Vec::new(), false, Feed::None))
+}
+
+#[cfg(not(feature = "redb"))]
+fn open_file(_dir: &std::path::Path) -> Result<Opened, StoreError> {
+    Err(missing_feature("redb"))
+}
+
+#[cfg(feature = "redis")]
+async fn open_redis(url: &str, cluster: Option<&[String]>) -> Result<Opened, StoreError> {
+    let store = match cluster {
+        Some(nodes) => idemgate_store_redis::RedisStore::connect_cluster(nodes).await?,
+        None => idemgate_store_redis::RedisStore::connect(url).await?,
+    };
+    let warnings = store.durability_warnings().await?;
+    Ok(Opened::new(
+        store.clone(),
+        warnings,
+        true,
+        Feed::Redis(store),
+    ))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn open_redis(_url: &str, _cluster: Option<&[String]>) -> Result<Opened, StoreError> {
+    Err(missing_feature("redis"))
+}
+
+#[cfg(feature = "postgres")]
+async fn open_postgres(url: &str) -> Result<Opened, StoreError> {
+    let store = idemgate_store_postgres::PostgresStore::connect(url).await?;
+    let warnings = store.durability_warnings().await?;
+    Ok(Opened::new(
+        store,
+        warnings,
+        true,
+        Feed::Postgres(url.to_owned()),
+    ))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_url: &str) -> Result<Opened, StoreError> {
+    Err(missing_feature("postgres"))
+}
+
+/// Wakes `engine`'s waiters whenever another instance finishes a key, reconnecting (after 1 s)
+/// whenever the feed breaks. Waiters poll meanwhile, so a broken feed costs latency, not safety.
+/// Returns at once for [`Feed::None`].
+pub async fn follow<S: Store>(feed: Feed, engine: idemgate_core::Engine<S>) {
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    loop {
+        use futures_util::StreamExt;
+        use idemgate_core::StoreKey;
+        let stream: Result<futures_util::stream::BoxStream<'static, StoreKey>, StoreError> =
+            match &feed {
+                Feed::None => return,
+                #[cfg(feature = "redis")]
+                Feed::Redis(store) => store.completions().await.map(|s| s.boxed()),
+                #[cfg(feature = "postgres")]
+                Feed::Postgres(url) => idemgate_store_postgres::PostgresStore::completions(url)
+                    .await
+                    .map(|s| s.boxed()),
+            };
+        match stream {
+            Ok(mut keys) => {
+                tracing::info!("following completions announced by other instances");
+                while let Some(key) = keys.next().await {
+                    engine.wake(&key);
+                }
+                tracing::warn!("completion feed ended; reconnecting");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow completions; waiters poll meanwhile")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    #[cfg(not(any(feature = "redis", feature = "postgres")))]
+    {
+        let _ = (feed, engine);
+    }
+}

@@ -1,0 +1,233 @@
+//! Store URLs: parsing (no connecting) and redaction for logs.
+
+use std::path::PathBuf;
+
+use idemgate_core::{ErrorKind, StoreError};
+
+/// A parsed store URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreUrl {
+    /// `memory://[?max_records=N&max_bytes=SIZE]` (defaults 1,000,000 records and 1GiB).
+    Memory {
+        /// `max_records`, if given.
+        max_records: Option<usize>,
+        /// `max_bytes`, if given.
+        max_bytes: Option<usize>,
+    },
+    /// `file:DIR` or `file://DIR`: the redb database `DIR/idemgate.redb`.
+    File {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// `redis://HOST:PORT[/DB]` (also `rediss://`).
+    Redis {
+        /// The URL as given.
+        url: String,
+    },
+    /// `redis+cluster://H1:P1,H2:P2,…`.
+    RedisCluster {
+        /// One `redis://HOST:PORT` URL per node given.
+        nodes: Vec<String>,
+    },
+    /// `postgres://USER@HOST:PORT/DB` (also `postgresql://`).
+    Postgres {
+        /// The URL as given.
+        url: String,
+    },
+}
+
+fn config(msg: String) -> StoreError {
+    StoreError::new(ErrorKind::Config, msg)
+}
+
+impl StoreUrl {
+    /// Parses `url`; a `Config` error says what is wrong with it.
+    pub fn parse(url: &str) -> Result<Self, StoreError> {
+        if let Some(list) = url.strip_prefix("redis+cluster://") {
+            let nodes: Vec<String> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(|n| format!("redis://{n}"))
+                .collect();
+            if nodes.is_empty() {
+                return Err(config(
+                    "redis+cluster:// needs at least one node, e.g. redis+cluster://h1:7000,h2:7001"
+                        .into(),
+                ));
+            }
+            return Ok(StoreUrl::RedisCluster { nodes });
+        }
+        if url.starts_with("redis://") || url.starts_with("rediss://") {
+            return Ok(StoreUrl::Redis { url: url.into() });
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres { url: url.into() });
+        }
+        if let Some(rest) = url
+            .strip_prefix("memory://")
+            .or_else(|| url.strip_prefix("memory:"))
+        {
+            return memory(rest);
+        }
+        if let Some(path) = url.strip_prefix("file:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(config(
+                    "file: store URL needs a path, e.g. file:./idemgate-data".into(),
+                ));
+            }
+            return Ok(StoreUrl::File { dir: path.into() });
+        }
+        Err(config(format!(
+            "unsupported store URL {:?}: use memory://, file:DIR, redis://HOST:PORT, \
+             redis+cluster://H1:P1,H2:P2 or postgres://USER@HOST/DB",
+            redact(url)
+        )))
+    }
+
+    /// Whether several instances can share this store (and so need distinct namespaces).
+    pub fn is_shared(&self) -> bool {
+        matches!(
+            self,
+            StoreUrl::Redis { .. } | StoreUrl::RedisCluster { .. } | StoreUrl::Postgres { .. }
+        )
+    }
+}
+
+/// `?max_records=N&max_bytes=SIZE` of a memory URL.
+fn memory(rest: &str) -> Result<StoreUrl, StoreError> {
+    let query = match rest.strip_prefix('?') {
+        Some(q) => q,
+        None if rest.is_empty() => "",
+        None => {
+            return Err(config(format!(
+                "memory:// takes no path, only ?max_records=N&max_bytes=SIZE, got {rest:?}"
+            )));
+        }
+    };
+    let (mut max_records, mut max_bytes) = (None, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let Some((name, value)) = pair.split_once('=') else {
+            return Err(config(format!("memory:// option {pair:?} needs a value")));
+        };
+        match name {
+            "max_records" => {
+                let n: usize = value.parse().map_err(|_| {
+                    config(format!("memory:// max_records {value:?} is not a number"))
+                })?;
+                if n == 0 {
+                    return Err(config("memory:// max_records must be at least 1".into()));
+                }
+                max_records = Some(n);
+            }
+            "max_bytes" => {
+                let n = size(value).ok_or_else(|| {
+                    config(format!(
+                        "memory:// max_bytes {value:?} is not a size (e.g. 512MiB)"
+                    ))
+                })?;
+                if n < 1 << 20 {
+                    return Err(config(format!(
+                        "memory:// max_bytes must be at least 1MiB, got {value:?}"
+                    )));
+                }
+                max_bytes = Some(n);
+            }
+            other => {
+                return Err(config(format!(
+                    "unknown memory:// option {other:?} (use max_records or max_bytes)"
+                )));
+            }
+        }
+    }
+    Ok(StoreUrl::Memory {
+        max_records,
+        max_bytes,
+    })
+}
+
+/// `1048576`, `512KiB`, `8MiB`, `1GiB` (and KB/MB/GB as powers of 1000).
+fn size(s: &str) -> Option<usize> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().ok()?;
+    let mult = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// The URL without its password, for logs and messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_the_logs() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(
+            redact("redis://:pw@127.0.0.1:6379"),
+            "redis://:***@127.0.0.1:6379"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("file:./data"), "file:./data");
+    }
+
+    #[test]
+    fn urls_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            StoreUrl::parse("memory://?max_records=5&max_bytes=2MiB").ok(),
+            Some(StoreUrl::Memory {
+                max_records: Some(5),
+                max_bytes: Some(2 << 20)
+            })
+        );
+        assert_eq!(
+            StoreUrl::parse("redis+cluster://a:1, b:2").ok(),
+            Some(StoreUrl::RedisCluster {
+                nodes: vec!["redis://a:1".into(), "redis://b:2".into()]
+            })
+        );
+        assert!(StoreUrl::parse("postgres://u@h/db").is_ok_and(|u| u.is_shared()));
+        assert!(StoreUrl::parse("file:x").is_ok_and(|u| !u.is_shared()));
+        for (bad, why) in [
+            ("memory://?max_records=lots", "max_records"),
+            ("memory://?max_bytes=1KiB", "at least 1MiB"),
+            ("memory://?colour=blue", "unknown memory:// option"),
+            ("file:", "needs a path"),
+            ("redis+cluster://", "at least one node"),
+            ("mysql://u:pw@h/db", "unsupported"),
+        ] {
+            let err = StoreUrl::parse(bad).expect_err(bad);
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(err.message().contains(why), "{bad}: {err}");
+            assert!(!err.message().contains("pw@"), "{err}");
+        }
+    }
+}
