@@ -180,6 +180,8 @@ fn strict_mode_refuses_a_redis_that_may_lose_writes() {
             &url,
             "--recovery",
             "strict",
+            "--namespace",
+            common::TEST_NAMESPACE,
         ])
         .args(["--listen", &format!("127.0.0.1:{}", common::free_port())])
         .args([

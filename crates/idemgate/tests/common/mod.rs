@@ -60,6 +60,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The namespace the tests' instances use on Redis and PostgreSQL.
+pub const TEST_NAMESPACE: &str = "idemgate-tests";
+
+/// Whether `idemgate serve` counts `store` as shared (and so needs an explicit namespace).
+pub fn shared_store(store: &str) -> bool {
+    store.starts_with("redis") || store.starts_with("postgres")
+}
+
 /// `idemgate serve` as a child process.
 pub struct Proxy {
     pub child: Child,
@@ -71,7 +79,8 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts the proxy with `args` after `serve`, on fresh ports, and waits until it logs that it
-    /// listens.
+    /// listens. On a shared store (Redis, PostgreSQL), which refuses to start without a namespace,
+    /// the namespace is [`TEST_NAMESPACE`] unless `args` or the environment set one.
     pub fn start(upstream: &str, store: &str, args: &[&str]) -> Self {
         Self::start_with_env(upstream, store, args, &[])
     }
@@ -107,6 +116,7 @@ impl Proxy {
             ])
             .args(args)
             .env("IDEMGATE_LOG", "info")
+            .envs(shared_store(store).then_some(("IDEMGATE_NAMESPACE", TEST_NAMESPACE)))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
