@@ -68,6 +68,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => {
             let settings = config::resolve(&args)?;
             init_logs(settings.json_logs);
+            settings.warn_at_start_up();
             runtime.block_on(serve::run(settings))
         }
         Command::Keys { admin, command } => runtime.block_on(keys::run(&admin, command)),
