@@ -102,15 +102,6 @@ fn refused_with_env(args: &[&str], env: &[(&str, &str)]) -> String {
     stderr
 }
 
-/// A config file holding `text` (kept as long as the returned directory).
-fn config_file(text: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("idemgate.toml");
-    std::fs::write(&path, text).unwrap();
-    let path = path.to_str().unwrap().to_owned();
-    (dir, path)
-}
-
 #[test]
 fn bad_settings_stop_the_binary_with_a_reason() {
     let err = refused(&["--ttl", "soon"]);
@@ -187,7 +178,7 @@ fn absurd_route_values_stop_the_binary_naming_the_route() {
             "scope_headers in route \"pay\": \"x tenant\" is not a valid HTTP header name",
         ),
     ] {
-        let (_dir, path) = config_file(&format!(
+        let (_dir, path) = common::config_file(&format!(
             "[[route]]\nname = \"pay\"\npath = \"/pay/**\"\n{field} = {value}\n"
         ));
         let err = refused(&["--config", &path]);
@@ -210,7 +201,8 @@ fn an_invalid_header_name_stops_the_binary_naming_the_option() {
             "{flag}: {err}"
         );
     }
-    let (_dir, path) = config_file("fingerprint_headers = [\"content-type\", \"x:amount\"]\n");
+    let (_dir, path) =
+        common::config_file("fingerprint_headers = [\"content-type\", \"x:amount\"]\n");
     let err = refused(&["--config", &path]);
     assert!(
         err.contains(&format!("fingerprint_headers in {path}: \"x:amount\"")),
@@ -257,33 +249,21 @@ async fn services_with_their_own_namespaces_share_a_store_without_sharing_record
     ];
     for store in stores.into_iter().flatten() {
         let up = Upstream::start().await;
-        let run = format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        );
-        let (ns_a, ns_b) = (format!("orders-{run}"), format!("billing-{run}"));
-        let a = Proxy::start(&up.url(), &store, &["--namespace", &ns_a]);
-        let b = Proxy::start_with_env(&up.url(), &store, &[], &[("IDEMGATE_NAMESPACE", &ns_b)]);
+        let (ns_a, ns_b) = (common::unique("orders"), common::unique("billing"));
+        let a = Proxy::start(&up.url(), &store, &["--namespace", ns_a]);
+        let b = Proxy::start_with_env(&up.url(), &store, &[], &[("IDEMGATE_NAMESPACE", ns_b)]);
         let http = Http::default();
-        let key = format!("ns-{run}");
-        let first = http.post(&a.url("/pay"), Some(&key), b"{}").await;
-        let other = http.post(&b.url("/pay"), Some(&key), b"{}").await;
+        let key = common::unique("ns");
+        let first = http.post(&a.url("/pay"), Some(key), b"{}").await;
+        let other = http.post(&b.url("/pay"), Some(key), b"{}").await;
         assert_eq!(first.status, StatusCode::CREATED);
         assert_eq!(other.status, StatusCode::CREATED);
         assert!(
             !other.replayed(),
             "{store}: service B got service A's response"
         );
-        assert_eq!(up.state.executions_of(&key), 2, "{store}");
-        assert!(
-            http.post(&a.url("/pay"), Some(&key), b"{}")
-                .await
-                .replayed()
-        );
+        assert_eq!(up.state.executions_of(key), 2, "{store}");
+        assert!(http.post(&a.url("/pay"), Some(key), b"{}").await.replayed());
     }
 }
 

@@ -11,15 +11,6 @@ mod common;
 use common::{Answer, Http, Proxy, Upstream};
 use http::{HeaderValue, Method, StatusCode};
 
-/// A config file holding `text` (kept as long as the returned directory).
-fn config_file(text: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("idemgate.toml");
-    std::fs::write(&path, text).unwrap();
-    let path = path.to_str().unwrap().to_owned();
-    (dir, path)
-}
-
 /// `POST /pay` with `key`, the shared `Authorization` and `tenant` as `X-Tenant-Id`.
 async fn pay(http: &Http, proxy: &Proxy, key: &str, tenant: &'static str) -> Answer {
     let headers = [
@@ -89,7 +80,7 @@ async fn scope_headers_with_spaces_keep_tenants_apart_from_the_config_file() {
     let route = "[[route]]\nname = \"pay\"\npath = \"/pay\"\n\
                  scope_headers = [\"authorization\", \"x-tenant-id \"]\n";
     for (i, text) in [global, route].into_iter().enumerate() {
-        let (_dir, path) = config_file(text);
+        let (_dir, path) = common::config_file(text);
         let proxy = Proxy::start(&up.url(), "memory://", &["--config", &path]);
         tenants_stay_apart(&up, &proxy, &format!("file-{i}")).await;
     }
@@ -174,7 +165,7 @@ async fn a_scope_without_credential_headers_is_warned_about_once_per_route() {
     let proxy = Proxy::start(&up.url(), "memory://", &[]);
     assert_eq!(warnings(&proxy, "default"), 0);
     drop(proxy);
-    let (_dir, path) = config_file(
+    let (_dir, path) = common::config_file(
         "[[route]]\nname = \"open\"\npath = \"/open/**\"\nscope_headers = []\n\
          [[route]]\nname = \"pay\"\npath = \"/pay/**\"\n",
     );

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Http, Proxy, Upstream};
+use common::{Http, Proxy, Upstream, unique};
 use http::StatusCode;
 
 async fn two_instances_share_the_work(store: &str) {
@@ -70,14 +70,6 @@ async fn two_instances_on_postgres_execute_each_key_once() {
     if let Some(url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") {
         two_instances_share_the_work(&url).await;
     }
-}
-
-fn unique(prefix: &str) -> &'static str {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    Box::leak(format!("{prefix}-{}-{nanos}", std::process::id()).into_boxed_str())
 }
 
 /// Strict mode: instance A dies (SIGKILL) holding a key; the retry sent to instance B waits for

@@ -60,6 +60,25 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `PREFIX-PID-NANOS`: a name no other run of the tests uses (keys and namespaces on a shared
+/// store outlive a run).
+pub fn unique(prefix: &str) -> &'static str {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    Box::leak(format!("{prefix}-{}-{nanos}", std::process::id()).into_boxed_str())
+}
+
+/// A config file holding `text`, and its path (the file lives as long as the directory).
+pub fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    (dir, path)
+}
+
 /// The namespace the tests' instances use on Redis and PostgreSQL.
 pub const TEST_NAMESPACE: &str = "idemgate-tests";
 
