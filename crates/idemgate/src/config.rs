@@ -873,7 +873,9 @@ fn namespace(given: Option<(&String, String)>, store: &str) -> Result<String> {
             "refusing to start: the store {} can be shared by several services, and no \
              namespace is set. Services sharing a store and a namespace replay each other's \
              responses for equal keys. Set --namespace (IDEMGATE_NAMESPACE, or `namespace` in \
-             the config file) to a name unique to this service, e.g. --namespace payments-api",
+             the config file) to a name unique to this service, e.g. --namespace payments-api. \
+             A deployment that already ran on this store keeps its records with --namespace \
+             default (under a new name, retries of earlier requests would run again)",
             crate::store::redact(store)
         ),
         None => Ok("default".to_owned()),
@@ -1278,6 +1280,10 @@ path = "/**"
                 "{err}"
             );
             assert!(err.contains("--namespace (IDEMGATE_NAMESPACE"), "{err}");
+            assert!(
+                err.contains("keeps its records with --namespace default"),
+                "{err}"
+            );
             assert!(!err.contains("secret"), "the password stays out: {err}");
             let s = settings(&["--store", store, "--namespace", " billing "]);
             assert_eq!(s.namespace, "billing");
