@@ -95,8 +95,10 @@ start_idemgate() { # store
     redis) url=$redis_url ;;
     postgres) url=$postgres_url ;;
   esac
-  # Short TTL: the shared stores get a few hundred thousand records per run.
+  # Short TTL: the shared stores get a few hundred thousand records per run. A namespace of its
+  # own: idemgate refuses a shared store (Redis, PostgreSQL) without one.
   RUST_LOG=warn "$bin/idemgate" serve --upstream http://127.0.0.1:$upstream_port --store "$url" \
+    --namespace idemgate-bench \
     --listen 127.0.0.1:$proxy_port --admin-listen 127.0.0.1:$admin_port --ttl 3m \
     2>>"$work/idemgate.log" &
   target_pid=$!

@@ -27,7 +27,7 @@ run() { # name, store url, counter function, seconds for the server's counters t
   # client sockets a benchmark run leaves behind).
   local port=3918 admin=3919 run=$RANDOM$RANDOM
   target/release/idemgate serve --upstream http://127.0.0.1:3917 --store "$2" \
-    --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin 2>/dev/null &
+    --namespace idemgate-bench --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin 2>/dev/null &
   local pid=$!
   wait_port $port
   requests $port warm-$run   # connections, prepared statements, script loading

@@ -1,12 +1,18 @@
 //! Settings: command-line flags > `IDEMGATE_*` environment variables > the TOML file > defaults.
+//!
+//! Everything is checked here, before anything starts: header names are trimmed, lower-cased and
+//! parsed; durations, sizes and counts must lie within the bounds below (the flag help and the
+//! README's "Limits and timeouts" table give them); a shared store (Redis, PostgreSQL) needs an
+//! explicit namespace. A refusal names the option as it was given (`--lease-ttl
+//! (IDEMGATE_LEASE_TTL)`, `lease_ttl in FILE`, `ttl in route "pay"`) and the refused value.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use http::Method;
+use http::{HeaderName, Method};
 use idemgate_core::engine::{Concurrency, Recovery};
 use idemgate_core::fingerprint::{FingerprintOptions, JsonMode};
 use idemgate_tower::policy::{
@@ -27,7 +33,8 @@ pub struct ServeArgs {
     /// Admin listen address (metrics, health, admin API, dashboard) [default: 127.0.0.1:9090].
     #[arg(long, env = "IDEMGATE_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
-    /// Store URL: memory://, file:PATH [default: file:./idemgate-data].
+    /// Store URL: memory://, file:PATH, redis://HOST:PORT, redis+cluster://H1:P1,H2:P2,
+    /// postgres://USER@HOST/DB [default: file:./idemgate-data].
     #[arg(long, env = "IDEMGATE_STORE")]
     pub store: Option<String>,
     /// TOML config file.
@@ -36,22 +43,25 @@ pub struct ServeArgs {
     /// POST/PATCH without an Idempotency-Key get 400 (default route only).
     #[arg(long, env = "IDEMGATE_REQUIRE_KEY", num_args = 0..=1, default_missing_value = "true")]
     pub require_key: Option<bool>,
-    /// Record namespace [default: default].
+    /// Record namespace: unique per service. Required with a Redis or PostgreSQL store, which
+    /// several services may share: with one namespace they would replay each other's responses.
+    /// The embedded and memory stores belong to one process [default there: default].
     #[arg(long, env = "IDEMGATE_NAMESPACE")]
     pub namespace: Option<String>,
-    /// Record TTL, e.g. 24h [default: 24h].
+    /// Record TTL, e.g. 24h; 1s to 365d [default: 24h].
     #[arg(long, env = "IDEMGATE_TTL")]
     pub ttl: Option<String>,
-    /// How long outcome-unknown records are kept [default: 24h].
+    /// How long outcome-unknown records are kept; 1s to 365d [default: 24h].
     #[arg(long, env = "IDEMGATE_UNKNOWN_TTL")]
     pub unknown_ttl: Option<String>,
-    /// Lease length, renewed while the upstream call runs [default: 10s].
+    /// Lease length, renewed every lease/3 while the upstream call runs; 1s to 1h (shorter is
+    /// lost to one slow store round trip, longer blocks a dead instance's keys) [default: 10s].
     #[arg(long, env = "IDEMGATE_LEASE_TTL")]
     pub lease_ttl: Option<String>,
     /// wait or reject [default: wait].
     #[arg(long, env = "IDEMGATE_CONCURRENCY")]
     pub concurrency: Option<String>,
-    /// Longest wait for an in-flight duplicate before 409 [default: 30s].
+    /// Longest wait for an in-flight duplicate before 409; 0 (409 at once) to 1h [default: 30s].
     #[arg(long, env = "IDEMGATE_WAIT_TIMEOUT")]
     pub wait_timeout: Option<String>,
     /// takeover or strict [default: takeover].
@@ -60,61 +70,71 @@ pub struct ServeArgs {
     /// closed (503 when the store is down) or open (forward unprotected) [default: closed].
     #[arg(long, env = "IDEMGATE_FAIL_MODE")]
     pub fail_mode: Option<String>,
-    /// Request body limit, e.g. 8MiB [default: 8MiB].
+    /// Request body limit, e.g. 8MiB; at most 1GiB (bodies are held in memory) [default: 8MiB].
     #[arg(long, env = "IDEMGATE_MAX_REQUEST_BODY")]
     pub max_request_body: Option<String>,
-    /// Response body limit for storing, e.g. 8MiB [default: 8MiB].
+    /// Response body limit for storing, e.g. 8MiB; at most 1GiB [default: 8MiB].
     #[arg(long, env = "IDEMGATE_MAX_RESPONSE_BODY")]
     pub max_response_body: Option<String>,
-    /// Upstream connect timeout [default: 5s].
+    /// Upstream connect timeout; 1ms to 1h [default: 5s].
     #[arg(long, env = "IDEMGATE_CONNECT_TIMEOUT")]
     pub connect_timeout: Option<String>,
-    /// Upstream response timeout (whole response) [default: 60s].
+    /// Upstream response timeout (whole response); 1ms to 1h [default: 60s].
     #[arg(long, env = "IDEMGATE_RESPONSE_TIMEOUT")]
     pub response_timeout: Option<String>,
-    /// How long SIGTERM waits for in-flight requests [default: 30s].
+    /// How long SIGTERM waits for in-flight requests; 0 (stop at once: in-flight keys wait out
+    /// their lease, like after a crash) to 1h [default: 30s].
     #[arg(long, env = "IDEMGATE_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<String>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "IDEMGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
-    /// Upstream statuses released instead of stored, comma-separated [default: 408,425,429,502,503,504].
+    /// Upstream statuses released instead of stored, comma-separated, each 100 to 599
+    /// [default: 408,425,429,502,503,504].
     #[arg(long, env = "IDEMGATE_TRANSIENT_STATUSES", value_delimiter = ',')]
     pub transient_statuses: Option<Vec<u16>>,
-    /// Headers identifying the principal, comma-separated [default: authorization].
+    /// Headers identifying the principal, comma-separated (names are trimmed and lower-cased; an
+    /// invalid one is refused; empty: every caller shares one scope, with a warning)
+    /// [default: authorization].
     #[arg(long, env = "IDEMGATE_SCOPE_HEADERS", value_delimiter = ',')]
     pub scope_headers: Option<Vec<String>>,
-    /// Request headers included in the fingerprint, comma-separated [default: content-type].
+    /// Request headers included in the fingerprint, comma-separated (trimmed, lower-cased, an
+    /// invalid name is refused) [default: content-type].
     #[arg(long, env = "IDEMGATE_FINGERPRINT_HEADERS", value_delimiter = ',')]
     pub fingerprint_headers: Option<Vec<String>>,
-    /// Response headers never stored, comma-separated [default: set-cookie].
+    /// Response headers never stored, comma-separated (trimmed, lower-cased, an invalid name is
+    /// refused) [default: set-cookie].
     #[arg(long, env = "IDEMGATE_DENY_RESPONSE_HEADERS", value_delimiter = ',')]
     pub deny_response_headers: Option<Vec<String>>,
-    /// If set, only these response headers are stored, comma-separated [default: all not denied].
+    /// If set, only these response headers are stored, comma-separated (trimmed, lower-cased, an
+    /// invalid name is refused) [default: all not denied].
     #[arg(long, env = "IDEMGATE_ALLOW_RESPONSE_HEADERS", value_delimiter = ',')]
     pub allow_response_headers: Option<Vec<String>>,
     /// Fingerprint JSON bodies in RFC 8785 canonical form [default: false].
     #[arg(long, env = "IDEMGATE_CANONICAL_JSON", num_args = 0..=1, default_missing_value = "true")]
     pub canonical_json: Option<bool>,
-    /// JSON pointers left out of the fingerprint, comma-separated (with --canonical-json).
+    /// JSON pointers left out of the fingerprint, comma-separated, each starting with `/`
+    /// (with --canonical-json).
     #[arg(long, env = "IDEMGATE_IGNORE_JSON_FIELDS", value_delimiter = ',')]
     pub ignore_json_fields: Option<Vec<String>>,
     /// Completed records cached per instance in front of Redis/PostgreSQL (0 disables; a delete
-    /// made through another instance is seen within 30 s) [default: 100000].
+    /// made through another instance is seen within 30 s); at most 10000000 [default: 100000].
     #[arg(long, env = "IDEMGATE_REPLAY_CACHE_ENTRIES")]
     pub replay_cache_entries: Option<usize>,
-    /// First pause between a waiter's store polls (doubling up to --waiter-poll-max) [default: 50ms].
+    /// First pause between a waiter's store polls (doubling up to --waiter-poll-max); 1ms to 1h,
+    /// not above --waiter-poll-max [default: 50ms].
     #[arg(long, env = "IDEMGATE_WAITER_POLL_MIN")]
     pub waiter_poll_min: Option<String>,
     /// Longest pause between a waiter's store polls (the fallback when no completion notice
-    /// arrives) [default: 1s].
+    /// arrives); 1ms to 1h [default: 1s].
     #[arg(long, env = "IDEMGATE_WAITER_POLL_MAX")]
     pub waiter_poll_max: Option<String>,
-    /// Most requests waiting on in-flight duplicates at once [default: 10000].
+    /// Most requests waiting on in-flight duplicates at once; 1 to 1000000 (use --concurrency
+    /// reject for no waiting) [default: 10000].
     #[arg(long, env = "IDEMGATE_MAX_WAITERS")]
     pub max_waiters: Option<usize>,
     /// Proxy worker threads, each serving its share of the connections on its own
-    /// single-threaded runtime [default: one per CPU].
+    /// single-threaded runtime; 1 to 1024 [default: one per CPU].
     #[arg(long, env = "IDEMGATE_WORKERS")]
     pub workers: Option<usize>,
     /// Deadline of every store operation; past it a request gets 503 store-unavailable (nothing
@@ -221,24 +241,40 @@ pub struct FileConfig {
     route: Vec<RouteConfig>,
 }
 
-/// Everything `serve` needs, resolved.
+/// Everything `serve` needs, resolved and checked.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The upstream base URL (`http://`, with a host).
     pub upstream: http::Uri,
+    /// The proxy listener.
     pub listen: SocketAddr,
+    /// The admin listener (metrics, health, admin API, dashboard).
     pub admin_listen: SocketAddr,
+    /// The store URL.
     pub store: String,
+    /// The record namespace: explicit on a shared store, else `default` unless set.
     pub namespace: String,
+    /// Lease length, within [`LEASE_TTL`].
     pub lease_ttl: Duration,
+    /// Upstream connect timeout, within [`UPSTREAM_TIMEOUT`].
     pub connect_timeout: Duration,
+    /// Upstream response timeout, within [`UPSTREAM_TIMEOUT`].
     pub response_timeout: Duration,
+    /// SIGTERM drain, within [`DRAIN_TIMEOUT`].
     pub drain_timeout: Duration,
+    /// JSON logs rather than text.
     pub json_logs: bool,
+    /// Most waiting requests at once, within [`MAX_WAITERS`].
     pub max_waiters: usize,
+    /// Replay cache size in front of a shared store, within [`REPLAY_CACHE_ENTRIES`].
     pub replay_cache_entries: usize,
+    /// First waiter poll pause, within [`WAITER_POLL`], at most `waiter_poll_max`.
     pub waiter_poll_min: Duration,
+    /// Longest waiter poll pause, within [`WAITER_POLL`].
     pub waiter_poll_max: Duration,
+    /// Proxy worker threads, within [`WORKERS`].
     pub workers: usize,
+    /// The protected routes, tried in order.
     pub routes: Routes,
     pub store_timeout: Duration,
     // HTTP edge: limits and timeouts.
@@ -256,22 +292,137 @@ pub struct Settings {
     pub max_buffered_body_bytes: usize,
 }
 
-/// Parses `250ms`, `30s`, `10m`, `24h`, `7d`, or a number of seconds.
+impl Settings {
+    /// Logs, once per route, what the configuration leaves unsafe: a route whose scope has no
+    /// credential header at all serves every caller from one scope (PRODUCT G6). Call once the
+    /// logger is installed.
+    pub fn warn_at_start_up(&self) {
+        for route in self.routes.iter().filter(|r| r.scope_headers.is_empty()) {
+            tracing::warn!(
+                route = %route.name,
+                "scope_headers is empty: every caller of this route shares one scope, so a key \
+                 sent by one principal replays its response to another (PRODUCT G6); list the \
+                 credential headers (e.g. authorization) in scope_headers"
+            );
+        }
+    }
+}
+
+/// Inclusive bounds of a duration setting, and the reason for them (shown when refused).
+#[derive(Debug, Clone, Copy)]
+pub struct Within {
+    /// The shortest accepted value.
+    pub min: Duration,
+    /// The longest accepted value.
+    pub max: Duration,
+    /// Why, in a few words.
+    pub why: &'static str,
+}
+
+const MINUTE: u64 = 60;
+const HOUR: Duration = Duration::from_secs(60 * MINUTE);
+const DAY: u64 = 86_400;
+
+/// `lease_ttl`: renewed every lease/3, so below 1 s one slow store round trip (a GC pause, a
+/// failover) loses a live holder's lease and another instance runs the key again; above 1 h a
+/// dead instance's keys stay blocked that long.
+pub const LEASE_TTL: Within = Within {
+    min: Duration::from_secs(1),
+    max: HOUR,
+    why: "renewed every lease/3: a shorter lease can be lost to one slow store round trip and \
+          the key run twice; a longer one blocks a dead instance's keys that long",
+};
+/// `ttl` and `unknown_ttl` (global and per route): a record shorter-lived than a second protects
+/// no retry; beyond a year is a typo (and grows the store without bound).
+pub const RECORD_TTL: Within = Within {
+    min: Duration::from_secs(1),
+    max: Duration::from_secs(365 * DAY),
+    why: "a record kept under a second protects no retry; over a year is surely a typo",
+};
+/// `wait_timeout` (global and per route): 0 answers `409` at once; a client holds its connection
+/// (and a waiter slot) for at most this long.
+pub const WAIT_TIMEOUT: Within = Within {
+    min: Duration::ZERO,
+    max: HOUR,
+    why: "a waiting retry holds its connection and a waiter slot that long",
+};
+/// `connect_timeout` and `response_timeout`: 0 would fail every request.
+pub const UPSTREAM_TIMEOUT: Within = Within {
+    min: Duration::from_millis(1),
+    max: HOUR,
+    why: "0 fails every request; over an hour is surely a typo",
+};
+/// `drain_timeout`: 0 stops at once on SIGTERM (in-flight keys then wait out their lease, as
+/// after a crash); orchestrators kill long before an hour.
+pub const DRAIN_TIMEOUT: Within = Within {
+    min: Duration::ZERO,
+    max: HOUR,
+    why: "SIGTERM waits that long for in-flight requests",
+};
+/// `waiter_poll_min` and `waiter_poll_max`: 0 would poll the store in a busy loop.
+pub const WAITER_POLL: Within = Within {
+    min: Duration::from_millis(1),
+    max: HOUR,
+    why: "0 polls the store in a busy loop",
+};
+/// `store_timeout`: the deadline of every store operation; below 10 ms a healthy store on
+/// another host misses it, above a minute a partitioned store holds every request that long.
+pub const STORE_TIMEOUT: Within = Within {
+    min: Duration::from_millis(10),
+    max: Duration::from_secs(60),
+    why: "every store operation answers within it (503 after it); a minute of waiting helps nobody",
+};
+/// `upstream_idle_timeout`: kept under the upstreams' own keep-alive timeouts; 0 would never
+/// reuse a connection.
+pub const UPSTREAM_IDLE_TIMEOUT: Within = Within {
+    min: Duration::from_millis(1),
+    max: HOUR,
+    why: "0 never reuses a connection; it must stay below the upstream's own keep-alive timeout",
+};
+/// `header_read_timeout`, `body_read_timeout`: 0 would refuse every request.
+pub const CLIENT_READ_TIMEOUT: Within = Within {
+    min: Duration::from_millis(1),
+    max: HOUR,
+    why: "0 refuses every request; a slow client holds a connection (and body memory) that long",
+};
+/// `max_connections`: each one holds a file descriptor and buffers.
+pub const MAX_CONNECTIONS: std::ops::RangeInclusive<usize> = 1..=10_000_000;
+/// `max_concurrent_requests`: protected requests in progress at once.
+pub const MAX_CONCURRENT_REQUESTS: std::ops::RangeInclusive<usize> = 1..=10_000_000;
+/// `max_request_body`, `max_response_body` (global and per route): bodies are held in memory.
+pub const BODY_LIMIT_MAX: usize = 1 << 30;
+/// `max_waiters`: 0 would turn every wait into `409` (that is `--concurrency reject`); past a
+/// million the bound no longer protects memory.
+pub const MAX_WAITERS: std::ops::RangeInclusive<usize> = 1..=1_000_000;
+/// `replay_cache_entries`: 0 disables the cache; each entry holds a whole response.
+pub const REPLAY_CACHE_ENTRIES: std::ops::RangeInclusive<usize> = 0..=10_000_000;
+/// `workers`: one thread each.
+pub const WORKERS: std::ops::RangeInclusive<usize> = 1..=1024;
+/// `transient_statuses`: HTTP status codes.
+const STATUSES: std::ops::RangeInclusive<u16> = 100..=599;
+/// A namespace is part of every record; longer than this is surely a mistake.
+const NAMESPACE_MAX_BYTES: usize = 255;
+
+/// Parses `250ms`, `30s`, `10m`, `24h`, `7d`, or a number of seconds. Refuses values that do not
+/// fit a [`Duration`] of whole seconds (`u64`) instead of wrapping.
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("invalid duration {s:?}"))?;
-    Ok(match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        "d" => Duration::from_secs(n * 86_400),
+    let n: u64 = parse_number(num, "duration", s)?;
+    let secs = |per: u64| {
+        n.checked_mul(per)
+            .map(Duration::from_secs)
+            .with_context(|| format!("duration {s:?} is too large"))
+    };
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => secs(MINUTE),
+        "h" => secs(60 * MINUTE),
+        "d" => secs(DAY),
         other => bail!("invalid duration unit {other:?} in {s:?} (use ms, s, m, h or d)"),
-    })
+    }
 }
 
 /// Parses `1048576`, `512KiB`, `8MiB`, `1GiB` (also KB/MB/GB as powers of 1000).
@@ -279,7 +430,7 @@ pub fn parse_size(s: &str) -> Result<usize> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: usize = num.parse().with_context(|| format!("invalid size {s:?}"))?;
+    let n: usize = parse_number(num, "size", s)?;
     let mult = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -294,55 +445,249 @@ pub fn parse_size(s: &str) -> Result<usize> {
         .with_context(|| format!("size {s:?} is too large"))
 }
 
-fn parse_concurrency(mode: &str, wait: Duration) -> Result<Concurrency> {
-    match mode {
-        "wait" => Ok(Concurrency::Wait { timeout: wait }),
-        "reject" => Ok(Concurrency::Reject),
-        other => bail!("concurrency must be wait or reject, not {other:?}"),
-    }
+/// The digits of a duration or size: too many of them is "too large", none is "invalid".
+fn parse_number<T: std::str::FromStr<Err = std::num::ParseIntError>>(
+    digits: &str,
+    what: &str,
+    whole: &str,
+) -> Result<T> {
+    digits.parse().map_err(|e: std::num::ParseIntError| {
+        if *e.kind() == std::num::IntErrorKind::PosOverflow {
+            anyhow::anyhow!("{what} {whole:?} is too large")
+        } else {
+            anyhow::anyhow!("invalid {what} {whole:?}")
+        }
+    })
 }
 
-fn parse_recovery(mode: &str) -> Result<Recovery> {
-    match mode {
-        "takeover" => Ok(Recovery::Takeover),
-        "strict" => Ok(Recovery::Strict),
-        other => bail!("recovery must be takeover or strict, not {other:?}"),
-    }
+/// `1h`, `365d`, `250ms`: the largest unit that divides `d` exactly.
+fn show(d: Duration) -> String {
+    let ms = d.as_millis();
+    let units = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+    ];
+    units
+        .iter()
+        .find(|(per, _)| ms > 0 && ms.is_multiple_of(*per))
+        .map_or_else(
+            || format!("{ms}ms"),
+            |(per, unit)| format!("{}{unit}", ms / per),
+        )
 }
 
-fn parse_fail_mode(mode: &str) -> Result<FailMode> {
-    match mode {
-        "closed" => Ok(FailMode::Closed),
-        "open" => Ok(FailMode::Open),
-        other => bail!("fail_mode must be closed or open, not {other:?}"),
+/// Parses `text` as the duration setting `name` and checks it against `within`.
+fn checked_duration(name: &str, text: &str, within: &Within) -> Result<Duration> {
+    let d = parse_duration(text).with_context(|| format!("{name} = {text:?}"))?;
+    if d < within.min {
+        bail!(
+            "{name} = {text:?} is too short: the minimum is {} ({})",
+            show(within.min),
+            within.why
+        );
     }
+    if d > within.max {
+        bail!(
+            "{name} = {text:?} is too long: the maximum is {} ({})",
+            show(within.max),
+            within.why
+        );
+    }
+    Ok(d)
 }
 
-/// A list setting: flag/env, else file, else a one-element default. An empty value means none.
-fn list(flag: &Option<Vec<String>>, file: &Option<Vec<String>>, default: &str) -> Vec<String> {
-    flag.clone()
-        .or_else(|| file.clone())
-        .unwrap_or_else(|| vec![default.to_owned()])
-        .into_iter()
-        .filter(|h| !h.trim().is_empty())
+/// Parses `text` as the body limit `name` (at most [`BODY_LIMIT_MAX`]).
+fn checked_body_limit(name: &str, text: &str) -> Result<usize> {
+    let n = parse_size(text).with_context(|| format!("{name} = {text:?}"))?;
+    if n > BODY_LIMIT_MAX {
+        bail!("{name} = {text:?} is too large: the maximum is 1GiB (bodies are held in memory)");
+    }
+    Ok(n)
+}
+
+/// Checks the count setting `name` against `range`.
+fn checked_count(name: &str, n: usize, range: &std::ops::RangeInclusive<usize>) -> Result<usize> {
+    if !range.contains(&n) {
+        bail!(
+            "{name} = {n} is out of bounds: it must be between {} and {}",
+            range.start(),
+            range.end()
+        );
+    }
+    Ok(n)
+}
+
+/// Trims and parses each header name of the list setting `name` (parsing lower-cases it); empty
+/// entries are dropped (an empty value means none). An invalid name is refused, naming the option
+/// and the value.
+fn header_names(name: &str, list: &[String]) -> Result<Vec<String>> {
+    list.iter()
+        .map(|h| h.trim())
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            HeaderName::from_bytes(h.as_bytes())
+                .map(|n| n.as_str().to_owned())
+                .map_err(|_| anyhow::anyhow!("{name}: {h:?} is not a valid HTTP header name"))
+        })
         .collect()
 }
 
-fn lower(v: &[String]) -> Vec<String> {
-    v.iter().map(|h| h.to_ascii_lowercase()).collect()
+/// Trims each JSON pointer of the list setting `name` and drops empty entries; a pointer must
+/// start with `/` (the empty pointer would be the whole body).
+fn json_pointers(name: &str, list: &[String]) -> Result<Vec<String>> {
+    list.iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            if p.starts_with('/') {
+                Ok(p.to_owned())
+            } else {
+                bail!("{name}: {p:?} is not a JSON pointer (one starts with `/`, e.g. /timestamp)")
+            }
+        })
+        .collect()
 }
 
-/// The global route defaults, resolved from flags, env and file.
+/// Checks each status of the list setting `name`.
+fn statuses(name: &str, list: &[u16]) -> Result<BTreeSet<u16>> {
+    match list.iter().find(|s| !STATUSES.contains(s)) {
+        Some(s) => bail!("{name}: {s} is not an HTTP status (100 to 599)"),
+        None => Ok(list.iter().copied().collect()),
+    }
+}
+
+fn parse_concurrency(name: &str, mode: &str, wait: Duration) -> Result<Concurrency> {
+    match mode.trim() {
+        "wait" => Ok(Concurrency::Wait { timeout: wait }),
+        "reject" => Ok(Concurrency::Reject),
+        other => bail!("{name} must be wait or reject, not {other:?}"),
+    }
+}
+
+fn parse_recovery(name: &str, mode: &str) -> Result<Recovery> {
+    match mode.trim() {
+        "takeover" => Ok(Recovery::Takeover),
+        "strict" => Ok(Recovery::Strict),
+        other => bail!("{name} must be takeover or strict, not {other:?}"),
+    }
+}
+
+fn parse_fail_mode(name: &str, mode: &str) -> Result<FailMode> {
+    match mode.trim() {
+        "closed" => Ok(FailMode::Closed),
+        "open" => Ok(FailMode::Open),
+        other => bail!("{name} must be closed or open, not {other:?}"),
+    }
+}
+
+/// Whether the store URL names a store several services can share (Redis, PostgreSQL).
+pub fn is_shared_store(url: &str) -> bool {
+    idemgate_stores::StoreUrl::parse(url).is_ok_and(|u| u.is_shared())
+}
+
+/// Where a setting came from, to name it in a refusal.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    /// A flag or its `IDEMGATE_*` variable (or the default).
+    Command,
+    /// The config file.
+    File(&'a Path),
+    /// A `[[route]]` of the config file, by name.
+    Route(&'a str),
+}
+
+impl Origin<'_> {
+    /// `--lease-ttl (IDEMGATE_LEASE_TTL)`, `lease_ttl in FILE`, `ttl in route "pay"`.
+    fn name(self, key: &str) -> String {
+        match self {
+            Origin::Command => format!(
+                "--{} (IDEMGATE_{})",
+                key.replace('_', "-"),
+                key.to_ascii_uppercase()
+            ),
+            Origin::File(path) => format!("{key} in {}", path.display()),
+            Origin::Route(route) => format!("{key} in route {route:?}"),
+        }
+    }
+}
+
+/// One global setting as given: its key (`lease_ttl`), its flag/env value, its file value.
+type Given<'v, T> = (&'static str, Option<&'v T>, Option<&'v T>);
+
+/// The global settings' layers: flags and env (both via clap), then the config file.
+struct Layers<'a> {
+    file: &'a Path,
+}
+
+impl Layers<'_> {
+    /// The value from flag/env, else from the file, with the name of where it came from.
+    fn pick<'v, T>(&self, (key, flag, file): Given<'v, T>) -> Option<(&'v T, String)> {
+        match (flag, file) {
+            (Some(v), _) => Some((v, Origin::Command.name(key))),
+            (None, Some(v)) => Some((v, Origin::File(self.file).name(key))),
+            (None, None) => None,
+        }
+    }
+
+    /// A text setting (`wait`, `closed`…), with its name.
+    fn text<'v>(&self, given: Given<'v, String>, default: &'v str) -> (&'v str, String) {
+        match self.pick(given) {
+            Some((text, name)) => (text, name),
+            None => (default, Origin::Command.name(given.0)),
+        }
+    }
+
+    /// A duration setting checked against `within`, with its name.
+    fn duration(
+        &self,
+        given: Given<'_, String>,
+        default: &str,
+        within: &Within,
+    ) -> Result<(Duration, String)> {
+        let (text, name) = self.text(given, default);
+        Ok((checked_duration(&name, text, within)?, name))
+    }
+
+    /// A body limit (default [`DEFAULT_BODY_LIMIT`]).
+    fn body_limit(&self, given: Given<'_, String>) -> Result<usize> {
+        self.pick(given)
+            .map_or(Ok(DEFAULT_BODY_LIMIT), |(text, name)| {
+                checked_body_limit(&name, text)
+            })
+    }
+
+    /// A count, if given, checked against `range`.
+    fn count(
+        &self,
+        given: Given<'_, usize>,
+        range: &std::ops::RangeInclusive<usize>,
+    ) -> Result<Option<usize>> {
+        self.pick(given)
+            .map(|(n, name)| checked_count(&name, *n, range))
+            .transpose()
+    }
+
+    /// A header list, if given, trimmed, lower-cased and parsed.
+    fn headers(&self, given: Given<'_, Vec<String>>) -> Result<Option<Vec<String>>> {
+        self.pick(given)
+            .map(|(list, name)| header_names(&name, list))
+            .transpose()
+    }
+}
+
+/// The global route defaults, resolved from flags, env and file, and checked.
 struct Defaults {
     ttl: Duration,
     unknown_ttl: Duration,
-    concurrency: String,
+    concurrency: Concurrency,
     wait_timeout: Duration,
-    recovery: String,
-    fail_mode: String,
+    recovery: Recovery,
+    fail_mode: FailMode,
     max_request_body: usize,
     max_response_body: usize,
-    transient: Vec<u16>,
+    transient: BTreeSet<u16>,
     scope_headers: Vec<String>,
     fingerprint_headers: Vec<String>,
     deny_response_headers: Vec<String>,
@@ -359,45 +704,72 @@ impl Defaults {
         )
     }
 
+    /// The route `r` over these defaults; its own values get the same checks, named after it.
     fn apply(&self, mut p: RoutePolicy, r: &RouteConfig) -> Result<RoutePolicy> {
-        let dur = |v: &Option<String>, d: Duration| v.as_deref().map_or(Ok(d), parse_duration);
-        let size = |v: &Option<String>, d: usize| v.as_deref().map_or(Ok(d), parse_size);
-        p.engine.ttl = dur(&r.ttl, self.ttl)?;
+        let at = Origin::Route(&r.name);
+        let dur = |key: &str, v: &Option<String>, default: Duration, within: &Within| {
+            v.as_deref()
+                .map_or(Ok(default), |t| checked_duration(&at.name(key), t, within))
+        };
+        let size = |key: &str, v: &Option<String>, default: usize| {
+            v.as_deref()
+                .map_or(Ok(default), |t| checked_body_limit(&at.name(key), t))
+        };
+        let headers = |key: &str, v: &Option<Vec<String>>| {
+            v.as_deref()
+                .map(|list| header_names(&at.name(key), list))
+                .transpose()
+        };
+        p.engine.ttl = dur("ttl", &r.ttl, self.ttl, &RECORD_TTL)?;
         p.engine.unknown_ttl = self.unknown_ttl;
-        let wait = dur(&r.wait_timeout, self.wait_timeout)?;
-        p.engine.concurrency =
-            parse_concurrency(r.concurrency.as_deref().unwrap_or(&self.concurrency), wait)?;
-        p.engine.recovery = parse_recovery(r.recovery.as_deref().unwrap_or(&self.recovery))?;
-        p.fail_mode = parse_fail_mode(r.fail_mode.as_deref().unwrap_or(&self.fail_mode))?;
-        p.max_request_body = size(&r.max_request_body, self.max_request_body)?;
-        p.max_response_body = size(&r.max_response_body, self.max_response_body)?;
-        p.transient_statuses = r
-            .transient_statuses
-            .clone()
-            .unwrap_or_else(|| self.transient.clone())
-            .into_iter()
-            .collect::<BTreeSet<u16>>();
-        p.scope_headers = lower(r.scope_headers.as_ref().unwrap_or(&self.scope_headers));
-        p.fingerprint_headers = lower(
-            r.fingerprint_headers
-                .as_ref()
-                .unwrap_or(&self.fingerprint_headers),
-        );
-        p.deny_response_headers = lower(
-            r.deny_response_headers
-                .as_ref()
-                .unwrap_or(&self.deny_response_headers),
-        );
-        p.allow_response_headers = r
-            .allow_response_headers
-            .as_ref()
-            .or(self.allow_response_headers.as_ref())
-            .map(|a| lower(a));
+        let wait = dur(
+            "wait_timeout",
+            &r.wait_timeout,
+            self.wait_timeout,
+            &WAIT_TIMEOUT,
+        )?;
+        p.engine.concurrency = match r.concurrency.as_deref() {
+            Some(mode) => parse_concurrency(&at.name("concurrency"), mode, wait)?,
+            None => match self.concurrency {
+                Concurrency::Wait { .. } => Concurrency::Wait { timeout: wait },
+                Concurrency::Reject => Concurrency::Reject,
+            },
+        };
+        p.engine.recovery = match r.recovery.as_deref() {
+            Some(mode) => parse_recovery(&at.name("recovery"), mode)?,
+            None => self.recovery,
+        };
+        p.fail_mode = match r.fail_mode.as_deref() {
+            Some(mode) => parse_fail_mode(&at.name("fail_mode"), mode)?,
+            None => self.fail_mode,
+        };
+        p.max_request_body = size(
+            "max_request_body",
+            &r.max_request_body,
+            self.max_request_body,
+        )?;
+        p.max_response_body = size(
+            "max_response_body",
+            &r.max_response_body,
+            self.max_response_body,
+        )?;
+        p.transient_statuses = match &r.transient_statuses {
+            Some(list) => statuses(&at.name("transient_statuses"), list)?,
+            None => self.transient.clone(),
+        };
+        p.scope_headers = headers("scope_headers", &r.scope_headers)?
+            .unwrap_or_else(|| self.scope_headers.clone());
+        p.fingerprint_headers = headers("fingerprint_headers", &r.fingerprint_headers)?
+            .unwrap_or_else(|| self.fingerprint_headers.clone());
+        p.deny_response_headers = headers("deny_response_headers", &r.deny_response_headers)?
+            .unwrap_or_else(|| self.deny_response_headers.clone());
+        p.allow_response_headers = headers("allow_response_headers", &r.allow_response_headers)?
+            .or_else(|| self.allow_response_headers.clone());
         let canonical = r.canonical_json.unwrap_or(self.canonical_json);
-        let ignore = r
-            .ignore_json_fields
-            .clone()
-            .unwrap_or_else(|| self.ignore_json_fields.clone());
+        let ignore = match &r.ignore_json_fields {
+            Some(list) => json_pointers(&at.name("ignore_json_fields"), list)?,
+            None => self.ignore_json_fields.clone(),
+        };
         p.fingerprint = FingerprintOptions::default().json(if canonical {
             JsonMode::Canonical { ignore }
         } else {
@@ -407,7 +779,7 @@ impl Defaults {
     }
 }
 
-/// Resolves flags > env (both via clap) > file > defaults.
+/// Resolves flags > env (both via clap) > file > defaults, and checks every value.
 pub fn resolve(args: &ServeArgs) -> Result<Settings> {
     let file: FileConfig = match &args.config {
         Some(path) => {
@@ -417,10 +789,24 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
         }
         None => FileConfig::default(),
     };
-    let pick = |flag: &Option<String>, file: &Option<String>, default: &str| -> String {
-        flag.clone()
-            .or_else(|| file.clone())
-            .unwrap_or_else(|| default.to_owned())
+    // The setting `$field` as given by flag/env and by the file.
+    macro_rules! given {
+        ($field:ident) => {
+            (
+                stringify!($field),
+                args.$field.as_ref(),
+                file.$field.as_ref(),
+            )
+        };
+    }
+    let layers = Layers {
+        file: args
+            .config
+            .as_deref()
+            .unwrap_or_else(|| Path::new("the config file")),
+    };
+    let dur = |given: Given<'_, String>, default: &str, within: &Within| {
+        layers.duration(given, default, within).map(|(d, _)| d)
     };
     let upstream = args.upstream.clone().or(file.upstream.clone()).context(
         "--upstream (or IDEMGATE_UPSTREAM, or `upstream` in the config file) is required",
@@ -431,55 +817,46 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
     if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
         bail!("the upstream must be an http:// URL with a host, got {upstream}");
     }
+    let store = layers
+        .text(given!(store), "file:./idemgate-data")
+        .0
+        .to_owned();
+    let namespace = namespace(layers.pick(given!(namespace)), &store)?;
+    let wait_timeout = dur(given!(wait_timeout), "30s", &WAIT_TIMEOUT)?;
+    let (mode, name) = layers.text(given!(concurrency), "wait");
+    let concurrency = parse_concurrency(&name, mode, wait_timeout)?;
+    let (mode, name) = layers.text(given!(recovery), "takeover");
+    let recovery = parse_recovery(&name, mode)?;
+    let (mode, name) = layers.text(given!(fail_mode), "closed");
+    let fail_mode = parse_fail_mode(&name, mode)?;
     let defaults = Defaults {
-        ttl: parse_duration(&pick(&args.ttl, &file.ttl, "24h"))?,
-        unknown_ttl: parse_duration(&pick(&args.unknown_ttl, &file.unknown_ttl, "24h"))?,
-        concurrency: pick(&args.concurrency, &file.concurrency, "wait"),
-        wait_timeout: parse_duration(&pick(&args.wait_timeout, &file.wait_timeout, "30s"))?,
-        recovery: pick(&args.recovery, &file.recovery, "takeover"),
-        fail_mode: pick(&args.fail_mode, &file.fail_mode, "closed"),
-        max_request_body: match args
-            .max_request_body
-            .as_ref()
-            .or(file.max_request_body.as_ref())
-        {
-            Some(s) => parse_size(s)?,
-            None => DEFAULT_BODY_LIMIT,
+        ttl: dur(given!(ttl), "24h", &RECORD_TTL)?,
+        unknown_ttl: dur(given!(unknown_ttl), "24h", &RECORD_TTL)?,
+        concurrency,
+        wait_timeout,
+        recovery,
+        fail_mode,
+        max_request_body: layers.body_limit(given!(max_request_body))?,
+        max_response_body: layers.body_limit(given!(max_response_body))?,
+        transient: match layers.pick(given!(transient_statuses)) {
+            Some((list, name)) => statuses(&name, list)?,
+            None => DEFAULT_TRANSIENT.into_iter().collect(),
         },
-        max_response_body: match args
-            .max_response_body
-            .as_ref()
-            .or(file.max_response_body.as_ref())
-        {
-            Some(s) => parse_size(s)?,
-            None => DEFAULT_BODY_LIMIT,
-        },
-        transient: args
-            .transient_statuses
-            .clone()
-            .or_else(|| file.transient_statuses.clone())
-            .unwrap_or_else(|| DEFAULT_TRANSIENT.to_vec()),
-        scope_headers: list(&args.scope_headers, &file.scope_headers, "authorization"),
-        fingerprint_headers: list(
-            &args.fingerprint_headers,
-            &file.fingerprint_headers,
-            "content-type",
-        ),
-        deny_response_headers: list(
-            &args.deny_response_headers,
-            &file.deny_response_headers,
-            "set-cookie",
-        ),
-        allow_response_headers: args
-            .allow_response_headers
-            .clone()
-            .or_else(|| file.allow_response_headers.clone()),
+        scope_headers: layers
+            .headers(given!(scope_headers))?
+            .unwrap_or_else(|| vec!["authorization".to_owned()]),
+        fingerprint_headers: layers
+            .headers(given!(fingerprint_headers))?
+            .unwrap_or_else(|| vec!["content-type".to_owned()]),
+        deny_response_headers: layers
+            .headers(given!(deny_response_headers))?
+            .unwrap_or_else(|| vec!["set-cookie".to_owned()]),
+        allow_response_headers: layers.headers(given!(allow_response_headers))?,
         canonical_json: args.canonical_json.or(file.canonical_json).unwrap_or(false),
-        ignore_json_fields: args
-            .ignore_json_fields
-            .clone()
-            .or_else(|| file.ignore_json_fields.clone())
-            .unwrap_or_default(),
+        ignore_json_fields: match layers.pick(given!(ignore_json_fields)) {
+            Some((list, name)) => json_pointers(&name, list)?,
+            None => Vec::new(),
+        },
     };
     let require_key = args.require_key.or(file.require_key).unwrap_or(false);
     let routes = if file.route.is_empty() {
@@ -493,75 +870,50 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
                 let parsed: Result<Vec<Method>> = methods
                     .iter()
                     .map(|m| {
-                        Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                            .with_context(|| format!("invalid method {m:?} in route {}", r.name))
+                        Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+                            .with_context(|| format!("invalid method {m:?} in route {:?}", r.name))
                     })
                     .collect();
                 p = p.methods(parsed?);
             }
-            out.push(
-                defaults
-                    .apply(p, r)
-                    .with_context(|| format!("in route {:?}", r.name))?,
-            );
+            out.push(defaults.apply(p, r)?);
         }
         Routes::new(out)
     };
-    let log_format = pick(&args.log_format, &file.log_format, "text");
+    let (log_format, name) = layers.text(given!(log_format), "text");
     if log_format != "text" && log_format != "json" {
-        bail!("log_format must be text or json, not {log_format:?}");
+        bail!("{name} must be text or json, not {log_format:?}");
+    }
+    let (waiter_poll_min, min_name) =
+        layers.duration(given!(waiter_poll_min), "50ms", &WAITER_POLL)?;
+    let (waiter_poll_max, max_name) =
+        layers.duration(given!(waiter_poll_max), "1s", &WAITER_POLL)?;
+    if waiter_poll_min > waiter_poll_max {
+        bail!(
+            "{min_name} = {} is above {max_name} = {}: the first pause cannot be longer than \
+             the longest",
+            show(waiter_poll_min),
+            show(waiter_poll_max)
+        );
     }
     // HTTP edge: limits and timeouts.
-    let positive = |name: &str, d: Duration| -> Result<Duration> {
-        if d.is_zero() {
-            bail!("{name} must be more than zero");
-        }
-        Ok(d)
-    };
-    let at_least_one = |name: &str, n: usize| -> Result<usize> {
-        if n == 0 {
-            bail!("{name} must be at least 1");
-        }
-        Ok(n)
-    };
-    let upstream_idle_timeout = parse_duration(&pick(
-        &args.upstream_idle_timeout,
-        &file.upstream_idle_timeout,
+    let upstream_idle_timeout = dur(
+        given!(upstream_idle_timeout),
         "500ms",
-    ))?;
-    let header_read_timeout = positive(
-        "header_read_timeout",
-        parse_duration(&pick(
-            &args.header_read_timeout,
-            &file.header_read_timeout,
-            "10s",
-        ))?,
+        &UPSTREAM_IDLE_TIMEOUT,
     )?;
-    let body_read_timeout = positive(
-        "body_read_timeout",
-        parse_duration(&pick(
-            &args.body_read_timeout,
-            &file.body_read_timeout,
-            "30s",
-        ))?,
-    )?;
-    let max_connections = at_least_one(
-        "max_connections",
-        args.max_connections
-            .or(file.max_connections)
-            .unwrap_or(10_000),
-    )?;
-    let max_concurrent_requests = at_least_one(
-        "max_concurrent_requests",
-        args.max_concurrent_requests
-            .or(file.max_concurrent_requests)
-            .unwrap_or(4_096),
-    )?;
-    let max_buffered_body_bytes = parse_size(&pick(
-        &args.max_buffered_body_bytes,
-        &file.max_buffered_body_bytes,
-        "256MiB",
-    ))?;
+    let header_read_timeout = dur(given!(header_read_timeout), "10s", &CLIENT_READ_TIMEOUT)?;
+    let body_read_timeout = dur(given!(body_read_timeout), "30s", &CLIENT_READ_TIMEOUT)?;
+    let max_connections = layers
+        .count(given!(max_connections), &MAX_CONNECTIONS)?
+        .unwrap_or(10_000);
+    let max_concurrent_requests = layers
+        .count(given!(max_concurrent_requests), &MAX_CONCURRENT_REQUESTS)?
+        .unwrap_or(4_096);
+    let max_buffered_body_bytes = match layers.pick(given!(max_buffered_body_bytes)) {
+        Some((text, name)) => parse_size(text).with_context(|| name.clone())?,
+        None => 256 << 20,
+    };
     if let Some(route) = routes
         .iter()
         .find(|r| r.max_request_body > max_buffered_body_bytes)
@@ -589,65 +941,489 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
             .admin_listen
             .or(file.admin_listen)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
-        store: pick(&args.store, &file.store, "file:./idemgate-data"),
-        namespace: pick(&args.namespace, &file.namespace, "default"),
-        lease_ttl: parse_duration(&pick(&args.lease_ttl, &file.lease_ttl, "10s"))?,
-        connect_timeout: parse_duration(&pick(&args.connect_timeout, &file.connect_timeout, "5s"))?,
-        response_timeout: parse_duration(&pick(
-            &args.response_timeout,
-            &file.response_timeout,
-            "60s",
-        ))?,
-        drain_timeout: parse_duration(&pick(&args.drain_timeout, &file.drain_timeout, "30s"))?,
+        store,
+        namespace,
+        lease_ttl: dur(given!(lease_ttl), "10s", &LEASE_TTL)?,
+        connect_timeout: dur(given!(connect_timeout), "5s", &UPSTREAM_TIMEOUT)?,
+        response_timeout: dur(given!(response_timeout), "60s", &UPSTREAM_TIMEOUT)?,
+        drain_timeout: dur(given!(drain_timeout), "30s", &DRAIN_TIMEOUT)?,
         json_logs: log_format == "json",
-        max_waiters: args.max_waiters.or(file.max_waiters).unwrap_or(10_000),
-        waiter_poll_min: parse_duration(&pick(
-            &args.waiter_poll_min,
-            &file.waiter_poll_min,
-            "50ms",
-        ))?,
-        waiter_poll_max: parse_duration(&pick(&args.waiter_poll_max, &file.waiter_poll_max, "1s"))?,
-        replay_cache_entries: args
-            .replay_cache_entries
-            .or(file.replay_cache_entries)
+        max_waiters: layers
+            .count(given!(max_waiters), &MAX_WAITERS)?
+            .unwrap_or(10_000),
+        waiter_poll_min,
+        waiter_poll_max,
+        replay_cache_entries: layers
+            .count(given!(replay_cache_entries), &REPLAY_CACHE_ENTRIES)?
             .unwrap_or(100_000),
-        workers: match args.workers.or(file.workers) {
-            Some(0) => bail!("workers must be at least 1"),
+        workers: match layers.count(given!(workers), &WORKERS)? {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, usize::from),
         },
         routes,
-        store_timeout: {
-            let d = parse_duration(&pick(&args.store_timeout, &file.store_timeout, "3s"))?;
-            if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&d) {
-                bail!("store_timeout must be between 10ms and 60s, got {d:?}");
-            }
-            d
-        },
+        store_timeout: dur(given!(store_timeout), "3s", &STORE_TIMEOUT)?,
     })
+}
+
+/// The namespace: as given (trimmed, non-empty); if not given, `default` on a store of this
+/// process's own, and a refusal on a shared one.
+fn namespace(given: Option<(&String, String)>, store: &str) -> Result<String> {
+    match given {
+        Some((given, name)) => {
+            let ns = given.trim();
+            if ns.is_empty() {
+                bail!("{name} is empty: name this service, e.g. payments-api");
+            }
+            if ns.len() > NAMESPACE_MAX_BYTES || ns.chars().any(char::is_control) {
+                bail!(
+                    "{name} = {given:?}: a namespace is at most {NAMESPACE_MAX_BYTES} bytes \
+                     without control characters"
+                );
+            }
+            Ok(ns.to_owned())
+        }
+        None if is_shared_store(store) => bail!(
+            "refusing to start: the store {} can be shared by several services, and no \
+             namespace is set. Services sharing a store and a namespace replay each other's \
+             responses for equal keys. Set --namespace (IDEMGATE_NAMESPACE, or `namespace` in \
+             the config file) to a name unique to this service, e.g. --namespace payments-api. \
+             A deployment that already ran on this store keeps its records with --namespace \
+             default (under a new name, retries of earlier requests would run again)",
+            idemgate_stores::redact(store)
+        ),
+        None => Ok("default".to_owned()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    /// `idemgate serve`'s flags alone, parsed as the binary parses them.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    /// The arguments of `serve --upstream http://127.0.0.1:1 FLAGS`.
+    fn flags(flags: &[&str]) -> ServeArgs {
+        let argv = ["idemgate", "--upstream", "http://127.0.0.1:1"];
+        Cli::try_parse_from(argv.iter().chain(flags)).unwrap().serve
+    }
+
+    fn settings(f: &[&str]) -> Settings {
+        resolve(&flags(f)).unwrap()
+    }
+
+    /// The whole refusal (with its causes) of these flags.
+    fn refusal(f: &[&str]) -> String {
+        format!("{:#}", resolve(&flags(f)).unwrap_err())
+    }
+
+    /// A config file holding `text`, and the file's path.
+    fn file(text: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let path = path.to_str().unwrap().to_owned();
+        (dir, path)
+    }
+
+    /// A config file with one route `pay` on every path, with `fields`.
+    fn route_file(fields: &str) -> (tempfile::TempDir, String) {
+        file(&format!(
+            "[[route]]\nname = \"pay\"\npath = \"/**\"\n{fields}\n"
+        ))
+    }
+
+    fn default_route(s: &Settings) -> &RoutePolicy {
+        s.routes.find(&Method::POST, "/x").unwrap()
+    }
 
     #[test]
     fn durations_and_sizes() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
-        assert!(parse_duration("3 weeks").is_err());
+        assert_eq!(
+            parse_duration(" 7d ").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        for bad in ["3 weeks", "-1s", "1.5s", "", "s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
         assert_eq!(parse_size("8MiB").unwrap(), 8 << 20);
         assert_eq!(parse_size("1000").unwrap(), 1000);
         assert!(parse_size("8XB").is_err());
     }
 
     #[test]
+    fn durations_and_sizes_that_do_not_fit_are_refused_not_wrapped() {
+        let too_large = |r: Result<Duration>| r.unwrap_err().to_string().contains("too large");
+        assert!(too_large(parse_duration(&format!(
+            "{}d",
+            u64::MAX / 86_400 + 1
+        ))));
+        assert!(too_large(parse_duration(&format!(
+            "{}h",
+            u64::MAX / 3_600 + 1
+        ))));
+        assert!(too_large(parse_duration(&format!(
+            "{}m",
+            u64::MAX / 60 + 1
+        ))));
+        assert!(too_large(parse_duration("99999999999999999999999s")));
+        assert_eq!(
+            parse_duration(&format!("{}d", u64::MAX / 86_400)).unwrap(),
+            Duration::from_secs(u64::MAX / 86_400 * 86_400)
+        );
+        for big in [
+            "99999999999999999999999".to_owned(),
+            format!("{}GiB", usize::MAX),
+        ] {
+            assert!(
+                parse_size(&big)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("too large")
+            );
+        }
+    }
+
+    #[test]
+    fn durations_show_in_their_largest_exact_unit() {
+        assert_eq!(show(Duration::from_secs(3600)), "1h");
+        assert_eq!(show(Duration::from_secs(365 * 86_400)), "365d");
+        assert_eq!(show(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(show(Duration::from_secs(90)), "90s");
+        assert_eq!(show(Duration::ZERO), "0ms");
+    }
+
+    #[test]
+    fn header_lists_are_trimmed_lower_cased_and_parsed() {
+        let s = settings(&[
+            "--scope-headers",
+            "authorization, X-Tenant-Id ",
+            "--fingerprint-headers",
+            "content-type ,x-amount",
+            "--deny-response-headers",
+            " set-cookie,X-Secret, ",
+            "--allow-response-headers",
+            "\tcontent-type, x-upstream",
+        ]);
+        let route = default_route(&s);
+        assert_eq!(route.scope_headers, ["authorization", "x-tenant-id"]);
+        assert_eq!(route.fingerprint_headers, ["content-type", "x-amount"]);
+        assert_eq!(route.deny_response_headers, ["set-cookie", "x-secret"]);
+        let allowed = route.allow_response_headers.clone().unwrap();
+        assert_eq!(allowed, ["content-type", "x-upstream"]);
+        // Empty means none, as before.
+        assert!(
+            default_route(&settings(&["--scope-headers", ""]))
+                .scope_headers
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn header_lists_from_the_file_and_routes_are_trimmed_too() {
+        let (_dir, path) = file(
+            r#"
+scope_headers = ["authorization", " x-tenant-id"]
+fingerprint_headers = ["Content-Type "]
+
+[[route]]
+name = "pay"
+path = "/pay/**"
+scope_headers = ["authorization ", "  X-Org"]
+deny_response_headers = ["set-cookie", " x-secret "]
+
+[[route]]
+name = "rest"
+path = "/**"
+"#,
+        );
+        let s = settings(&["--config", &path]);
+        let pay = s.routes.find(&Method::POST, "/pay/1").unwrap();
+        assert_eq!(pay.scope_headers, ["authorization", "x-org"]);
+        assert_eq!(pay.deny_response_headers, ["set-cookie", "x-secret"]);
+        assert_eq!(pay.fingerprint_headers, ["content-type"]);
+        let rest = s.routes.find(&Method::POST, "/other").unwrap();
+        assert_eq!(rest.scope_headers, ["authorization", "x-tenant-id"]);
+        assert_eq!(rest.deny_response_headers, ["set-cookie"]);
+    }
+
+    #[test]
+    fn an_invalid_header_name_is_refused_naming_the_option_and_value() {
+        for (flag, value, bad) in [
+            ("--scope-headers", "authorization, x tenant", "\"x tenant\""),
+            ("--fingerprint-headers", "x:y", "\"x:y\""),
+            ("--deny-response-headers", "set-cookie,é", "\"é\""),
+            ("--allow-response-headers", "a(b)", "\"a(b)\""),
+        ] {
+            let err = refusal(&[flag, value]);
+            let env = flag[2..].replace('-', "_").to_ascii_uppercase();
+            assert!(
+                err.contains(&format!("{flag} (IDEMGATE_{env}): {bad}")),
+                "{err}"
+            );
+            assert!(err.contains("is not a valid HTTP header name"), "{err}");
+        }
+        let (_dir, path) = route_file("scope_headers = [\"x\\ty\"]");
+        let err = refusal(&["--config", &path]);
+        assert!(
+            err.contains("scope_headers in route \"pay\": \"x\\ty\""),
+            "{err}"
+        );
+        let (_dir, path) = file("allow_response_headers = [\"ok\", \"not ok\"]\n");
+        let err = refusal(&["--config", &path]);
+        assert!(
+            err.contains(&format!("allow_response_headers in {path}: \"not ok\"")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn json_pointers_are_trimmed_and_must_start_with_a_slash() {
+        let s = settings(&["--canonical-json", "--ignore-json-fields", "/ts, /id ,"]);
+        let expected = FingerprintOptions::default().json(JsonMode::Canonical {
+            ignore: vec!["/ts".into(), "/id".into()],
+        });
+        let route = default_route(&s);
+        assert_eq!(format!("{:?}", route.fingerprint), format!("{expected:?}"));
+        let err = refusal(&["--ignore-json-fields", "ts"]);
+        assert!(
+            err.contains("--ignore-json-fields (IDEMGATE_IGNORE_JSON_FIELDS): \"ts\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations_outside_their_bounds_are_refused_naming_the_option() {
+        for (flag, value, why) in [
+            ("--lease-ttl", "0s", "too short: the minimum is 1s"),
+            ("--lease-ttl", "999ms", "too short: the minimum is 1s"),
+            ("--lease-ttl", "61m", "too long: the maximum is 1h"),
+            ("--ttl", "999999999999d", "too long: the maximum is 365d"),
+            ("--ttl", "0", "too short: the minimum is 1s"),
+            ("--ttl", "99999999999999999d", "too large"),
+            ("--unknown-ttl", "366d", "too long: the maximum is 365d"),
+            ("--unknown-ttl", "500ms", "too short: the minimum is 1s"),
+            (
+                "--wait-timeout",
+                "100000000000s",
+                "too long: the maximum is 1h",
+            ),
+            ("--connect-timeout", "0ms", "too short: the minimum is 1ms"),
+            ("--connect-timeout", "2h", "too long: the maximum is 1h"),
+            ("--response-timeout", "0", "too short: the minimum is 1ms"),
+            ("--response-timeout", "2h", "too long: the maximum is 1h"),
+            ("--drain-timeout", "3601s", "too long: the maximum is 1h"),
+            ("--waiter-poll-min", "0s", "too short: the minimum is 1ms"),
+            ("--waiter-poll-max", "2h", "too long: the maximum is 1h"),
+            ("--lease-ttl", "soon", "invalid duration"),
+        ] {
+            let err = refusal(&[flag, value]);
+            assert!(
+                err.contains(&format!("{flag} (IDEMGATE_")),
+                "{flag} {value}: {err}"
+            );
+            assert!(
+                err.contains(&format!("= {value:?}")),
+                "{flag} {value}: {err}"
+            );
+            assert!(err.contains(why), "{flag} {value}: {err}");
+        }
+    }
+
+    #[test]
+    fn durations_at_their_bounds_are_accepted() {
+        let s = settings(&[
+            "--lease-ttl",
+            "1s",
+            "--ttl",
+            "365d",
+            "--unknown-ttl",
+            "1s",
+            "--wait-timeout",
+            "0s",
+            "--connect-timeout",
+            "1ms",
+            "--response-timeout",
+            "1h",
+            "--drain-timeout",
+            "0",
+            "--waiter-poll-min",
+            "1h",
+            "--waiter-poll-max",
+            "60m",
+        ]);
+        assert_eq!(s.lease_ttl, Duration::from_secs(1));
+        let hour = settings(&["--lease-ttl", "1h"]).lease_ttl;
+        assert_eq!(hour, Duration::from_secs(3600));
+        assert_eq!(s.drain_timeout, Duration::ZERO);
+        assert_eq!(s.connect_timeout, Duration::from_millis(1));
+        let route = default_route(&s);
+        assert_eq!(route.engine.ttl, Duration::from_secs(365 * 86_400));
+        assert_eq!(route.engine.unknown_ttl, Duration::from_secs(1));
+        let zero = Concurrency::Wait {
+            timeout: Duration::ZERO,
+        };
+        assert_eq!(route.engine.concurrency, zero);
+    }
+
+    #[test]
+    fn route_values_get_the_same_bounds_named_after_the_route() {
+        for (field, value, why) in [
+            ("ttl", "0s", "too short: the minimum is 1s"),
+            ("ttl", "400d", "too long: the maximum is 365d"),
+            (
+                "wait_timeout",
+                "100000000000s",
+                "too long: the maximum is 1h",
+            ),
+            ("max_request_body", "2GiB", "too large: the maximum is 1GiB"),
+            ("max_response_body", "99999999999999999999", "too large"),
+        ] {
+            let (_dir, path) = route_file(&format!("{field} = \"{value}\""));
+            let err = refusal(&["--config", &path]);
+            let named = format!("{field} in route \"pay\" = {value:?}");
+            assert!(err.contains(&named) && err.contains(why), "{err}");
+        }
+        let (_dir, path) = route_file("transient_statuses = [429, 0]");
+        let err = refusal(&["--config", &path]);
+        assert!(
+            err.contains("transient_statuses in route \"pay\": 0 is not"),
+            "{err}"
+        );
+        let (_dir, path) = route_file("recovery = \"lax\"");
+        let err = refusal(&["--config", &path]);
+        assert!(
+            err.contains("recovery in route \"pay\" must be takeover or strict"),
+            "{err}"
+        );
+        // A route's wait_timeout applies to the global wait mode.
+        let (_dir, path) = route_file("wait_timeout = \"5s\"");
+        let s = settings(&["--config", &path]);
+        let five = Concurrency::Wait {
+            timeout: Duration::from_secs(5),
+        };
+        assert_eq!(default_route(&s).engine.concurrency, five);
+    }
+
+    #[test]
+    fn file_values_are_named_after_the_file() {
+        let (_dir, path) = file("lease_ttl = \"0s\"\n");
+        let err = refusal(&["--config", &path]);
+        assert!(
+            err.contains(&format!("lease_ttl in {path} = \"0s\" is too short")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn counts_sizes_and_statuses_outside_their_bounds_are_refused() {
+        for (f, expected) in [
+            (
+                ["--max-waiters", "0"],
+                "--max-waiters (IDEMGATE_MAX_WAITERS) = 0 is out of bounds",
+            ),
+            (["--max-waiters", "1000001"], "between 1 and 1000000"),
+            (
+                ["--workers", "0"],
+                "--workers (IDEMGATE_WORKERS) = 0 is out of bounds",
+            ),
+            (["--workers", "1025"], "between 1 and 1024"),
+            (
+                ["--replay-cache-entries", "10000001"],
+                "between 0 and 10000000",
+            ),
+            (
+                ["--max-request-body", "2GiB"],
+                "--max-request-body (IDEMGATE_MAX_REQUEST_BODY) = \"2GiB\" is too large",
+            ),
+            (
+                ["--max-response-body", "1025MiB"],
+                "--max-response-body (IDEMGATE_MAX_RESPONSE_BODY) = \"1025MiB\"",
+            ),
+            (
+                ["--transient-statuses", "503,1000"],
+                "--transient-statuses (IDEMGATE_TRANSIENT_STATUSES): 1000 is not",
+            ),
+            (
+                ["--waiter-poll-min", "2s"],
+                "--waiter-poll-min (IDEMGATE_WAITER_POLL_MIN) = 2s is above --waiter-poll-max (IDEMGATE_WAITER_POLL_MAX) = 1s",
+            ),
+        ] {
+            let err = refusal(&f);
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+        let s = settings(&[
+            "--max-waiters",
+            "1",
+            "--replay-cache-entries",
+            "0",
+            "--max-request-body",
+            "1GiB",
+            "--max-response-body",
+            "0",
+            "--workers",
+            "1024",
+        ]);
+        assert_eq!(
+            (s.max_waiters, s.replay_cache_entries, s.workers),
+            (1, 0, 1024)
+        );
+        assert_eq!(default_route(&s).max_request_body, 1 << 30);
+    }
+
+    #[test]
+    fn a_shared_store_needs_an_explicit_namespace() {
+        for store in [
+            "redis://127.0.0.1:6379",
+            "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+            "postgres://app:secret@127.0.0.1/db",
+            "postgresql://127.0.0.1/db",
+        ] {
+            let err = refusal(&["--store", store]);
+            assert!(
+                err.contains("refusing to start") && err.contains("no namespace"),
+                "{err}"
+            );
+            assert!(err.contains("--namespace (IDEMGATE_NAMESPACE"), "{err}");
+            assert!(
+                err.contains("keeps its records with --namespace default"),
+                "{err}"
+            );
+            assert!(!err.contains("secret"), "the password stays out: {err}");
+            let s = settings(&["--store", store, "--namespace", " billing "]);
+            assert_eq!(s.namespace, "billing");
+            // `default`, said explicitly, is a decision: accepted.
+            assert_eq!(
+                settings(&["--store", store, "--namespace", "default"]).namespace,
+                "default"
+            );
+        }
+        let (_dir, path) = file("store = \"redis://127.0.0.1:6379\"\nnamespace = \"orders\"\n");
+        assert_eq!(settings(&["--config", &path]).namespace, "orders");
+        // A store of this process's own keeps the default.
+        for store in ["memory://", "file:./somewhere"] {
+            assert_eq!(settings(&["--store", store]).namespace, "default");
+        }
+        let err = refusal(&["--namespace", "  "]);
+        assert!(
+            err.contains("--namespace (IDEMGATE_NAMESPACE) is empty"),
+            "{err}"
+        );
+        let err = refusal(&["--namespace", &"x".repeat(256)]);
+        assert!(err.contains("at most 255 bytes"), "{err}");
+    }
+
+    #[test]
     fn flags_beat_the_file_and_the_file_beats_defaults() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        std::fs::write(
-            &path,
+        let (_dir, path) = file(
             r#"
 upstream = "http://127.0.0.1:1"
 listen = "127.0.0.1:7000"
@@ -662,14 +1438,8 @@ required = true
 canonical_json = true
 ignore_json_fields = ["/ts"]
 "#,
-        )
-        .unwrap();
-        let args = ServeArgs {
-            config: Some(path),
-            listen: Some("127.0.0.1:7001".parse().unwrap()),
-            ..ServeArgs::default()
-        };
-        let s = resolve(&args).unwrap();
+        );
+        let s = settings(&["--config", &path, "--listen", "127.0.0.1:7001"]);
         assert_eq!(s.listen.port(), 7001); // flag wins
         assert_eq!(s.admin_listen.port(), 9090); // default
         let route = s.routes.find(&Method::POST, "/pay/1").unwrap();
@@ -687,12 +1457,16 @@ ignore_json_fields = ["/ts"]
             ..ServeArgs::default()
         };
         assert!(resolve(&args).unwrap_err().to_string().contains("http://"));
-        let args = ServeArgs {
-            upstream: Some("http://127.0.0.1:1".into()),
-            concurrency: Some("maybe".into()),
-            ..ServeArgs::default()
-        };
-        assert!(format!("{:#}", resolve(&args).unwrap_err()).contains("wait or reject"));
+        let err = refusal(&["--concurrency", "maybe"]);
+        assert!(
+            err.contains("--concurrency (IDEMGATE_CONCURRENCY) must be wait or reject"),
+            "{err}"
+        );
+        let err = refusal(&["--log-format", "xml"]);
+        assert!(
+            err.contains("--log-format (IDEMGATE_LOG_FORMAT) must be text or json"),
+            "{err}"
+        );
     }
 
     #[test]

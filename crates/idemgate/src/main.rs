@@ -92,6 +92,7 @@ fn main() -> Result<()> {
             let settings = config::resolve(&args)?;
             init_logs(settings.json_logs);
             raise_fd_limit();
+            settings.warn_at_start_up();
             runtime.block_on(serve::run(settings))
         }
         Command::Keys { admin, command } => runtime.block_on(keys::run(&admin, command)),

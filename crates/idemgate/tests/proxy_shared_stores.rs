@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Http, Proxy, Upstream};
+use common::{Http, Proxy, Upstream, unique};
 use http::StatusCode;
 
 async fn two_instances_share_the_work(store: &str) {
@@ -72,14 +72,6 @@ async fn two_instances_on_postgres_execute_each_key_once() {
     if let Some(url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") {
         two_instances_share_the_work(&url).await;
     }
-}
-
-fn unique(prefix: &str) -> &'static str {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    Box::leak(format!("{prefix}-{}-{nanos}", std::process::id()).into_boxed_str())
 }
 
 /// Strict mode: instance A dies (SIGKILL) holding a key; the retry sent to instance B waits for
@@ -184,6 +176,8 @@ fn strict_mode_refuses_a_redis_that_may_lose_writes() {
             &url,
             "--recovery",
             "strict",
+            "--namespace",
+            common::TEST_NAMESPACE,
         ])
         .args(["--listen", &format!("127.0.0.1:{}", common::free_port())])
         .args([

@@ -60,6 +60,33 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `PREFIX-PID-NANOS`: a name no other run of the tests uses (keys and namespaces on a shared
+/// store outlive a run).
+pub fn unique(prefix: &str) -> &'static str {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    Box::leak(format!("{prefix}-{}-{nanos}", std::process::id()).into_boxed_str())
+}
+
+/// A config file holding `text`, and its path (the file lives as long as the directory).
+pub fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    (dir, path)
+}
+
+/// The namespace the tests' instances use on Redis and PostgreSQL.
+pub const TEST_NAMESPACE: &str = "idemgate-tests";
+
+/// Whether `idemgate serve` counts `store` as shared (and so needs an explicit namespace).
+pub fn shared_store(store: &str) -> bool {
+    store.starts_with("redis") || store.starts_with("postgres")
+}
+
 /// `idemgate serve` as a child process.
 pub struct Proxy {
     pub child: Child,
@@ -71,7 +98,8 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts the proxy with `args` after `serve`, on fresh ports, and waits until it logs that it
-    /// listens.
+    /// listens. On a shared store (Redis, PostgreSQL), which refuses to start without a namespace,
+    /// the namespace is [`TEST_NAMESPACE`] unless `args` or the environment set one.
     pub fn start(upstream: &str, store: &str, args: &[&str]) -> Self {
         Self::start_with_env(upstream, store, args, &[])
     }
@@ -141,6 +169,7 @@ impl Proxy {
             ])
             .args(args)
             .env("IDEMGATE_LOG", "info")
+            .envs(shared_store(store).then_some(("IDEMGATE_NAMESPACE", TEST_NAMESPACE)))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
