@@ -1367,6 +1367,8 @@ path = "/**"
             "0",
             "--max-request-body",
             "1GiB",
+            "--max-buffered-body-bytes",
+            "1GiB",
             "--max-response-body",
             "0",
             "--workers",
@@ -1492,6 +1494,7 @@ ignore_json_fields = ["/ts"]
             max_connections: Some(0),
             ..base
         };
-        assert!(format!("{:#}", resolve(&zero).unwrap_err()).contains("at least 1"));
+        let e = format!("{:#}", resolve(&zero).unwrap_err());
+        assert!(e.contains("max-connections") && e.contains("between 1 and"), "{e}");
     }
 }
