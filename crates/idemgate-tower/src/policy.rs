@@ -209,6 +209,15 @@ impl RoutePolicy {
         self
     }
 
+    /// Request headers whose values enter the fingerprint (trimmed, lower-cased).
+    pub fn fingerprint_headers(
+        mut self,
+        headers: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.fingerprint_headers = lower(headers);
+        self
+    }
+
     /// Transient statuses.
     pub fn transient_statuses(mut self, statuses: impl IntoIterator<Item = u16>) -> Self {
         self.transient_statuses = statuses.into_iter().collect();
@@ -239,10 +248,26 @@ impl RoutePolicy {
     }
 }
 
+/// Header names as the request/response maps spell them: trimmed and lower-cased, so that
+/// `"authorization, x-tenant-id"` split on commas still names `x-tenant-id` (a name that matches no
+/// header would silently merge every tenant into one scope). Empty entries are dropped.
+///
+/// # Panics
+///
+/// If an entry is not a valid header name: a configuration mistake, which must stop the service
+/// at start-up rather than weaken isolation. (`idemgate serve` validates its settings first and
+/// reports such a mistake as an error.)
 fn lower(items: impl IntoIterator<Item = impl Into<String>>) -> Vec<String> {
     items
         .into_iter()
-        .map(|h| h.into().to_ascii_lowercase())
+        .map(|h| h.into().trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+        .inspect(|h| {
+            assert!(
+                http::HeaderName::from_bytes(h.as_bytes()).is_ok(),
+                "invalid header name {h:?} in a route's header list"
+            );
+        })
         .collect()
 }
 
@@ -309,5 +334,22 @@ mod tests {
         );
         assert_eq!(routes.find(&Method::PATCH, "/pay/x").unwrap().name, "pay");
         assert!(routes.find(&Method::PUT, "/pay/x").is_none());
+    }
+
+    #[test]
+    fn header_lists_are_trimmed_and_lower_cased() {
+        let p = RoutePolicy::new("r", "/**")
+            .scope_headers(["Authorization", " X-Tenant-Id ", ""])
+            .deny_response_headers(["Set-Cookie ", " x-secret"])
+            .allow_response_headers([" Content-Type"]);
+        assert_eq!(p.scope_headers, ["authorization", "x-tenant-id"]);
+        assert_eq!(p.deny_response_headers, ["set-cookie", "x-secret"]);
+        assert_eq!(p.allow_response_headers, Some(vec!["content-type".to_owned()]));
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid header name")]
+    fn an_invalid_header_name_stops_the_configuration() {
+        let _ = RoutePolicy::new("r", "/**").scope_headers(["x tenant"]);
     }
 }
