@@ -83,11 +83,18 @@
 //! drained first (up to [`body::DRAIN_LIMIT`]), so the client can read the answer.
 
 pub mod body;
+mod future;
 pub mod headers;
+mod layer;
 pub mod policy;
 pub mod problem;
+mod protect;
+mod respond;
 mod service;
 pub mod upstream;
 
 pub use body::IdemBody;
-pub use service::{Idempotency, IdempotencyLayer, IdempotencyLayerBuilder, ResponseFuture};
+pub use future::ResponseFuture;
+pub use layer::{IdempotencyLayer, IdempotencyLayerBuilder};
+pub use respond::Answer;
+pub use service::Idempotency;

@@ -344,7 +344,10 @@ mod tests {
             .allow_response_headers([" Content-Type"]);
         assert_eq!(p.scope_headers, ["authorization", "x-tenant-id"]);
         assert_eq!(p.deny_response_headers, ["set-cookie", "x-secret"]);
-        assert_eq!(p.allow_response_headers, Some(vec!["content-type".to_owned()]));
+        assert_eq!(
+            p.allow_response_headers,
+            Some(vec!["content-type".to_owned()])
+        );
     }
 
     #[test]

@@ -1495,6 +1495,9 @@ ignore_json_fields = ["/ts"]
             ..base
         };
         let e = format!("{:#}", resolve(&zero).unwrap_err());
-        assert!(e.contains("max-connections") && e.contains("between 1 and"), "{e}");
+        assert!(
+            e.contains("max-connections") && e.contains("between 1 and"),
+            "{e}"
+        );
     }
 }

@@ -1,0 +1,235 @@
+//! A protected request: read its body (within the limits), derive the scoped key and the
+//! fingerprint, run the upstream call through the engine, and answer with [`respond`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{Request, Response};
+use http_body::Body;
+use idemgate_core::engine::Disposition;
+use idemgate_core::record::{Outcome, StoredResponse};
+use idemgate_core::{IdempotencyKey, Scope, ScopedKey, Store};
+use tokio::sync::OwnedSemaphorePermit;
+use tower_service::Service;
+
+use crate::body::{
+    BoxError, Budgeted, Collected, IdemBody, Prefixed, boxed, collect_budgeted, collect_limited,
+    drain, full,
+};
+use crate::headers::{IDEMPOTENCY_EPOCH, storable};
+use crate::layer::Shared;
+use crate::policy::{FailMode, RoutePolicy};
+use crate::problem::ProblemKind;
+use crate::respond::{Answer, Responded, respond};
+use crate::service::{count, limit_rejection, too_large};
+use crate::upstream::{Cause, UpstreamError};
+
+/// What the dispatched operation hands back to the engine.
+pub(crate) type UpstreamResult = Result<UpstreamResponse, UpstreamError>;
+
+/// A response from the inner service, read into memory when it fits.
+pub(crate) struct UpstreamResponse {
+    pub(crate) parts: http::response::Parts,
+    pub(crate) body: UpstreamBody,
+}
+
+pub(crate) enum UpstreamBody {
+    Buffered(Bytes),
+    /// Over the response limit: passed through once, not stored.
+    Streaming(IdemBody),
+}
+
+fn classifier(route: Arc<RoutePolicy>) -> impl Fn(&UpstreamResult) -> Disposition + Send + 'static {
+    move |result| match result {
+        Err(e) if e.is_not_sent() => Disposition::Release,
+        Err(_) => Disposition::Unknown,
+        Ok(r) if route.transient_statuses.contains(&r.parts.status.as_u16()) => {
+            Disposition::Release
+        }
+        Ok(r) => match &r.body {
+            UpstreamBody::Buffered(body) => Disposition::Store(Outcome::Response(StoredResponse {
+                status: r.parts.status.as_u16(),
+                headers: storable(
+                    &r.parts.headers,
+                    route.allow_response_headers.as_deref(),
+                    &route.deny_response_headers,
+                ),
+                body: body.clone(),
+            })),
+            UpstreamBody::Streaming(_) => Disposition::Store(Outcome::NotReplayable {
+                status: r.parts.status.as_u16(),
+                reason: format!(
+                    "response body over the {}-byte limit",
+                    route.max_response_body
+                ),
+            }),
+        },
+    }
+}
+
+async fn forward<I, ResB>(
+    mut inner: I,
+    req: Request<IdemBody>,
+    limit: usize,
+    timeout: Option<Duration>,
+) -> UpstreamResult
+where
+    I: Service<Request<IdemBody>, Response = Response<ResB>> + Send + 'static,
+    I::Future: Send + 'static,
+    I::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let exchange = async {
+        let res = inner
+            .call(req)
+            .await
+            .map_err(|e| UpstreamError::classify(e.into()))?;
+        let (parts, body) = res.into_parts();
+        match collect_limited(boxed(body), limit).await {
+            Ok(Collected::Complete(bytes)) => Ok(UpstreamResponse {
+                parts,
+                body: UpstreamBody::Buffered(bytes),
+            }),
+            Ok(Collected::Oversized { prefix, rest }) => Ok(UpstreamResponse {
+                parts,
+                body: UpstreamBody::Streaming(boxed(Prefixed::new(prefix, rest))),
+            }),
+            // The answer started but broke off: the upstream may have acted.
+            Err(e) => Err(UpstreamError::Sent(e)),
+        }
+    };
+    match timeout {
+        None => exchange.await,
+        Some(t) => match tokio::time::timeout(t, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::sent(
+                Cause::Timeout,
+                format!("no complete response within {t:?}"),
+            )),
+        },
+    }
+}
+
+pub(crate) async fn protect<I, S, ReqB, ResB>(
+    shared: Arc<Shared<S>>,
+    route: Arc<RoutePolicy>,
+    inner: I,
+    req: Request<ReqB>,
+    key: IdempotencyKey,
+    _permit: Option<OwnedSemaphorePermit>,
+) -> Result<Response<IdemBody>, BoxError>
+where
+    I: Service<Request<IdemBody>, Response = Response<ResB>> + Clone + Send + 'static,
+    I::Error: Into<BoxError>,
+    I::Future: Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    S: Store,
+{
+    let finish = |answer: Answer, res: Response<IdemBody>| {
+        count(answer, &route.name);
+        tracing::Span::current().record("outcome", answer.as_str());
+        tracing::debug!(status = res.status().as_u16(), "answered");
+        Ok(res)
+    };
+    let (parts, body) = req.into_parts();
+    // The reservation accounts for the body's memory for as long as a copy of the request may be
+    // sent (it moves into `request_for` below).
+    let (body, reservation) = match &shared.limits.body_budget {
+        None => match collect_limited(boxed(body), route.max_request_body).await? {
+            Collected::Complete(b) => (b, None),
+            Collected::Oversized { rest, .. } => {
+                drain(rest).await;
+                return finish(Answer::TooLarge, too_large(route.max_request_body));
+            }
+        },
+        Some(budget) => {
+            match collect_budgeted(boxed(body), route.max_request_body, budget).await? {
+                Budgeted::Complete(b, r) => (b, Some(r)),
+                Budgeted::Oversized(rest) => {
+                    drain(rest).await;
+                    return finish(Answer::TooLarge, too_large(route.max_request_body));
+                }
+                Budgeted::OverBudget(rest) => {
+                    drain(rest).await;
+                    limit_rejection("max_buffered_body_bytes");
+                    return finish(
+                        Answer::Overloaded,
+                        ProblemKind::overloaded(
+                            "max_buffered_body_bytes",
+                            "too many request body bytes are buffered right now; nothing was \
+                             forwarded, retry later",
+                        ),
+                    );
+                }
+            }
+        }
+    };
+    let reservation = Arc::new(reservation);
+    let credentials: Vec<&[u8]> = route
+        .scope_headers
+        .iter()
+        .map(|h| parts.headers.get(h).map_or(&b""[..], |v| v.as_bytes()))
+        .collect();
+    let scoped = ScopedKey::new(
+        shared.namespace.clone(),
+        Scope::for_principal(&route.name, &credentials),
+        key,
+    );
+    let fingerprint = {
+        let mut b = route
+            .fingerprint
+            .builder()
+            .method(parts.method.as_str())
+            .path(parts.uri.path())
+            .query(parts.uri.query().unwrap_or(""));
+        for name in &route.fingerprint_headers {
+            for value in parts.headers.get_all(name) {
+                b = b.header(name, value.as_bytes());
+            }
+        }
+        b.body(&body).finish()
+    };
+    let fallback = (route.fail_mode == FailMode::Open).then(|| inner.clone());
+    let request_for = {
+        let parts = parts.clone();
+        let body = body.clone();
+        move |epoch: u64| {
+            let _accounted = &reservation;
+            let mut req = Request::from_parts(parts, full(body));
+            req.headers_mut()
+                .insert(IDEMPOTENCY_EPOCH, HeaderValue::from(epoch));
+            req
+        }
+    };
+    let (limit, timeout) = (route.max_response_body, shared.response_timeout);
+    let result = shared
+        .engine
+        .run(
+            &scoped,
+            fingerprint,
+            &route.engine,
+            classifier(route.clone()),
+            {
+                let request_for = request_for.clone();
+                move |dispatch| forward(inner, request_for(dispatch.epoch), limit, timeout)
+            },
+        )
+        .await;
+    match respond(result, &route, &scoped) {
+        Responded::Answer(answer, response) => finish(answer, response),
+        Responded::ForwardUnprotected => {
+            let mut inner = fallback.ok_or("fail-open answer without a fallback")?;
+            futures_util::future::poll_fn(|cx| inner.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+            let res = inner.call(request_for(0)).await.map_err(Into::into)?;
+            finish(Answer::StoreError, res.map(boxed))
+        }
+    }
+}
