@@ -37,7 +37,7 @@
 //!
 //! ## Guarantees
 //!
-//! Those of the store opened (the [`Store`](idemgate_core::Store) contract), plus: every
+//! Those of the store opened (the [`Store`] contract), plus: every
 //! operation through [`Opened::stack`] answers within its deadline (a `Timeout` error after it;
 //! a write that timed out may still have been applied, which the contract already allows). The
 //! replay cache holds completed records only, and a record deleted through another instance may

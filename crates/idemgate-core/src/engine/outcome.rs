@@ -1,4 +1,4 @@
-//! What [`Engine::run`](super::Engine::run) returns: [`Execution`], [`Recorded`], the error type,
+//! What [`Engine::run`](super::Engine::run)(super::Engine::run) returns: [`Execution`], [`Recorded`], the error type,
 //! and the counters.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -23,7 +23,7 @@ pub enum Recorded {
     Failed(ErrorKind),
 }
 
-/// The result of [`Engine::run`].
+/// The result of [`Engine::run`](super::Engine::run).
 #[derive(Debug)]
 pub enum Execution<T> {
     /// This call ran the operation.
@@ -59,7 +59,7 @@ pub enum Execution<T> {
     },
 }
 
-/// Why [`Engine::run`] failed.
+/// Why [`Engine::run`](super::Engine::run) failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EngineError {

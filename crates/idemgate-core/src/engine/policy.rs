@@ -10,12 +10,12 @@ use crate::record::Outcome;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Concurrency {
     /// Hold the retry until the first completes (then replay), at most `timeout`; after that answer
-    /// [`Execution::InFlight`].
+    /// [`Execution::InFlight`](super::Execution::InFlight).
     Wait {
         /// Longest wait.
         timeout: Duration,
     },
-    /// Answer [`Execution::InFlight`] at once.
+    /// Answer [`Execution::InFlight`](super::Execution::InFlight) at once.
     Reject,
 }
 
