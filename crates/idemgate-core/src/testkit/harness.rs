@@ -119,14 +119,25 @@ impl<S: Store + Clone> Harness for ServerClockHarness<S> {
 /// reference model, and (for stores with a server) a check that an unreachable server is an
 /// `Unavailable` error, not a panic or a hang.
 ///
-/// ```ignore
-/// idemgate_core::store_suite! {
-///     harness: harness(),                       // async, Option<impl Harness>; None = no server
-///     model_cases: 128,
-///     regressions: "tests/proptest-regressions/model_redis.txt",
-///     unreachable: RedisStore::connect("redis://127.0.0.1:1"),   // optional
-///     ignore_if: no_redis, "IDEMGATE_TEST_REDIS_URL is not set", // optional, a cfg
+/// ```no_run
+/// use idemgate_core::testkit::harness::ManualClockHarness;
+/// use idemgate_core::{ManualClock, MemoryStore};
+///
+/// async fn harness() -> Option<ManualClockHarness<MemoryStore>> {
+///     let clock = ManualClock::new(1_700_000_000_000);
+///     let store = MemoryStore::builder().clock(clock.clone()).build();
+///     Some(ManualClockHarness::new(store, clock))
 /// }
+///
+/// idemgate_core::store_suite! {
+///     harness: harness(),             // async, Option<impl Harness>; None = no server
+///     model_cases: 128,
+///     regressions: "tests/proptest-regressions/model_memory.txt",
+///     // For a store with a server, also:
+///     //   unreachable: RedisStore::connect("redis://127.0.0.1:1"),
+///     //   ignore_if: no_redis, "IDEMGATE_TEST_REDIS_URL is not set",
+/// }
+/// # fn main() {}
 /// ```
 ///
 /// With `ignore_if`, every test is `#[ignore]`d when the cfg is set (a build script sets it when
