@@ -107,6 +107,26 @@ struct Shared {
     clock: Arc<dyn Clock>,
 }
 
+impl Shared {
+    fn forget(&self, key: &StoreKey) {
+        let mut shard = self.shards[key.0[1] as usize % SHARDS].lock();
+        shard.copies.remove(key);
+        shard.generation = shard.generation.wrapping_add(1);
+    }
+}
+
+/// Forgets a key when dropped: the second half of a delete, run even if the delete is cancelled.
+struct ForgetOnDrop<'a> {
+    shared: &'a Shared,
+    key: StoreKey,
+}
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.shared.forget(&self.key);
+    }
+}
+
 impl<S> std::fmt::Debug for CachedStore<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CachedStore")
@@ -177,9 +197,7 @@ impl<S: Store> CachedStore<S> {
 
     /// Drops the copy of `key` and makes every read already under way in its shard uncacheable.
     fn forget(&self, key: &StoreKey) {
-        let mut shard = self.shard(key).lock();
-        shard.copies.remove(key);
-        shard.generation = shard.generation.wrapping_add(1);
+        self.shared.forget(key);
     }
 
     /// Records cached right now.
@@ -263,12 +281,14 @@ impl<S: Store> Store for CachedStore<S> {
     }
 
     async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
-        // Before: no copy answers from now on. After: no read that overlapped the delete caches
-        // what it saw before it.
+        // Before: no copy answers from now on. After (also when this call is cancelled midway,
+        // through the guard): no read that overlapped the delete caches what it saw before it.
         self.forget(key);
-        let out = self.inner.delete(key, mode).await;
-        self.forget(key);
-        out
+        let _after = ForgetOnDrop {
+            shared: &self.shared,
+            key: *key,
+        };
+        self.inner.delete(key, mode).await
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {

@@ -79,11 +79,13 @@ impl<C: Clock + ?Sized> Clock for Arc<C> {
 /// Wall-clock time that never steps within a process: the operating system's wall clock read
 /// once (at the first use), then advanced by the monotonic clock.
 ///
-/// Leases are judged by this clock in stores without a clock of their own (memory, redb), so an
-/// NTP step or an operator's `date -s` cannot expire a live lease early (or keep a dead one
-/// alive) inside a running process. The price: over a long uptime it drifts from the wall clock
-/// by whatever the wall clock was stepped (slewing adjusts both alike). A restart re-anchors it,
-/// which is why records persisted by redb carry wall-clock times.
+/// The memory store judges leases and expiry by this clock, so an NTP step or an operator's
+/// `date -s` cannot expire a live lease early (or keep a dead one alive) inside a running process.
+/// The price: over a long uptime it drifts from the wall clock by whatever the wall clock was
+/// stepped (slewing adjusts both alike) — harmless for records that die with the process.
+/// Stores that persist records across restarts (redb) use [`WallClock`] instead, so their
+/// timestamps mean the same after a restart; the engine keeps their live leases safe from clock
+/// steps another way (it never takes over a holder running in its own process).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
 
@@ -102,6 +104,17 @@ pub fn wall_clock() -> Timestamp {
         .map(|d| d.as_millis())
         .unwrap_or(0);
     Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
+/// The operating system's wall clock, as is: what a store that persists records across restarts
+/// must write (see [`SystemClock`] for the in-process alternative that never steps).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WallClock;
+
+impl Clock for WallClock {
+    fn now(&self) -> Timestamp {
+        wall_clock()
+    }
 }
 
 impl Clock for SystemClock {

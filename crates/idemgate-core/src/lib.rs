@@ -95,7 +95,7 @@ pub mod sweeper;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use clock::{Clock, ManualClock, SystemClock, Timestamp, TokioClock};
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp, TokioClock, WallClock};
 pub use engine::{Engine, EngineBuilder, EngineError};
 pub use error::{ErrorKind, StoreError};
 pub use fingerprint::{Fingerprint, FingerprintOptions};

@@ -19,9 +19,10 @@
 //! - At most `max_records` records (default 1,000,000) and roughly `max_bytes` of keys, labels and
 //!   payloads (default 1 GiB). When either bound is reached, a claim of a new key first purges the
 //!   expired records of the next shards in turn until one frees something (at most
-//!   [`PURGE_SHARDS_PER_CLAIM`] = 4 of the 64: bounded work, never a sweep of the whole store on
-//!   a request; so a store whose expired records sit in few shards may refuse a few claims
-//!   while it recycles); if the store is still full, it fails with
+//!   [`PURGE_SHARDS_PER_CLAIM`] = 4 of the 64, and at most [`SCAN_BUDGET`] entries of each,
+//!   resuming where the last scan stopped: bounded work even for keys steered into one shard,
+//!   never a sweep of the whole store on a request; so a store whose expired records sit in few
+//!   shards may refuse a few claims while it recycles); if the store is still full, it fails with
 //!   [`ErrorKind::Capacity`] (the proxy answers `503` problem `store-full` with `Retry-After`). In-flight and
 //!   unexpired records are never evicted. `complete` is always accepted for a held key, so the
 //!   byte bound can be overshot by the bodies of operations already in flight. There is no
@@ -66,12 +67,16 @@ const SHARD_BITS: u32 = 6;
 const SHARDS: usize = 1 << SHARD_BITS;
 /// Most shards a claim on a full store purges before it gives up (see the module docs).
 pub const PURGE_SHARDS_PER_CLAIM: usize = 4;
+/// Most entries of a shard one of those purges looks at (resuming where the last one stopped).
+pub const SCAN_BUDGET: usize = 4_096;
 /// Largest page [`MemoryStore`] returns from `list`.
 pub const MAX_LIST_PAGE: usize = 1_000;
 
 #[derive(Default)]
 struct Shard {
     records: BTreeMap<StoreKey, Slot>,
+    /// Where the next bounded scan of a full store resumes (`None`: from the start).
+    scan_from: Option<StoreKey>,
 }
 
 /// One stored record, with its expiry time beside it so that purging scans only the map's own
@@ -309,6 +314,40 @@ impl MemoryStore {
         expired.len()
     }
 
+    /// Removes the expired records among the next [`SCAN_BUDGET`] entries of one shard, resuming
+    /// where the previous call stopped: bounded work even when a client steers all its keys into
+    /// one shard.
+    fn purge_some(&self, index: usize, now: Timestamp) -> usize {
+        let inner = &self.inner;
+        let mut shard = inner.shards[index].lock();
+        let lower = match shard.scan_from {
+            Some(k) => Bound::Excluded(k),
+            None => Bound::Unbounded,
+        };
+        let mut seen = 0;
+        let mut last = None;
+        let mut expired = Vec::new();
+        for (key, slot) in shard
+            .records
+            .range((lower, Bound::Unbounded))
+            .take(SCAN_BUDGET)
+        {
+            seen += 1;
+            last = Some(*key);
+            if slot.is_expired(now) {
+                expired.push(*key);
+            }
+        }
+        shard.scan_from = if seen < SCAN_BUDGET { None } else { last };
+        for key in &expired {
+            if let Some(old) = shard.records.remove(key) {
+                inner.records.fetch_sub(1, Ordering::Relaxed);
+                inner.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
+            }
+        }
+        expired.len()
+    }
+
     fn full(&self) -> bool {
         self.len() >= self.inner.max_records || self.bytes() >= self.inner.max_bytes
     }
@@ -340,7 +379,7 @@ impl MemoryStore {
                 return;
             }
             let index = inner.purge_cursor.fetch_add(1, Ordering::Relaxed) % SHARDS;
-            if self.purge_shard(index, now, usize::MAX) > 0 {
+            if self.purge_some(index, now) > 0 {
                 inner.fruitless.store(0, Ordering::Relaxed);
                 return;
             }

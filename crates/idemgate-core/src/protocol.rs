@@ -238,6 +238,12 @@ pub fn delete(
         )
     };
     match (&record.state, mode) {
+        // A revoked record has no holder left to fence: it goes.
+        (RecordState::InFlight { fencing, .. }, DeleteMode::Finished | DeleteMode::Force)
+            if fencing.is_revoked() =>
+        {
+            (Write::Delete, DeleteOutcome::Deleted)
+        }
         (RecordState::InFlight { fencing, .. }, DeleteMode::Force) => {
             let mut next = record.clone();
             next.state = RecordState::InFlight {
@@ -252,6 +258,9 @@ pub fn delete(
             (Write::Put(next), DeleteOutcome::Revoked { epoch })
         }
         (RecordState::InFlight { .. }, _) => refused(),
+        // Force revokes only: an outcome that landed meanwhile (the operator saw it in flight)
+        // is kept, so a retry replays it instead of running again.
+        (_, DeleteMode::Force) => refused(),
         (RecordState::Completed { .. }, DeleteMode::Unknown) => refused(),
         _ => (Write::Delete, DeleteOutcome::Deleted),
     }

@@ -142,14 +142,18 @@ pub enum TakeOverOutcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DeleteMode {
     /// Only a finished record (completed or outcome-unknown); an in-flight record is refused,
-    /// so a delete never lets a second dispatch start while the first runs.
+    /// so a delete never lets a second dispatch start while the first runs (a revoked one, whose
+    /// holder is fenced off already, is removed).
     Finished,
     /// Only an outcome-unknown record (an operator's "it did not take effect"): one
     /// compare-and-set, so a record that expired and was claimed again meanwhile is left alone.
     Unknown,
-    /// Any record. An in-flight one is not removed but *revoked*: its token becomes
+    /// Only an in-flight record, which is not removed but *revoked*: its token becomes
     /// [`Fencing::REVOKED`] and its lease ends now, so the holder loses every later
-    /// compare-and-set and the next claimer takes over at epoch + 1 — never epoch 1 again.
+    /// compare-and-set and the next claimer takes over at epoch + 1 — never epoch 1 again. A
+    /// record that finished meanwhile is refused (its outcome is kept for replays).
+    ///
+    /// In every mode, a record already revoked (no holder left) is removed.
     Force,
 }
 

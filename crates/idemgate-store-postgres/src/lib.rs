@@ -686,8 +686,10 @@ impl Store for PostgresStore {
     }
 
     async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
-        // One statement: remove what the mode allows (and any expired row), revoke an in-flight
-        // row under `force`, and return the row as it was so that a refusal can show it.
+        // One statement: remove what the mode allows (and any expired row, and a row already
+        // revoked unless the mode is `u`), revoke an in-flight row under `force`, and return the
+        // row as it was so that a refusal can show it. A row in a state no build knows (state
+        // not 1, 2 or 3) goes under `f` and `u`, so administrators can always remove it.
         // Parameters: $1 key, $2 mode ('f', 'u' or 'x'), $3 revoked token, $4 revoked owner.
         let sql = format!(
             "WITH n AS (SELECT {NOW} AS now),
@@ -695,11 +697,14 @@ impl Store for PostgresStore {
                      WHERE r.store_key = $1 FOR UPDATE),
              del AS (DELETE FROM idemgate_records r USING cur
                      WHERE r.store_key = $1 AND (NOT cur.live
-                        OR (cur.state <> 1 AND NOT ($2 = 'u' AND cur.state = 2)))
+                        OR (cur.state = 1 AND cur.token = $3 AND $2 <> 'u')
+                        OR (cur.state <> 1 AND $2 = 'f')
+                        OR (cur.state <> 1 AND cur.state <> 2 AND $2 = 'u'))
                      RETURNING r.store_key),
              rev AS (UPDATE idemgate_records r SET token = $3, owner = $4, lease_expires_at = n.now
                      FROM cur, n
-                     WHERE r.store_key = $1 AND cur.live AND cur.state = 1 AND $2 = 'x'
+                     WHERE r.store_key = $1 AND cur.live AND cur.state = 1 AND cur.token <> $3
+                       AND $2 = 'x'
                      RETURNING r.store_key)
              SELECT CASE WHEN NOT cur.live THEN 0
                          WHEN EXISTS (SELECT 1 FROM del) THEN 1

@@ -12,7 +12,10 @@
 //!   answers every caller of the batch. Durability costs one fsync per batch, not per request.
 //! - **Reads** (`get`, `list`, and `claim` of a key that already has a live record) use read
 //!   transactions on the caller's thread and never wait for the writer.
-//! - **Expiry** uses the injected [`Clock`] (the system clock by default) and an expiry index
+//! - **Expiry** uses the injected [`Clock`] (by default the plain wall clock, [`WallClock`], so
+//!   that persisted times mean the same after a restart; within a process the engine never takes
+//!   over a lease its own process holds, so a wall-clock step cannot run a live request twice) and
+//!   an expiry index
 //!   `(expires_at, key)`; [`Store::purge_expired`] walks it in order, bounded by its `limit`; run it
 //!   with [`idemgate_core::sweeper::spawn_sweeper`].
 //! - **Exclusive.** The file is locked: a second process (or a second open in this process) gets an
@@ -73,7 +76,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use idemgate_core::clock::{Clock, SystemClock, Timestamp};
+use idemgate_core::clock::{Clock, Timestamp, WallClock};
 use idemgate_core::error::{ErrorKind, StoreError};
 use idemgate_core::key::StoreKey;
 use idemgate_core::protocol::{self, Write};
@@ -104,7 +107,7 @@ pub struct RedbStoreBuilder {
 }
 
 impl RedbStoreBuilder {
-    /// The clock that decides expiry (default: the system clock).
+    /// The clock that decides expiry (default: [`WallClock`]).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
         self
@@ -454,7 +457,7 @@ impl RedbStore {
     pub fn builder(path: impl AsRef<Path>) -> RedbStoreBuilder {
         RedbStoreBuilder {
             path: path.as_ref().to_path_buf(),
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(WallClock),
             max_batch: 256,
             queue_capacity: 8_192,
         }

@@ -423,8 +423,16 @@ fn decode_hash(value: Value) -> Result<Option<Record>, StoreError> {
         b"i" => RecordState::InFlight {
             fencing: Fencing {
                 epoch,
-                token: u128::from_str_radix(&text(&map, "tk")?, 16)
-                    .map_err(|_| corrupt("token is not hex"))?,
+                token: {
+                    // Exactly as `token_hex` writes it, so that a compare-and-set with the token
+                    // read back always matches the stored field.
+                    let tk = text(&map, "tk")?;
+                    if tk.len() != 32 || !tk.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                    {
+                        return Err(corrupt("token is not 32 lower-case hex digits"));
+                    }
+                    u128::from_str_radix(&tk, 16).map_err(|_| corrupt("token is not hex"))?
+                },
             },
             owner: text(&map, "ow")?,
             lease_expires_at: Timestamp(number(&map, "le")?),

@@ -164,10 +164,11 @@ return {now, {}}
     )
 }
 
-/// ARGV: mode (`f` finished only, `u` outcome-unknown only, `x` force), revoked token, revoked
-/// owner, channel → `{0, now}` absent (an expired record is removed), `{1, now}` deleted,
-/// `{2, now, epoch}` in flight and revoked (token and lease replaced; published, so waiters take
-/// over at once), `{3, now, HGETALL}` refused.
+/// ARGV: mode (`f` finished only, `u` outcome-unknown only, `x` force: revoke an in-flight
+/// record), revoked token, revoked owner, channel → `{0, now}` absent (an expired record is
+/// removed), `{1, now}` deleted (a finished record, or one already revoked), `{2, now, epoch}` in
+/// flight and revoked (token and lease replaced; published, so waiters take over at once),
+/// `{3, now, HGETALL}` refused.
 pub fn delete() -> Script {
     script(
         r#"
@@ -176,8 +177,12 @@ if not live(now) then
   redis.call('DEL', KEYS[1])
   return {0, now}
 end
-local f = redis.call('HMGET', KEYS[1], 'st', 'ep')
+local f = redis.call('HMGET', KEYS[1], 'st', 'ep', 'tk')
 if f[1] == 'i' then
+  if f[3] == ARGV[2] and ARGV[1] ~= 'u' then
+    redis.call('DEL', KEYS[1])
+    return {1, now}
+  end
   if ARGV[1] == 'x' then
     redis.call('HSET', KEYS[1], 'tk', ARGV[2], 'ow', ARGV[3], 'le', fmt(now))
     redis.call('PUBLISH', ARGV[4], KEYS[1])
@@ -185,7 +190,7 @@ if f[1] == 'i' then
   end
   return {3, now, redis.call('HGETALL', KEYS[1])}
 end
-if f[1] == 'c' and ARGV[1] == 'u' then
+if ARGV[1] == 'x' or (f[1] == 'c' and ARGV[1] == 'u') then
   return {3, now, redis.call('HGETALL', KEYS[1])}
 end
 redis.call('DEL', KEYS[1])

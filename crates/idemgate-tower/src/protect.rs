@@ -11,7 +11,6 @@ use http_body::Body;
 use idemgate_core::engine::Disposition;
 use idemgate_core::record::{Outcome, StoredResponse};
 use idemgate_core::{IdempotencyKey, Scope, ScopedKey, Store};
-use tokio::sync::OwnedSemaphorePermit;
 use tower_service::Service;
 
 use crate::body::{
@@ -119,7 +118,6 @@ pub(crate) async fn protect<I, S, ReqB, ResB>(
     inner: I,
     req: Request<ReqB>,
     key: IdempotencyKey,
-    _permit: Option<OwnedSemaphorePermit>,
 ) -> Result<Response<IdemBody>, BoxError>
 where
     I: Service<Request<IdemBody>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -171,11 +169,32 @@ where
         }
     };
     let reservation = Arc::new(reservation);
+    // A slot among the protected requests in progress, now that the body is here.
+    let permit = match &shared.limits.concurrent {
+        None => None,
+        Some(slots) => match slots.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                limit_rejection("max_concurrent_requests");
+                return finish(
+                    Answer::Overloaded,
+                    ProblemKind::overloaded(
+                        "max_concurrent_requests",
+                        "too many protected requests in progress; nothing was forwarded, retry \
+                         later",
+                    ),
+                );
+            }
+        },
+    };
     let credentials: Vec<&[u8]> = route
         .scope_headers
         .iter()
         .map(|h| parts.headers.get(h).map_or(&b""[..], |v| v.as_bytes()))
         .collect();
+    if !route.scope_headers.is_empty() && credentials.iter().all(|c| c.is_empty()) {
+        unscoped(&route);
+    }
     let scoped = ScopedKey::new(
         shared.namespace.clone(),
         Scope::for_principal(&route.name, &credentials),
@@ -196,6 +215,7 @@ where
         b.body(&body).finish()
     };
     let fallback = (route.fail_mode == FailMode::Open).then(|| inner.clone());
+    let held = (permit, reservation.clone());
     let request_for = {
         let parts = parts.clone();
         let body = body.clone();
@@ -217,7 +237,16 @@ where
             classifier(route.clone()),
             {
                 let request_for = request_for.clone();
-                move |dispatch| forward(inner, request_for(dispatch.epoch), limit, timeout)
+                // The slot among protected requests and the body's byte reservation go with the
+                // upstream call, which runs on in its own task when the client goes away: the
+                // limits count what is really in memory and in flight.
+                move |dispatch| {
+                    let req = request_for(dispatch.epoch);
+                    async move {
+                        let _held = held;
+                        forward(inner, req, limit, timeout).await
+                    }
+                }
             },
         )
         .await;
@@ -231,5 +260,20 @@ where
             let res = inner.call(request_for(0)).await.map_err(Into::into)?;
             finish(Answer::StoreError, res.map(boxed))
         }
+    }
+}
+
+/// A protected request that carries none of its route's scope headers: it shares one anonymous
+/// scope with every other such request (a key reused by two such callers replays one's answer to
+/// the other). Counted in `idemgate_unscoped_requests_total{route}`, and warned about once per
+/// process: an API that authenticates by another header should list it in `scope_headers`.
+fn unscoped(route: &RoutePolicy) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    metrics::counter!("idemgate_unscoped_requests_total", "route" => route.name.clone())
+        .increment(1);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(route = %route.name, scope_headers = ?route.scope_headers,
+            "a protected request carries none of the scope headers: such requests share one \
+             scope (list the header your API authenticates by in scope_headers)");
     }
 }

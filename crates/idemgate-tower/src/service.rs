@@ -11,7 +11,6 @@ use http::header::CONTENT_LENGTH;
 use http::{Request, Response};
 use http_body::Body;
 use idemgate_core::{IdempotencyKey, Store};
-use tokio::sync::OwnedSemaphorePermit;
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -118,7 +117,7 @@ where
                 count(answer, &route.name);
                 ResponseFuture::refuse(req, response)
             }
-            Admission::Protect { route, key, permit } => {
+            Admission::Protect { route, key } => {
                 // Debug level: at the default `info` the span is disabled and costs nothing per
                 // request (formatting its fields was ~8% of a replay's CPU); warnings carry route
                 // and key.
@@ -126,7 +125,7 @@ where
                     route = %route.name, method = %req.method(), path = %req.uri().path(),
                     key = %key, outcome = tracing::field::Empty);
                 let shared = self.shared.clone();
-                let fut = protect(shared, route, inner, req, key, permit).instrument(span);
+                let fut = protect(shared, route, inner, req, key).instrument(span);
                 ResponseFuture::protected(Box::pin(fut))
             }
         }
@@ -150,12 +149,12 @@ pub(crate) enum Admission {
     Protect {
         route: Arc<RoutePolicy>,
         key: IdempotencyKey,
-        permit: Option<OwnedSemaphorePermit>,
     },
 }
 
 /// The admission step: route, key header (exactly one, well-formed), required flag, declared
-/// length, and a slot among the protected requests in progress.
+/// length. (The slot among protected requests in progress is taken once the body has arrived,
+/// so slow uploads cannot hold every slot.)
 pub(crate) fn admit<S, B>(shared: &Shared<S>, req: &Request<B>) -> Admission {
     let Some(route) = shared
         .routes
@@ -202,21 +201,7 @@ pub(crate) fn admit<S, B>(shared: &Shared<S>, req: &Request<B>) -> Admission {
         let res = too_large(route.max_request_body);
         return refuse(route, Answer::TooLarge, res);
     }
-    let permit = match &shared.limits.concurrent {
-        None => None,
-        Some(slots) => match slots.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                limit_rejection("max_concurrent_requests");
-                let res = ProblemKind::overloaded(
-                    "max_concurrent_requests",
-                    "too many protected requests in progress; nothing was forwarded, retry later",
-                );
-                return refuse(route, Answer::Overloaded, res);
-            }
-        },
-    };
-    Admission::Protect { route, key, permit }
+    Admission::Protect { route, key }
 }
 
 /// `413` for a body over `limit` bytes.

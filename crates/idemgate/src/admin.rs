@@ -193,10 +193,12 @@ struct DeleteParams {
     force: bool,
 }
 
-/// `DELETE /api/keys/{store_key}[?force=true]`: removes a finished record. An in-flight record
-/// is refused with 409 (deleting it would let a retry run while the first request still runs,
-/// at the same epoch); with `force=true` it is revoked instead: the holder is fenced off and the
-/// next retry runs at epoch + 1.
+/// `DELETE /api/keys/{store_key}[?force=true]`: removes a finished record (or one already
+/// revoked). An in-flight record is refused with 409 (deleting it would let a retry run while
+/// the first request still runs, at the same epoch); `force=true` revokes an in-flight record
+/// instead: the holder is fenced off and the next retry runs at epoch + 1 (the first may still be
+/// running upstream). With `force=true` a record that finished meanwhile is refused (409), so a
+/// late force never throws away an outcome retries should replay.
 async fn delete_key(
     State(s): State<AdminState>,
     Path(hex): Path<String>,
@@ -227,12 +229,21 @@ async fn delete_key(
             }))
             .into_response()
         }
+        Ok(DeleteOutcome::Refused { current }) if p.force => problem(
+            StatusCode::CONFLICT,
+            format!(
+                "the record is {} now, not in flight: ?force=true only revokes a running \
+                 request, and this outcome is kept for replays (delete it without force to \
+                 remove it)",
+                current.state.name()
+            ),
+        ),
         Ok(DeleteOutcome::Refused { current }) => problem(
             StatusCode::CONFLICT,
             format!(
                 "the record is {}: deleting it would let a retry run while the first request \
                  still runs; wait for it, or delete with ?force=true to revoke it (the next \
-                 retry then runs at epoch + 1)",
+                 retry then runs at epoch + 1, while the first may still be running upstream)",
                 current.state.name()
             ),
         ),

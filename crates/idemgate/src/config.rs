@@ -138,7 +138,8 @@ pub struct ServeArgs {
     #[arg(long, env = "IDEMGATE_WORKERS")]
     pub workers: Option<usize>,
     /// Deadline of every store operation; past it a request gets 503 store-unavailable (nothing
-    /// forwarded) and a renewal is retried [default: 3s; 10ms to 60s].
+    /// forwarded) and a renewal is retried [default: 3s, or 3/10 of a shorter lease; 10ms to 60s,
+    /// under lease_ttl/3].
     #[arg(long, env = "IDEMGATE_STORE_TIMEOUT")]
     pub store_timeout: Option<String>,
 
@@ -925,6 +926,36 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
             route.max_request_body
         );
     }
+    let lease_ttl = dur(given!(lease_ttl), "10s", &LEASE_TTL)?;
+    // A store answer slower than a renewal interval could let a lease lapse before its first
+    // renewal (the engine gives such a key back rather than dispatch on it): keep the deadline
+    // under lease/3; by default 3 s, or 3/10 of shorter leases.
+    let store_timeout = match layers.pick(given!(store_timeout)) {
+        None => Duration::from_secs(3).min(lease_ttl * 3 / 10),
+        Some((text, name)) => {
+            let d = checked_duration(&name, text, &STORE_TIMEOUT)?;
+            if d >= lease_ttl / 3 {
+                bail!(
+                    "{name} = {} must be under a third of lease_ttl ({}): a store answer that \
+                     slow could let a lease lapse before its first renewal",
+                    show(d),
+                    show(lease_ttl)
+                );
+            }
+            d
+        }
+    };
+    let connect_timeout = dur(given!(connect_timeout), "5s", &UPSTREAM_TIMEOUT)?;
+    let response_timeout = dur(given!(response_timeout), "60s", &UPSTREAM_TIMEOUT)?;
+    if response_timeout <= connect_timeout {
+        bail!(
+            "response_timeout ({}) must be longer than connect_timeout ({}): connecting counts \
+             against the response timeout, and a request that timed out while connecting would \
+             be reported outcome-unknown although it never left",
+            show(response_timeout),
+            show(connect_timeout)
+        );
+    }
     Ok(Settings {
         upstream_idle_timeout,
         header_read_timeout,
@@ -943,9 +974,9 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
         store,
         namespace,
-        lease_ttl: dur(given!(lease_ttl), "10s", &LEASE_TTL)?,
-        connect_timeout: dur(given!(connect_timeout), "5s", &UPSTREAM_TIMEOUT)?,
-        response_timeout: dur(given!(response_timeout), "60s", &UPSTREAM_TIMEOUT)?,
+        lease_ttl,
+        connect_timeout,
+        response_timeout,
         drain_timeout: dur(given!(drain_timeout), "30s", &DRAIN_TIMEOUT)?,
         json_logs: log_format == "json",
         max_waiters: layers
@@ -961,7 +992,7 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
             None => std::thread::available_parallelism().map_or(1, usize::from),
         },
         routes,
-        store_timeout: dur(given!(store_timeout), "3s", &STORE_TIMEOUT)?,
+        store_timeout,
     })
 }
 
@@ -1499,5 +1530,20 @@ ignore_json_fields = ["/ts"]
             e.contains("max-connections") && e.contains("between 1 and"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn deadlines_are_checked_against_each_other() {
+        let s = settings(&["--lease-ttl", "1s"]);
+        assert_eq!(
+            s.store_timeout,
+            Duration::from_millis(300),
+            "3/10 of the lease by default"
+        );
+        assert_eq!(settings(&[]).store_timeout, Duration::from_secs(3));
+        let e = refusal(&["--lease-ttl", "3s", "--store-timeout", "1s"]);
+        assert!(e.contains("under a third of lease_ttl"), "{e}");
+        let e = refusal(&["--connect-timeout", "5s", "--response-timeout", "3s"]);
+        assert!(e.contains("must be longer than connect_timeout"), "{e}");
     }
 }

@@ -39,8 +39,9 @@ pub enum KeysCommand {
     Delete {
         /// The 64-hex store key.
         store_key: String,
-        /// Also revoke an in-flight record: its holder is fenced off and the next retry runs
-        /// again at epoch + 1 (the first run may still be under way upstream).
+        /// Revoke an in-flight record instead: its holder is fenced off and the next retry runs
+        /// again at epoch + 1 (the first run may still be under way upstream). A record that
+        /// finished meanwhile is then refused, never deleted.
         #[arg(long)]
         force: bool,
     },

@@ -27,10 +27,13 @@ use crate::record::{Fencing, Outcome};
 use crate::store::{CasOutcome, Store};
 
 impl<S: Store> Engine<S> {
+    /// Runs the operation under the lease `fencing`, acquired by a call sent at `sent` (the
+    /// first renewal is due a renew interval after that, not after the reply).
     pub(super) async fn execute<T, C, F, Fut>(
         &self,
         key: StoreKey,
         fencing: Fencing,
+        sent: tokio::time::Instant,
         policy: Policy,
         classify: C,
         operation: F,
@@ -52,8 +55,12 @@ impl<S: Store> Engine<S> {
             let work = async {
                 let classify = classify; // owned by this future, which is not shared
                 let result = AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| ());
+                // A panicking classifier must not leave the key in flight: unknown.
                 let disposition = match &result {
-                    Ok(value) => classify.classify(value),
+                    Ok(value) => {
+                        std::panic::catch_unwind(AssertUnwindSafe(|| classify.classify(value)))
+                            .unwrap_or(Disposition::Unknown)
+                    }
                     Err(()) => Disposition::Unknown,
                 };
                 engine.inner.running.finished(running, &disposition);
@@ -71,7 +78,7 @@ impl<S: Store> Engine<S> {
             tokio::select! {
                 biased;
                 () = work => {}
-                () = engine.heartbeat(&key, fencing) => {}
+                () = engine.heartbeat(&key, fencing, sent) => {}
             }
             engine.inner.running.done(running);
             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -95,10 +102,10 @@ impl<S: Store> Engine<S> {
     /// Renews the lease every `renew_interval` until dropped; never completes. Each renewal has
     /// `renew_interval` to answer (so renewals never pile up); a failed one is retried at the
     /// next tick. Once the fencing is lost it stops renewing (the recording step reports it).
-    async fn heartbeat(&self, key: &StoreKey, fencing: Fencing) {
+    async fn heartbeat(&self, key: &StoreKey, fencing: Fencing, sent: tokio::time::Instant) {
         let inner = &self.inner;
         let every = inner.config.renew_interval.max(Duration::from_millis(1));
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut ticker = tokio::time::interval_at(sent + every, every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
@@ -199,10 +206,9 @@ impl<S: Store> Engine<S> {
     /// records were written. Call it after the tasks running those operations have stopped.
     pub async fn abandon_running(&self) -> usize {
         let left = self.inner.running.take_all();
-        let mut written = 0;
-        for op in left {
+        let store = &self.inner.store;
+        let writes = left.into_iter().map(|op| async move {
             let disposition = op.pending.unwrap_or(Disposition::Unknown);
-            let store = &self.inner.store;
             let result = match &disposition {
                 Disposition::Store(outcome) => {
                     store.complete(&op.key, op.fencing, outcome, op.ttl).await
@@ -215,15 +221,30 @@ impl<S: Store> Engine<S> {
                 }
             };
             match result {
-                Ok(CasOutcome::Applied) => written += 1,
-                Ok(CasOutcome::Lost) => {}
-                Err(e) => tracing::error!(key = %op.key, error = %e,
-                    "shutdown: could not record an abandoned operation; its lease will expire"),
+                Ok(CasOutcome::Applied) => 1,
+                Ok(CasOutcome::Lost) => 0,
+                Err(e) => {
+                    tracing::error!(key = %op.key, error = %e,
+                        "shutdown: could not record an abandoned operation; its lease will expire");
+                    0
+                }
+            }
+        });
+        // All at once (each store call has its own deadline in the proxy), and never longer
+        // than ABANDON_TIMEOUT in all: a store that is down must not hold the shutdown for hours.
+        match tokio::time::timeout(ABANDON_TIMEOUT, futures_util::future::join_all(writes)).await {
+            Ok(written) => written.into_iter().sum(),
+            Err(_) => {
+                tracing::error!(timeout = ?ABANDON_TIMEOUT,
+                    "shutdown: recording abandoned operations took too long; the rest keep their leases until they expire");
+                0
             }
         }
-        written
     }
 }
+
+/// Longest time [`Engine::abandon_running`] spends recording abandoned operations.
+const ABANDON_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest pause between two attempts to record an outcome.
 const MAX_RECORD_BACKOFF: Duration = Duration::from_secs(2);
@@ -258,6 +279,11 @@ impl Running {
             },
         );
         fencing.token
+    }
+
+    /// Whether the holder with `token` runs in this process right now.
+    pub(super) fn holds(&self, token: u128) -> bool {
+        self.ops.lock().contains_key(&token)
     }
 
     fn finished(&self, token: u128, disposition: &Disposition) {

@@ -79,7 +79,9 @@ use crate::error::{ErrorKind, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::{ScopedKey, StoreKey};
 use crate::record::Fencing;
-use crate::store::{ClaimOutcome, ClaimRequest, Store, TakeOverOutcome, TakeOverRequest};
+use crate::store::{
+    CasOutcome, ClaimOutcome, ClaimRequest, Store, TakeOverOutcome, TakeOverRequest,
+};
 
 use decide::{Step, decide};
 use execution::Running;
@@ -272,6 +274,18 @@ impl<S: Store> Engine<S> {
             policy.ttl,
         );
         let mut wait = Wait::new(policy, inner.config.poll_min);
+        // Errors after the first read cannot be taken as "the store said nothing" (fail open).
+        let mut found = false;
+        let after_read = |found: bool| {
+            move |e: StoreError| {
+                if found {
+                    EngineError::StoreAfterRead(e)
+                } else {
+                    EngineError::Store(e)
+                }
+            }
+        };
+        let mut refusals = 0u32;
         loop {
             // Armed before reading the store, so a completion in between is not missed.
             let notify = wait.guard.as_ref().map(WaitGuard::notify);
@@ -281,37 +295,86 @@ impl<S: Store> Engine<S> {
                 n.enable();
             }
             request.token = self.next_token();
-            let (record, now) = match self.claim_detached(store_key, &request).await? {
+            let sent = tokio::time::Instant::now();
+            let claimed = self
+                .claim_detached(store_key, &request)
+                .await
+                .map_err(after_read(found))?;
+            let (record, now) = match claimed {
                 ClaimOutcome::Acquired { fencing } => {
                     drop(wait);
+                    self.lease_left_for_dispatch(&store_key, fencing, sent)
+                        .await
+                        .map_err(after_read(found))?;
                     return self
-                        .execute(store_key, fencing, policy.clone(), classify, operation)
+                        .execute(
+                            store_key,
+                            fencing,
+                            sent,
+                            policy.clone(),
+                            classify,
+                            operation,
+                        )
                         .await;
                 }
                 ClaimOutcome::Existing { record, now } => (record, now),
             };
+            found = true;
             let lease_left = match decide(record, now, fingerprint, policy) {
                 Step::Answer(found) => return Ok(found.into_execution()),
+                // A holder running in this very process is alive whatever a clock says (an
+                // NTP step on a store without a clock of its own): wait for it, never take over.
+                Step::TakeOver { holder, .. } if inner.running.holds(holder.token) => {
+                    inner.config.renew_interval
+                }
                 Step::TakeOver { holder, recovery } => {
-                    match self.take_over(&store_key, holder).await? {
+                    let sent = tokio::time::Instant::now();
+                    match self
+                        .take_over(&store_key, holder)
+                        .await
+                        .map_err(after_read(true))?
+                    {
                         Some(fencing) => {
                             drop(wait);
-                            return match recovery {
+                            self.lease_left_for_dispatch(&store_key, fencing, sent)
+                                .await
+                                .map_err(after_read(true))?;
+                            match recovery {
                                 Recovery::Takeover => {
-                                    self.execute(
-                                        store_key,
-                                        fencing,
-                                        policy.clone(),
-                                        classify,
-                                        operation,
-                                    )
-                                    .await
+                                    return self
+                                        .execute(
+                                            store_key,
+                                            fencing,
+                                            sent,
+                                            policy.clone(),
+                                            classify,
+                                            operation,
+                                        )
+                                        .await;
                                 }
-                                Recovery::Strict => self.give_up(&store_key, fencing, policy).await,
-                            };
+                                Recovery::Strict => {
+                                    match self.give_up(&store_key, fencing, policy).await? {
+                                        Some(done) => return Ok(done),
+                                        // Moved on meanwhile (deleted, revoked): start over.
+                                        None => {
+                                            wait = Wait::new(policy, inner.config.poll_min);
+                                            continue;
+                                        }
+                                    }
+                                }
+                            }
                         }
-                        // Someone else moved it on: look again at once.
-                        None => continue,
+                        // Someone else moved it on: look again at once, a bounded number of
+                        // times (a record whose fencing never matches must not spin).
+                        None => {
+                            refusals += 1;
+                            if refusals > MAX_TAKEOVER_REFUSALS {
+                                return Ok(Execution::InFlight {
+                                    retry_after: Duration::from_secs(1),
+                                });
+                            }
+                            continue;
+                        }
                     }
                 }
                 Step::Wait { lease_left } => lease_left,
@@ -375,29 +438,69 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// Strict recovery: the key was taken over only to be marked outcome-unknown.
+    /// Strict recovery: the key was taken over only to be marked outcome-unknown. `None` when the
+    /// record moved on before the mark (deleted or revoked by an operator): the caller starts
+    /// over.
     async fn give_up<T: Send + 'static>(
         &self,
         key: &StoreKey,
         fencing: Fencing,
         policy: &Policy,
-    ) -> Result<Execution<T>, EngineError> {
+    ) -> Result<Option<Execution<T>>, EngineError> {
         let store = &self.inner.store;
-        store.mark_unknown(key, fencing, policy.unknown_ttl).await?;
+        let marked = store
+            .mark_unknown(key, fencing, policy.unknown_ttl)
+            .await
+            .map_err(EngineError::StoreAfterRead)?;
         self.inner.waiters.notify(key);
-        match store.get(key).await? {
-            Some(record) => Ok(Execution::Unknown {
+        if marked == CasOutcome::Lost {
+            return Ok(None);
+        }
+        match store.get(key).await.map_err(EngineError::StoreAfterRead)? {
+            Some(record) => Ok(Some(Execution::Unknown {
                 record: Box::new(record),
-            }),
-            None => Ok(Execution::InFlight {
-                retry_after: Duration::from_secs(1),
-            }),
+            })),
+            None => Ok(None),
         }
     }
 
+    /// Checks that a lease acquired by a call sent at `sent` still has a renewal interval to run
+    /// (the store started it when it applied the call, at most `sent.elapsed()` ago): a reply
+    /// that took so long that the lease could lapse before the first renewal gives the key back
+    /// and fails with `Timeout` (the client gets `503`), rather than dispatch on a lease a waiter
+    /// may take over (G1).
+    async fn lease_left_for_dispatch(
+        &self,
+        key: &StoreKey,
+        fencing: Fencing,
+        sent: tokio::time::Instant,
+    ) -> Result<(), StoreError> {
+        let config = &self.inner.config;
+        let took = sent.elapsed();
+        if took + config.renew_interval < config.lease_ttl {
+            return Ok(());
+        }
+        tracing::warn!(key = %key, took = ?took, lease = ?config.lease_ttl,
+            "the store answered the claim too late to dispatch safely; key given back");
+        if let Err(e) = self.inner.store.release(key, fencing).await {
+            tracing::warn!(key = %key, error = %e,
+                "could not give the key back; its lease will expire");
+        }
+        self.inner.waiters.notify(key);
+        Err(StoreError::new(
+            ErrorKind::Timeout,
+            format!(
+                "the store took {took:?} to grant a lease of {:?}",
+                config.lease_ttl
+            ),
+        ))
+    }
+
     /// Claims through a spawned task, so that a caller dropped mid-claim (a client that went
-    /// away) cannot leave an orphan lease: if nobody is left to hear "acquired", the task releases
-    /// the key at once (nothing was dispatched).
+    /// away) leaves no orphan lease: if nobody is left to hear "acquired" — the receiver was
+    /// dropped before or after the answer arrived — the key is released at once (nothing was
+    /// dispatched). A claim that failed (a timeout: it may still have been applied) is released
+    /// too, best effort: a claim applied after that release stays an orphan until its lease ends.
     async fn claim_detached(
         &self,
         key: StoreKey,
@@ -408,20 +511,74 @@ impl<S: Store> Engine<S> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let out = engine.inner.store.claim(&key, &request).await;
-            if let Err(Ok(ClaimOutcome::Acquired { fencing })) = tx.send(out) {
-                if let Err(e) = engine.inner.store.release(&key, fencing).await {
-                    tracing::warn!(key = %key, error = %e,
-                        "the caller left during its claim and the release failed; the lease will expire");
+            // A failed claim (a deadline) may still have been applied: give it back too.
+            let failed = out.is_err();
+            match tx.send(out) {
+                Err(Ok(ClaimOutcome::Acquired { fencing })) => engine.give_back(key, fencing).await,
+                _ if failed => {
+                    let mine = Fencing {
+                        epoch: 1,
+                        token: request.token,
+                    };
+                    engine.give_back(key, mine).await;
                 }
-                engine.inner.waiters.notify(&key);
+                _ => {}
             }
         });
-        rx.await.unwrap_or_else(|_| {
-            Err(StoreError::new(
+        let shutting_down = || {
+            StoreError::new(
                 ErrorKind::Internal,
                 "the claim task did not finish (runtime shutting down)",
-            ))
-        })
+            )
+        };
+        let mut guard = ClaimReceiver {
+            rx: Some(rx),
+            engine: self,
+            key,
+        };
+        let Some(rx) = guard.rx.as_mut() else {
+            return Err(shutting_down());
+        };
+        let out = rx.await;
+        guard.rx = None; // heard: the caller owns the answer now
+        out.unwrap_or_else(|_| Err(shutting_down()))
+    }
+
+    /// Releases `fencing` (a compare-and-set: only this holder's own lease goes), best effort.
+    async fn give_back(&self, key: StoreKey, fencing: Fencing) {
+        match self.inner.store.release(&key, fencing).await {
+            Ok(CasOutcome::Applied) => self.inner.waiters.notify(&key),
+            Ok(CasOutcome::Lost) => {}
+            Err(e) => tracing::warn!(key = %key, error = %e,
+                "could not give an unused claim back; its lease will expire"),
+        }
+    }
+}
+
+/// Consecutive refused takeovers after which a call answers "in flight" instead of looking again.
+const MAX_TAKEOVER_REFUSALS: u32 = 16;
+
+/// The receiving end of a detached claim. Dropped before its answer was taken (the caller went
+/// away), it closes the channel and releases a lease that had already arrived.
+struct ClaimReceiver<'a, S: Store> {
+    rx: Option<tokio::sync::oneshot::Receiver<Result<ClaimOutcome, StoreError>>>,
+    engine: &'a Engine<S>,
+    key: StoreKey,
+}
+
+impl<S: Store> Drop for ClaimReceiver<'_, S> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        rx.close();
+        if let Ok(Ok(ClaimOutcome::Acquired { fencing })) = rx.try_recv()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let engine = self.engine.clone();
+            let key = self.key;
+            runtime.spawn(async move { engine.give_back(key, fencing).await });
+        }
     }
 }
 

@@ -63,9 +63,16 @@ pub enum Execution<T> {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EngineError {
-    /// The store could not be asked (nothing was dispatched) or failed mid-way.
+    /// The store failed on the call's first claim: it said nothing about the key, and nothing
+    /// was dispatched. (The only store error after which forwarding unprotected — fail open — is
+    /// safe to consider.)
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The store failed after it had already told this call the key exists (a later poll, a
+    /// takeover, strict recovery's mark). Nothing was dispatched by this call, but another
+    /// holder may be running it or may have run it: never forward unprotected after this.
+    #[error("{0} (after the key was found in use)")]
+    StoreAfterRead(StoreError),
     /// The operation panicked; its record was marked outcome-unknown.
     #[error("the operation panicked; its outcome is unknown")]
     OperationPanicked,
@@ -75,7 +82,7 @@ impl EngineError {
     /// The store error kind, or `Internal` for a panic.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            EngineError::Store(e) => e.kind(),
+            EngineError::Store(e) | EngineError::StoreAfterRead(e) => e.kind(),
             EngineError::OperationPanicked => ErrorKind::Internal,
         }
     }

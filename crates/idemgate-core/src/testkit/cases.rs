@@ -639,13 +639,14 @@ async fn delete<H: Harness>(h: &H, key: &StoreKey, mode: DeleteMode) -> DeleteOu
 }
 
 pub async fn delete_removes_finished_records_in_every_mode<H: Harness>(h: &H) {
-    for mode in [DeleteMode::Finished, DeleteMode::Force] {
-        let (done, _) = completed(h, LONG_TTL).await;
-        assert_eq!(delete(h, &done, mode).await, DeleteOutcome::Deleted);
-        assert_eq!(get(h, &done).await, None);
-        acquire(h, &done, &long_claim()).await;
-    }
-    for mode in [DeleteMode::Finished, DeleteMode::Unknown, DeleteMode::Force] {
+    let (done, _) = completed(h, LONG_TTL).await;
+    assert_eq!(
+        delete(h, &done, DeleteMode::Finished).await,
+        DeleteOutcome::Deleted
+    );
+    assert_eq!(get(h, &done).await, None);
+    acquire(h, &done, &long_claim()).await;
+    for mode in [DeleteMode::Finished, DeleteMode::Unknown] {
         let key = fresh_key("delete-unknown");
         let f = acquire(h, &key, &long_claim()).await;
         let marked = h.store().mark_unknown(&key, f, LONG_TTL).await.unwrap();
@@ -673,12 +674,41 @@ pub async fn delete_refuses_what_its_mode_does_not_cover<H: Harness>(h: &H) {
         h.store().claim(&key, &long_claim()).await.unwrap(),
         ClaimOutcome::Existing { .. }
     ));
+    // Force only revokes: an outcome that landed meanwhile is kept; Unknown only removes
+    // outcome-unknown records.
     let (done, _) = completed(h, LONG_TTL).await;
+    for mode in [DeleteMode::Unknown, DeleteMode::Force] {
+        assert!(
+            matches!(delete(h, &done, mode).await, DeleteOutcome::Refused { .. }),
+            "{mode:?} must keep a completed record"
+        );
+    }
+    assert!(get(h, &done).await.is_some());
+    let key = fresh_key("delete-force-unknown");
+    let f = acquire(h, &key, &long_claim()).await;
+    h.store().mark_unknown(&key, f, LONG_TTL).await.unwrap();
     assert!(matches!(
-        delete(h, &done, DeleteMode::Unknown).await,
+        delete(h, &key, DeleteMode::Force).await,
         DeleteOutcome::Refused { .. }
     ));
-    assert!(get(h, &done).await.is_some());
+}
+
+pub async fn a_revoked_record_can_be_removed<H: Harness>(h: &H) {
+    for mode in [DeleteMode::Finished, DeleteMode::Force] {
+        let key = fresh_key("delete-revoked");
+        acquire(h, &key, &long_claim()).await;
+        assert!(matches!(
+            delete(h, &key, DeleteMode::Force).await,
+            DeleteOutcome::Revoked { .. }
+        ));
+        assert!(matches!(
+            delete(h, &key, DeleteMode::Unknown).await,
+            DeleteOutcome::Refused { .. }
+        ));
+        assert_eq!(delete(h, &key, mode).await, DeleteOutcome::Deleted);
+        assert_eq!(get(h, &key).await, None);
+        acquire(h, &key, &long_claim()).await;
+    }
 }
 
 pub async fn forced_delete_revokes_the_holder_and_opens_the_next_epoch<H: Harness>(h: &H) {

@@ -174,6 +174,7 @@ macro_rules! conformance_tests {
             delete_refuses_what_its_mode_does_not_cover,
             forced_delete_revokes_the_holder_and_opens_the_next_epoch,
             delete_of_absent_key_is_absent,
+            a_revoked_record_can_be_removed,
             list_pages_cover_every_record,
             list_skips_expired_records,
             largest_body_round_trips_byte_identical,

@@ -378,6 +378,12 @@ async fn run_sequence<H: Harness>(h: &H, ops: &[Op]) -> Result<(), TestCaseError
                         m.recs[k] = None;
                         "absent"
                     }
+                    Some(MState::InFlight { token, .. })
+                        if token == Fencing::REVOKED && mode != DeleteMode::Unknown =>
+                    {
+                        m.recs[k] = None;
+                        "deleted"
+                    }
                     Some(MState::InFlight { epoch, .. }) if mode == DeleteMode::Force => {
                         let r = m.recs[k].as_mut().unwrap();
                         r.state = MState::InFlight {
@@ -392,6 +398,7 @@ async fn run_sequence<H: Harness>(h: &H, ops: &[Op]) -> Result<(), TestCaseError
                         "revoked"
                     }
                     Some(MState::InFlight { .. }) => "refused",
+                    Some(_) if mode == DeleteMode::Force => "refused",
                     Some(MState::Completed { .. }) if mode == DeleteMode::Unknown => "refused",
                     Some(_) => {
                         m.recs[k] = None;
