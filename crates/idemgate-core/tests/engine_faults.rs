@@ -269,3 +269,114 @@ fn an_abandoned_operation_is_marked_unknown() {
         );
     });
 }
+
+/// A claim answered so late that the lease could lapse before its first renewal is given back
+/// and the call fails with `Timeout`: never a dispatch on a lease a waiter may take over (G1).
+#[tokio::test(start_paused = true)]
+async fn a_lease_answered_too_late_is_given_back_not_dispatched_on() {
+    let (engine, store) = faulty_engine();
+    // The claim lands at once; its answer arrives after lease - renew interval.
+    store.set_delay("claim", LEASE - LEASE / 3);
+    let ran = Arc::new(AtomicUsize::new(0));
+    let err = engine
+        .run(&key("late"), fp(), &Policy::default(), store_it, {
+            let ran = ran.clone();
+            move |_| async move {
+                ran.fetch_add(1, Ordering::SeqCst);
+                "ran".to_string()
+            }
+        })
+        .await
+        .expect_err("a lease that may lapse before its first renewal is not used");
+    assert_eq!(err.kind(), idemgate_core::ErrorKind::Timeout);
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+    store.set_delay("claim", Duration::ZERO);
+    assert_eq!(store.get(&key("late").store_key()).await.unwrap(), None);
+}
+
+/// A store error after the key was found in use is not "the store said nothing": the engine
+/// reports it as such, so that fail-open never forwards past a holder.
+#[tokio::test(start_paused = true)]
+async fn an_error_after_the_key_was_found_is_told_apart() {
+    let (engine, store) = faulty_engine();
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let holder = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .run(
+                    &key("held"),
+                    fp(),
+                    &Policy::default(),
+                    store_it,
+                    |_| async move {
+                        let _ = release_rx.await;
+                        "first".to_string()
+                    },
+                )
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let waiter = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .run(
+                    &key("held"),
+                    fp(),
+                    &Policy::default(),
+                    store_it,
+                    |_| async move { "second".to_string() },
+                )
+                .await
+        }
+    });
+    // The waiter has read the record (in flight); now its polls fail.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.set_failing("claim", true);
+    let err = waiter.await.unwrap().expect_err("the poll failed");
+    assert!(
+        matches!(err, idemgate_core::EngineError::StoreAfterRead(_)),
+        "{err:?}"
+    );
+    store.set_failing("claim", false);
+    release_tx.send(()).unwrap();
+    assert!(matches!(
+        holder.await.unwrap().unwrap(),
+        Execution::Executed { .. }
+    ));
+}
+
+/// A classifier that panics leaves no key in flight: the outcome becomes unknown.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_classifier_marks_the_outcome_unknown() {
+    let (engine, store) = faulty_engine();
+    let out = engine
+        .run(
+            &key("panicky"),
+            fp(),
+            &Policy::default(),
+            |_: &String| -> Disposition { panic!("classifier bug") },
+            |_| async move { "ran".to_string() },
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            Execution::Executed {
+                recorded: Recorded::MarkedUnknown,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    let record = store
+        .get(&key("panicky").store_key())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(record.state, RecordState::Unknown { .. }));
+    assert_eq!(engine.stats().in_flight.load(Ordering::Relaxed), 0);
+}

@@ -158,7 +158,9 @@ pub(crate) fn respond(
                 .insert(RETRY_AFTER, HeaderValue::from_static(STORE_RETRY_AFTER));
             answer(Answer::StoreFull, res)
         }
-        Err(e)
+        // Only an error of the first claim (the store said nothing about the key): after it had
+        // said the key is in use, forwarding could run the request beside its holder.
+        Err(EngineError::Store(e))
             if route.fail_mode == FailMode::Open
                 && matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout) =>
         {
@@ -304,6 +306,15 @@ mod tests {
         assert_eq!(
             status_of(respond(err(ErrorKind::Capacity), &open, &key())),
             (Answer::StoreFull, 503, Some("1".into()))
+        );
+        // After the key was found in use, a store error never fails open: a holder exists.
+        let after = Err(EngineError::StoreAfterRead(StoreError::new(
+            ErrorKind::Unavailable,
+            "poll failed",
+        )));
+        assert_eq!(
+            status_of(respond(after, &open, &key())),
+            (Answer::StoreError, 503, Some("1".into()))
         );
         for kind in [ErrorKind::Corrupt, ErrorKind::Internal] {
             assert_eq!(
