@@ -63,7 +63,6 @@ impl<S: Store> Engine<S> {
                     }
                     Err(()) => Disposition::Unknown,
                 };
-                engine.inner.running.finished(running, &disposition);
                 let mut answer = Some((answer_tx, result));
                 let recorded = engine
                     .record(&key, fencing, disposition, &policy, &mut answer)
@@ -103,12 +102,23 @@ impl<S: Store> Engine<S> {
     /// `renew_interval` to answer (so renewals never pile up); a failed one is retried at the
     /// next tick. Once the fencing is lost it stops renewing (the recording step reports it).
     async fn heartbeat(&self, key: &StoreKey, fencing: Fencing, sent: tokio::time::Instant) {
+        let every = self
+            .inner
+            .config
+            .renew_interval
+            .max(Duration::from_millis(1));
+        tokio::time::sleep_until(sent + every).await;
+        // Only operations that outlive a renew interval get here: the renewal loop's state lives
+        // on the heap, so the task of every short operation stays small (cheaper to spawn).
+        Box::pin(self.renew_every(key, fencing, every)).await;
+    }
+
+    async fn renew_every(&self, key: &StoreKey, fencing: Fencing, every: Duration) {
         let inner = &self.inner;
-        let every = inner.config.renew_interval.max(Duration::from_millis(1));
-        let mut ticker = tokio::time::interval_at(sent + every, every);
+        let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
+            ticker.tick().await; // the first tick is now
             let renewal = inner.store.renew(key, fencing, inner.config.lease_ttl);
             match tokio::time::timeout(every, renewal).await {
                 Ok(Ok(CasOutcome::Applied)) => {
@@ -200,26 +210,18 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// Marks every operation still registered as running outcome-unknown (or records the outcome
-    /// it already has): for a shutdown whose drain timed out, so that no request that may have
+    /// Marks every operation still registered as running outcome-unknown: for a shutdown whose drain timed out, so that no request that may have
     /// reached the upstream is left in flight for a takeover to run again. Returns how many
     /// records were written. Call it after the tasks running those operations have stopped.
     pub async fn abandon_running(&self) -> usize {
         let left = self.inner.running.take_all();
         let store = &self.inner.store;
+        // Unknown even for an operation whose outcome was known but not yet written (its
+        // recording was cancelled with it): the safe answer, and the registry stays cheap.
         let writes = left.into_iter().map(|op| async move {
-            let disposition = op.pending.unwrap_or(Disposition::Unknown);
-            let result = match &disposition {
-                Disposition::Store(outcome) => {
-                    store.complete(&op.key, op.fencing, outcome, op.ttl).await
-                }
-                Disposition::Release => store.release(&op.key, op.fencing).await,
-                Disposition::Unknown => {
-                    store
-                        .mark_unknown(&op.key, op.fencing, op.unknown_ttl)
-                        .await
-                }
-            };
+            let result = store
+                .mark_unknown(&op.key, op.fencing, op.unknown_ttl)
+                .await;
             match result {
                 Ok(CasOutcome::Applied) => 1,
                 Ok(CasOutcome::Lost) => 0,
@@ -254,28 +256,61 @@ const MAX_RECORD_BACKOFF: Duration = Duration::from_secs(2);
 struct RunningOp {
     key: StoreKey,
     fencing: Fencing,
-    ttl: Duration,
     unknown_ttl: Duration,
-    /// The disposition once the operation finished (recording may still be under way).
-    pending: Option<Disposition>,
 }
 
+/// Hashes a fencing token by its low 64 bits: tokens are this engine's own counter (never
+/// attacker input), unique, and already evenly spread.
+#[derive(Default)]
+struct TokenHasher(u64);
+
+impl std::hash::Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
+}
+
+type TokenMap = HashMap<u128, RunningOp, std::hash::BuildHasherDefault<TokenHasher>>;
+
+/// Shards of the running registry: one lock per shard, so that workers starting and finishing
+/// operations on different keys do not wait for one another.
+const RUNNING_SHARDS: usize = 16;
+
 /// The operations running in this process, by fencing token.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Running {
-    ops: Mutex<HashMap<u128, RunningOp>>,
+    shards: [Mutex<TokenMap>; RUNNING_SHARDS],
+}
+
+impl Default for Running {
+    fn default() -> Self {
+        Self {
+            shards: std::array::from_fn(|_| Mutex::default()),
+        }
+    }
 }
 
 impl Running {
+    fn shard(&self, token: u128) -> &Mutex<TokenMap> {
+        // Tokens are `seed << 64 | counter`: the counter's low bits spread evenly.
+        &self.shards[(token as usize) % RUNNING_SHARDS]
+    }
+
     fn track(&self, key: StoreKey, fencing: Fencing, policy: &Policy) -> u128 {
-        self.ops.lock().insert(
+        self.shard(fencing.token).lock().insert(
             fencing.token,
             RunningOp {
                 key,
                 fencing,
-                ttl: policy.ttl,
                 unknown_ttl: policy.unknown_ttl,
-                pending: None,
             },
         );
         fencing.token
@@ -283,22 +318,19 @@ impl Running {
 
     /// Whether the holder with `token` runs in this process right now.
     pub(super) fn holds(&self, token: u128) -> bool {
-        self.ops.lock().contains_key(&token)
-    }
-
-    fn finished(&self, token: u128, disposition: &Disposition) {
-        if let Some(op) = self.ops.lock().get_mut(&token) {
-            op.pending = Some(disposition.clone());
-        }
+        self.shard(token).lock().contains_key(&token)
     }
 
     /// Removed only here, when the task ends normally: a task cancelled by a runtime shutdown
     /// leaves its entry for [`Engine::abandon_running`].
     fn done(&self, token: u128) {
-        self.ops.lock().remove(&token);
+        self.shard(token).lock().remove(&token);
     }
 
     fn take_all(&self) -> Vec<RunningOp> {
-        self.ops.lock().drain().map(|(_, op)| op).collect()
+        self.shards
+            .iter()
+            .flat_map(|shard| shard.lock().drain().map(|(_, op)| op).collect::<Vec<_>>())
+            .collect()
     }
 }

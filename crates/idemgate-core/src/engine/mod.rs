@@ -496,52 +496,33 @@ impl<S: Store> Engine<S> {
         ))
     }
 
-    /// Claims through a spawned task, so that a caller dropped mid-claim (a client that went
-    /// away) leaves no orphan lease: if nobody is left to hear "acquired" — the receiver was
-    /// dropped before or after the answer arrived — the key is released at once (nothing was
-    /// dispatched). A claim that failed (a timeout: it may still have been applied) is released
-    /// too, best effort: a claim applied after that release stays an orphan until its lease ends.
+    /// Claims `key`, so that a caller dropped mid-claim (a client that went away) leaves no
+    /// orphan lease: a guard armed around the call gives `(1, token)` back if the call is dropped
+    /// before its answer was taken (a compare-and-set on this call's unique token, so it can only
+    /// release this call's own claim). A claim that failed (a deadline: it may still have been
+    /// applied) is given back the same way. Best effort where the store may reorder the two
+    /// calls (a pooled PostgreSQL connection): a claim applied after its give-back stays an
+    /// orphan until its lease ends. Memory and redb (one writer) and Redis (one connection)
+    /// apply them in order.
     async fn claim_detached(
         &self,
         key: StoreKey,
         request: &ClaimRequest,
     ) -> Result<ClaimOutcome, StoreError> {
-        let engine = self.clone();
-        let request = request.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let out = engine.inner.store.claim(&key, &request).await;
-            // A failed claim (a deadline) may still have been applied: give it back too.
-            let failed = out.is_err();
-            match tx.send(out) {
-                Err(Ok(ClaimOutcome::Acquired { fencing })) => engine.give_back(key, fencing).await,
-                _ if failed => {
-                    let mine = Fencing {
-                        epoch: 1,
-                        token: request.token,
-                    };
-                    engine.give_back(key, mine).await;
-                }
-                _ => {}
-            }
-        });
-        let shutting_down = || {
-            StoreError::new(
-                ErrorKind::Internal,
-                "the claim task did not finish (runtime shutting down)",
-            )
+        let mine = Fencing {
+            epoch: 1,
+            token: request.token,
         };
-        let mut guard = ClaimReceiver {
-            rx: Some(rx),
-            engine: self,
+        let mut guard = GiveBackOnDrop {
+            engine: Some(self),
             key,
+            fencing: mine,
         };
-        let Some(rx) = guard.rx.as_mut() else {
-            return Err(shutting_down());
-        };
-        let out = rx.await;
-        guard.rx = None; // heard: the caller owns the answer now
-        out.unwrap_or_else(|_| Err(shutting_down()))
+        let out = self.inner.store.claim(&key, request).await;
+        if out.is_ok() {
+            guard.engine = None; // heard: the caller owns the answer now
+        }
+        out
     }
 
     /// Releases `fencing` (a compare-and-set: only this holder's own lease goes), best effort.
@@ -558,25 +539,22 @@ impl<S: Store> Engine<S> {
 /// Consecutive refused takeovers after which a call answers "in flight" instead of looking again.
 const MAX_TAKEOVER_REFUSALS: u32 = 16;
 
-/// The receiving end of a detached claim. Dropped before its answer was taken (the caller went
-/// away), it closes the channel and releases a lease that had already arrived.
-struct ClaimReceiver<'a, S: Store> {
-    rx: Option<tokio::sync::oneshot::Receiver<Result<ClaimOutcome, StoreError>>>,
-    engine: &'a Engine<S>,
+/// Gives a claim back when dropped while armed: the call was cancelled before its answer was
+/// taken, or it failed and may still have been applied.
+struct GiveBackOnDrop<'a, S: Store> {
+    engine: Option<&'a Engine<S>>,
     key: StoreKey,
+    fencing: Fencing,
 }
 
-impl<S: Store> Drop for ClaimReceiver<'_, S> {
+impl<S: Store> Drop for GiveBackOnDrop<'_, S> {
     fn drop(&mut self) {
-        let Some(mut rx) = self.rx.take() else {
+        let Some(engine) = self.engine.take() else {
             return;
         };
-        rx.close();
-        if let Ok(Ok(ClaimOutcome::Acquired { fencing })) = rx.try_recv()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let engine = self.engine.clone();
-            let key = self.key;
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let engine = engine.clone();
+            let (key, fencing) = (self.key, self.fencing);
             runtime.spawn(async move { engine.give_back(key, fencing).await });
         }
     }
