@@ -300,12 +300,64 @@ impl<S: Store> Engine<S> {
                 .claim_detached(store_key, &request)
                 .await
                 .map_err(after_read(found))?;
-            let (record, now) = match claimed {
-                ClaimOutcome::Acquired { fencing } => {
-                    drop(wait);
-                    self.lease_left_for_dispatch(&store_key, fencing, sent)
-                        .await
-                        .map_err(after_read(found))?;
+            // A lease to dispatch under: this call's claim (epoch 1), or a takeover below.
+            let (fencing, sent, recovery) = match claimed {
+                ClaimOutcome::Acquired { fencing } => (fencing, sent, Recovery::Takeover),
+                ClaimOutcome::Existing { record, now } => {
+                    found = true;
+                    match decide(record, now, fingerprint, policy) {
+                        Step::Answer(found) => return Ok(found.into_execution()),
+                        Step::Wait { lease_left } => {
+                            match self
+                                .wait_step(&store_key, &mut wait, lease_left, notified.as_mut())
+                                .await
+                            {
+                                Some(answer) => return Ok(answer),
+                                None => continue,
+                            }
+                        }
+                        // A holder running in this very process is alive whatever a clock says
+                        // (an NTP step on a store without a clock of its own): never take over.
+                        Step::TakeOver { holder, .. } if inner.running.holds(holder.token) => {
+                            let lease_left = inner.config.renew_interval;
+                            match self
+                                .wait_step(&store_key, &mut wait, lease_left, notified.as_mut())
+                                .await
+                            {
+                                Some(answer) => return Ok(answer),
+                                None => continue,
+                            }
+                        }
+                        Step::TakeOver { holder, recovery } => {
+                            let sent = tokio::time::Instant::now();
+                            match self
+                                .take_over(&store_key, holder)
+                                .await
+                                .map_err(after_read(true))?
+                            {
+                                Some(fencing) => (fencing, sent, recovery),
+                                // Someone else moved it on: look again at once, a bounded number
+                                // of times (a record whose fencing never matches must not spin).
+                                None => {
+                                    refusals += 1;
+                                    if refusals > MAX_TAKEOVER_REFUSALS {
+                                        return Ok(Execution::InFlight {
+                                            retry_after: Duration::from_secs(1),
+                                        });
+                                    }
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            drop(wait);
+            self.lease_left_for_dispatch(&store_key, fencing, sent)
+                .await
+                .map_err(after_read(found))?;
+            match recovery {
+                Recovery::Takeover => {
                     return self
                         .execute(
                             store_key,
@@ -317,102 +369,64 @@ impl<S: Store> Engine<S> {
                         )
                         .await;
                 }
-                ClaimOutcome::Existing { record, now } => (record, now),
-            };
-            found = true;
-            let lease_left = match decide(record, now, fingerprint, policy) {
-                Step::Answer(found) => return Ok(found.into_execution()),
-                // A holder running in this very process is alive whatever a clock says (an
-                // NTP step on a store without a clock of its own): wait for it, never take over.
-                Step::TakeOver { holder, .. } if inner.running.holds(holder.token) => {
-                    inner.config.renew_interval
-                }
-                Step::TakeOver { holder, recovery } => {
-                    let sent = tokio::time::Instant::now();
-                    match self
-                        .take_over(&store_key, holder)
-                        .await
-                        .map_err(after_read(true))?
-                    {
-                        Some(fencing) => {
-                            drop(wait);
-                            self.lease_left_for_dispatch(&store_key, fencing, sent)
-                                .await
-                                .map_err(after_read(true))?;
-                            match recovery {
-                                Recovery::Takeover => {
-                                    return self
-                                        .execute(
-                                            store_key,
-                                            fencing,
-                                            sent,
-                                            policy.clone(),
-                                            classify,
-                                            operation,
-                                        )
-                                        .await;
-                                }
-                                Recovery::Strict => {
-                                    match self.give_up(&store_key, fencing, policy).await? {
-                                        Some(done) => return Ok(done),
-                                        // Moved on meanwhile (deleted, revoked): start over.
-                                        None => {
-                                            wait = Wait::new(policy, inner.config.poll_min);
-                                            continue;
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                        // Someone else moved it on: look again at once, a bounded number of
-                        // times (a record whose fencing never matches must not spin).
-                        None => {
-                            refusals += 1;
-                            if refusals > MAX_TAKEOVER_REFUSALS {
-                                return Ok(Execution::InFlight {
-                                    retry_after: Duration::from_secs(1),
-                                });
-                            }
-                            continue;
-                        }
+                Recovery::Strict => match self.give_up(&store_key, fencing, policy).await? {
+                    Some(done) => return Ok(done),
+                    // Moved on meanwhile (deleted, revoked): start over.
+                    None => {
+                        wait = Wait::new(policy, inner.config.poll_min);
+                        continue;
                     }
-                }
-                Step::Wait { lease_left } => lease_left,
-            };
-            let retry_after = lease_left.max(Duration::from_secs(1));
-            let Some(left) = wait.time_left() else {
-                return Ok(Execution::InFlight { retry_after });
-            };
-            if wait.guard.is_none() {
-                match inner
-                    .waiters
-                    .subscribe(store_key, inner.config.max_waiters, &inner.stats)
-                {
-                    Some(guard) => {
-                        wait.guard = Some(guard);
-                        continue; // read again with the notification armed
-                    }
-                    None => return Ok(Execution::InFlight { retry_after }),
-                }
-            }
-            // Sleep until notified, the next poll, the lease expiry (+ a margin for clock
-            // granularity), or the deadline, whichever is first.
-            let nap = wait
-                .poll
-                .min(left)
-                .min(lease_left + Duration::from_millis(5));
-            match notified.as_mut().as_pin_mut() {
-                Some(n) => {
-                    tokio::select! {
-                        _ = n => {}
-                        _ = tokio::time::sleep(nap) => {
-                            wait.poll = (wait.poll * 2).min(inner.config.poll_max);
-                        }
-                    }
-                }
-                None => tokio::time::sleep(nap).await,
+                },
             }
         }
+    }
+
+    /// The wait step of [`run`](Self::run): the holder is alive, its lease runs `lease_left`
+    /// longer. `Some` answers the call (in flight: reject mode, past the deadline, or too many
+    /// waiters); `None` asks the caller to read the store again — at once when this call has
+    /// just registered as a waiter (the next read is armed for a notification), else after
+    /// sleeping until notified, the next poll, the lease's end, or the deadline.
+    async fn wait_step<'w, T>(
+        &'w self,
+        key: &StoreKey,
+        wait: &mut Wait<'w>,
+        lease_left: Duration,
+        notified: std::pin::Pin<&mut Option<tokio::sync::futures::Notified<'_>>>,
+    ) -> Option<Execution<T>> {
+        let inner = &self.inner;
+        let retry_after = lease_left.max(Duration::from_secs(1));
+        let Some(left) = wait.time_left() else {
+            return Some(Execution::InFlight { retry_after });
+        };
+        if wait.guard.is_none() {
+            return match inner
+                .waiters
+                .subscribe(*key, inner.config.max_waiters, &inner.stats)
+            {
+                Some(guard) => {
+                    wait.guard = Some(guard);
+                    None // read again with the notification armed
+                }
+                None => Some(Execution::InFlight { retry_after }),
+            };
+        }
+        // A margin past the lease's end for clock granularity.
+        let nap = wait
+            .poll
+            .min(left)
+            .min(lease_left + Duration::from_millis(5));
+        match notified.as_pin_mut() {
+            Some(n) => {
+                tokio::select! {
+                    _ = n => {}
+                    _ = tokio::time::sleep(nap) => {
+                        wait.poll = (wait.poll * 2).min(inner.config.poll_max);
+                    }
+                }
+            }
+            None => tokio::time::sleep(nap).await,
+        }
+        None
     }
 
     /// One takeover attempt of `holder`'s expired lease: the new fencing, or `None` when the
