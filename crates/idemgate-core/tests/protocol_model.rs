@@ -9,8 +9,14 @@
 //! - a completed record never changes;
 //! - a stale holder never writes over a newer epoch (no compare-and-set by an older epoch succeeds
 //!   once a newer epoch was granted);
+//! - a holder revoked by an operator (forced delete) never writes again;
 //! - and, to show the model is not vacuous, takeovers, stale-holder attempts and completions after
-//!   a takeover are each reachable.
+//!   a takeover are each reachable (and, with operators, revocations and their takeovers).
+//!
+//! Two widened configurations add what the hardening issue found just outside the original model:
+//! operators' deletes in every mode (finished only, outcome-unknown only, forced revocation) at
+//! any moment, and records that expire within the bounds with a sweeper purging them at any
+//! moment (so that claims of expired keys race purges).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::ptr_arg)]
 
@@ -21,7 +27,8 @@ use idemgate_core::fingerprint::{Algorithm, Fingerprint};
 use idemgate_core::protocol::{self, Write};
 use idemgate_core::record::{Fencing, Outcome, Record, RecordState, StoredResponse};
 use idemgate_core::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, TakeOverOutcome, TakeOverRequest,
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, TakeOverOutcome,
+    TakeOverRequest,
 };
 use stateright::{Checker, Model, Property};
 
@@ -52,9 +59,15 @@ struct State {
     stale_write: bool,
     /// Set if an epoch was granted while the previous holder's lease was still live.
     early_takeover: bool,
+    /// (incarnation, epoch) of every holder an operator revoked.
+    revoked: Vec<(u32, u64)>,
+    /// Set if a compare-and-set by a revoked holder succeeded.
+    revoked_write: bool,
     /// Non-vacuity witnesses.
     saw_takeover: bool,
     saw_stale_attempt: bool,
+    saw_revoked_takeover: bool,
+    saw_purge: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -67,12 +80,19 @@ enum Action {
     Release(usize),
     Crash(usize),
     Tick,
+    /// An operator's delete.
+    Delete(DeleteMode),
+    /// The sweeper removes the record if it has expired.
+    Purge,
 }
 
 struct Protocol {
     holders: usize,
     max_ticks: u32,
     with_release: bool,
+    with_admin: bool,
+    /// Records live this many ticks (renewals extend them); `None`: never expire in bounds.
+    ttl_ticks: Option<u32>,
 }
 
 fn ts(tick: u32) -> Timestamp {
@@ -102,6 +122,9 @@ impl State {
     }
 
     fn note_cas(&mut self, fencing: Fencing, incarnation: u32, applied: bool) {
+        if applied && self.revoked.contains(&(incarnation, fencing.epoch)) {
+            self.revoked_write = true;
+        }
         let newest = self.newest_epoch();
         if incarnation < self.incarnation || fencing.epoch < newest {
             self.saw_stale_attempt = true;
@@ -126,14 +149,26 @@ impl Model for Protocol {
             completions: Vec::new(),
             stale_write: false,
             early_takeover: false,
+            revoked: Vec::new(),
+            revoked_write: false,
             saw_takeover: false,
             saw_stale_attempt: false,
+            saw_revoked_takeover: false,
+            saw_purge: false,
         }]
     }
 
     fn actions(&self, s: &State, actions: &mut Vec<Action>) {
         if s.now < self.max_ticks {
             actions.push(Action::Tick);
+        }
+        if self.with_admin && s.record.is_some() {
+            actions.push(Action::Delete(DeleteMode::Finished));
+            actions.push(Action::Delete(DeleteMode::Unknown));
+            actions.push(Action::Delete(DeleteMode::Force));
+        }
+        if self.ttl_ticks.is_some() && s.record.is_some() {
+            actions.push(Action::Purge);
         }
         for (h, holder) in s.holders.iter().enumerate() {
             match holder {
@@ -167,7 +202,7 @@ impl Model for Protocol {
         let mut s = last.clone();
         let now = ts(s.now);
         let lease = TICK * LEASE_TICKS;
-        let ttl = TICK * 1_000; // records never expire within the bounds
+        let ttl = TICK * self.ttl_ticks.unwrap_or(1_000); // 1,000: never expire within bounds
         match action {
             Action::Tick => s.now += 1,
             Action::Claim(h) => {
@@ -219,6 +254,7 @@ impl Model for Protocol {
                         s.grants.push((s.incarnation, fencing.epoch, h));
                         s.holders[h] = Holder::Holding(fencing, s.incarnation);
                         s.saw_takeover = true;
+                        s.saw_revoked_takeover |= req.expired.is_revoked();
                         s.early_takeover |= lease_was_live;
                     }
                     TakeOverOutcome::Refused { .. } => return None,
@@ -268,20 +304,40 @@ impl Model for Protocol {
                 s.holders[h] = Holder::Done;
             }
             Action::Crash(h) => s.holders[h] = Holder::Crashed,
+            Action::Delete(mode) => {
+                let (write, out) = protocol::delete(s.record.as_ref(), now, mode);
+                apply(&mut s.record, write);
+                match out {
+                    DeleteOutcome::Revoked { epoch } => s.revoked.push((s.incarnation, epoch)),
+                    DeleteOutcome::Refused { .. } => return None,
+                    DeleteOutcome::Deleted | DeleteOutcome::Absent => {}
+                }
+            }
+            Action::Purge => {
+                // What every store's purge does: remove the record only if it has expired.
+                if s.record.is_none() || protocol::live(s.record.as_ref(), now).is_some() {
+                    return None;
+                }
+                s.record = None;
+                s.saw_purge = true;
+            }
         }
         Some(s)
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
-        vec![
+        let mut properties = vec![
             Property::always("at most one holder per epoch", |_, s: &State| {
                 let mut seen = s.grants.iter().map(|g| (g.0, g.1)).collect::<Vec<_>>();
                 seen.sort_unstable();
                 seen.windows(2).all(|w| w[0] != w[1])
             }),
+            // Until it is removed (expiry, an operator's delete): a claim after that starts a
+            // new incarnation.
             Property::always("a completed record never changes", |_, s: &State| {
                 match s.completions.iter().find(|c| c.0 == s.incarnation) {
                     None => true,
+                    Some(_) if s.record.is_none() => true,
                     Some(&(_, epoch, value)) => matches!(
                         &s.record,
                         Some(Record { state: RecordState::Completed { epoch: e, outcome: Outcome::Response(r), .. }, .. })
@@ -297,6 +353,9 @@ impl Model for Protocol {
                 "a new epoch opens only after the lease expired",
                 |_, s: &State| !s.early_takeover,
             ),
+            Property::always("a revoked holder never writes", |_, s: &State| {
+                !s.revoked_write
+            }),
             Property::sometimes("a takeover happens", |_, s: &State| s.saw_takeover),
             Property::sometimes("a stale holder tries to write", |_, s: &State| {
                 s.saw_stale_attempt
@@ -304,7 +363,20 @@ impl Model for Protocol {
             Property::sometimes("an epoch-2 completion happens", |_, s: &State| {
                 s.completions.iter().any(|c| c.1 == 2)
             }),
-        ]
+        ];
+        if self.with_admin {
+            properties.push(Property::sometimes(
+                "a revoked record is taken over",
+                |_, s: &State| s.saw_revoked_takeover,
+            ));
+        }
+        if self.ttl_ticks.is_some() {
+            properties.push(Property::sometimes(
+                "an expired record is purged",
+                |_, s: &State| s.saw_purge,
+            ));
+        }
+        properties
     }
 }
 
@@ -314,6 +386,8 @@ fn protocol_is_safe_with_crashes_and_arbitrary_delays() {
         holders: 4,
         max_ticks: 8,
         with_release: false,
+        with_admin: false,
+        ttl_ticks: None,
     }
     .checker()
     .spawn_bfs()
@@ -333,6 +407,40 @@ fn protocol_is_safe_with_releases_and_reclaims() {
         holders: 4,
         max_ticks: 6,
         with_release: true,
+        with_admin: false,
+        ttl_ticks: None,
+    }
+    .checker()
+    .spawn_bfs()
+    .join();
+    checker.assert_properties();
+    eprintln!("explored {} unique states", checker.unique_state_count());
+}
+
+#[test]
+fn protocol_is_safe_with_operators_deleting_and_revoking_at_any_moment() {
+    let checker = Protocol {
+        holders: 3,
+        max_ticks: 5,
+        with_release: true,
+        with_admin: true,
+        ttl_ticks: None,
+    }
+    .checker()
+    .spawn_bfs()
+    .join();
+    checker.assert_properties();
+    eprintln!("explored {} unique states", checker.unique_state_count());
+}
+
+#[test]
+fn protocol_is_safe_with_expiring_records_and_a_sweeper_at_any_moment() {
+    let checker = Protocol {
+        holders: 3,
+        max_ticks: 6,
+        with_release: true,
+        with_admin: false,
+        ttl_ticks: Some(3),
     }
     .checker()
     .spawn_bfs()
