@@ -80,10 +80,12 @@ impl StoreUrl {
             }
             return Ok(StoreUrl::File { dir: path.into() });
         }
+        // Only the scheme is shown: a mistyped URL (`postgres:user:pw@db`) may hold a password
+        // where no parser would look for one.
+        let scheme: String = url.split(':').next().unwrap_or("").chars().take(32).collect();
         Err(config(format!(
-            "unsupported store URL {:?}: use memory://, file:DIR, redis://HOST:PORT, \
-             redis+cluster://H1:P1,H2:P2 or postgres://USER@HOST/DB",
-            redact(url)
+            "unsupported store URL (scheme {scheme:?}): use memory://, file:DIR, \
+             redis://HOST:PORT, redis+cluster://H1:P1,H2:P2 or postgres://USER@HOST/DB"
         )))
     }
 
@@ -103,7 +105,8 @@ fn memory(rest: &str) -> Result<StoreUrl, StoreError> {
         None if rest.is_empty() => "",
         None => {
             return Err(config(format!(
-                "memory:// takes no path, only ?max_records=N&max_bytes=SIZE, got {rest:?}"
+                "memory:// takes no path, only ?max_records=N&max_bytes=SIZE, got {:?}",
+                redact(rest)
             )));
         }
     };
@@ -223,11 +226,13 @@ mod tests {
             ("file:", "needs a path"),
             ("redis+cluster://", "at least one node"),
             ("mysql://u:pw@h/db", "unsupported"),
+            ("postgres:u:s3cret@h/db", "unsupported"),
         ] {
             let err = StoreUrl::parse(bad).expect_err(bad);
             assert_eq!(err.kind(), ErrorKind::Config);
             assert!(err.message().contains(why), "{bad}: {err}");
             assert!(!err.message().contains("pw@"), "{err}");
+            assert!(!err.message().contains("s3cret"), "{err}");
         }
     }
 }
