@@ -69,17 +69,25 @@ pub fn claim(
     now: Timestamp,
     req: &ClaimRequest,
 ) -> (Write, ClaimOutcome) {
-    if let Some(record) = live(current, now) {
-        return (
-            Write::Unchanged,
-            ClaimOutcome::Existing {
-                record: record.clone(),
-                now,
-            },
-        );
-    }
+    // A free key with an epoch floor (released, or revoked by an operator) is claimed at the
+    // next epoch, whatever its fingerprint: an epoch the upstream may have seen is never reused.
+    let floor = match live(current, now) {
+        Some(record) => match free_epoch(record, now) {
+            Some(epoch) => epoch,
+            None => {
+                return (
+                    Write::Unchanged,
+                    ClaimOutcome::Existing {
+                        record: record.clone(),
+                        now,
+                    },
+                );
+            }
+        },
+        None => 0,
+    };
     let fencing = Fencing {
-        epoch: 1,
+        epoch: floor + 1,
         token: req.token,
     };
     let lease_expires_at = now.after(req.lease_ttl);
@@ -165,11 +173,49 @@ fn finish(
     (Write::Put(next), CasOutcome::Applied)
 }
 
-/// See [`Store::release`](crate::Store::release).
+/// See [`Store::release`](crate::Store::release): the record becomes a free key with an epoch
+/// floor ([`free_epoch`]), so that the next claim runs at the next epoch.
 pub fn release(current: Option<&Record>, now: Timestamp, fencing: Fencing) -> (Write, CasOutcome) {
     match held(current, now, fencing) {
-        Some(_) => (Write::Delete, CasOutcome::Applied),
+        Some(record) => (
+            Write::Put(freed(record, now, RELEASED_OWNER)),
+            CasOutcome::Applied,
+        ),
         None => (Write::Unchanged, CasOutcome::Lost),
+    }
+}
+
+/// The owner name a released record carries.
+pub const RELEASED_OWNER: &str = "released";
+
+/// `record` as a free key with its epoch as the floor: in flight under the token nobody holds
+/// ([`Fencing::REVOKED`]), its lease over now.
+fn freed(record: &Record, now: Timestamp, owner: &str) -> Record {
+    let mut next = record.clone();
+    if let RecordState::InFlight {
+        fencing,
+        owner: o,
+        lease_expires_at,
+    } = &mut next.state
+    {
+        fencing.token = Fencing::REVOKED;
+        *o = owner.to_owned();
+        *lease_expires_at = now;
+    }
+    next
+}
+
+/// The epoch of a free key (released, or revoked by an operator: in flight under
+/// [`Fencing::REVOKED`] with its lease over), `None` for any other record. A claim of a free key
+/// acquires it at the next epoch, whatever its fingerprint.
+pub fn free_epoch(record: &Record, now: Timestamp) -> Option<u64> {
+    match &record.state {
+        RecordState::InFlight {
+            fencing,
+            lease_expires_at,
+            ..
+        } if fencing.is_revoked() && now >= *lease_expires_at => Some(fencing.epoch),
+        _ => None,
     }
 }
 
@@ -245,17 +291,11 @@ pub fn delete(
             (Write::Delete, DeleteOutcome::Deleted)
         }
         (RecordState::InFlight { fencing, .. }, DeleteMode::Force) => {
-            let mut next = record.clone();
-            next.state = RecordState::InFlight {
-                fencing: Fencing {
-                    epoch: fencing.epoch,
-                    token: Fencing::REVOKED,
-                },
-                owner: REVOKED_OWNER.to_owned(),
-                lease_expires_at: now,
-            };
             let epoch = fencing.epoch;
-            (Write::Put(next), DeleteOutcome::Revoked { epoch })
+            (
+                Write::Put(freed(record, now, REVOKED_OWNER)),
+                DeleteOutcome::Revoked { epoch },
+            )
         }
         (RecordState::InFlight { .. }, _) => refused(),
         // Force revokes only: an outcome that landed meanwhile (the operator saw it in flight)

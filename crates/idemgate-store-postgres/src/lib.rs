@@ -455,10 +455,13 @@ impl Store for PostgresStore {
                ON CONFLICT (store_key) DO UPDATE SET
                  namespace = EXCLUDED.namespace, scope = EXCLUDED.scope, idem_key = EXCLUDED.idem_key,
                  fingerprint = EXCLUDED.fingerprint, created_at = EXCLUDED.created_at,
-                 expires_at = EXCLUDED.expires_at, state = 1, epoch = 1, token = EXCLUDED.token,
+                 expires_at = EXCLUDED.expires_at, state = 1,
+                 epoch = CASE WHEN r.expires_at <= EXCLUDED.created_at THEN 1 ELSE r.epoch + 1 END,
+                 token = EXCLUDED.token,
                  owner = EXCLUDED.owner, lease_expires_at = EXCLUDED.lease_expires_at,
                  completed_at = NULL, outcome = NULL, unknown_since = NULL
                WHERE r.expires_at <= EXCLUDED.created_at
+                  OR (r.state = 1 AND r.token = $10 AND r.lease_expires_at <= EXCLUDED.created_at)
                RETURNING r.*
              )
              SELECT true AS acquired, n.now, ins.* FROM ins, n
@@ -484,6 +487,7 @@ impl Store for PostgresStore {
                         &ms(req.lease_ttl),
                         &ms(req.ttl),
                         &req.owner,
+                        &Fencing::REVOKED.to_be_bytes().to_vec(),
                     ],
                 )
                 .await?;
@@ -494,9 +498,10 @@ impl Store for PostgresStore {
             };
             let acquired: bool = row.try_get("acquired").map_err(|_| corrupt("acquired"))?;
             if acquired {
+                // Epoch 1, or the next epoch of a free key (released, or revoked).
                 return Ok(ClaimOutcome::Acquired {
                     fencing: Fencing {
-                        epoch: 1,
+                        epoch: req_u64(row, "epoch")?,
                         token: req.token,
                     },
                 });
@@ -608,9 +613,11 @@ impl Store for PostgresStore {
         if let Some(lost) = revoked_cas(f) {
             return Ok(lost);
         }
+        // The row becomes a free key with its epoch as the floor (see `protocol::release`).
         let sql = format!(
             "WITH n AS (SELECT {NOW} AS now),
-             w AS (DELETE FROM idemgate_records r USING n WHERE {HELD} RETURNING r.store_key)
+             w AS (UPDATE idemgate_records r SET token = $4, owner = $5, lease_expires_at = n.now
+                   FROM n WHERE {HELD} RETURNING r.store_key)
              {CHANGED}"
         );
         let n = self
@@ -620,6 +627,8 @@ impl Store for PostgresStore {
                     &key.as_bytes().as_slice(),
                     &(f.epoch as i64),
                     &f.token.to_be_bytes().to_vec(),
+                    &Fencing::REVOKED.to_be_bytes().to_vec(),
+                    &protocol::RELEASED_OWNER,
                 ],
             )
             .await?;

@@ -519,10 +519,12 @@ fn cas(reply: Reply) -> Result<CasOutcome, StoreError> {
 impl Store for RedbStore {
     async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         // Fast path: a live record answers from a read snapshot without queueing for the writer.
-        // The record existed at the snapshot, so "Existing" is a correct atomic answer.
+        // The record existed at the snapshot, so "Existing" is a correct atomic answer — unless
+        // it is a free key (released or revoked), which the writer claims at the next epoch.
         let now = self.inner.clock.now();
         if let Some(record) = self.read(key)?
             && !record.is_expired(now)
+            && protocol::free_epoch(&record, now).is_none()
         {
             return Ok(ClaimOutcome::Existing { record, now });
         }

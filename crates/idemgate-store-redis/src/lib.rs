@@ -567,6 +567,7 @@ impl Store for RedisStore {
             .arg(&req.owner)
             .arg(ms(req.lease_ttl))
             .arg(ms(req.ttl))
+            .arg(token_hex(Fencing::REVOKED))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(map_err)?;
@@ -576,9 +577,10 @@ impl Store for RedisStore {
         };
         let now = Timestamp(int(&now).ok_or_else(shape)? as u64);
         if int(&flag) == Some(1) {
+            let epoch = it.next().as_ref().and_then(int).ok_or_else(shape)?;
             return Ok(ClaimOutcome::Acquired {
                 fencing: Fencing {
-                    epoch: 1,
+                    epoch: u64::try_from(epoch).map_err(|_| shape())?,
                     token: req.token,
                 },
             });
@@ -651,6 +653,8 @@ impl Store for RedisStore {
             f.epoch.to_string().into_bytes(),
             token_hex(f.token).into_bytes(),
             self.channel().into_bytes(),
+            token_hex(Fencing::REVOKED).into_bytes(),
+            protocol::RELEASED_OWNER.as_bytes().to_vec(),
         ];
         self.cas(&self.scripts.release, key, &args).await
     }

@@ -50,21 +50,30 @@ fn script(body: &str) -> Script {
     Script::new(&format!("{PRELUDE}\n{body}"))
 }
 
-/// ARGV: ns, sc, k, fp, tk, ow, lease_ms, ttl_ms → `{1, now}` acquired, or `{0, now, HGETALL}`.
+/// ARGV: ns, sc, k, fp, tk, ow, lease_ms, ttl_ms, revoked token → `{1, now, epoch}` acquired
+/// (epoch 1, or the next epoch of a free key: released or revoked, its lease over), or
+/// `{0, now, HGETALL}`.
 pub fn claim() -> Script {
     script(
         r#"
 local now = now_ms()
+local ep = 1
 if live(now) then
-  return {0, now, redis.call('HGETALL', KEYS[1])}
+  local f = redis.call('HMGET', KEYS[1], 'st', 'tk', 'le', 'ep')
+  if f[1] == 'i' and f[2] == ARGV[9] and tonumber(f[3]) and now >= tonumber(f[3]) then
+    ep = tonumber(f[4]) + 1
+  else
+    return {0, now, redis.call('HGETALL', KEYS[1])}
+  end
 end
 local le = now + tonumber(ARGV[7])
 local xa = math.max(now + tonumber(ARGV[8]), le)
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', '1', 'ns', ARGV[1], 'sc', ARGV[2], 'k', ARGV[3], 'fp', ARGV[4],
-  'ca', fmt(now), 'xa', fmt(xa), 'st', 'i', 'ep', '1', 'tk', ARGV[5], 'ow', ARGV[6], 'le', fmt(le))
+  'ca', fmt(now), 'xa', fmt(xa), 'st', 'i', 'ep', fmt(ep), 'tk', ARGV[5], 'ow', ARGV[6],
+  'le', fmt(le))
 redis.call('PEXPIREAT', KEYS[1], xa)
-return {1, now}
+return {1, now, fmt(ep)}
 "#,
     )
 }
@@ -117,13 +126,14 @@ return 1
     )
 }
 
-/// ARGV: ep, tk, channel → 1 released (and published), 0 lost.
+/// ARGV: ep, tk, channel, revoked token, released owner → 1 released (the record becomes a free
+/// key with its epoch as the floor; published), 0 lost.
 pub fn release() -> Script {
     script(
         r#"
 local now = now_ms()
 if not held(now, ARGV[1], ARGV[2]) then return 0 end
-redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'tk', ARGV[4], 'ow', ARGV[5], 'le', fmt(now))
 redis.call('PUBLISH', ARGV[3], KEYS[1])
 return 1
 "#,

@@ -82,7 +82,13 @@ impl StoreUrl {
         }
         // Only the scheme is shown: a mistyped URL (`postgres:user:pw@db`) may hold a password
         // where no parser would look for one.
-        let scheme: String = url.split(':').next().unwrap_or("").chars().take(32).collect();
+        let scheme: String = url
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(32)
+            .collect();
         Err(config(format!(
             "unsupported store URL (scheme {scheme:?}): use memory://, file:DIR, \
              redis://HOST:PORT, redis+cluster://H1:P1,H2:P2 or postgres://USER@HOST/DB"

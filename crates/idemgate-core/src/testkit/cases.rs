@@ -405,19 +405,30 @@ pub async fn mark_unknown_with_stale_fencing_is_lost<H: Harness>(h: &H) {
     ));
 }
 
-pub async fn release_deletes_and_allows_a_new_claim<H: Harness>(h: &H) {
+pub async fn release_frees_the_key_and_the_next_claim_opens_the_next_epoch<H: Harness>(h: &H) {
     let key = fresh_key("release");
     let f = acquire(h, &key, &long_claim()).await;
     assert_eq!(
         h.store().release(&key, f).await.unwrap(),
         CasOutcome::Applied
     );
-    assert_eq!(get(h, &key).await, None);
-    let again = long_claim();
+    // A free key with its epoch as the floor: held by nobody, its lease over.
+    let Some(record) = get(h, &key).await else {
+        panic!("a released key keeps its epoch floor")
+    };
+    assert!(
+        matches!(record.state, RecordState::InFlight { fencing, .. }
+            if fencing == Fencing { epoch: f.epoch, token: Fencing::REVOKED }),
+        "{:?}",
+        record.state
+    );
+    // Claimed again (any fingerprint) at the next epoch, never the released one: the upstream
+    // may have seen it (a transient answer).
+    let again = claim_request(LONG_LEASE, LONG_TTL, 2);
     assert_eq!(
         acquire(h, &key, &again).await,
         Fencing {
-            epoch: 1,
+            epoch: f.epoch + 1,
             token: again.token
         }
     );
@@ -442,8 +453,12 @@ pub async fn reclaim_after_release_fences_the_old_holder<H: Harness>(h: &H) {
         CasOutcome::Applied
     );
     let new = acquire(h, &key, &long_claim()).await;
-    assert_eq!(new.epoch, old.epoch, "epochs restart after a release");
-    // Same epoch, other token: the old holder must not touch the new record.
+    assert_eq!(
+        new.epoch,
+        old.epoch + 1,
+        "an epoch is never reused after a release"
+    );
+    // The old holder must not touch the new record.
     assert_fenced_off(h, &key, old).await;
     match get(h, &key).await.unwrap().state {
         RecordState::InFlight { fencing, .. } => assert_eq!(fencing, new),
@@ -752,29 +767,18 @@ pub async fn forced_delete_revokes_the_holder_and_opens_the_next_epoch<H: Harnes
             .unwrap(),
         CasOutcome::Lost
     );
-    // A claim sees an in-flight record whose lease has ended, never an absent key (epoch 1 again).
-    let ClaimOutcome::Existing { record, now } = store.claim(&key, &long_claim()).await.unwrap()
-    else {
-        panic!("a revoked record must not be claimable at epoch 1");
-    };
-    let RecordState::InFlight {
-        fencing,
-        lease_expires_at,
-        ..
-    } = record.state
-    else {
-        panic!("a revoked record stays in flight, got {:?}", record.state);
-    };
-    assert_eq!(fencing, revoked);
-    assert!(now >= lease_expires_at, "a revoked lease has ended");
-    // Taking over from the revoked fencing opens epoch + 1, at once.
-    let TakeOverOutcome::Acquired { fencing: next } = store
-        .take_over(&key, &take_over_request(revoked, LONG_LEASE))
+    // The revoked record is a free key with its epoch as the floor: it is still there (never
+    // epoch 1 again), and the next claim, of any fingerprint, acquires it at epoch + 1.
+    let record = get(h, &key)
         .await
-        .unwrap()
-    else {
-        panic!("a revoked record must be taken over at once");
-    };
+        .expect("a revoked record keeps its epoch floor");
+    assert!(
+        matches!(record.state, RecordState::InFlight { fencing, .. } if fencing == revoked),
+        "{:?}",
+        record.state
+    );
+    let next_claim = claim_request(LONG_LEASE, LONG_TTL, 2);
+    let next = acquire(h, &key, &next_claim).await;
     assert_eq!(next.epoch, f.epoch + 1);
     assert_eq!(
         store
@@ -783,6 +787,14 @@ pub async fn forced_delete_revokes_the_holder_and_opens_the_next_epoch<H: Harnes
             .unwrap(),
         CasOutcome::Applied
     );
+    // Taking over from the revoked fencing is refused once someone holds the next epoch.
+    assert!(matches!(
+        store
+            .take_over(&key, &take_over_request(revoked, LONG_LEASE))
+            .await
+            .unwrap(),
+        TakeOverOutcome::Refused { .. }
+    ));
 }
 
 pub async fn delete_of_absent_key_is_absent<H: Harness>(h: &H) {

@@ -159,7 +159,7 @@ macro_rules! conformance_tests {
             completed_record_never_changes,
             mark_unknown_by_holder,
             mark_unknown_with_stale_fencing_is_lost,
-            release_deletes_and_allows_a_new_claim,
+            release_frees_the_key_and_the_next_claim_opens_the_next_epoch,
             release_with_stale_fencing_is_lost,
             reclaim_after_release_fences_the_old_holder,
             take_over_refused_while_lease_is_live,

@@ -213,12 +213,26 @@ async fn run_sequence<H: Harness>(h: &H, ops: &[Op]) -> Result<(), TestCaseError
                     .claim(&keys[k], &req)
                     .await
                     .map_err(|e| fail(step, op, e.to_string()))?;
-                let expected = m.live(k).map(|r| summarize_model(r, timed));
+                // A free key (released or revoked, its lease over) is claimed at its next epoch.
+                let floor = match m.live(k).map(|r| &r.state) {
+                    Some(MState::InFlight {
+                        epoch,
+                        token,
+                        lease_until,
+                    }) if *token == Fencing::REVOKED && m.now >= *lease_until => Some(*epoch),
+                    Some(_) => None,
+                    None => Some(0),
+                };
+                let expected = m
+                    .live(k)
+                    .filter(|_| floor.is_none())
+                    .map(|r| summarize_model(r, timed));
                 match (got, expected) {
                     (ClaimOutcome::Acquired { fencing }, None) => {
+                        let epoch = floor.unwrap_or(0) + 1;
                         if fencing
                             != (Fencing {
-                                epoch: 1,
+                                epoch,
                                 token: req.token,
                             })
                         {
@@ -230,7 +244,7 @@ async fn run_sequence<H: Harness>(h: &H, ops: &[Op]) -> Result<(), TestCaseError
                             expires: m.now + TTL_MS.max(lease.as_millis() as u64),
                             fp,
                             state: MState::InFlight {
-                                epoch: 1,
+                                epoch,
                                 token: req.token,
                                 lease_until: m.now + lease.as_millis() as u64,
                             },
@@ -307,7 +321,20 @@ async fn run_sequence<H: Harness>(h: &H, ops: &[Op]) -> Result<(), TestCaseError
                     .map_err(|e| fail(step, op, e.to_string()))?;
                 let expect = m.holds(k, f);
                 if expect {
-                    m.recs[k] = None;
+                    // A free key with its epoch as the floor.
+                    let now = m.now;
+                    let r = m.recs[k].as_mut().unwrap();
+                    if let MState::InFlight {
+                        token, lease_until, ..
+                    } = &mut r.state
+                    {
+                        *token = Fencing::REVOKED;
+                        *lease_until = now;
+                    }
+                    holders[k].push(Fencing {
+                        epoch: f.epoch,
+                        token: Fencing::REVOKED,
+                    });
                 }
                 cas(step, op, got, expect)?;
             }
