@@ -15,12 +15,14 @@
 //! | `cross_scope` (I6) | an answer carrying another scope's (or key's) execution |
 //! | `secret_replayed` (G6) | a replay carrying `Set-Cookie` |
 //! | `outside_g2` (I3) | an answer that is not one of the G2 answers for this workload (which never sends a bad key, a large body or a changed request: `400`, `413`, `422` count here), or a `409`/`503` without `Retry-After` |
-//! | `reexecuted_after_answer` (I4, G2) | an effectful execution that arrived after a client had already been given that key's stored outcome or `502` outcome-unknown |
+//! | `reexecuted_after_answer` (I4, G2) | an effectful execution that arrived after a client had already been given that key's stored outcome, or (strict mode) `502` outcome-unknown |
 //! | `stuck` (I5) | the end-of-run probe, sent once every fault was healed and a lease had passed, got `409` |
 //!
 //! **Anomalies** are counted, not failed: two different fresh answers for one key (takeover mode:
 //! a paused or partitioned holder delivered its own answer after another instance took over),
-//! a `502` outcome-unknown after a success had been delivered, a replay after an outcome-unknown.
+//! a `502` outcome-unknown after a success had been delivered, a replay after an
+//! outcome-unknown, and (takeover mode) a takeover that ran the key after a holder that had lost
+//! its lease answered outcome-unknown for its own exchange.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
@@ -39,7 +41,7 @@ pub struct CheckParams {
     pub strict: bool,
     /// The lease.
     pub lease: Duration,
-    /// The clients' largest backoff (an orphan's age includes it).
+    /// The clients' largest backoff.
     pub client_backoff_cap: Duration,
 }
 
@@ -94,16 +96,19 @@ impl Latency {
 /// another instance resolved them (took over, or said outcome-unknown).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Orphans {
-    /// Keys with an attempt in flight on an instance when it was killed, later resolved by a
-    /// new execution or an outcome-unknown answer.
+    /// Keys with an attempt in flight on an instance when it was killed, resolved (a new
+    /// execution, or an outcome-unknown answer) by an attempt that was already waiting when the
+    /// lease could run out.
     pub resolved: u64,
     /// Time from the kill to that resolution.
     pub age: Latency,
-    /// The bound they are compared with: lease + lease/3 (renew interval) + the clients'
-    /// largest backoff.
+    /// The goal they are compared with: lease + 1 s.
     pub bound_ms: f64,
     /// How many took longer than the bound.
     pub over_bound: u64,
+    /// Orphans whose next attempt arrived only after the lease could have run out (free by
+    /// then; not timed).
+    pub resolved_on_arrival: u64,
 }
 
 /// The figures and findings of one run.
@@ -150,6 +155,9 @@ pub struct Report {
     pub outcome_unknown_ops: u64,
     /// ... of which the upstream did apply the effect.
     pub outcome_unknown_ops_applied: u64,
+    /// Operations asked to fail after their effect (close, reset, truncate), by how they ended
+    /// for their clients (`success` here would be a post-write failure reported as success).
+    pub post_write_failures: BTreeMap<String, u64>,
     /// Probe answers by class.
     pub probe_answers: BTreeMap<String, u64>,
     /// Keys still in flight (`409`) at the probe.
@@ -484,24 +492,48 @@ pub fn check(
                 .entry("replay_after_outcome_unknown".into())
                 .or_default() += 1;
         }
-        // I4 / G2: nothing runs again once an outcome (or outcome-unknown) was delivered.
-        let answered = match (first_success_end, first_unknown_end) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if let Some(t) = answered {
-            for e in effectful.iter().filter(|e| e.received_us > t) {
+        // I4: nothing runs again once a stored outcome was delivered. G2: nor once
+        // outcome-unknown was (strict mode; in takeover mode a holder that lost its lease, e.g.
+        // paused past it, answers outcome-unknown for its own exchange while the key has moved
+        // on to a takeover: counted as an anomaly).
+        let reruns = |t: u64| effectful.iter().filter(move |e| e.received_us > t);
+        if let Some(t) = first_success_end {
+            for e in reruns(t) {
                 flag(
                     "reexecuted_after_answer",
                     op,
                     format!(
-                        "execution {} (epoch {}) arrived {:.1} ms after the key's outcome was \
-                         answered",
+                        "execution {} (epoch {}) arrived {:.1} ms after a client was given the \
+                         key's outcome",
                         e.id,
                         e.epoch,
                         (e.received_us - t) as f64 / 1000.0
                     ),
                 );
+            }
+        }
+        if let Some(t) = first_unknown_end {
+            let after_unknown: Vec<_> = reruns(t)
+                .filter(|e| first_success_end.is_none_or(|s| e.received_us <= s))
+                .collect();
+            if params.strict {
+                for e in &after_unknown {
+                    flag(
+                        "reexecuted_after_answer",
+                        op,
+                        format!(
+                            "execution {} (epoch {}) arrived {:.1} ms after a client was told \
+                             outcome-unknown",
+                            e.id,
+                            e.epoch,
+                            (e.received_us - t) as f64 / 1000.0
+                        ),
+                    );
+                }
+            } else if !after_unknown.is_empty() {
+                *anomalies
+                    .entry("takeover_after_outcome_unknown".into())
+                    .or_default() += 1;
             }
         }
         // The operation's end for its clients (probes aside).
@@ -519,6 +551,9 @@ pub fn check(
             "gave_up"
         };
         *r.op_outcomes.entry(outcome.into()).or_default() += 1;
+        if op.behaviour.fail.is_some() {
+            *r.post_write_failures.entry(outcome.into()).or_default() += 1;
+        }
         if outcome == "outcome_unknown" || outcome == "gave_up" {
             r.outcome_unknown_ops += 1;
             if !effectful.is_empty() {
@@ -552,10 +587,14 @@ pub fn check(
         });
     }
 
-    // Orphans: keys in flight on an instance when it was killed.
-    let bound = params.lease + params.lease / 3 + params.client_backoff_cap;
+    // Orphans: keys in flight on an instance when it was killed, resolved by another attempt
+    // that was already waiting when the lease could run out (its resolution time is then the
+    // moment the key became free, give or take a waiter's poll); keys whose next attempt came
+    // later were free before it arrived and are counted apart.
+    let bound = params.lease + Duration::from_secs(1);
     let mut ages = Vec::new();
     let mut over = 0;
+    let mut late = 0;
     let kills: Vec<(u64, u32)> = faults
         .iter()
         .filter(|f| f.applied)
@@ -565,6 +604,7 @@ pub fn check(
         })
         .collect();
     if !kills.is_empty() {
+        let attempt_by_id: HashMap<u64, &Attempt> = attempts.iter().map(|a| (a.id, a)).collect();
         let mut execs_by_op: HashMap<u64, Vec<&Execution>> = HashMap::new();
         for e in executions {
             if let Some(id) = by_key.get(&(e.scope.as_str(), e.key.as_str())) {
@@ -575,34 +615,44 @@ pub fn check(
         for a in attempts {
             attempts_by_op.entry(a.op).or_default().push(a);
         }
+        let lease_us = u64::try_from(params.lease.as_micros()).unwrap_or(u64::MAX);
         for (op, tries) in &attempts_by_op {
             for &(tk, inst) in &kills {
                 let hit = tries
                     .iter()
                     .find(|a| a.instance == inst && a.start_us < tk && a.end_us >= tk);
                 let Some(hit) = hit else { continue };
+                // (resolution time, start of the attempt that resolved it)
                 let by_exec = execs_by_op.get(op).and_then(|es| {
                     es.iter()
                         .filter(|e| e.received_us > tk && e.attempt != Some(hit.id))
-                        .map(|e| e.received_us)
+                        .filter_map(|e| {
+                            let a = attempt_by_id.get(&e.attempt?)?;
+                            Some((e.received_us, a.start_us))
+                        })
                         .min()
                 });
                 let by_unknown = tries
                     .iter()
-                    .filter(|a| a.class == Class::OutcomeUnknown && a.end_us > tk)
-                    .map(|a| a.end_us)
+                    .filter(|a| a.class == Class::OutcomeUnknown && a.end_us > tk && a.id != hit.id)
+                    .map(|a| (a.end_us, a.start_us))
                     .min();
                 let resolved = match (by_exec, by_unknown) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
-                if let Some(t) = resolved {
-                    let age = t - tk;
-                    if Duration::from_micros(age) > bound {
-                        over += 1;
-                    }
-                    ages.push(age);
+                let Some((t, started)) = resolved else {
+                    continue;
+                };
+                if started > tk + lease_us {
+                    late += 1;
+                    continue;
                 }
+                let age = t - tk;
+                if Duration::from_micros(age) > bound {
+                    over += 1;
+                }
+                ages.push(age);
             }
         }
     }
@@ -611,6 +661,7 @@ pub fn check(
         age: Latency::of(ages),
         bound_ms: bound.as_secs_f64() * 1000.0,
         over_bound: over,
+        resolved_on_arrival: late,
     };
 
     // Figures.
@@ -817,6 +868,15 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
+            "   post-write failures injected, by outcome: {}",
+            self.post_write_failures
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+        writeln!(
+            f,
             "   {:<26} {:>8} {:>10} {:>10} {:>10}",
             "answer class", "count", "p50 ms", "p99 ms", "max ms"
         )?;
@@ -835,13 +895,14 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "   orphans resolved {} (age p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; bound {:.0} ms, over {})",
+            "   orphans timed {} (age p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; goal {:.0} ms, over {}); free on arrival {}",
             self.orphans.resolved,
             self.orphans.age.p50_ms,
             self.orphans.age.p99_ms,
             self.orphans.age.max_ms,
             self.orphans.bound_ms,
-            self.orphans.over_bound
+            self.orphans.over_bound,
+            self.orphans.resolved_on_arrival
         )?;
         writeln!(
             f,

@@ -51,6 +51,12 @@ pub struct Op {
 /// is added independently).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Mix {
+    /// Every operation sent by this many senders at once, with the normal behaviour only (a
+    /// pure race, RELIABILITY #1); `0`: the mix below.
+    pub race: u32,
+    /// Operations whose key string is shared by every client (each under its own scope, with
+    /// its own body): a replay across scopes would show (I6).
+    pub shared_keys: f64,
     /// Operations sent by 2 senders at once.
     pub dup2: f64,
     /// Operations sent by 4 senders at once.
@@ -61,6 +67,10 @@ pub struct Mix {
     pub slow: f64,
     /// Their delay range (ms).
     pub slow_ms: (u64, u64),
+    /// Very slow operations (longer than the lease: renewals must keep it).
+    pub very_slow: f64,
+    /// Their delay range (ms).
+    pub very_slow_ms: (u64, u64),
     /// Effect applied, then the connection closed without an answer.
     pub fail_close: f64,
     /// Effect applied, then the connection reset.
@@ -79,11 +89,15 @@ pub struct Mix {
 impl Default for Mix {
     fn default() -> Self {
         Self {
+            race: 0,
+            shared_keys: 0.2,
             dup2: 0.10,
             dup4: 0.05,
             normal_ms: (0, 20),
             slow: 0.08,
             slow_ms: (200, 1500),
+            very_slow: 0.01,
+            very_slow_ms: (4000, 4500),
             fail_close: 0.01,
             fail_reset: 0.01,
             fail_truncate: 0.01,
@@ -97,7 +111,9 @@ impl Default for Mix {
 impl Mix {
     /// The `i`-th operation of `client` in run `run`.
     pub fn op(&self, run: &str, client: u32, i: u64, id: u64, rng: &mut Rng) -> Op {
-        let senders = if rng.chance(self.dup4) {
+        let senders = if self.race > 0 {
+            self.race
+        } else if rng.chance(self.dup4) {
             4
         } else if rng.chance(self.dup2) {
             2
@@ -108,7 +124,11 @@ impl Mix {
             delay_ms: rng.range(self.normal_ms.0, self.normal_ms.1),
             ..Behaviour::default()
         };
-        let roll = rng.below(1_000_000) as f64 / 1_000_000.0;
+        let roll = if self.race > 0 {
+            1.0
+        } else {
+            rng.below(1_000_000) as f64 / 1_000_000.0
+        };
         let mut edge = 0.0;
         let mut pick = |p: f64| {
             edge += p;
@@ -116,6 +136,8 @@ impl Mix {
         };
         if pick(self.slow) {
             b.delay_ms = rng.range(self.slow_ms.0, self.slow_ms.1);
+        } else if pick(self.very_slow) {
+            b.delay_ms = rng.range(self.very_slow_ms.0, self.very_slow_ms.1);
         } else if pick(self.fail_close) {
             b.fail = Some(Fail::Close);
         } else if pick(self.fail_reset) {
@@ -127,7 +149,7 @@ impl Mix {
         } else if pick(self.stored_error) {
             b.status = if rng.chance(0.5) { 500 } else { 402 };
         }
-        if rng.chance(self.idle_close) {
+        if self.race == 0 && rng.chance(self.idle_close) {
             b.idle_close_ms = rng.range(200, 800);
         }
         let query = b.to_query();
@@ -140,7 +162,11 @@ impl Mix {
             id,
             client,
             scope: format!("Bearer {run}-principal-{client}"),
-            key: format!("{run}-c{client}-o{i}"),
+            key: if self.race == 0 && rng.chance(self.shared_keys) {
+                format!("{run}-shared-o{i}")
+            } else {
+                format!("{run}-c{client}-o{i}")
+            },
             target,
             body: Bytes::from(format!(
                 "{{\"client\":{client},\"op\":{i},\"amount\":{}}}",

@@ -71,6 +71,12 @@ struct Args {
     /// PostgreSQL URL (default: $IDEMGATE_TEST_POSTGRES_URL, else the local server).
     #[arg(long)]
     postgres_url: Option<String>,
+    /// No faults at all.
+    #[arg(long)]
+    no_faults: bool,
+    /// A pure race: every operation sent by this many senders at once, normal behaviour only.
+    #[arg(long)]
+    race: Option<u32>,
     /// Write every attempt and execution as JSON lines (default: on for short runs).
     #[arg(long)]
     logs: Option<bool>,
@@ -142,6 +148,14 @@ async fn main_async(args: Args) -> i32 {
             }
             if let Some(w) = args.workers {
                 s.workers = w;
+            }
+            if args.no_faults {
+                s.faults = idemgate_chaos::faults::FaultPlan::none();
+                s.name.push_str("-nofaults");
+            }
+            if let Some(n) = args.race {
+                s.mix.race = n;
+                s.name.push_str(&format!("-race{n}"));
             }
             if let Some(l) = args.logs {
                 s.write_logs = l;

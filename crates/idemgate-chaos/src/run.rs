@@ -111,17 +111,18 @@ fn ms(d: Duration) -> String {
 }
 
 impl Scenario {
-    /// The short schedule: ~20 s of load by 16 clients (at most 4,000 requests) on 3 instances
+    /// The short schedule: ~20 s of load by 32 clients (at most 4,000 requests) on 3 instances
     /// (1 on the embedded store), a SIGKILL of a random instance every ~2 s (restarted after
-    /// 0.5 s), the store blackholed for 3 s once (Redis, PostgreSQL), one instance paused for
-    /// 3 s, upstream link faults; lease 2 s.
+    /// 0.5 s); on Redis and PostgreSQL also every store link blackholed for 3 s (about twice),
+    /// one instance's store link blackholed for 3 s, an instance paused for 6 s (3 leases);
+    /// on Redis a SIGKILL and restart of redis-server; upstream link faults; lease 2 s.
     pub fn short(store: StoreKind, recovery: Recovery) -> Self {
         let shared = !matches!(store, StoreKind::File);
         let window = Duration::from_secs(20);
         Self {
             name: format!("short-{}-{}", store.name(), recovery.as_str()),
             instances: if shared { 3 } else { 1 },
-            clients: 16,
+            clients: 32,
             window,
             max_requests: 4_000,
             mix: Mix::default(),
@@ -130,9 +131,12 @@ impl Scenario {
                 kill_every: Some(Duration::from_secs(2)),
                 restart_after: Duration::from_millis(500),
                 pause_every: shared.then_some(Duration::from_secs(12)),
-                pause_for: Duration::from_secs(3),
+                pause_for: Duration::from_secs(6),
                 store_blackhole_every: shared.then_some(Duration::from_secs(12)),
+                store_blackhole_one_every: shared.then_some(Duration::from_secs(16)),
                 store_blackhole_for: Duration::from_secs(3),
+                store_kill_every: matches!(store, StoreKind::Redis)
+                    .then_some(Duration::from_secs(16)),
                 upstream_fault_every: Some(Duration::from_secs(7)),
                 link_fault_for: Duration::from_secs(2),
                 ..FaultPlan::default()
@@ -170,7 +174,7 @@ impl Scenario {
             restart_after: Duration::from_millis(500),
             terminate_every: Some(Duration::from_secs(30)),
             pause_every: shared.then_some(Duration::from_secs(45)),
-            pause_for: Duration::from_secs(3),
+            pause_for: Duration::from_secs(6),
             store_blackhole_every: shared.then_some(Duration::from_secs(60)),
             store_blackhole_one_every: shared.then_some(Duration::from_secs(50)),
             store_blackhole_for: Duration::from_secs(3),

@@ -11,6 +11,7 @@
 //! | `delay_ms=N` | the effect takes N ms (the handler runs in a task of its own: a client or proxy that goes away does not cancel it) |
 //! | `status=N` | answer with status N (stored by idemgate unless transient) |
 //! | `transient=N` | the first N arrivals of this `(scope, key)` are answered `503` and apply **no** effect (proof of non-processing, G3) |
+//! | `transient_epoch=N` | an arrival at `Idempotency-Epoch` N is answered `503` with no effect |
 //! | `fail=close` | apply the effect, then close the connection without answering |
 //! | `fail=reset` | apply the effect, then reset the connection (RST) |
 //! | `fail=truncate` | apply the effect, then send half of the body and break the connection |
@@ -69,6 +70,8 @@ pub struct Behaviour {
     pub status: u16,
     /// The first `transient` arrivals of the key get `503` and no effect.
     pub transient: u32,
+    /// Arrivals at this epoch get `503` and no effect (`0`: none).
+    pub transient_epoch: u64,
     /// A failure after the effect.
     pub fail: Option<Fail>,
     /// Close the keep-alive connection after this long idle (`0`: never).
@@ -85,6 +88,7 @@ impl Behaviour {
             "delay_ms" => b.delay_ms = value.parse().unwrap_or(0),
             "status" => b.status = value.parse().unwrap_or(0),
             "transient" => b.transient = value.parse().unwrap_or(0),
+            "transient_epoch" => b.transient_epoch = value.parse().unwrap_or(0),
             "idle_close_ms" => b.idle_close_ms = value.parse().unwrap_or(0),
             "pad" => b.pad = value.parse().unwrap_or(0),
             "fail" => {
@@ -106,6 +110,7 @@ impl Behaviour {
             "delay_ms",
             "status",
             "transient",
+            "transient_epoch",
             "idle_close_ms",
             "pad",
             "fail",
@@ -129,6 +134,9 @@ impl Behaviour {
         }
         if self.transient > 0 {
             parts.push(format!("transient={}", self.transient));
+        }
+        if self.transient_epoch > 0 {
+            parts.push(format!("transient_epoch={}", self.transient_epoch));
         }
         if let Some(f) = self.fail {
             let name = match f {
@@ -228,14 +236,15 @@ impl Recorder {
 
     /// Appends the execution to the log (and the JSONL file) and returns it.
     fn record(&self, r: Received) -> Execution {
-        let transient = r.behaviour.transient > 0 && {
-            let mut arrivals = lock(&self.arrivals);
-            let n = arrivals
-                .entry((r.scope.clone(), r.key.clone()))
-                .or_insert(0);
-            *n += 1;
-            *n <= r.behaviour.transient
-        };
+        let transient = (r.behaviour.transient_epoch > 0 && r.epoch == r.behaviour.transient_epoch)
+            || r.behaviour.transient > 0 && {
+                let mut arrivals = lock(&self.arrivals);
+                let n = arrivals
+                    .entry((r.scope.clone(), r.key.clone()))
+                    .or_insert(0);
+                *n += 1;
+                *n <= r.behaviour.transient
+            };
         let status = if transient {
             StatusCode::SERVICE_UNAVAILABLE
         } else {
@@ -617,6 +626,7 @@ mod tests {
             delay_ms: 30,
             status: 500,
             transient: 1,
+            transient_epoch: 2,
             fail: Some(Fail::Truncate),
             idle_close_ms: 300,
             pad: 64,
