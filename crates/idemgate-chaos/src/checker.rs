@@ -15,14 +15,16 @@
 //! | `cross_scope` (I6) | an answer carrying another scope's (or key's) execution |
 //! | `secret_replayed` (G6) | a replay carrying `Set-Cookie` |
 //! | `outside_g2` (I3) | an answer that is not one of the G2 answers for this workload (which never sends a bad key, a large body or a changed request: `400`, `413`, `422` count here), or a `409`/`503` without `Retry-After` |
-//! | `reexecuted_after_answer` (I4, G2) | an effectful execution that arrived after a client had already been given that key's stored outcome, or (strict mode) `502` outcome-unknown |
+//! | `reexecuted_after_answer` (I4) | an effectful execution that arrived after a client had already been given that key's stored outcome |
 //! | `stuck` (I5) | the end-of-run probe, sent once every fault was healed and a lease had passed, got `409` |
 //!
 //! **Anomalies** are counted, not failed: two different fresh answers for one key (takeover mode:
 //! a paused or partitioned holder delivered its own answer after another instance took over),
 //! a `502` outcome-unknown after a success had been delivered, a replay after an
-//! outcome-unknown, and (takeover mode) a takeover that ran the key after a holder that had lost
-//! its lease answered outcome-unknown for its own exchange.
+//! outcome-unknown, (takeover mode) a takeover that ran the key after a holder that had lost
+//! its lease answered outcome-unknown for its own exchange, and (strict mode) the key's single
+//! effect dispatched only after another instance had declared it outcome-unknown (its holder
+//! was paused between claim and dispatch).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
@@ -172,6 +174,8 @@ pub struct Report {
     pub orphans: Orphans,
     /// Counted anomalies (see the module docs).
     pub anomalies: BTreeMap<String, u64>,
+    /// The whole history of up to 3 keys of each anomaly.
+    pub anomaly_histories: Vec<String>,
     /// Violations, by kind.
     pub violation_counts: BTreeMap<String, u64>,
     /// Every violation.
@@ -233,6 +237,14 @@ pub fn check(
         attempts_of.entry(a.op).or_default().push(a);
     }
     let mut anomalies: BTreeMap<String, u64> = BTreeMap::new();
+    let mut anomaly_ops: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut anomaly = |kind: &str, op: u64| {
+        *anomalies.entry(kind.to_owned()).or_default() += 1;
+        let ops = anomaly_ops.entry(kind.to_owned()).or_default();
+        if ops.len() < 3 {
+            ops.push(op);
+        }
+    };
     let mut overhead = Vec::new();
     let mut by_class: BTreeMap<String, Vec<u64>> = BTreeMap::new();
 
@@ -429,9 +441,7 @@ pub fn check(
                         first_unknown_end =
                             Some(first_unknown_end.map_or(a.end_us, |t| t.min(a.end_us)));
                         if first_success_end.is_some_and(|t| a.start_us > t) {
-                            *anomalies
-                                .entry("outcome_unknown_after_success".into())
-                                .or_default() += 1;
+                            anomaly("outcome_unknown_after_success", op.id);
                         }
                     }
                 }
@@ -457,9 +467,7 @@ pub fn check(
             }
         }
         if fresh_bodies.len() > 1 {
-            *anomalies
-                .entry("different_fresh_answers_for_one_key".into())
-                .or_default() += 1;
+            anomaly("different_fresh_answers_for_one_key", op.id);
         }
         // I2: replays equal the first delivered stored answer.
         if let Some(first) = first_stored.and_then(|a| a.answer.as_ref()) {
@@ -488,9 +496,7 @@ pub fn check(
                 .iter()
                 .any(|a| a.class == Class::Replayed && a.start_us > t)
         {
-            *anomalies
-                .entry("replay_after_outcome_unknown".into())
-                .or_default() += 1;
+            anomaly("replay_after_outcome_unknown", op.id);
         }
         // I4: nothing runs again once a stored outcome was delivered. G2: nor once
         // outcome-unknown was (strict mode; in takeover mode a holder that lost its lease, e.g.
@@ -513,27 +519,20 @@ pub fn check(
             }
         }
         if let Some(t) = first_unknown_end {
-            let after_unknown: Vec<_> = reruns(t)
+            let after_unknown = reruns(t)
                 .filter(|e| first_success_end.is_none_or(|s| e.received_us <= s))
-                .collect();
-            if params.strict {
-                for e in &after_unknown {
-                    flag(
-                        "reexecuted_after_answer",
-                        op,
-                        format!(
-                            "execution {} (epoch {}) arrived {:.1} ms after a client was told \
-                             outcome-unknown",
-                            e.id,
-                            e.epoch,
-                            (e.received_us - t) as f64 / 1000.0
-                        ),
-                    );
-                }
-            } else if !after_unknown.is_empty() {
-                *anomalies
-                    .entry("takeover_after_outcome_unknown".into())
-                    .or_default() += 1;
+                .count();
+            if after_unknown > 0 {
+                // Strict mode: a single effect (a second is a duplicate_effect), dispatched by a
+                // holder that had lost its lease (paused between claim and dispatch) after
+                // another instance had declared the key outcome-unknown. Takeover mode: a
+                // takeover after a stale holder answered outcome-unknown for its own exchange.
+                let kind = if params.strict {
+                    "dispatch_after_outcome_unknown"
+                } else {
+                    "takeover_after_outcome_unknown"
+                };
+                anomaly(kind, op.id);
             }
         }
         // The operation's end for its clients (probes aside).
@@ -685,6 +684,14 @@ pub fn check(
         .collect();
     r.overhead_executed = Latency::of(overhead);
     r.anomalies = anomalies;
+    r.anomaly_histories = anomaly_ops
+        .iter()
+        .flat_map(|(kind, ops)| {
+            ops.iter()
+                .filter_map(|id| by_id.get(id))
+                .map(move |op| format!("[{kind}] {}", history(op, attempts, executions, faults)))
+        })
+        .collect();
     for v in &violations {
         *r.violation_counts.entry(v.kind.clone()).or_default() += 1;
     }

@@ -438,6 +438,12 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
     if !report.histories.is_empty() {
         std::fs::write(out_dir.join("histories.txt"), report.histories.join("\n"))?;
     }
+    if !report.anomaly_histories.is_empty() {
+        std::fs::write(
+            out_dir.join("anomalies.txt"),
+            report.anomaly_histories.join("\n"),
+        )?;
+    }
     if s.write_logs {
         let mut lines = Vec::new();
         for a in &attempts {
