@@ -1,0 +1,480 @@
+//! The processes the harness drives from outside: `idemgate serve` instances and a private
+//! `redis-server`. Each is a child of the harness, signalled by its PID (`kill -STOP`,
+//! `kill -CONT`, `kill -TERM`; SIGKILL through the child handle) and reaped; a child left over
+//! when its handle is dropped is killed.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The `idemgate` binary: `$IDEMGATE_BIN`, else `idemgate` beside the running executable (or
+/// one folder up, for a test binary in `target/<profile>/deps`), else
+/// `target/release/idemgate` or `target/debug/idemgate` of this workspace.
+pub fn idemgate_bin() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("IDEMGATE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join("idemgate");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
+    for profile in ["release", "debug"] {
+        let candidate = target.join(profile).join("idemgate");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(
+        "the idemgate binary was not found: build it (`cargo build -p idemgate`) or set \
+         IDEMGATE_BIN"
+            .to_owned(),
+    )
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Sends `signal` (e.g. `-STOP`) to `pid` with the `kill` command.
+pub async fn signal(pid: u32, signal: &str) -> bool {
+    Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+/// How to run one instance.
+#[derive(Clone, Debug)]
+pub struct InstanceSpec {
+    /// The binary.
+    pub bin: PathBuf,
+    /// Arguments after `serve --listen A --admin-listen B`.
+    pub args: Vec<String>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+    /// Where its stderr is appended.
+    pub log: PathBuf,
+}
+
+/// One `idemgate serve` process (restartable).
+#[derive(Debug)]
+pub struct Instance {
+    index: u32,
+    spec: InstanceSpec,
+    child: Option<Child>,
+    pid: Option<u32>,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    paused: bool,
+    terminating: bool,
+    starts: u32,
+    tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// How long an instance may take to say it listens.
+const START_BOUND: Duration = Duration::from_secs(30);
+
+enum Started {
+    Ready,
+    PortBusy,
+}
+
+impl Instance {
+    /// Starts instance `index` on fresh loopback ports and waits until it listens.
+    pub async fn start(index: u32, spec: InstanceSpec) -> std::io::Result<Self> {
+        let mut me = Self {
+            index,
+            spec,
+            child: None,
+            pid: None,
+            addr: loopback(free_port()?),
+            admin: loopback(free_port()?),
+            paused: false,
+            terminating: false,
+            starts: 0,
+            tail: Arc::new(Mutex::new(VecDeque::new())),
+        };
+        me.spawn().await?;
+        Ok(me)
+    }
+
+    /// Its proxy address (it may change at a restart if the old port was taken meanwhile).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its admin address.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// Its index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The PID of the running process.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// Whether a process is running (paused or not).
+    pub fn is_up(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Whether it is stopped by SIGSTOP.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// How many times a process was started.
+    pub fn starts(&self) -> u32 {
+        self.starts
+    }
+
+    /// The last lines it wrote to stderr.
+    pub fn tail(&self) -> Vec<String> {
+        self.tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Starts the process on the current ports (fresh ones if those are taken), at most 5 tries.
+    async fn spawn(&mut self) -> std::io::Result<()> {
+        for _ in 0..5 {
+            match self.spawn_once().await? {
+                Started::Ready => return Ok(()),
+                Started::PortBusy => {
+                    self.addr = loopback(free_port()?);
+                    self.admin = loopback(free_port()?);
+                }
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "instance {} could not bind a free port five times",
+            self.index
+        )))
+    }
+
+    async fn spawn_once(&mut self) -> std::io::Result<Started> {
+        self.starts += 1;
+        let mut child = Command::new(&self.spec.bin)
+            .arg("serve")
+            .args(["--listen", &self.addr.to_string()])
+            .args(["--admin-listen", &self.admin.to_string()])
+            .args(&self.spec.args)
+            .env("IDEMGATE_LOG", "info")
+            .envs(self.spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stderr"))?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.spec.log)?;
+        let start_no = self.starts;
+        let tail = self.tail.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = writeln!(file, "[start {start_no}] {line}");
+                {
+                    let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                    if t.len() >= 50 {
+                        t.pop_front();
+                    }
+                    t.push_back(line.clone());
+                }
+                let event = if line.contains("idemgate listening") {
+                    Some(Started::Ready)
+                } else if line.contains("Address already in use") {
+                    Some(Started::PortBusy)
+                } else {
+                    None
+                };
+                if let (Some(e), Some(_)) = (event, tx.as_ref())
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(e);
+                }
+            }
+        });
+        match tokio::time::timeout(START_BOUND, rx).await {
+            Ok(Ok(Started::Ready)) => {
+                self.pid = child.id();
+                self.child = Some(child);
+                self.paused = false;
+                self.terminating = false;
+                Ok(Started::Ready)
+            }
+            Ok(Ok(Started::PortBusy)) => {
+                let _ = child.kill().await;
+                Ok(Started::PortBusy)
+            }
+            other => {
+                let _ = child.kill().await;
+                let why = if other.is_err() {
+                    "did not listen within 30 s"
+                } else {
+                    "exited before listening"
+                };
+                Err(std::io::Error::other(format!(
+                    "instance {} {why}; last lines: {:?}",
+                    self.index,
+                    self.tail()
+                )))
+            }
+        }
+    }
+
+    /// SIGKILL and reap. `false` if no process was running.
+    pub async fn kill9(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let _ = child.kill().await;
+        self.pid = None;
+        self.paused = false;
+        self.terminating = false;
+        true
+    }
+
+    /// SIGTERM (graceful drain), without waiting; [`Instance::restart`] waits for the exit.
+    pub async fn sigterm(&mut self) -> bool {
+        match self.pid {
+            Some(pid) if !self.paused && !self.terminating => {
+                self.terminating = signal(pid, "-TERM").await;
+                self.terminating
+            }
+            _ => false,
+        }
+    }
+
+    /// SIGTERM (graceful drain) and wait; SIGKILL if it has not exited within `within`.
+    pub async fn terminate(&mut self, within: Duration) -> bool {
+        let Some(pid) = self.pid else {
+            return false;
+        };
+        if self.paused {
+            signal(pid, "-CONT").await;
+            self.paused = false;
+        }
+        if !self.terminating {
+            signal(pid, "-TERM").await;
+            self.terminating = true;
+        }
+        self.reap_terminated(within).await;
+        true
+    }
+
+    /// Waits up to `within` for a terminating process to exit, then SIGKILLs it.
+    async fn reap_terminated(&mut self, within: Duration) {
+        if let Some(child) = self.child.as_mut()
+            && tokio::time::timeout(within, child.wait()).await.is_ok()
+        {
+            self.child = None;
+            self.pid = None;
+            self.terminating = false;
+            return;
+        }
+        self.kill9().await;
+    }
+
+    /// SIGSTOP. `false` if not running or already paused.
+    pub async fn pause(&mut self) -> bool {
+        match self.pid {
+            Some(pid) if !self.paused => {
+                self.paused = signal(pid, "-STOP").await;
+                self.paused
+            }
+            _ => false,
+        }
+    }
+
+    /// SIGCONT. `false` if not paused.
+    pub async fn resume(&mut self) -> bool {
+        match self.pid {
+            Some(pid) if self.paused => {
+                self.paused = false;
+                signal(pid, "-CONT").await
+            }
+            _ => false,
+        }
+    }
+
+    /// Starts a new process if none runs (same ports if they are free). A process draining
+    /// after [`Instance::sigterm`] gets up to 5 s to exit first (then SIGKILL).
+    pub async fn restart(&mut self) -> std::io::Result<bool> {
+        if self.terminating {
+            self.reap_terminated(Duration::from_secs(5)).await;
+        }
+        if self.child.is_some() {
+            return Ok(false);
+        }
+        self.spawn().await?;
+        Ok(true)
+    }
+}
+
+/// A `redis-server` of the harness's own on a free loopback port, with
+/// `appendonly yes, appendfsync always` (no acknowledged write is lost on a crash), its files in
+/// a temporary folder. Killed when dropped.
+#[derive(Debug)]
+pub struct PrivateRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    /// Starts it and waits until it answers `PING`. Fails if `redis-server` is not on the
+    /// `PATH`.
+    pub async fn start() -> std::io::Result<Self> {
+        let mut me = Self {
+            child: None,
+            port: free_port()?,
+            dir: tempfile::tempdir()?,
+        };
+        me.spawn().await?;
+        Ok(me)
+    }
+
+    async fn spawn(&mut self) -> std::io::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + START_BOUND;
+        loop {
+            if ping(self.addr()).await {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(std::io::Error::other("redis-server did not answer PING"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        loopback(self.port)
+    }
+
+    /// Its PID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// SIGKILL and reap.
+    pub async fn kill9(&mut self) -> bool {
+        match self.child.take() {
+            Some(mut c) => {
+                let _ = c.kill().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Starts it again on the same port and folder (it replays its append-only file).
+    pub async fn restart(&mut self) -> std::io::Result<bool> {
+        if self.child.is_some() {
+            return Ok(false);
+        }
+        self.spawn().await?;
+        Ok(true)
+    }
+}
+
+/// Whether a Redis server at `addr` answers `PING` with `+PONG` within a second.
+pub async fn ping(addr: SocketAddr) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"PING\r\n").await.ok()?;
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).await.ok()?;
+        Some(&buf == b"+PONG\r\n")
+    };
+    tokio::time::timeout(Duration::from_secs(1), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// `host:port` of a server URL such as `postgres://user@127.0.0.1:5432/db`, resolved.
+pub fn authority(url: &str) -> Option<(String, SocketAddr)> {
+    let rest = url.split_once("://")?.1;
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let hostport = rest.split(['/', '?']).next()?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+        .ok()?
+        .next()?;
+    Some((hostport.to_owned(), addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_of_urls() {
+        let (hp, addr) =
+            authority("postgres://postgres@127.0.0.1:5432/test").unwrap_or_else(|| {
+                panic!("parsed");
+            });
+        assert_eq!(hp, "127.0.0.1:5432");
+        assert_eq!(addr.port(), 5432);
+        assert!(authority("redis://127.0.0.1:6379").is_some());
+        assert!(authority("nonsense").is_none());
+    }
+}
