@@ -15,12 +15,11 @@ use idemgate_chaos::upstream::{Behaviour, RecordingUpstream};
 
 /// G1: "at most one upstream dispatch per epoch". A takeover at epoch 2 whose dispatch is
 /// released (here: the upstream answers it with a transient `503`, proof that it did nothing)
-/// deletes the record, so the next dispatch is at epoch 1 again, although epoch 1 did run (its
-/// holder was killed mid-request). The upstream then sees two effects at epoch 1, and a
-/// downstream that fences on `Idempotency-Epoch` sees the epoch go back from 2 to 1.
+/// used to delete the record, so the next dispatch was at epoch 1 again, although epoch 1 did run
+/// (its holder was killed mid-request): two effects at epoch 1, and a downstream that fences on
+/// `Idempotency-Epoch` saw the epoch go back from 2 to 1. Fixed: a release keeps the key's epoch
+/// as a floor, and the next claim runs at epoch 3.
 #[test]
-#[ignore = "finding (chaos, embedded store, takeover): a release after a takeover deletes the \
-            record, so the next dispatch reuses epoch 1 — two effects at epoch 1"]
 fn a_release_after_a_takeover_never_reuses_an_epoch() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

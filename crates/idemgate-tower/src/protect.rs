@@ -244,6 +244,13 @@ where
                     let req = request_for(dispatch.epoch);
                     async move {
                         let _held = held;
+                        // Paused between claim and dispatch past the lease: do not send.
+                        if tokio::time::Instant::now() >= dispatch.start_by {
+                            return Err(UpstreamError::not_sent(
+                                Cause::LeaseLapsed,
+                                "the lease may have lapsed before the request was sent",
+                            ));
+                        }
                         forward(inner, req, limit, timeout).await
                     }
                 }

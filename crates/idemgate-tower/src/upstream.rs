@@ -78,6 +78,9 @@ pub enum Cause {
     Timeout,
     /// The upstream's answer was not valid HTTP.
     InvalidResponse,
+    /// Not sent: this instance's lease may have lapsed before the request could leave (the
+    /// process was paused between claim and dispatch); another instance may own the key now.
+    LeaseLapsed,
     /// Anything else.
     Other,
 }
@@ -94,6 +97,7 @@ impl Cause {
             Cause::ConnectionReset => "connection-reset",
             Cause::Timeout => "timeout",
             Cause::InvalidResponse => "invalid-response",
+            Cause::LeaseLapsed => "lease-lapsed",
             Cause::Other => "other",
         }
     }
@@ -109,6 +113,7 @@ impl Cause {
             Cause::ConnectionReset => "connection reset",
             Cause::Timeout => "timeout",
             Cause::InvalidResponse => "invalid response",
+            Cause::LeaseLapsed => "lease lapsed before the request was sent",
             Cause::Other => "upstream error",
         }
     }

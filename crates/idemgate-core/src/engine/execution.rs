@@ -45,7 +45,12 @@ impl<S: Store> Engine<S> {
         Fut: Future<Output = T> + Send + 'static,
     {
         let epoch = fencing.epoch;
-        let fut = operation(Dispatch { epoch });
+        // The lease runs at least `lease_ttl` from `sent` (the store started it on applying the
+        // call); the first renewal is due a renew interval after `sent`. Starting later than
+        // that leaves no margin for the renewal to land.
+        let config = &self.inner.config;
+        let start_by = sent + config.lease_ttl.saturating_sub(config.renew_interval);
+        let fut = operation(Dispatch { epoch, start_by });
         let engine = self.clone();
         let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {

@@ -88,4 +88,8 @@ pub struct Dispatch {
     /// The fencing epoch: 1 for the first dispatch, +1 per takeover. Forward it (as
     /// `Idempotency-Epoch`) so a deduplicating downstream can fence too.
     pub epoch: u64,
+    /// Do not start the operation's effect after this instant (tokio's clock): the lease may have
+    /// lapsed by then (a process paused between claim and dispatch), and another instance may own
+    /// the key. Check it right before the effect leaves (the proxy answers `502`, not sent).
+    pub start_by: tokio::time::Instant,
 }
