@@ -143,7 +143,7 @@ impl Scenario {
             },
             lease: Duration::from_secs(2),
             wait_timeout: Duration::from_secs(5),
-            store_timeout: Duration::from_secs(1),
+            store_timeout: Duration::from_millis(500),
             response_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(2),
             workers: 1,

@@ -945,8 +945,13 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
             d
         }
     };
-    let connect_timeout = dur(given!(connect_timeout), "5s", &UPSTREAM_TIMEOUT)?;
     let response_timeout = dur(given!(response_timeout), "60s", &UPSTREAM_TIMEOUT)?;
+    // Connecting counts against the response timeout: by default 5 s, or half of a shorter
+    // response timeout.
+    let connect_timeout = match layers.pick(given!(connect_timeout)) {
+        None => Duration::from_secs(5).min(response_timeout / 2),
+        Some((text, name)) => checked_duration(&name, text, &UPSTREAM_TIMEOUT)?,
+    };
     if response_timeout <= connect_timeout {
         bail!(
             "response_timeout ({}) must be longer than connect_timeout ({}): connecting counts \
@@ -1545,5 +1550,7 @@ ignore_json_fields = ["/ts"]
         assert!(e.contains("under a third of lease_ttl"), "{e}");
         let e = refusal(&["--connect-timeout", "5s", "--response-timeout", "3s"]);
         assert!(e.contains("must be longer than connect_timeout"), "{e}");
+        let s = settings(&["--response-timeout", "4s"]);
+        assert_eq!(s.connect_timeout, Duration::from_secs(2), "half by default");
     }
 }
