@@ -380,71 +380,55 @@ impl Model for Protocol {
     }
 }
 
+/// Explores every state of `model` and checks its properties; returns the state count.
+fn check(model: Protocol) -> usize {
+    let checker = model.checker().spawn_bfs().join();
+    checker.assert_properties();
+    eprintln!("explored {} unique states", checker.unique_state_count());
+    checker.unique_state_count()
+}
+
 #[test]
 fn protocol_is_safe_with_crashes_and_arbitrary_delays() {
-    let checker = Protocol {
+    let states = check(Protocol {
         holders: 4,
         max_ticks: 8,
         with_release: false,
         with_admin: false,
         ttl_ticks: None,
-    }
-    .checker()
-    .spawn_bfs()
-    .join();
-    checker.assert_properties();
-    eprintln!("explored {} unique states", checker.unique_state_count());
-    assert!(
-        checker.unique_state_count() > 10_000,
-        "explored {}",
-        checker.unique_state_count()
-    );
+    });
+    assert!(states > 10_000, "explored {states}");
 }
 
 #[test]
 fn protocol_is_safe_with_releases_and_reclaims() {
-    let checker = Protocol {
+    check(Protocol {
         holders: 4,
         max_ticks: 6,
         with_release: true,
         with_admin: false,
         ttl_ticks: None,
-    }
-    .checker()
-    .spawn_bfs()
-    .join();
-    checker.assert_properties();
-    eprintln!("explored {} unique states", checker.unique_state_count());
+    });
 }
 
 #[test]
 fn protocol_is_safe_with_operators_deleting_and_revoking_at_any_moment() {
-    let checker = Protocol {
+    check(Protocol {
         holders: 3,
         max_ticks: 5,
         with_release: true,
         with_admin: true,
         ttl_ticks: None,
-    }
-    .checker()
-    .spawn_bfs()
-    .join();
-    checker.assert_properties();
-    eprintln!("explored {} unique states", checker.unique_state_count());
+    });
 }
 
 #[test]
 fn protocol_is_safe_with_expiring_records_and_a_sweeper_at_any_moment() {
-    let checker = Protocol {
+    check(Protocol {
         holders: 3,
         max_ticks: 6,
         with_release: true,
         with_admin: false,
         ttl_ticks: Some(3),
-    }
-    .checker()
-    .spawn_bfs()
-    .join();
-    checker.assert_properties();
-    eprintln!("explored {} unique states", checker.unique_state_count());
+    });
 }

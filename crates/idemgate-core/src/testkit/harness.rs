@@ -15,6 +15,17 @@ use crate::store::{BoxFuture, Store};
 /// hook, e.g. redb's `overwrite_raw`). Must panic if it cannot.
 pub type CorruptFn<S> = for<'a> fn(&'a S, &'a StoreKey) -> BoxFuture<'a, ()>;
 
+/// Runs the corruption hook, if any; `false` without one.
+async fn corrupt_with<S>(hook: Option<CorruptFn<S>>, store: &S, key: &StoreKey) -> bool {
+    match hook {
+        Some(f) => {
+            f(store, key).await;
+            true
+        }
+        None => false,
+    }
+}
+
 /// A store whose expiry is judged by a [`ManualClock`] the harness moves.
 pub struct ManualClockHarness<S> {
     store: S,
@@ -60,13 +71,7 @@ impl<S: Store + Clone> Harness for ManualClockHarness<S> {
         self.clock.advance(d);
     }
     async fn corrupt(&self, key: &StoreKey) -> bool {
-        match self.corrupt {
-            Some(f) => {
-                f(&self.store, key).await;
-                true
-            }
-            None => false,
-        }
+        corrupt_with(self.corrupt, &self.store, key).await
     }
 }
 
@@ -105,13 +110,7 @@ impl<S: Store + Clone> Harness for ServerClockHarness<S> {
         tokio::time::sleep(d).await;
     }
     async fn corrupt(&self, key: &StoreKey) -> bool {
-        match self.corrupt {
-            Some(f) => {
-                f(&self.store, key).await;
-                true
-            }
-            None => false,
-        }
+        corrupt_with(self.corrupt, &self.store, key).await
     }
 }
 
