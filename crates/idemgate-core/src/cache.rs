@@ -108,8 +108,12 @@ struct Shared {
 }
 
 impl Shared {
+    fn shard(&self, key: &StoreKey) -> &Mutex<Slots> {
+        &self.shards[key.0[1] as usize % SHARDS]
+    }
+
     fn forget(&self, key: &StoreKey) {
-        let mut shard = self.shards[key.0[1] as usize % SHARDS].lock();
+        let mut shard = self.shard(key).lock();
         shard.copies.remove(key);
         shard.generation = shard.generation.wrapping_add(1);
     }
@@ -153,7 +157,7 @@ impl<S: Store> CachedStore<S> {
     }
 
     fn shard(&self, key: &StoreKey) -> &Mutex<Slots> {
-        &self.shared.shards[key.0[1] as usize % SHARDS]
+        self.shared.shard(key)
     }
 
     /// A trusted copy (completed, unexpired, younger than `max_age`), or the shard's delete

@@ -305,13 +305,18 @@ impl MemoryStore {
             .map(|(key, _)| *key)
             .take(limit)
             .collect();
-        for key in &expired {
+        self.remove_from(&mut shard, &expired)
+    }
+
+    /// Removes `keys` from a locked shard, keeping the counters right; returns how many.
+    fn remove_from(&self, shard: &mut Shard, keys: &[StoreKey]) -> usize {
+        for key in keys {
             if let Some(old) = shard.records.remove(key) {
-                inner.records.fetch_sub(1, Ordering::Relaxed);
-                inner.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
+                self.inner.records.fetch_sub(1, Ordering::Relaxed);
+                self.inner.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
             }
         }
-        expired.len()
+        keys.len()
     }
 
     /// Removes the expired records among the next [`SCAN_BUDGET`] entries of one shard, resuming
@@ -339,13 +344,7 @@ impl MemoryStore {
             }
         }
         shard.scan_from = if seen < SCAN_BUDGET { None } else { last };
-        for key in &expired {
-            if let Some(old) = shard.records.remove(key) {
-                inner.records.fetch_sub(1, Ordering::Relaxed);
-                inner.bytes.fetch_sub(old.cost(), Ordering::Relaxed);
-            }
-        }
-        expired.len()
+        self.remove_from(&mut shard, &expired)
     }
 
     fn full(&self) -> bool {

@@ -271,7 +271,7 @@ async fn redis_down_means_503_and_nothing_forwarded_then_service_resumes() {
     redis.stop();
     refused_while_down(&http, &proxy, &up).await;
     let _redis = PrivateRedis::start(port);
-    resumes_without_restart(&http, &proxy, &up).await;
+    common::resumes_without_restart(&http, &proxy, &up, "after", 20, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,7 +417,7 @@ async fn postgres_down_means_503_and_nothing_forwarded_then_service_resumes() {
     refused_while_down(&http, &proxy, &up).await;
 
     psql(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
-    resumes_without_restart(&http, &proxy, &up).await;
+    common::resumes_without_restart(&http, &proxy, &up, "after", 20, 2).await;
     drop(proxy);
     psql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }
@@ -437,22 +437,4 @@ async fn refused_while_down(http: &Http, proxy: &Proxy, up: &Upstream) {
         1,
         "nothing is forwarded without a claim"
     );
-}
-
-/// Once the store is back, the same idemgate process serves again (it reconnects on its own).
-async fn resumes_without_restart(http: &Http, proxy: &Proxy, up: &Upstream) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let res = http.post(&proxy.url("/pay"), Some("after"), b"{}").await;
-        if res.status == StatusCode::CREATED {
-            break;
-        }
-        assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(
-            std::time::Instant::now() < deadline,
-            "service did not resume"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(up.state.started(), 2);
 }

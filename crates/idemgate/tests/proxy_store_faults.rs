@@ -144,26 +144,8 @@ async fn partition_and_heal(url: &str, namespace: &str) {
     assert_eq!(up.state.started(), 1, "nothing forwarded without a claim");
 
     relay.set(Fault::None);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let res = http
-            .post(
-                &proxy.url("/pay"),
-                Some(&format!("{namespace}-after")),
-                b"{}",
-            )
-            .await;
-        if res.status == StatusCode::CREATED {
-            break;
-        }
-        assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE, "{res:?}");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "service did not resume after the partition healed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(up.state.started(), 2);
+    let after = format!("{namespace}-after");
+    common::resumes_without_restart(&http, &proxy, &up, &after, 30, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,15 +252,5 @@ async fn a_paused_redis_is_answered_promptly_and_resumes() {
     assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE, "{res:?}");
     assert_eq!(up.state.started(), 1);
     redis.signal("-CONT");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while http
-        .post(&proxy.url("/pay"), Some("p-after"), b"{}")
-        .await
-        .status
-        != StatusCode::CREATED
-    {
-        assert!(tokio::time::Instant::now() < deadline, "did not resume");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(up.state.started(), 2);
+    common::resumes_without_restart(&http, &proxy, &up, "p-after", 30, 2).await;
 }

@@ -297,7 +297,7 @@ impl<S: Store> Engine<S> {
             request.token = self.next_token();
             let sent = tokio::time::Instant::now();
             let claimed = self
-                .claim_detached(store_key, &request)
+                .claim_guarded(store_key, &request)
                 .await
                 .map_err(after_read(found))?;
             // A lease to dispatch under: this call's claim (epoch 1), or a takeover below.
@@ -518,7 +518,7 @@ impl<S: Store> Engine<S> {
     /// calls (a pooled PostgreSQL connection): a claim applied after its give-back stays an
     /// orphan until its lease ends. Memory and redb (one writer) and Redis (one connection)
     /// apply them in order.
-    async fn claim_detached(
+    async fn claim_guarded(
         &self,
         key: StoreKey,
         request: &ClaimRequest,

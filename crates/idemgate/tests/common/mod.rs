@@ -398,3 +398,30 @@ pub async fn metric(http: &Http, proxy: &Proxy, name: &str, labels: &str) -> f64
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Once the store is back, the same idemgate process serves again (it reconnects on its own):
+/// `key` is answered `503` until it is `201`, within `secs`; the upstream has then run exactly
+/// `started` requests.
+pub async fn resumes_without_restart(
+    http: &Http,
+    proxy: &Proxy,
+    up: &Upstream,
+    key: &str,
+    secs: u64,
+    started: usize,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let res = http.post(&proxy.url("/pay"), Some(key), b"{}").await;
+        if res.status == StatusCode::CREATED {
+            break;
+        }
+        assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE, "{res:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "service did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.state.started(), started);
+}
