@@ -391,3 +391,43 @@ async fn a_panicking_classifier_marks_the_outcome_unknown() {
     assert!(matches!(record.state, RecordState::Unknown { .. }));
     assert_eq!(engine.stats().in_flight.load(Ordering::Relaxed), 0);
 }
+
+/// The give-back of a claim whose caller left works at any epoch: a free key is claimed at its
+/// floor + 1, and that claim is given back too (the key stays free, at the new floor).
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_leaves_mid_claim_of_a_free_key_gives_it_back() {
+    let (engine, store) = faulty_engine();
+    let k = key("free-orphan").store_key();
+    let claim = idemgate_core::testkit::claim_request(LEASE, Duration::from_secs(3600), 1);
+    let idemgate_core::store::ClaimOutcome::Acquired { fencing } =
+        store.claim(&k, &claim).await.unwrap()
+    else {
+        panic!("fresh key")
+    };
+    store.release(&k, fencing).await.unwrap();
+    store.set_delay("claim", Duration::from_millis(500));
+    let gone = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .run(
+                    &key("free-orphan"),
+                    fp(),
+                    &Policy::default(),
+                    store_it,
+                    |_| async { "never".to_string() },
+                )
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gone.abort();
+    assert!(gone.await.unwrap_err().is_cancelled());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    store.set_delay("claim", Duration::ZERO);
+    let state = store.get(&k).await.unwrap().map(|r| r.state);
+    assert!(
+        matches!(state, Some(RecordState::InFlight { fencing, .. }) if fencing.is_revoked() && fencing.epoch == 2),
+        "the epoch-2 claim of the caller that left must be given back: {state:?}"
+    );
+}

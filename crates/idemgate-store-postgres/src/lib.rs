@@ -467,7 +467,8 @@ impl Store for PostgresStore {
              SELECT true AS acquired, n.now, ins.* FROM ins, n
              UNION ALL
              SELECT false, n.now, r.* FROM idemgate_records r, n
-             WHERE r.store_key = $1 AND r.expires_at > n.now AND NOT EXISTS (SELECT 1 FROM ins)"
+             WHERE r.store_key = $1 AND r.expires_at > n.now AND NOT EXISTS (SELECT 1 FROM ins)
+               AND NOT (r.state = 1 AND r.token = $10 AND r.lease_expires_at <= n.now)"
         );
         let mut fp = Vec::with_capacity(33);
         fp.push(req.fingerprint.algorithm.tag());
@@ -493,7 +494,8 @@ impl Store for PostgresStore {
                 .await?;
             let Some(row) = rows.first() else {
                 // A concurrent claim committed after this statement's snapshot was taken: its row
-                // is invisible to the SELECT branch. Ask again (rare; bounded).
+                // is invisible to the SELECT branch, which sees the version before it (an
+                // expired row, or a free key, both left out). Ask again (rare; bounded).
                 continue;
             };
             let acquired: bool = row.try_get("acquired").map_err(|_| corrupt("acquired"))?;

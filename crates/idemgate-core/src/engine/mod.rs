@@ -78,7 +78,7 @@ use std::time::Duration;
 use crate::error::{ErrorKind, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::{ScopedKey, StoreKey};
-use crate::record::Fencing;
+use crate::record::{Fencing, Record, RecordState};
 use crate::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, Store, TakeOverOutcome, TakeOverRequest,
 };
@@ -511,9 +511,10 @@ impl<S: Store> Engine<S> {
     }
 
     /// Claims `key`, so that a caller dropped mid-claim (a client that went away) leaves no
-    /// orphan lease: a guard armed around the call gives `(1, token)` back if the call is dropped
+    /// orphan lease: a guard armed around the call gives the claim back if the call is dropped
     /// before its answer was taken (a compare-and-set on this call's unique token, so it can only
-    /// release this call's own claim). A claim that failed (a deadline: it may still have been
+    /// release this call's own claim, at whatever epoch it was granted: a free key is claimed at
+    /// its floor + 1). A claim that failed (a deadline: it may still have been
     /// applied) is given back the same way. Best effort where the store may reorder the two
     /// calls (a pooled PostgreSQL connection): a claim applied after its give-back stays an
     /// orphan until its lease ends. Memory and redb (one writer) and Redis (one connection)
@@ -523,20 +524,31 @@ impl<S: Store> Engine<S> {
         key: StoreKey,
         request: &ClaimRequest,
     ) -> Result<ClaimOutcome, StoreError> {
-        let mine = Fencing {
-            epoch: 1,
-            token: request.token,
-        };
         let mut guard = GiveBackOnDrop {
             engine: Some(self),
             key,
-            fencing: mine,
+            token: request.token,
         };
         let out = self.inner.store.claim(&key, request).await;
         if out.is_ok() {
             guard.engine = None; // heard: the caller owns the answer now
         }
         out
+    }
+
+    /// Gives back the claim made with `token`, whose answer was lost (its epoch unknown here):
+    /// reads the record and releases it if it is in flight under that token (the release is a
+    /// compare-and-set on the fencing read, so a record that moved on meanwhile is left alone).
+    async fn give_back_token(&self, key: StoreKey, token: u128) {
+        match self.inner.store.get(&key).await {
+            Ok(Some(Record {
+                state: RecordState::InFlight { fencing, .. },
+                ..
+            })) if fencing.token == token => self.give_back(key, fencing).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(key = %key, error = %e,
+                "could not give an unused claim back; its lease will expire"),
+        }
     }
 
     /// Releases `fencing` (a compare-and-set: only this holder's own lease goes), best effort.
@@ -558,7 +570,7 @@ const MAX_TAKEOVER_REFUSALS: u32 = 16;
 struct GiveBackOnDrop<'a, S: Store> {
     engine: Option<&'a Engine<S>>,
     key: StoreKey,
-    fencing: Fencing,
+    token: u128,
 }
 
 impl<S: Store> Drop for GiveBackOnDrop<'_, S> {
@@ -568,8 +580,8 @@ impl<S: Store> Drop for GiveBackOnDrop<'_, S> {
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let engine = engine.clone();
-            let (key, fencing) = (self.key, self.fencing);
-            runtime.spawn(async move { engine.give_back(key, fencing).await });
+            let (key, token) = (self.key, self.token);
+            runtime.spawn(async move { engine.give_back_token(key, token).await });
         }
     }
 }
