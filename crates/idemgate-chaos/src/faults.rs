@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::client::Targets;
-use crate::procs::{Instance, PrivateRedis};
+use crate::procs::{Instance, PrivateStore};
 use crate::rng::Rng;
 
 /// A fault on a relay.
@@ -386,8 +386,8 @@ pub struct World {
     pub store_relays: Arc<Vec<Relay>>,
     /// One relay per instance between it and the upstream.
     pub upstream_relays: Arc<Vec<Relay>>,
-    /// The private Redis, if the store is one.
-    pub redis: Option<Arc<Mutex<PrivateRedis>>>,
+    /// The private store process (Redis or PostgreSQL), if the run owns one.
+    pub store: Option<Arc<Mutex<PrivateStore>>>,
     /// The run's start.
     pub t0: Instant,
 }
@@ -473,15 +473,26 @@ impl World {
             Action::UpstreamLink { instance, fault } => {
                 set_links(&self.upstream_relays, *instance, *fault)
             }
-            Action::StoreKill => match &self.redis {
+            Action::StoreKill => match &self.store {
                 Some(r) => (r.lock().await.kill9().await, String::new()),
                 None => (false, "no private store".into()),
             },
-            Action::StoreRestart => match &self.redis {
-                Some(r) => match r.lock().await.restart().await {
-                    Ok(done) => (done, String::new()),
-                    Err(e) => (false, format!("store restart failed: {e}")),
-                },
+            Action::StoreRestart => match &self.store {
+                Some(r) => {
+                    // Retried for up to 30 s: a killed PostgreSQL's old backends may hold its
+                    // shared memory for a moment.
+                    let mut r = r.lock().await;
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                    loop {
+                        match r.restart().await {
+                            Ok(done) => break (done, String::new()),
+                            Err(e) if tokio::time::Instant::now() >= deadline => {
+                                break (false, format!("store restart failed: {e}"));
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+                        }
+                    }
+                }
                 None => (false, "no private store".into()),
             },
         };
@@ -512,7 +523,7 @@ impl World {
                 out.push(self.apply(&action).await);
             }
         }
-        if self.redis.is_some() {
+        if self.store.is_some() {
             let rec = self.apply(&Action::StoreRestart).await;
             if rec.applied {
                 out.push(rec);

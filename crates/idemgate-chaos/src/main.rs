@@ -20,6 +20,8 @@ enum StoreArg {
     File,
     Redis,
     Postgres,
+    /// A private PostgreSQL cluster the schedule also SIGKILLs and restarts.
+    PostgresPrivate,
     All,
 }
 
@@ -112,6 +114,7 @@ async fn main_async(args: Args) -> i32 {
         StoreArg::File => vec![StoreKind::File],
         StoreArg::Redis => vec![StoreKind::Redis],
         StoreArg::Postgres => vec![StoreKind::Postgres(pg)],
+        StoreArg::PostgresPrivate => vec![StoreKind::PostgresPrivate],
         StoreArg::All => vec![StoreKind::File, StoreKind::Redis, StoreKind::Postgres(pg)],
     };
     let modes = match args.recovery {

@@ -14,7 +14,10 @@ use tokio::sync::Mutex;
 use crate::checker::{CheckParams, Report, check};
 use crate::client::{Attempt, ClientLog, Clients, Http, Mix, Op, RetryPolicy, Targets};
 use crate::faults::{FaultPlan, FaultRecord, World, inject};
-use crate::procs::{Instance, InstanceSpec, PrivateRedis, authority, idemgate_bin};
+use crate::procs::{
+    Instance, InstanceSpec, PrivatePostgres, PrivateRedis, PrivateStore, authority, idemgate_bin,
+};
+use crate::resources::{StoreBytes, sample};
 use crate::rng::Rng;
 use crate::upstream::{Execution, RecordingUpstream};
 
@@ -28,6 +31,9 @@ pub enum StoreKind {
     Redis,
     /// A PostgreSQL server at this URL; the run uses a namespace of its own.
     Postgres(String),
+    /// A private PostgreSQL cluster started for the run (`initdb`, fsync on), which the
+    /// schedule may SIGKILL (postmaster and backends) and restart.
+    PostgresPrivate,
 }
 
 impl StoreKind {
@@ -37,7 +43,13 @@ impl StoreKind {
             StoreKind::File => "file",
             StoreKind::Redis => "redis",
             StoreKind::Postgres(_) => "postgres",
+            StoreKind::PostgresPrivate => "postgres-private",
         }
+    }
+
+    /// Whether the run owns the store's process and may kill it.
+    pub fn is_private(&self) -> bool {
+        matches!(self, StoreKind::Redis | StoreKind::PostgresPrivate)
     }
 }
 
@@ -135,8 +147,7 @@ impl Scenario {
                 store_blackhole_every: shared.then_some(Duration::from_secs(12)),
                 store_blackhole_one_every: shared.then_some(Duration::from_secs(16)),
                 store_blackhole_for: Duration::from_secs(3),
-                store_kill_every: matches!(store, StoreKind::Redis)
-                    .then_some(Duration::from_secs(16)),
+                store_kill_every: store.is_private().then_some(Duration::from_secs(16)),
                 upstream_fault_every: Some(Duration::from_secs(7)),
                 link_fault_for: Duration::from_secs(2),
                 ..FaultPlan::default()
@@ -181,8 +192,7 @@ impl Scenario {
             store_delay_every: shared.then_some(Duration::from_secs(40)),
             upstream_fault_every: Some(Duration::from_secs(20)),
             link_fault_for: Duration::from_secs(2),
-            store_kill_every: matches!(s.store, StoreKind::Redis)
-                .then_some(Duration::from_secs(90)),
+            store_kill_every: s.store.is_private().then_some(Duration::from_secs(90)),
             start_after: Duration::from_secs(1),
         };
         s
@@ -241,11 +251,13 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
     .context("starting the recording upstream")?;
 
     // The store, and the address its relays forward to.
-    let mut redis = None;
+    let mut private = None;
+    let mut store_bytes = StoreBytes::None;
     let (store_url, store_target) = match &s.store {
         StoreKind::File => {
             let dir = out_dir.join("store");
             std::fs::create_dir_all(&dir)?;
+            store_bytes = StoreBytes::Folder(dir.clone());
             (format!("file:{}", dir.display()), None)
         }
         StoreKind::Redis => {
@@ -253,8 +265,20 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
                 .await
                 .context("starting a private redis-server")?;
             let addr = r.addr();
-            redis = Some(Arc::new(Mutex::new(r)));
+            let r = Arc::new(Mutex::new(PrivateStore::Redis(r)));
+            store_bytes = StoreBytes::Private(r.clone());
+            private = Some(r);
             (format!("redis://{addr}"), Some((addr.to_string(), addr)))
+        }
+        StoreKind::PostgresPrivate => {
+            let p = PrivatePostgres::start()
+                .await
+                .context("starting a private PostgreSQL cluster")?;
+            let (addr, url) = (p.addr(), p.url());
+            let p = Arc::new(Mutex::new(PrivateStore::Postgres(p)));
+            store_bytes = StoreBytes::Private(p.clone());
+            private = Some(p);
+            (url, Some((addr.to_string(), addr)))
         }
         StoreKind::Postgres(url) => {
             let (hostport, addr) = authority(url).with_context(|| format!("resolving {url}"))?;
@@ -327,7 +351,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
         targets: targets.clone(),
         store_relays: Arc::new(store_relays),
         upstream_relays: Arc::new(upstream_relays),
-        redis,
+        store: private,
         t0,
     };
 
@@ -349,6 +373,12 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
         let plan = s.faults.clone();
         tokio::spawn(async move { inject(&world, &schedule, start, &plan, stop_rx).await })
     };
+    let sampler = tokio::spawn(sample(
+        world.instances.clone(),
+        store_bytes,
+        t0,
+        stop_tx.subscribe(),
+    ));
     let window_end = start + s.window;
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..s.clients {
@@ -376,6 +406,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
     }
     let _ = stop_tx.send(true);
     let mut faults = injector.await.context("the injector panicked")?;
+    let resources = sampler.await.context("the sampler panicked")?;
     faults.extend(world.heal().await);
 
     // Quiesce: no execution in progress, then a lease (and a renew interval, and a second)
@@ -425,6 +456,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
     report.instances = instances_n;
     report.seed = s.seed;
     report.binary = bin.display().to_string();
+    report.resources = resources;
 
     std::fs::write(
         out_dir.join("report.json"),

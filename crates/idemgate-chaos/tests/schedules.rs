@@ -20,7 +20,8 @@ fn server_url(var: &str) -> Option<String> {
     std::env::var(var).ok().filter(|v| !v.trim().is_empty())
 }
 
-fn schedule(store: StoreKind, recovery: Recovery) {
+/// Runs the short schedule and asserts it passed; returns (store kills applied, resource samples).
+fn schedule(store: StoreKind, recovery: Recovery) -> (u64, u64) {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let scenario = Scenario::short(store, recovery);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -50,16 +51,20 @@ fn schedule(store: StoreKind, recovery: Recovery) {
         report.violations.len(),
         report.histories.join("\n")
     );
+    (
+        report.faults.get("store_sigkill").copied().unwrap_or(0),
+        report.resources.samples,
+    )
 }
 
 #[test]
 fn short_schedule_on_the_embedded_store_takeover() {
-    schedule(StoreKind::File, Recovery::Takeover);
+    let _ = schedule(StoreKind::File, Recovery::Takeover);
 }
 
 #[test]
 fn short_schedule_on_the_embedded_store_strict() {
-    schedule(StoreKind::File, Recovery::Strict);
+    let _ = schedule(StoreKind::File, Recovery::Strict);
 }
 
 #[test]
@@ -68,7 +73,7 @@ fn short_schedule_on_the_embedded_store_strict() {
     ignore = "IDEMGATE_TEST_REDIS_URL is not set (redis-server needed)"
 )]
 fn short_schedule_on_redis_takeover() {
-    schedule(StoreKind::Redis, Recovery::Takeover);
+    let _ = schedule(StoreKind::Redis, Recovery::Takeover);
 }
 
 #[test]
@@ -77,7 +82,7 @@ fn short_schedule_on_redis_takeover() {
     ignore = "IDEMGATE_TEST_REDIS_URL is not set (redis-server needed)"
 )]
 fn short_schedule_on_redis_strict() {
-    schedule(StoreKind::Redis, Recovery::Strict);
+    let _ = schedule(StoreKind::Redis, Recovery::Strict);
 }
 
 #[test]
@@ -86,7 +91,7 @@ fn short_schedule_on_postgres_takeover() {
     let Some(url) = server_url("IDEMGATE_TEST_POSTGRES_URL") else {
         return;
     };
-    schedule(StoreKind::Postgres(url), Recovery::Takeover);
+    let _ = schedule(StoreKind::Postgres(url), Recovery::Takeover);
 }
 
 #[test]
@@ -95,5 +100,18 @@ fn short_schedule_on_postgres_strict() {
     let Some(url) = server_url("IDEMGATE_TEST_POSTGRES_URL") else {
         return;
     };
-    schedule(StoreKind::Postgres(url), Recovery::Strict);
+    let _ = schedule(StoreKind::Postgres(url), Recovery::Strict);
+}
+
+/// Scenario 16: the PostgreSQL server itself dies (SIGKILL of the postmaster and every backend,
+/// as a machine crash would) and restarts from its WAL, under load, with instance kills as well.
+#[test]
+#[cfg_attr(
+    no_postgres,
+    ignore = "IDEMGATE_TEST_POSTGRES_URL is not set (PostgreSQL's server binaries needed)"
+)]
+fn short_schedule_on_a_private_postgres_that_is_killed_strict() {
+    let (store_kills, samples) = schedule(StoreKind::PostgresPrivate, Recovery::Strict);
+    assert!(store_kills >= 1, "the schedule must have killed PostgreSQL");
+    assert!(samples >= 5, "the resources were sampled: {samples}");
 }
