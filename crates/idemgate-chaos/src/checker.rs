@@ -1057,3 +1057,53 @@ fn disturbances(faults: &[FaultRecord]) -> Vec<(u64, u64)> {
     out.extend(open.into_values().map(|from| (from, u64::MAX)));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(at_us: u64, action: Action) -> FaultRecord {
+        FaultRecord {
+            at_us,
+            action,
+            applied: true,
+            note: String::new(),
+        }
+    }
+
+    #[test]
+    fn disturbances_pair_faults_with_what_ended_them() {
+        let faults = vec![
+            rec(10, Action::Kill { instance: 0 }),
+            rec(20, Action::Pause { instance: 1 }),
+            rec(30, Action::Resume { instance: 1 }),
+            rec(
+                40,
+                Action::StoreLink {
+                    instance: Some(2),
+                    fault: LinkFault::Blackhole,
+                },
+            ),
+            // A heal of every store link ends instance 2's fault.
+            rec(
+                50,
+                Action::StoreLink {
+                    instance: None,
+                    fault: LinkFault::None,
+                },
+            ),
+            rec(60, Action::StoreKill),
+            rec(70, Action::StoreRestart),
+            rec(
+                80,
+                Action::UpstreamLink {
+                    instance: None,
+                    fault: LinkFault::Reset,
+                },
+            ),
+        ];
+        let mut d = disturbances(&faults);
+        d.sort_unstable();
+        assert_eq!(d, vec![(20, 30), (40, 50), (60, 70), (80, u64::MAX)]);
+    }
+}

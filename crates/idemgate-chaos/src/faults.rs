@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::client::Targets;
+use crate::netns::Net;
 use crate::procs::{Instance, PrivateStore};
 use crate::rng::Rng;
 
@@ -388,6 +389,8 @@ pub struct World {
     pub upstream_relays: Arc<Vec<Relay>>,
     /// The private store process (Redis or PostgreSQL), if the run owns one.
     pub store: Option<Arc<Mutex<PrivateStore>>>,
+    /// The namespaces of a run with real partitions: store link blackholes are routes there.
+    pub net: Option<Arc<Net>>,
     /// The run's start.
     pub t0: Instant,
 }
@@ -467,9 +470,10 @@ impl World {
                 Some(i) => (i.lock().await.resume().await, String::new()),
                 None => (false, "no such instance".into()),
             },
-            Action::StoreLink { instance, fault } => {
-                set_links(&self.store_relays, *instance, *fault)
-            }
+            Action::StoreLink { instance, fault } => match &self.net {
+                Some(net) => partition(net, *instance, *fault),
+                None => set_links(&self.store_relays, *instance, *fault),
+            },
             Action::UpstreamLink { instance, fault } => {
                 set_links(&self.upstream_relays, *instance, *fault)
             }
@@ -508,7 +512,8 @@ impl World {
     pub async fn heal(&self) -> Vec<FaultRecord> {
         let mut out = Vec::new();
         for (relays, store) in [(&self.store_relays, true), (&self.upstream_relays, false)] {
-            if relays.iter().any(|r| r.fault() != Fault::None) {
+            let partitioned = store && self.net.is_some();
+            if partitioned || relays.iter().any(|r| r.fault() != Fault::None) {
                 let action = if store {
                     Action::StoreLink {
                         instance: None,
@@ -541,6 +546,26 @@ impl World {
             }
         }
         out
+    }
+}
+
+fn partition(net: &Net, instance: Option<u32>, fault: LinkFault) -> (bool, String) {
+    let cut = match fault {
+        LinkFault::Blackhole => true,
+        LinkFault::None => false,
+        LinkFault::DelayMs(_) | LinkFault::Reset => {
+            return (
+                false,
+                "not applied: no delays or resets through namespaces".into(),
+            );
+        }
+    };
+    match net.partition(instance, cut) {
+        Ok(n) => (
+            n > 0,
+            format!("{n} path(s) {}", if cut { "cut" } else { "healed" }),
+        ),
+        Err(e) => (false, format!("routes not changed: {e}")),
     }
 }
 

@@ -101,6 +101,7 @@
 pub mod checker;
 pub mod client;
 pub mod faults;
+pub mod netns;
 pub mod procs;
 pub mod resources;
 pub mod rng;

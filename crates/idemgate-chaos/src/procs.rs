@@ -76,6 +76,37 @@ pub struct InstanceSpec {
     pub env: Vec<(String, String)>,
     /// Where its stderr is appended.
     pub log: PathBuf,
+    /// The network namespace it runs in (`ip netns exec`), if not the harness's own.
+    pub netns: Option<String>,
+    /// The address it listens on (loopback unless in a namespace).
+    pub ip: std::net::IpAddr,
+}
+
+impl InstanceSpec {
+    /// A spec for the harness's own namespace, listening on loopback.
+    pub fn local(bin: PathBuf, args: Vec<String>, log: PathBuf) -> Self {
+        Self {
+            bin,
+            args,
+            env: Vec::new(),
+            log,
+            netns: None,
+            ip: std::net::IpAddr::from([127, 0, 0, 1]),
+        }
+    }
+}
+
+/// `program` run in namespace `netns` (through `ip netns exec`, which execs it: the child's PID
+/// is the program's), or as is.
+fn command_in(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 /// One `idemgate serve` process (restartable).
@@ -105,13 +136,14 @@ enum Started {
 impl Instance {
     /// Starts instance `index` on fresh loopback ports and waits until it listens.
     pub async fn start(index: u32, spec: InstanceSpec) -> std::io::Result<Self> {
+        let ip = spec.ip;
         let mut me = Self {
             index,
             spec,
             child: None,
             pid: None,
-            addr: loopback(free_port()?),
-            admin: loopback(free_port()?),
+            addr: SocketAddr::new(ip, free_port()?),
+            admin: SocketAddr::new(ip, free_port()?),
             paused: false,
             terminating: false,
             starts: 0,
@@ -178,8 +210,8 @@ impl Instance {
             match self.spawn_once().await? {
                 Started::Ready => return Ok(()),
                 Started::PortBusy => {
-                    self.addr = loopback(free_port()?);
-                    self.admin = loopback(free_port()?);
+                    self.addr = SocketAddr::new(self.spec.ip, free_port()?);
+                    self.admin = SocketAddr::new(self.spec.ip, free_port()?);
                 }
             }
         }
@@ -191,7 +223,7 @@ impl Instance {
 
     async fn spawn_once(&mut self) -> std::io::Result<Started> {
         self.starts += 1;
-        let mut child = Command::new(&self.spec.bin)
+        let mut child = command_in(self.spec.netns.as_deref(), &self.spec.bin)
             .arg("serve")
             .args(["--listen", &self.addr.to_string()])
             .args(["--admin-listen", &self.admin.to_string()])
@@ -365,6 +397,8 @@ impl Instance {
 pub struct PrivateRedis {
     child: Option<Child>,
     port: u16,
+    ip: std::net::Ipv4Addr,
+    netns: Option<String>,
     dir: tempfile::TempDir,
 }
 
@@ -372,9 +406,16 @@ impl PrivateRedis {
     /// Starts it and waits until it answers `PING`. Fails if `redis-server` is not on the
     /// `PATH`.
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_in(None, std::net::Ipv4Addr::LOCALHOST).await
+    }
+
+    /// Like [`PrivateRedis::start`], in network namespace `netns` on address `ip`.
+    pub async fn start_in(netns: Option<String>, ip: std::net::Ipv4Addr) -> std::io::Result<Self> {
         let mut me = Self {
             child: None,
             port: free_port()?,
+            ip,
+            netns,
             dir: tempfile::tempdir()?,
         };
         me.spawn().await?;
@@ -382,8 +423,15 @@ impl PrivateRedis {
     }
 
     async fn spawn(&mut self) -> std::io::Result<()> {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let child = command_in(self.netns.as_deref(), Path::new("redis-server"))
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                &self.ip.to_string(),
+            ])
+            // Reached from other namespaces, not from loopback: no protected mode.
+            .args(["--protected-mode", "no"])
             .args([
                 "--save",
                 "",
@@ -414,7 +462,7 @@ impl PrivateRedis {
 
     /// Its address.
     pub fn addr(&self) -> SocketAddr {
-        loopback(self.port)
+        SocketAddr::from((self.ip, self.port))
     }
 
     /// Its PID.

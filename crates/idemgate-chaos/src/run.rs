@@ -14,6 +14,7 @@ use tokio::sync::Mutex;
 use crate::checker::{CheckParams, Report, check};
 use crate::client::{Attempt, ClientLog, Clients, Http, Mix, Op, RetryPolicy, Targets};
 use crate::faults::{FaultPlan, FaultRecord, World, inject};
+use crate::netns::Net;
 use crate::procs::{
     Instance, InstanceSpec, PrivatePostgres, PrivateRedis, PrivateStore, authority, idemgate_bin,
 };
@@ -116,6 +117,11 @@ pub struct Scenario {
     pub out_dir: Option<PathBuf>,
     /// Write every attempt and execution as JSON lines (large for long runs).
     pub write_logs: bool,
+    /// Real partitions (Redis only): every instance and the store in network namespaces of
+    /// their own, store link blackholes as blackhole routes ([`crate::netns`]) instead of relay
+    /// faults; no store relays, so no store delays.
+    #[serde(default)]
+    pub netns: bool,
 }
 
 fn ms(d: Duration) -> String {
@@ -162,6 +168,7 @@ impl Scenario {
             seed: 1,
             out_dir: None,
             write_logs: true,
+            netns: false,
             store,
             recovery,
         }
@@ -195,6 +202,19 @@ impl Scenario {
             store_kill_every: s.store.is_private().then_some(Duration::from_secs(90)),
             start_after: Duration::from_secs(1),
         };
+        s
+    }
+
+    /// Scenario 22, with real partitions: the short Redis schedule with every instance and the
+    /// store in network namespaces, one instance cut from the store for 3 s about every 5 s and
+    /// every instance about every 12 s (blackhole routes both ways), kills, pauses and Redis
+    /// kills as in [`Scenario::short`]. Needs root and iproute2.
+    pub fn partitions(recovery: Recovery) -> Self {
+        let mut s = Self::short(StoreKind::Redis, recovery);
+        s.name = format!("partitions-redis-{}", recovery.as_str());
+        s.netns = true;
+        s.faults.store_blackhole_one_every = Some(Duration::from_secs(5));
+        s.faults.store_delay_every = None;
         s
     }
 }
@@ -251,6 +271,17 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
     .context("starting the recording upstream")?;
 
     // The store, and the address its relays forward to.
+    if s.netns && !matches!(s.store, StoreKind::Redis) {
+        anyhow::bail!("real partitions (netns) are built for the Redis store only");
+    }
+    let net = if s.netns {
+        let n = if s.instances == 0 { 1 } else { s.instances };
+        Some(Arc::new(Net::create(n).context(
+            "creating network namespaces (root and iproute2 needed)",
+        )?))
+    } else {
+        None
+    };
     let mut private = None;
     let mut store_bytes = StoreBytes::None;
     let (store_url, store_target) = match &s.store {
@@ -261,14 +292,18 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
             (format!("file:{}", dir.display()), None)
         }
         StoreKind::Redis => {
-            let r = PrivateRedis::start()
-                .await
-                .context("starting a private redis-server")?;
+            let r = match &net {
+                Some(n) => PrivateRedis::start_in(Some(n.store_ns()), n.store_ip()).await,
+                None => PrivateRedis::start().await,
+            }
+            .context("starting a private redis-server")?;
             let addr = r.addr();
             let r = Arc::new(Mutex::new(PrivateStore::Redis(r)));
             store_bytes = StoreBytes::Private(r.clone());
             private = Some(r);
-            (format!("redis://{addr}"), Some((addr.to_string(), addr)))
+            // Through namespaces the instances reach the store itself, without relays.
+            let relayed = net.is_none().then(|| (addr.to_string(), addr));
+            (format!("redis://{addr}"), relayed)
         }
         StoreKind::PostgresPrivate => {
             let p = PrivatePostgres::start()
@@ -294,7 +329,10 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
     let mut upstream_relays = Vec::new();
     let mut instances = Vec::new();
     for i in 0..instances_n {
-        let up = Relay::start(upstream.addr()).await?;
+        let up = match &net {
+            Some(n) => Relay::start_on((n.root_ip_for(i), 0).into(), upstream.addr()).await?,
+            None => Relay::start(upstream.addr()).await?,
+        };
         let url = match &store_target {
             Some((hostport, target)) => {
                 let relay = Relay::start(*target).await?;
@@ -324,18 +362,18 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
             "--workers".to_owned(),
             s.workers.to_string(),
         ];
-        if store_target.is_some() {
+        if !matches!(s.store, StoreKind::File) {
             args.push("--namespace".to_owned());
             args.push(run_tag.clone());
         }
         args.extend(s.extra_args.iter().cloned());
         upstream_relays.push(up);
-        let spec = InstanceSpec {
-            bin: bin.clone(),
-            args,
-            env: Vec::new(),
-            log: out_dir.join(format!("instance-{i}.log")),
-        };
+        let mut spec =
+            InstanceSpec::local(bin.clone(), args, out_dir.join(format!("instance-{i}.log")));
+        if let Some(n) = &net {
+            spec.netns = Some(n.instance_ns(i));
+            spec.ip = n.instance_ip(i).into();
+        }
         let inst = Instance::start(i, spec)
             .await
             .with_context(|| format!("starting instance {i}"))?;
@@ -352,6 +390,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
         store_relays: Arc::new(store_relays),
         upstream_relays: Arc::new(upstream_relays),
         store: private,
+        net: net.clone(),
         t0,
     };
 

@@ -22,8 +22,13 @@ fn server_url(var: &str) -> Option<String> {
 
 /// Runs the short schedule and asserts it passed; returns (store kills applied, resource samples).
 fn schedule(store: StoreKind, recovery: Recovery) -> (u64, u64) {
+    schedule_with(Scenario::short(store, recovery))
+}
+
+/// Runs `scenario` (one at a time) and asserts it passed; returns (store kills applied,
+/// resource samples).
+fn schedule_with(scenario: Scenario) -> (u64, u64) {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let scenario = Scenario::short(store, recovery);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -113,5 +118,18 @@ fn short_schedule_on_postgres_strict() {
 fn short_schedule_on_a_private_postgres_that_is_killed_strict() {
     let (store_kills, samples) = schedule(StoreKind::PostgresPrivate, Recovery::Strict);
     assert!(store_kills >= 1, "the schedule must have killed PostgreSQL");
+    assert!(samples >= 5, "the resources were sampled: {samples}");
+}
+
+/// Scenario 22 with real partitions: instances and Redis in network namespaces, an instance
+/// (or every instance) cut from the store by blackhole routes while it holds keys; takeover
+/// mode, where a partitioned holder's late completion must be fenced out.
+#[test]
+#[cfg_attr(
+    no_redis,
+    ignore = "IDEMGATE_TEST_REDIS_URL is not set (redis-server, root and iproute2 needed)"
+)]
+fn partitions_through_network_namespaces_takeover() {
+    let (_, samples) = schedule_with(Scenario::partitions(Recovery::Takeover));
     assert!(samples >= 5, "the resources were sampled: {samples}");
 }
