@@ -122,6 +122,54 @@ async fn a_recording_outage_longer_than_the_lease_runs_nothing_twice() {
     assert!(engine.stats().renewals.load(Ordering::Relaxed) >= 4);
 }
 
+/// A store that is full when the outcome is recorded (Redis at `maxmemory`: a `Capacity` error
+/// that is not about the value's size) is retried like an outage: once it takes writes again
+/// the response itself is stored and replayed, not a not-replayable tombstone.
+#[tokio::test(start_paused = true)]
+async fn a_store_full_at_completion_keeps_the_response_once_it_has_room() {
+    let (engine, store) = faulty_engine();
+    store.set_failing_with("complete", idemgate_core::ErrorKind::Capacity);
+    let first = engine
+        .run(
+            &key("full"),
+            fp(),
+            &Policy::default(),
+            store_it,
+            |_| async { "charged".to_string() },
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            first,
+            Execution::Executed {
+                recorded: Recorded::Failed(idemgate_core::ErrorKind::Capacity),
+                ..
+            }
+        ),
+        "answered while recording goes on: {first:?}"
+    );
+    tokio::time::sleep(LEASE).await;
+    store.set_failing("complete", false);
+    let retry = engine
+        .run(
+            &key("full"),
+            fp(),
+            &Policy::default(),
+            store_it,
+            |_| async { "charged again".to_string() },
+        )
+        .await
+        .unwrap();
+    match retry {
+        Execution::Replayed {
+            outcome: Outcome::Response(r),
+            ..
+        } => assert_eq!(r.body, "charged"),
+        other => panic!("the retry must replay the stored response, got {other:?}"),
+    }
+}
+
 /// Renewals that take longer than the renew interval: the operation still finishes (and is
 /// recorded) as soon as it is done, not after the slow renewal answers.
 #[tokio::test(start_paused = true)]

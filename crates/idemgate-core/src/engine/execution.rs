@@ -21,7 +21,6 @@ use futures_util::FutureExt;
 use parking_lot::Mutex;
 
 use super::{Classify, Dispatch, Disposition, Engine, EngineError, Execution, Policy, Recorded};
-use crate::error::ErrorKind;
 use crate::key::StoreKey;
 use crate::record::{Fencing, Outcome};
 use crate::store::{CasOutcome, Store};
@@ -187,8 +186,9 @@ impl<S: Store> Engine<S> {
                 }
                 Err(e) => e,
             };
-            // A value the store will never take: keep the fact that it ran, not the value.
-            if e.kind() == ErrorKind::Capacity
+            // A value the store will never take: keep the fact that it ran, not the value. (A
+            // store that is full right now is retried like an outage: it may take the value.)
+            if e.is_value_too_large()
                 && let Disposition::Store(Outcome::Response(r)) = &disposition
             {
                 disposition = Disposition::Store(Outcome::NotReplayable {
