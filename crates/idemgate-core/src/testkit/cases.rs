@@ -858,7 +858,8 @@ pub async fn largest_body_round_trips_byte_identical<H: Harness>(h: &H) {
     let key = fresh_key("largest");
     let f = acquire(h, &key, &long_claim()).await;
     let header = ("x-large".to_string(), Bytes::from_static(b"1"));
-    let body: Vec<u8> = (0..MAX_BODY_LEN - 8)
+    // Header name and value take 8 bytes: the payload is exactly the store's largest.
+    let body: Vec<u8> = (0..h.max_payload() - 8)
         .map(|i| (i * 31 % 251) as u8)
         .collect();
     let outcome = Outcome::Response(StoredResponse::new(200, vec![header], body));
@@ -891,6 +892,21 @@ pub async fn oversized_body_is_refused_with_capacity<H: Harness>(h: &H) {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Capacity);
+    assert!(err.is_value_too_large(), "{err}");
+    // A store that keeps less than MAX_BODY_LEN refuses just over its own limit the same way.
+    if h.max_payload() < MAX_BODY_LEN {
+        let over = Outcome::Response(StoredResponse::new(
+            200,
+            vec![],
+            vec![0u8; h.max_payload() + 1],
+        ));
+        let err = h
+            .store()
+            .complete(&key, f, &over, LONG_TTL)
+            .await
+            .unwrap_err();
+        assert!(err.is_value_too_large(), "{err}");
+    }
     // The holder can still record something else.
     assert!(matches!(
         get(h, &key).await.unwrap().state,

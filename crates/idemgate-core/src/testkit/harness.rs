@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::Harness;
 use crate::clock::ManualClock;
 use crate::key::StoreKey;
+use crate::record::MAX_BODY_LEN;
 use crate::store::{BoxFuture, Store};
 
 /// Overwrites the stored bytes of a key with something no build decodes (a store's own fault
@@ -31,6 +32,7 @@ pub struct ManualClockHarness<S> {
     store: S,
     clock: ManualClock,
     corrupt: Option<CorruptFn<S>>,
+    max_payload: usize,
     _keep: Option<Box<dyn Send + Sync>>,
 }
 
@@ -41,8 +43,16 @@ impl<S: Store + Clone> ManualClockHarness<S> {
             store,
             clock,
             corrupt: None,
+            max_payload: MAX_BODY_LEN,
             _keep: None,
         }
+    }
+
+    /// The largest payload the store keeps, if less than [`MAX_BODY_LEN`] (see
+    /// [`Harness::max_payload`]).
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
     }
 
     /// How to corrupt a record (stores that keep bytes); without it the corruption case is
@@ -73,12 +83,16 @@ impl<S: Store + Clone> Harness for ManualClockHarness<S> {
     async fn corrupt(&self, key: &StoreKey) -> bool {
         corrupt_with(self.corrupt, &self.store, key).await
     }
+    fn max_payload(&self) -> usize {
+        self.max_payload
+    }
 }
 
 /// A store whose server's clock decides expiry: moving time means waiting for it to pass.
 pub struct ServerClockHarness<S> {
     store: S,
     corrupt: Option<CorruptFn<S>>,
+    max_payload: usize,
 }
 
 impl<S: Store + Clone> ServerClockHarness<S> {
@@ -87,7 +101,15 @@ impl<S: Store + Clone> ServerClockHarness<S> {
         Self {
             store,
             corrupt: None,
+            max_payload: MAX_BODY_LEN,
         }
+    }
+
+    /// The largest payload the store keeps, if less than [`MAX_BODY_LEN`] (see
+    /// [`Harness::max_payload`]).
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
     }
 
     /// How to corrupt a record.
@@ -111,6 +133,9 @@ impl<S: Store + Clone> Harness for ServerClockHarness<S> {
     }
     async fn corrupt(&self, key: &StoreKey) -> bool {
         corrupt_with(self.corrupt, &self.store, key).await
+    }
+    fn max_payload(&self) -> usize {
+        self.max_payload
     }
 }
 

@@ -62,6 +62,14 @@ pub trait Harness: Send + Sync + 'static {
     /// Overwrites the stored bytes of `key` with garbage. Returns `false` when the store keeps no
     /// bytes (the memory store), which makes the corruption case vacuous for it.
     fn corrupt(&self, key: &StoreKey) -> impl Future<Output = bool> + Send;
+
+    /// The largest payload (body plus header names and values, one header) the store keeps:
+    /// [`MAX_BODY_LEN`](crate::record::MAX_BODY_LEN) unless the backend holds less (DynamoDB's
+    /// items), in which case larger outcomes must be refused with
+    /// [`StoreError::value_too_large`](crate::StoreError::value_too_large).
+    fn max_payload(&self) -> usize {
+        crate::record::MAX_BODY_LEN
+    }
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(1);

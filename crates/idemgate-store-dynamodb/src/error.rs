@@ -1,0 +1,111 @@
+//! SDK errors as [`StoreError`]s.
+
+use std::error::Error as StdError;
+
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use idemgate_core::error::{ErrorKind, StoreError};
+
+/// What a service error code means for idemgate (codes as DynamoDB documents them).
+pub(crate) fn kind_of_code(code: &str, message: &str) -> Option<ErrorKind> {
+    Some(match code {
+        // Nothing was written; the table (or account) is over its rate right now. Not
+        // "unreachable": the store answered, so never forward past it (`503 store-full`).
+        "ProvisionedThroughputExceededException"
+        | "ThrottlingException"
+        | "RequestLimitExceeded"
+        | "ItemCollectionSizeLimitExceededException" => ErrorKind::Capacity,
+        "ResourceNotFoundException"
+        | "AccessDeniedException"
+        | "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "MissingAuthenticationToken"
+        | "MissingAuthenticationTokenException"
+        | "IncompleteSignature"
+        | "ExpiredTokenException"
+        | "InvalidClientTokenId" => ErrorKind::Config,
+        "InternalServerError" | "ServiceUnavailable" | "ReplicatedWriteConflictException" => {
+            ErrorKind::Unavailable
+        }
+        "ValidationException" if is_item_too_large(message) => ErrorKind::Capacity,
+        _ => return None,
+    })
+}
+
+/// DynamoDB's refusals of an item over its size limit: "Item size has exceeded the maximum
+/// allowed size" (PutItem) and "Item size to update has exceeded the maximum allowed size"
+/// (UpdateItem).
+pub(crate) fn is_item_too_large(message: &str) -> bool {
+    message.contains("Item size") && message.contains("exceeded the maximum allowed size")
+}
+
+/// Maps an SDK error of operation `op`.
+pub(crate) fn sdk<E, R>(op: &'static str, e: SdkError<E, R>) -> StoreError
+where
+    E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let (kind, detail) = match &e {
+        SdkError::TimeoutError(_) => (ErrorKind::Timeout, "no answer in time".to_owned()),
+        SdkError::DispatchFailure(d) if d.is_timeout() => {
+            (ErrorKind::Timeout, "no answer in time".to_owned())
+        }
+        SdkError::DispatchFailure(_) => (ErrorKind::Unavailable, "not reachable".to_owned()),
+        SdkError::ResponseError(_) => (ErrorKind::Unavailable, "unreadable answer".to_owned()),
+        SdkError::ConstructionFailure(_) => (
+            ErrorKind::Config,
+            "the request could not be built (region, credentials or endpoint)".to_owned(),
+        ),
+        SdkError::ServiceError(service) => {
+            let err = service.err();
+            let code = err.code().unwrap_or("");
+            let message = err.message().unwrap_or("");
+            if code == "ValidationException" && is_item_too_large(message) {
+                return StoreError::value_too_large(format!(
+                    "dynamodb {op}: the record would exceed DynamoDB's item size limit ({message})"
+                ));
+            }
+            (
+                kind_of_code(code, message).unwrap_or(ErrorKind::Internal),
+                format!("{code}: {message}"),
+            )
+        }
+        _ => (ErrorKind::Internal, "unexpected SDK error".to_owned()),
+    };
+    StoreError::new(kind, format!("dynamodb {op}: {detail}")).with_source(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_codes_map_to_stable_kinds() {
+        assert_eq!(
+            kind_of_code("ProvisionedThroughputExceededException", ""),
+            Some(ErrorKind::Capacity)
+        );
+        assert_eq!(
+            kind_of_code("ThrottlingException", ""),
+            Some(ErrorKind::Capacity)
+        );
+        assert_eq!(
+            kind_of_code("ResourceNotFoundException", "Requested resource not found"),
+            Some(ErrorKind::Config)
+        );
+        assert_eq!(
+            kind_of_code("UnrecognizedClientException", ""),
+            Some(ErrorKind::Config)
+        );
+        assert_eq!(
+            kind_of_code("InternalServerError", ""),
+            Some(ErrorKind::Unavailable)
+        );
+        assert_eq!(kind_of_code("ValidationException", "bad expression"), None);
+        assert!(is_item_too_large(
+            "Item size has exceeded the maximum allowed size"
+        ));
+        assert!(is_item_too_large(
+            "Item size to update has exceeded the maximum allowed size"
+        ));
+    }
+}
