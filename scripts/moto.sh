@@ -2,7 +2,7 @@
 # A throwaway DynamoDB-compatible server for tests: moto's server mode (PyPI `moto[server]`),
 # installed on first use into a virtual environment of the repository's own (`.venv-moto`).
 #   scripts/moto.sh install                 → creates .venv-moto if missing (idempotent)
-#   scripts/moto.sh start DIR [PORT]        → starts moto_server on 127.0.0.1:PORT (default 7201),
+#   scripts/moto.sh start DIR [PORT]        → starts moto on 127.0.0.1:PORT (default: a free port),
 #                                             waits until it answers, prints its URL; PID in DIR
 #   scripts/moto.sh stop DIR                → stops exactly the server it started (the PID in DIR)
 # The server runs moto's application one request at a time (scripts/moto_serial.py), as DynamoDB
@@ -31,8 +31,8 @@ install)
   ;;
 start)
   dir=${2:?usage: moto.sh start DIR [PORT]}
-  port=${3:-7201}
   install
+  port=${3:-$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
   mkdir -p "$dir"
   if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "moto.sh: port $port is taken" >&2

@@ -8,5 +8,6 @@ fn main() {
         ("IDEMGATE_TEST_REDIS_URL", "no_redis"),
         ("IDEMGATE_TEST_REDIS_CLUSTER_URLS", "no_redis_cluster"),
         ("IDEMGATE_TEST_POSTGRES_URL", "no_postgres"),
+        ("IDEMGATE_TEST_DYNAMODB_URL", "no_dynamodb"),
     ]);
 }

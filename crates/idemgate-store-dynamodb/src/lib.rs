@@ -115,6 +115,10 @@
 //!   [`DynamoStoreBuilder::max_payload_bytes`] to [`MOTO_MAX_PAYLOAD_BYTES`], and check the
 //!   refusal path (moto's "Item size … exceeded" `ValidationException`, the same message as
 //!   DynamoDB's) separately.
+//! - **a refused update is partly applied by moto**: moto applies an `UpdateItem`'s actions one
+//!   by one to the stored item, and when one makes the item too large it refuses the request but
+//!   keeps the actions before it; DynamoDB applies none. The completing update therefore sets the
+//!   outcome first (found by `items_over_the_size_limit_are_refused_and_become_tombstones`).
 //! - **TTL**: moto records the TTL setting (`ENABLED` at once, where DynamoDB goes through
 //!   `ENABLING`) but never deletes expired items; DynamoDB deletes them within days. Neither is
 //!   relied on: expiry is checked exactly by every operation.
@@ -701,7 +705,9 @@ impl DynamoStore {
         let update = match outcome {
             Some(out) => {
                 vals.push((":out", b(out)));
-                "SET #st = :state, #at = :now, #out = :out, #ex = :ex, #ttl = :ttl, #wid = :wid \
+                // `out` first: moto applies the actions of an update one by one and keeps those
+                // before an item-size refusal (see the crate docs); DynamoDB applies none.
+                "SET #out = :out, #st = :state, #at = :now, #ex = :ex, #ttl = :ttl, #wid = :wid \
                  REMOVE #tok, #own, #le"
             }
             None => {

@@ -8,8 +8,10 @@
 //!
 //! - [`open`] parses a store URL ([`StoreUrl`]) and connects: `memory://[?max_records=N&max_bytes=SIZE]`,
 //!   `file:DIR` (feature `redb`), `redis://HOST:PORT[/DB]`, `redis+cluster://H1:P1,H2:P2,…`
-//!   (feature `redis`), `postgres://USER@HOST:PORT/DB` (feature `postgres`). The [`Opened`] store
+//!   (feature `redis`), `postgres://USER@HOST:PORT/DB` (feature `postgres`),
+//!   `dynamodb://TABLE?region=REGION&endpoint=URL` (feature `dynamodb`). The [`Opened`] store
 //!   says whether it is shared between instances and why it may lose acknowledged writes.
+//! - [`create_table`] creates a DynamoDB table on demand (never done by [`open`]).
 //! - [`Opened::stack`] puts the [`Instrumentation`] hook (deadline, latency histogram, error
 //!   counter) and, for a shared store, the replay cache in front of it: the store an
 //!   [`Engine`](idemgate_core::Engine) should run on.
@@ -48,6 +50,7 @@
 //! - `redb` (default): `file:` URLs.
 //! - `redis`: `redis://` and `redis+cluster://` URLs and their pub/sub completion feed.
 //! - `postgres`: `postgres://` URLs and their `LISTEN/NOTIFY` completion feed.
+//! - `dynamodb`: `dynamodb://` URLs (no completion feed: waiters poll) and [`create_table`].
 //!
 //! Without a backend's feature its URLs are refused with a `Config` error that names the
 //! feature. `memory://` is always there.
@@ -101,7 +104,7 @@ pub struct Opened {
     pub store: SharedStore,
     /// Reasons it may lose acknowledged writes (which weakens G1); empty for memory and file.
     pub warnings: Vec<String>,
-    /// Whether several instances share it (Redis, PostgreSQL): a local replay cache then saves
+    /// Whether several instances share it (Redis, PostgreSQL, DynamoDB): a local replay cache then saves
     /// round trips, and a namespace must keep services apart.
     pub shared: bool,
     /// Its completion feed.
@@ -166,10 +169,107 @@ pub async fn open(url: &str) -> Result<Opened, StoreError> {
         StoreUrl::Redis { url } => open_redis(&url, None).await,
         StoreUrl::RedisCluster { nodes } => open_redis(url, Some(&nodes)).await,
         StoreUrl::Postgres { url } => open_postgres(&url).await,
+        StoreUrl::DynamoDb {
+            table,
+            region,
+            endpoint,
+        } => open_dynamodb(&table, region, endpoint).await,
     }
 }
 
-#[cfg(not(all(feature = "redb", feature = "redis", feature = "postgres")))]
+/// Creates the table of a `dynamodb://` store URL if it does not exist (on-demand billing, TTL
+/// on `ttl`) and returns what was done, in words. Other stores need no creation (PostgreSQL
+/// migrates its schema at start-up): a `Config` error says so.
+pub async fn create_table(url: &str) -> Result<String, StoreError> {
+    match StoreUrl::parse(url)? {
+        StoreUrl::DynamoDb {
+            table,
+            region,
+            endpoint,
+        } => create_dynamodb_table(&table, region, endpoint).await,
+        _ => Err(StoreError::new(
+            ErrorKind::Config,
+            "only dynamodb:// stores have a table to create (PostgreSQL creates and migrates its \
+             schema at start-up; the other stores need nothing)",
+        )),
+    }
+}
+
+#[cfg(feature = "dynamodb")]
+fn dynamodb_builder(
+    table: &str,
+    region: Option<String>,
+    endpoint: Option<String>,
+) -> idemgate_store_dynamodb::DynamoStoreBuilder {
+    let mut builder = idemgate_store_dynamodb::DynamoStore::builder(table);
+    if let Some(region) = region {
+        builder = builder.region(region);
+    }
+    if let Some(endpoint) = endpoint {
+        builder = builder.endpoint(endpoint);
+    }
+    builder
+}
+
+#[cfg(feature = "dynamodb")]
+async fn open_dynamodb(
+    table: &str,
+    region: Option<String>,
+    endpoint: Option<String>,
+) -> Result<Opened, StoreError> {
+    let store = dynamodb_builder(table, region, endpoint).connect().await?;
+    let warnings = store.durability_warnings();
+    Ok(Opened::new(store, warnings, true, Feed::None))
+}
+
+#[cfg(feature = "dynamodb")]
+async fn create_dynamodb_table(
+    table: &str,
+    region: Option<String>,
+    endpoint: Option<String>,
+) -> Result<String, StoreError> {
+    let setup = dynamodb_builder(table, region, endpoint)
+        .create_table()
+        .await?;
+    Ok(format!(
+        "DynamoDB table {table:?}: {}; TTL on `ttl` {}",
+        if setup.created {
+            "created (on-demand billing, partition key pk: binary)"
+        } else {
+            "exists with the expected key"
+        },
+        if setup.ttl_enabled_now {
+            "enabled now"
+        } else {
+            "already enabled"
+        }
+    ))
+}
+
+#[cfg(not(feature = "dynamodb"))]
+async fn open_dynamodb(
+    _table: &str,
+    _region: Option<String>,
+    _endpoint: Option<String>,
+) -> Result<Opened, StoreError> {
+    Err(missing_feature("dynamodb"))
+}
+
+#[cfg(not(feature = "dynamodb"))]
+async fn create_dynamodb_table(
+    _table: &str,
+    _region: Option<String>,
+    _endpoint: Option<String>,
+) -> Result<String, StoreError> {
+    Err(missing_feature("dynamodb"))
+}
+
+#[cfg(not(all(
+    feature = "redb",
+    feature = "redis",
+    feature = "postgres",
+    feature = "dynamodb"
+)))]
 fn missing_feature(feature: &str) -> StoreError {
     StoreError::new(
         ErrorKind::Config,

@@ -35,6 +35,17 @@ pub enum StoreUrl {
         /// The URL as given.
         url: String,
     },
+    /// `dynamodb://TABLE[?region=REGION&endpoint=URL]`: credentials (and, without `region`, the
+    /// region) from the standard AWS chain; `endpoint` for DynamoDB Local or another compatible
+    /// server.
+    DynamoDb {
+        /// The table.
+        table: String,
+        /// `region`, if given.
+        region: Option<String>,
+        /// `endpoint`, if given (`http://` or `https://`).
+        endpoint: Option<String>,
+    },
 }
 
 fn config(msg: String) -> StoreError {
@@ -65,6 +76,9 @@ impl StoreUrl {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(StoreUrl::Postgres { url: url.into() });
         }
+        if let Some(rest) = url.strip_prefix("dynamodb://") {
+            return dynamodb(rest);
+        }
         if let Some(rest) = url
             .strip_prefix("memory://")
             .or_else(|| url.strip_prefix("memory:"))
@@ -91,7 +105,8 @@ impl StoreUrl {
             .collect();
         Err(config(format!(
             "unsupported store URL (scheme {scheme:?}): use memory://, file:DIR, \
-             redis://HOST:PORT, redis+cluster://H1:P1,H2:P2 or postgres://USER@HOST/DB"
+             redis://HOST:PORT, redis+cluster://H1:P1,H2:P2, postgres://USER@HOST/DB or \
+             dynamodb://TABLE?region=REGION"
         )))
     }
 
@@ -99,9 +114,60 @@ impl StoreUrl {
     pub fn is_shared(&self) -> bool {
         matches!(
             self,
-            StoreUrl::Redis { .. } | StoreUrl::RedisCluster { .. } | StoreUrl::Postgres { .. }
+            StoreUrl::Redis { .. }
+                | StoreUrl::RedisCluster { .. }
+                | StoreUrl::Postgres { .. }
+                | StoreUrl::DynamoDb { .. }
         )
     }
+}
+
+/// `TABLE[?region=REGION&endpoint=URL]` of a DynamoDB URL (values taken as written).
+fn dynamodb(rest: &str) -> Result<StoreUrl, StoreError> {
+    let (table, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let table = table.trim_end_matches('/');
+    let valid = (3..=255).contains(&table.len())
+        && table
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
+    if !valid {
+        return Err(config(format!(
+            "dynamodb:// needs a table name (3 to 255 of a-z A-Z 0-9 _ - .), e.g. \
+             dynamodb://idemgate?region=eu-west-1, got {:?}",
+            table.chars().take(64).collect::<String>()
+        )));
+    }
+    let (mut region, mut endpoint) = (None, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let Some((name, value)) = pair.split_once('=') else {
+            return Err(config(format!("dynamodb:// option {pair:?} needs a value")));
+        };
+        if value.is_empty() {
+            return Err(config(format!("dynamodb:// option {name:?} is empty")));
+        }
+        match name {
+            "region" => region = Some(value.to_owned()),
+            "endpoint" => {
+                if !(value.starts_with("http://") || value.starts_with("https://")) {
+                    return Err(config(format!(
+                        "dynamodb:// endpoint must be an http:// or https:// URL, got {:?}",
+                        redact(value)
+                    )));
+                }
+                endpoint = Some(value.to_owned());
+            }
+            other => {
+                return Err(config(format!(
+                    "unknown dynamodb:// option {other:?} (use region or endpoint)"
+                )));
+            }
+        }
+    }
+    Ok(StoreUrl::DynamoDb {
+        table: table.to_owned(),
+        region,
+        endpoint,
+    })
 }
 
 /// `?max_records=N&max_bytes=SIZE` of a memory URL.
@@ -225,6 +291,18 @@ mod tests {
         );
         assert!(StoreUrl::parse("postgres://u@h/db").is_ok_and(|u| u.is_shared()));
         assert!(StoreUrl::parse("file:x").is_ok_and(|u| !u.is_shared()));
+        assert_eq!(
+            StoreUrl::parse(
+                "dynamodb://idem.gate-1?region=eu-west-1&endpoint=http://127.0.0.1:8000"
+            )
+            .ok(),
+            Some(StoreUrl::DynamoDb {
+                table: "idem.gate-1".into(),
+                region: Some("eu-west-1".into()),
+                endpoint: Some("http://127.0.0.1:8000".into()),
+            })
+        );
+        assert!(StoreUrl::parse("dynamodb://idemgate").is_ok_and(|u| u.is_shared()));
         for (bad, why) in [
             ("memory://?max_records=lots", "max_records"),
             ("memory://?max_bytes=1KiB", "at least 1MiB"),
@@ -233,6 +311,19 @@ mod tests {
             ("redis+cluster://", "at least one node"),
             ("mysql://u:pw@h/db", "unsupported"),
             ("postgres:u:s3cret@h/db", "unsupported"),
+            ("dynamodb://", "needs a table name"),
+            ("dynamodb://x", "needs a table name"),
+            ("dynamodb://t t?region=x", "needs a table name"),
+            (
+                "dynamodb://idemgate?colour=blue",
+                "unknown dynamodb:// option",
+            ),
+            ("dynamodb://idemgate?region", "needs a value"),
+            ("dynamodb://idemgate?region=", "is empty"),
+            (
+                "dynamodb://idemgate?endpoint=127.0.0.1:8000",
+                "http:// or https://",
+            ),
         ] {
             let err = StoreUrl::parse(bad).expect_err(bad);
             assert_eq!(err.kind(), ErrorKind::Config);

@@ -2,7 +2,7 @@
 //!
 //! Everything is checked here, before anything starts: header names are trimmed, lower-cased and
 //! parsed; durations, sizes and counts must lie within the bounds below (the flag help and the
-//! README's "Limits and timeouts" table give them); a shared store (Redis, PostgreSQL) needs an
+//! README's "Limits and timeouts" table give them); a shared store (Redis, PostgreSQL, DynamoDB) needs an
 //! explicit namespace. A refusal names the option as it was given (`--lease-ttl
 //! (IDEMGATE_LEASE_TTL)`, `lease_ttl in FILE`, `ttl in route "pay"`) and the refused value.
 
@@ -34,7 +34,8 @@ pub struct ServeArgs {
     #[arg(long, env = "IDEMGATE_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
     /// Store URL: memory://, file:PATH, redis://HOST:PORT, redis+cluster://H1:P1,H2:P2,
-    /// postgres://USER@HOST/DB [default: file:./idemgate-data].
+    /// postgres://USER@HOST/DB, dynamodb://TABLE?region=REGION[&endpoint=URL]
+    /// [default: file:./idemgate-data].
     #[arg(long, env = "IDEMGATE_STORE")]
     pub store: Option<String>,
     /// TOML config file.
@@ -43,7 +44,7 @@ pub struct ServeArgs {
     /// POST/PATCH without an Idempotency-Key get 400 (default route only).
     #[arg(long, env = "IDEMGATE_REQUIRE_KEY", num_args = 0..=1, default_missing_value = "true")]
     pub require_key: Option<bool>,
-    /// Record namespace: unique per service. Required with a Redis or PostgreSQL store, which
+    /// Record namespace: unique per service. Required with a Redis, PostgreSQL or DynamoDB store, which
     /// several services may share: with one namespace they would replay each other's responses.
     /// The embedded and memory stores belong to one process [default there: default].
     #[arg(long, env = "IDEMGATE_NAMESPACE")]
@@ -117,7 +118,7 @@ pub struct ServeArgs {
     /// (with --canonical-json).
     #[arg(long, env = "IDEMGATE_IGNORE_JSON_FIELDS", value_delimiter = ',')]
     pub ignore_json_fields: Option<Vec<String>>,
-    /// Completed records cached per instance in front of Redis/PostgreSQL (0 disables; a delete
+    /// Completed records cached per instance in front of a shared store (0 disables; a delete
     /// made through another instance is seen within 30 s); at most 10000000 [default: 100000].
     #[arg(long, env = "IDEMGATE_REPLAY_CACHE_ENTRIES")]
     pub replay_cache_entries: Option<usize>,
@@ -583,7 +584,7 @@ fn parse_fail_mode(name: &str, mode: &str) -> Result<FailMode> {
     }
 }
 
-/// Whether the store URL names a store several services can share (Redis, PostgreSQL).
+/// Whether the store URL names a store several services can share (Redis, PostgreSQL, DynamoDB).
 pub fn is_shared_store(url: &str) -> bool {
     idemgate_stores::StoreUrl::parse(url).is_ok_and(|u| u.is_shared())
 }

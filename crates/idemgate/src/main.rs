@@ -2,6 +2,8 @@
 //!
 //! - `idemgate serve --upstream URL` — the proxy (see the README for every setting).
 //! - `idemgate keys list|get|delete|resolve` — the admin API from the command line.
+//! - `idemgate create-table --store dynamodb://TABLE?region=…` — creates a DynamoDB table on
+//!   demand (`serve` never creates one).
 
 mod admin;
 mod config;
@@ -40,6 +42,14 @@ enum Command {
         admin: String,
         #[command(subcommand)]
         command: keys::KeysCommand,
+    },
+    /// Create the store's table if it does not exist: DynamoDB, on-demand billing, partition key
+    /// `pk` (binary), TTL enabled on `ttl`. `serve` never creates it.
+    CreateTable {
+        /// Store URL, e.g. dynamodb://idemgate?region=eu-west-1 (credentials from the standard
+        /// AWS chain).
+        #[arg(long, env = "IDEMGATE_STORE")]
+        store: String,
     },
 }
 
@@ -96,5 +106,18 @@ fn main() -> Result<()> {
             runtime.block_on(serve::run(settings))
         }
         Command::Keys { admin, command } => runtime.block_on(keys::run(&admin, command)),
+        Command::CreateTable { store } => {
+            init_logs(false);
+            let done = runtime
+                .block_on(idemgate_stores::create_table(&store))
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "creating the table of {}: {e}",
+                        idemgate_stores::redact(&store)
+                    )
+                })?;
+            println!("{done}");
+            Ok(())
+        }
     }
 }

@@ -2,7 +2,9 @@
 //! times at once, round-robin across the instances, against a counting upstream. Upstream
 //! executions must equal the number of keys, and every duplicate must get the identical response
 //! (or `409` past the wait timeout). Runs on real Redis, Redis Cluster and PostgreSQL
-//! (`IDEMGATE_TEST_REDIS_URL`, `IDEMGATE_TEST_REDIS_CLUSTER_URLS`, `IDEMGATE_TEST_POSTGRES_URL`).
+//! (`IDEMGATE_TEST_REDIS_URL`, `IDEMGATE_TEST_REDIS_CLUSTER_URLS`, `IDEMGATE_TEST_POSTGRES_URL`)
+//! and on a DynamoDB-compatible server (`IDEMGATE_TEST_DYNAMODB_URL`: moto in CI, with a table
+//! made for the test by `idemgate create-table`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -84,6 +86,14 @@ async fn three_instances_on_redis_execute_each_key_once() {
 #[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
 async fn three_instances_on_postgres_execute_each_key_once() {
     if let Some(u) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") {
+        prove(&u).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_dynamodb, ignore = "IDEMGATE_TEST_DYNAMODB_URL is not set")]
+async fn three_instances_on_dynamodb_execute_each_key_once() {
+    if let Some(u) = common::dynamodb_store("proof") {
         prove(&u).await;
     }
 }

@@ -1,5 +1,6 @@
 //! `idemgate serve` on the shared stores (real Redis and PostgreSQL from `IDEMGATE_TEST_REDIS_URL`
-//! and `IDEMGATE_TEST_POSTGRES_URL`): the semantics hold, and two instances sharing a store
+//! and `IDEMGATE_TEST_POSTGRES_URL`, a DynamoDB-compatible server from
+//! `IDEMGATE_TEST_DYNAMODB_URL`): the semantics hold, and two instances sharing a store
 //! execute a key once. Without the variables these tests say they skip (and fail under CI).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -72,6 +73,74 @@ async fn two_instances_on_postgres_execute_each_key_once() {
     if let Some(url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") {
         two_instances_share_the_work(&url).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_dynamodb, ignore = "IDEMGATE_TEST_DYNAMODB_URL is not set")]
+async fn two_instances_on_dynamodb_execute_each_key_once() {
+    if let Some(url) = common::dynamodb_store("shared") {
+        two_instances_share_the_work(&url).await;
+    }
+}
+
+/// The table is never created silently: `serve` on a missing table stops with an error that
+/// says how to create it (and the table is still missing afterwards); `idemgate create-table`
+/// creates it once and finds it the second time; then `serve` starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_dynamodb, ignore = "IDEMGATE_TEST_DYNAMODB_URL is not set")]
+async fn dynamodb_tables_are_created_only_when_asked() {
+    let Some(url) = common::dynamodb_url("asked") else {
+        return;
+    };
+    let serve = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            .args(["serve", "--upstream", "http://127.0.0.1:1", "--store", &url])
+            .args(["--namespace", common::TEST_NAMESPACE])
+            .args(["--listen", &format!("127.0.0.1:{}", common::free_port())])
+            .args([
+                "--admin-listen",
+                &format!("127.0.0.1:{}", common::free_port()),
+            ])
+            .envs(common::TEST_AWS_ENV)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let out = serve();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("does not exist") && err.contains("idemgate create-table"),
+            "{err}"
+        );
+    }
+    let first = common::create_table(&url).unwrap();
+    assert!(
+        first.contains("created") && first.contains("enabled now"),
+        "{first}"
+    );
+    let again = common::create_table(&url).unwrap();
+    assert!(
+        again.contains("exists") && again.contains("already enabled"),
+        "{again}"
+    );
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&up.url(), &url, &[]);
+    let http = Http::default();
+    let key = unique("asked");
+    assert_eq!(
+        http.post(&proxy.url("/pay"), Some(key), b"{}").await.status,
+        StatusCode::CREATED
+    );
+    assert!(
+        http.post(&proxy.url("/pay"), Some(key), b"{}")
+            .await
+            .replayed()
+    );
+    // Other stores have nothing to create.
+    let err = common::create_table("postgres://u@127.0.0.1:1/db").unwrap_err();
+    assert!(err.contains("only dynamodb://"), "{err}");
 }
 
 /// Strict mode: instance A dies (SIGKILL) holding a key; the retry sent to instance B waits for
@@ -203,6 +272,15 @@ async fn postgres_takeover_and_strict_recovery_after_sigkill() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_dynamodb, ignore = "IDEMGATE_TEST_DYNAMODB_URL is not set")]
+async fn dynamodb_takeover_and_strict_recovery_after_sigkill() {
+    if let Some(url) = common::dynamodb_store("takeover") {
+        takeover_runs_the_next_epoch(&url).await;
+        strict_recovery_marks_the_key_unknown(&url).await;
+    }
+}
+
 /// A Redis server of this test's own on a free port (so stopping it disturbs nobody else).
 struct PrivateRedis {
     child: std::process::Child,
@@ -277,11 +355,24 @@ async fn redis_down_means_503_and_nothing_forwarded_then_service_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]
 async fn cached_replays_cost_no_store_round_trip() {
-    let Some(url) = common::server_url("IDEMGATE_TEST_REDIS_URL") else {
-        return;
-    };
+    if let Some(url) = common::server_url("IDEMGATE_TEST_REDIS_URL") {
+        cached_replays_reach_no_store(&url).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_dynamodb, ignore = "IDEMGATE_TEST_DYNAMODB_URL is not set")]
+async fn dynamodb_cached_replays_cost_no_store_round_trip() {
+    if let Some(url) = common::dynamodb_store("cached") {
+        cached_replays_reach_no_store(&url).await;
+    }
+}
+
+/// The first replay of a key on an instance asks the store (one claim); later ones are served
+/// from the instance's cache of completed records and reach no store.
+async fn cached_replays_reach_no_store(url: &str) {
     let up = Upstream::start().await;
-    let proxy = Proxy::start(&up.url(), &url, &[]);
+    let proxy = Proxy::start(&up.url(), url, &[]);
     let http = Http::default();
     let key = unique("cached");
     http.post(&proxy.url("/pay"), Some(key), b"{}").await;

@@ -84,7 +84,58 @@ pub const TEST_NAMESPACE: &str = "idemgate-tests";
 
 /// Whether `idemgate serve` counts `store` as shared (and so needs an explicit namespace).
 pub fn shared_store(store: &str) -> bool {
-    store.starts_with("redis") || store.starts_with("postgres")
+    store.starts_with("redis") || store.starts_with("postgres") || store.starts_with("dynamodb")
+}
+
+/// Fake AWS credentials for the DynamoDB test server (moto takes any), given to every child
+/// process on a `dynamodb://` store; instance metadata is switched off so that nothing ever
+/// looks for credentials off this machine.
+pub const TEST_AWS_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
+fn aws_env(store: &str) -> &'static [(&'static str, &'static str)] {
+    if store.starts_with("dynamodb://") {
+        &TEST_AWS_ENV
+    } else {
+        &[]
+    }
+}
+
+/// `idemgate create-table --store STORE` with the test credentials; its output, or its error
+/// output as `Err`.
+pub fn create_table(store: &str) -> Result<String, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args(["create-table", "--store", store])
+        .envs(TEST_AWS_ENV)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run idemgate create-table");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A `dynamodb://` store URL on the test server (`IDEMGATE_TEST_DYNAMODB_URL`, an endpoint such
+/// as moto's `http://127.0.0.1:7201`) with a table of this test's own, not created yet.
+pub fn dynamodb_url(purpose: &str) -> Option<String> {
+    let endpoint = server_url("IDEMGATE_TEST_DYNAMODB_URL")?;
+    Some(format!(
+        "dynamodb://{}?region=us-east-1&endpoint={endpoint}",
+        unique(&format!("idemgate-{purpose}"))
+    ))
+}
+
+/// Like [`dynamodb_url`], with the table created (through `idemgate create-table`).
+pub fn dynamodb_store(purpose: &str) -> Option<String> {
+    let url = dynamodb_url(purpose)?;
+    let done = create_table(&url).expect("idemgate create-table");
+    assert!(done.contains("created"), "{done}");
+    Some(url)
 }
 
 /// `idemgate serve` as a child process.
@@ -170,6 +221,7 @@ impl Proxy {
             .args(args)
             .env("IDEMGATE_LOG", "info")
             .envs(shared_store(store).then_some(("IDEMGATE_NAMESPACE", TEST_NAMESPACE)))
+            .envs(aws_env(store).iter().copied())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
