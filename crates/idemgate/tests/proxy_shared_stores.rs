@@ -143,11 +143,24 @@ async fn dynamodb_tables_are_created_only_when_asked() {
     assert!(err.contains("only dynamodb://"), "{err}");
 }
 
+/// A short lease, so that a dead holder's key comes free quickly: 1 s (its store deadline is
+/// then 300 ms). On the DynamoDB test server 5 s, with a 1.5 s deadline: moto answers one
+/// request at a time from Python on the same two cores, and its slowest answers under load
+/// come near 300 ms.
+fn short_lease(store: &str) -> Vec<&'static str> {
+    if store.starts_with("dynamodb://") {
+        vec!["--lease-ttl", "5s", "--store-timeout", "1500ms"]
+    } else {
+        vec!["--lease-ttl", "1s"]
+    }
+}
+
 /// Strict mode: instance A dies (SIGKILL) holding a key; the retry sent to instance B waits for
 /// A's lease to run out and gets outcome-unknown instead of a second dispatch.
 async fn strict_recovery_marks_the_key_unknown(store: &str) {
     let up = Upstream::start().await;
-    let args = ["--lease-ttl", "1s", "--recovery", "strict"];
+    let mut args = short_lease(store);
+    args.extend(["--recovery", "strict"]);
     let mut a = Proxy::start(&up.url(), store, &args);
     let b = Proxy::start(&up.url(), store, &args);
     let http = Http::default();
@@ -172,7 +185,7 @@ async fn strict_recovery_marks_the_key_unknown(store: &str) {
 
 async fn takeover_runs_the_next_epoch(store: &str) {
     let up = Upstream::start().await;
-    let args = ["--lease-ttl", "1s"];
+    let args = short_lease(store);
     let mut a = Proxy::start(&up.url(), store, &args);
     let b = Proxy::start(&up.url(), store, &args);
     let http = Http::default();
@@ -195,7 +208,7 @@ async fn takeover_runs_the_next_epoch(store: &str) {
         "2",
         "the takeover runs at epoch 2"
     );
-    // Lease 1 s (+ renew interval): B took over long before its 30 s wait timeout.
+    // A short lease (+ renew interval): B took over long before its 30 s wait timeout.
     assert!(started.elapsed() < std::time::Duration::from_secs(15));
     let again = http
         .post(&b.url("/pay?delay_ms=5000"), Some(key), b"{}")
