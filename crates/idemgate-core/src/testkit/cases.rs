@@ -233,6 +233,58 @@ pub async fn renew_extends_the_lease<H: Harness>(h: &H) {
     }
 }
 
+/// A record never expires under a live lease: a renewal or a takeover whose new lease outlasts
+/// the record's TTL makes the record last as long as the lease (stores that cannot compute a
+/// maximum in one write, DynamoDB, take a second step for it).
+pub async fn renew_and_take_over_grow_a_record_that_would_expire_first<H: Harness>(h: &H) {
+    let covers = |r: &Record| match r.state {
+        RecordState::InFlight {
+            lease_expires_at, ..
+        } => r.expires_at >= lease_expires_at,
+        _ => false,
+    };
+    // The record's TTL ends with its first lease; the renewed lease ends later.
+    let key = fresh_key("grow-renew");
+    let f = acquire(h, &key, &claim_request(SHORT_LEASE, SHORT_LEASE, 1)).await;
+    h.advance(SHORT_LEASE / 3).await;
+    assert_eq!(
+        h.store().renew(&key, f, SHORT_LEASE).await.unwrap(),
+        CasOutcome::Applied
+    );
+    let r = get(h, &key).await.expect("a renewed record is present");
+    assert!(covers(&r), "the record must cover the renewed lease: {r:?}");
+    if h.controlled_clock() {
+        // Past the first expiry, within the renewed lease: still there, still held.
+        h.advance(SHORT_LEASE * 2 / 3 + Duration::from_millis(20))
+            .await;
+        let r = get(h, &key)
+            .await
+            .expect("the record lasts as long as its lease");
+        assert!(matches!(r.state, RecordState::InFlight { fencing, .. } if fencing == f));
+    }
+    // A takeover with a lease longer than what is left of the record.
+    let key = fresh_key("grow-takeover");
+    let old = acquire(h, &key, &claim_request(SHORT_LEASE, SHORT_TTL, 1)).await;
+    h.advance(SHORT_LEASE + MARGIN).await;
+    let TakeOverOutcome::Acquired { fencing: new } = h
+        .store()
+        .take_over(&key, &take_over_request(old, LONG_LEASE))
+        .await
+        .unwrap()
+    else {
+        panic!("the lease lapsed: the takeover must succeed")
+    };
+    let r = get(h, &key).await.expect("a taken-over record is present");
+    assert!(covers(&r), "the record must cover the new lease: {r:?}");
+    if h.controlled_clock() {
+        h.advance(SHORT_TTL).await;
+        let r = get(h, &key)
+            .await
+            .expect("the record lasts as long as its lease");
+        assert!(matches!(r.state, RecordState::InFlight { fencing, .. } if fencing == new));
+    }
+}
+
 pub async fn renew_with_stale_epoch_is_lost<H: Harness>(h: &H) {
     let key = fresh_key("renew-stale");
     let f = acquire(h, &key, &long_claim()).await;

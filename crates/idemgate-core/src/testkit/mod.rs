@@ -159,6 +159,7 @@ macro_rules! conformance_tests {
             concurrent_claims_have_exactly_one_winner,
             concurrent_claims_on_distinct_keys_all_win,
             renew_extends_the_lease,
+            renew_and_take_over_grow_a_record_that_would_expire_first,
             renew_with_stale_epoch_is_lost,
             renew_with_wrong_token_is_lost,
             complete_stores_the_outcome,
