@@ -48,6 +48,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Credentials: environment, shared profile (static keys or a role assumed through STS), web
+//! identity, ECS task role, EC2 instance metadata; SSO profiles and `credential_process` are not
+//! compiled in (`aws-config`'s `sso` and `credentials-process` features are off).
+//!
 //! Against DynamoDB Local, moto or another compatible server, add
 //! `.endpoint("http://127.0.0.1:8000")` (and static credentials with
 //! [`DynamoStoreBuilder::credentials`] if the environment has none).
@@ -283,13 +287,13 @@ impl DynamoStoreBuilder {
                 warnings: info.durability_warnings,
             }),
         };
-        if let Some(skew) = store.clock_skew() {
-            if skew.unsigned_abs() > SKEW_WARNING.as_millis() as u64 {
-                tracing::warn!(table = %store.inner.table, skew_ms = skew,
-                    "this instance's clock differs from DynamoDB's by {skew} ms: leases and \
-                     expiry are judged by the instances' clocks, which must agree within \
-                     lease − lease/3 − store timeout (see idemgate-store-dynamodb's docs)");
-            }
+        if let Some(skew) = store.clock_skew()
+            && u128::from(skew.unsigned_abs()) > SKEW_WARNING.as_millis()
+        {
+            tracing::warn!(table = %store.inner.table, skew_ms = skew,
+                "this instance's clock differs from DynamoDB's by {skew} ms: leases and \
+                 expiry are judged by the instances' clocks, which must agree within \
+                 lease − lease/3 − store timeout (see idemgate-store-dynamodb's docs)");
         }
         Ok(store)
     }
