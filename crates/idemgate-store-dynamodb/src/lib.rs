@@ -875,6 +875,10 @@ impl Store for DynamoStore {
             let Some(old) = head.expires_at.filter(|_| head.held_by(f, now)) else {
                 return Ok(CasOutcome::Lost);
             };
+            if old >= lease {
+                // Not why the condition failed (the item is as it was then): look again.
+                continue;
+            }
             // Held, but the record would expire before the new lease ends: grow it too.
             let grown = self
                 .grow_expiry(
