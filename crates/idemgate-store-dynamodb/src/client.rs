@@ -15,9 +15,12 @@ use idemgate_core::error::{ErrorKind, StoreError};
 
 /// How long connecting to DynamoDB may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long one attempt of a request may take (the SDK retries transient failures up to
-/// [`MAX_ATTEMPTS`] times; the caller's deadline, `--store-timeout` in the proxy, bounds them all).
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a request may take in all, its retries included: a last resort for callers without
+/// a deadline of their own. The proxy's deadline (`--store-timeout`) is shorter and ends an
+/// operation first. There is no shorter per-attempt timeout: the SDK does not retry an attempt
+/// that timed out, so one would only turn a slow answer into an error before the caller's
+/// deadline.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts per request (the SDK's standard retry mode: throttling and transient errors).
 pub const MAX_ATTEMPTS: u32 = 3;
 
@@ -126,7 +129,7 @@ pub(crate) async fn client(
         .timeout_config(
             aws_sdk_dynamodb::config::timeout::TimeoutConfig::builder()
                 .connect_timeout(CONNECT_TIMEOUT)
-                .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                .operation_timeout(OPERATION_TIMEOUT)
                 .build(),
         )
         .interceptor(Observe(counters));

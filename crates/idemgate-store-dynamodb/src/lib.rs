@@ -31,7 +31,8 @@
 //!   [`DynamoStoreBuilder::create_table`] (`idemgate create-table`) creates it on demand
 //!   (on-demand billing, TTL enabled on `ttl`).
 //! - No completion feed: a waiting retry on another instance polls (50 ms doubling to 1 s by
-//!   default), since DynamoDB has no pub/sub (Streams are minutes-cheap but not instant).
+//!   default), since DynamoDB has no pub/sub (DynamoDB Streams would need a reader per shard
+//!   and deliver changes with a delay; not used).
 //!
 //! ## Example
 //!

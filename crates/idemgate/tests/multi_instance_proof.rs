@@ -25,9 +25,6 @@ const IN_FLIGHT: usize = 96;
 /// other proofs of this file run beside it); at 96 keys its queue grew past the store deadline
 /// and requests got `503` — moto's speed, not the store's.
 const IN_FLIGHT_MOTO: usize = 8;
-/// And a store deadline long enough for moto's queue under that load: 9 s (under a third of a
-/// 30 s lease, as every deadline must be).
-const MOTO_ARGS: [&str; 4] = ["--lease-ttl", "30s", "--store-timeout", "9s"];
 
 async fn prove(store: &str) {
     prove_with(store, IN_FLIGHT, &[]).await;
@@ -107,7 +104,8 @@ async fn three_instances_on_postgres_execute_each_key_once() {
 #[cfg_attr(no_dynamodb, ignore = "IDEMGATE_TEST_DYNAMODB_URL is not set")]
 async fn three_instances_on_dynamodb_execute_each_key_once() {
     if let Some(u) = common::dynamodb_store("proof") {
-        prove_with(&u, IN_FLIGHT_MOTO, &MOTO_ARGS).await;
+        // With a longer store deadline (see `common::slow_store_args`).
+        prove_with(&u, IN_FLIGHT_MOTO, common::slow_store_args(&u)).await;
     }
 }
 

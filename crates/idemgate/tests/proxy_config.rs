@@ -106,8 +106,10 @@ fn refused_with_env(args: &[&str], env: &[(&str, &str)]) -> String {
 fn bad_settings_stop_the_binary_with_a_reason() {
     let err = refused(&["--ttl", "soon"]);
     assert!(err.contains("invalid duration"), "{err}");
-    let err = refused(&["--store", "dynamodb://x"]);
+    let err = refused(&["--store", "cassandra://x"]);
     assert!(err.contains("unsupported store URL"), "{err}");
+    let err = refused(&["--store", "dynamodb://x"]);
+    assert!(err.contains("dynamodb:// needs a table name"), "{err}");
     let err = refused(&["--workers", "0"]);
     assert!(err.contains("--workers (IDEMGATE_WORKERS) = 0"), "{err}");
 }

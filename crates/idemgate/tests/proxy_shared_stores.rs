@@ -12,8 +12,9 @@ use http::StatusCode;
 
 async fn two_instances_share_the_work(store: &str) {
     let up = Upstream::start().await;
-    let a = Proxy::start(&up.url(), store, &[]);
-    let b = Proxy::start(&up.url(), store, &[]);
+    let args = common::slow_store_args(store);
+    let a = Proxy::start(&up.url(), store, args);
+    let b = Proxy::start(&up.url(), store, args);
     let http = Http::default();
     let run = format!(
         "{}-{}",
@@ -385,7 +386,7 @@ async fn dynamodb_cached_replays_cost_no_store_round_trip() {
 /// from the instance's cache of completed records and reach no store.
 async fn cached_replays_reach_no_store(url: &str) {
     let up = Upstream::start().await;
-    let proxy = Proxy::start(&up.url(), url, &[]);
+    let proxy = Proxy::start(&up.url(), url, common::slow_store_args(url));
     let http = Http::default();
     let key = unique("cached");
     http.post(&proxy.url("/pay"), Some(key), b"{}").await;

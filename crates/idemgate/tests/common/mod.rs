@@ -104,6 +104,18 @@ fn aws_env(store: &str) -> &'static [(&'static str, &'static str)] {
     }
 }
 
+/// Extra `serve` flags for `store`: on the DynamoDB test server a 30 s lease and a 9 s store
+/// deadline (under a third of the lease, as every deadline must be). moto answers one request at
+/// a time from Python (~5 ms of CPU each on these two cores), so while other tests run beside it
+/// its queue can hold a request past the default 3 s deadline — moto's speed, not the store's.
+pub fn slow_store_args(store: &str) -> &'static [&'static str] {
+    if store.starts_with("dynamodb://") {
+        &["--lease-ttl", "30s", "--store-timeout", "9s"]
+    } else {
+        &[]
+    }
+}
+
 /// `idemgate create-table --store STORE` with the test credentials; its output, or its error
 /// output as `Err`.
 pub fn create_table(store: &str) -> Result<String, String> {
