@@ -225,6 +225,14 @@ impl Breaker {
         }
     }
 
+    /// When an open breaker will let a probe through (`None` unless open).
+    pub fn open_until(&self) -> Option<Instant> {
+        match self.state {
+            Inner::Open { until } => Some(until),
+            _ => None,
+        }
+    }
+
     /// Asks to send an attempt at `now`.
     pub fn admit(&mut self, now: Instant) -> Result<Permit, Rejected> {
         self.admit_traced(now).0

@@ -322,7 +322,12 @@ pub(crate) async fn run<T: Transport>(
                         info.stop = stop;
                         info.elapsed = clock.now() - start;
                         operation_metric(host, stop);
-                        return Err(error_for(stop, host, cfg, info, error));
+                        let retry_in = host_state
+                            .breaker
+                            .as_ref()
+                            .and_then(|b| b.lock().open_until())
+                            .map(|u| u.saturating_duration_since(now));
+                        return Err(error_for(stop, host, cfg, info, error, retry_in));
                     }
                 }
             }
@@ -391,6 +396,12 @@ fn decide(
     if deadline_at.is_some_and(|d| now + delay >= d) {
         return Err(Stop::Deadline);
     }
+    // The breaker opened (this attempt or a sibling's): no token for a retry it would refuse.
+    if let Some(breaker) = &host.breaker
+        && breaker.lock().open_until().is_some_and(|until| until > now + delay)
+    {
+        return Err(Stop::CircuitOpen);
+    }
     let cost = match (&cfg.budget, &host.budget) {
         (Some(b), Some(bucket)) => {
             let cost = if step.failure.is_some() {
@@ -445,9 +456,16 @@ fn error_for(
     cfg: &crate::policy::Config,
     info: RetryInfo,
     source: BoxError,
+    retry_in: Option<Duration>,
 ) -> Error {
     let info = Box::new(info);
     match stop {
+        Stop::CircuitOpen => Error::CircuitOpen {
+            host: host.to_owned(),
+            retry_in,
+            info,
+            source: Some(source),
+        },
         Stop::BodyNotRetryable => Error::BodyNotRetryable {
             limit: cfg.body_limit,
             info,
