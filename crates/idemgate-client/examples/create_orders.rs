@@ -28,7 +28,9 @@ use idemgate_client::{Error, Policy, RetryInfo};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let base = args.next().unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let base = args
+        .next()
+        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
     let orders: u32 = args.next().map_or(Ok(3), |n| n.parse())?;
     let path = args.next().unwrap_or_else(|| "/orders?fail_first=2".into());
     let url = format!("{}{path}", base.trim_end_matches('/'));
@@ -84,7 +86,11 @@ fn print_info(info: &RetryInfo) {
         "  {} attempt(s), key {} ({}), replay: {}, stopped: {}",
         info.attempts,
         info.key.as_deref().unwrap_or("-"),
-        if info.key_generated { "generated" } else { "caller's" },
+        if info.key_generated {
+            "generated"
+        } else {
+            "caller's"
+        },
         info.replayed,
         info.stop.as_str(),
     );

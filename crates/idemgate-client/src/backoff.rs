@@ -67,13 +67,22 @@ impl Backoff {
 
 /// The delay for a `Retry-After` of `retry_after`, jittered above it: `retry_after + spread × unit`
 /// with `spread = max(retry_after × fraction, min_spread)`.
-pub fn jitter_above(retry_after: Duration, fraction: f64, min_spread: Duration, unit: f64) -> Duration {
+pub fn jitter_above(
+    retry_after: Duration,
+    fraction: f64,
+    min_spread: Duration,
+    unit: f64,
+) -> Duration {
     let spread = retry_after.mul_f64(fraction.max(0.0)).max(min_spread);
     retry_after.saturating_add(spread.mul_f64(clamp_unit(unit)))
 }
 
 fn clamp_unit(unit: f64) -> f64 {
-    if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.0 }
+    if unit.is_finite() {
+        unit.clamp(0.0, 1.0)
+    } else {
+        0.0
+    }
 }
 
 fn duration_from_nanos(nanos: u128) -> Duration {
@@ -96,7 +105,11 @@ impl RetryAfter {
     /// Reads the first `Retry-After` header; `None` if absent or malformed (a malformed value is
     /// ignored, as RFC 9110 lets a recipient do).
     pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
-        let raw = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+        let raw = headers
+            .get(http::header::RETRY_AFTER)?
+            .to_str()
+            .ok()?
+            .trim();
         Self::parse(raw)
     }
 
@@ -131,9 +144,18 @@ mod tests {
             Some(RetryAfter::Seconds(u64::MAX))
         );
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
-        assert_eq!(RetryAfter::parse("Sun, 06 Nov 1994 08:49:37 GMT"), Some(RetryAfter::Date(at)));
-        assert_eq!(RetryAfter::parse("Sunday, 06-Nov-94 08:49:37 GMT"), Some(RetryAfter::Date(at)));
-        assert_eq!(RetryAfter::parse("Sun Nov  6 08:49:37 1994"), Some(RetryAfter::Date(at)));
+        assert_eq!(
+            RetryAfter::parse("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(RetryAfter::Date(at))
+        );
+        assert_eq!(
+            RetryAfter::parse("Sunday, 06-Nov-94 08:49:37 GMT"),
+            Some(RetryAfter::Date(at))
+        );
+        assert_eq!(
+            RetryAfter::parse("Sun Nov  6 08:49:37 1994"),
+            Some(RetryAfter::Date(at))
+        );
         for bad in ["", "-1", "1.5", "soon", " 5x"] {
             assert_eq!(RetryAfter::parse(bad), None, "{bad:?}");
         }
@@ -143,7 +165,10 @@ mod tests {
     fn date_delay_is_measured_against_the_wall_clock() {
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
         let ra = RetryAfter::Date(at);
-        assert_eq!(ra.delay(at - Duration::from_secs(7)), Duration::from_secs(7));
+        assert_eq!(
+            ra.delay(at - Duration::from_secs(7)),
+            Duration::from_secs(7)
+        );
         assert_eq!(ra.delay(at + Duration::from_secs(7)), Duration::ZERO);
     }
 
@@ -162,8 +187,14 @@ mod tests {
         let min = Duration::from_millis(500);
         assert_eq!(jitter_above(ra, 0.2, min, 0.0), ra);
         assert_eq!(jitter_above(ra, 0.2, min, 0.5), Duration::from_millis(2250));
-        assert_eq!(jitter_above(Duration::from_secs(10), 0.2, min, 0.5), Duration::from_secs(11));
-        assert_eq!(jitter_above(Duration::ZERO, 0.2, min, 0.5), Duration::from_millis(250));
+        assert_eq!(
+            jitter_above(Duration::from_secs(10), 0.2, min, 0.5),
+            Duration::from_secs(11)
+        );
+        assert_eq!(
+            jitter_above(Duration::ZERO, 0.2, min, 0.5),
+            Duration::from_millis(250)
+        );
         assert_eq!(jitter_above(ra, 0.2, min, f64::NAN), ra);
     }
 }

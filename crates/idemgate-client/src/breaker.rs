@@ -100,7 +100,10 @@ impl BreakerConfig {
 
     pub(crate) fn validate(&self) -> Result<(), String> {
         if !(1..=10_000).contains(&self.window) {
-            return Err(format!("breaker window must be 1 to 10000 calls, not {}", self.window));
+            return Err(format!(
+                "breaker window must be 1 to 10000 calls, not {}",
+                self.window
+            ));
         }
         if self.min_calls == 0 || self.min_calls > self.window {
             return Err(format!(
@@ -413,7 +416,11 @@ mod tests {
             .consecutive_failures(0);
         let mut b = Breaker::new(cfg);
         use Call::*;
-        run(&mut b, &[Failure, Failure, Success, Success, Success, Success], t(0));
+        run(
+            &mut b,
+            &[Failure, Failure, Success, Success, Success, Success],
+            t(0),
+        );
         // window is now [S, S, S, S]; two failures make 2/4 < 75 %.
         run(&mut b, &[Failure, Failure], t(0));
         assert_eq!(b.state(), State::Closed);
@@ -423,7 +430,9 @@ mod tests {
 
     #[test]
     fn successes_and_ignored_calls_break_or_skip_a_run() {
-        let cfg = BreakerConfig::default().consecutive_failures(3).min_calls(20);
+        let cfg = BreakerConfig::default()
+            .consecutive_failures(3)
+            .min_calls(20);
         let mut b = Breaker::new(cfg);
         use Call::*;
         run(&mut b, &[Failure, Failure, Success, Failure, Failure], t(0));
@@ -479,7 +488,9 @@ mod tests {
 
     #[test]
     fn stale_and_abandoned_permits() {
-        let cfg = BreakerConfig::default().consecutive_failures(1).half_open_probes(1);
+        let cfg = BreakerConfig::default()
+            .consecutive_failures(1)
+            .half_open_probes(1);
         let mut b = Breaker::new(cfg);
         let old = b.admit(t(0)).expect("closed");
         run(&mut b, &[Call::Failure], t(0));
@@ -497,8 +508,23 @@ mod tests {
         assert!(BreakerConfig::default().validate().is_ok());
         assert!(BreakerConfig::default().window(0).validate().is_err());
         assert!(BreakerConfig::default().min_calls(21).validate().is_err());
-        assert!(BreakerConfig::default().failure_rate(0.0).validate().is_err());
-        assert!(BreakerConfig::default().failure_rate(f64::NAN).validate().is_err());
-        assert!(BreakerConfig::default().half_open_probes(0).validate().is_err());
+        assert!(
+            BreakerConfig::default()
+                .failure_rate(0.0)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            BreakerConfig::default()
+                .failure_rate(f64::NAN)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            BreakerConfig::default()
+                .half_open_probes(0)
+                .validate()
+                .is_err()
+        );
     }
 }

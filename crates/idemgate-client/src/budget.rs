@@ -88,8 +88,10 @@ impl BudgetConfig {
             ("timeout_cost", self.timeout_cost),
             ("success_refund", self.success_refund),
         ] {
-            if !v.is_finite() || v < 0.0 || v > 1e12 {
-                return Err(format!("budget {name} must be a finite number from 0 to 1e12, not {v}"));
+            if !v.is_finite() || !(0.0..=1e12).contains(&v) {
+                return Err(format!(
+                    "budget {name} must be a finite number from 0 to 1e12, not {v}"
+                ));
             }
         }
         Ok(())
@@ -217,7 +219,9 @@ mod tests {
     fn tower_857_fractional_percentages_are_not_truncated() {
         // tower#857: retry_percent 0.6 let 10 deposits authorize 10 retries.
         for (refund, per_ten) in [(0.6, 6), (0.1, 1), (0.25, 2), (0.999, 9), (0.333, 3)] {
-            let c = BudgetConfig::default().retry_cost(1.0).success_refund(refund);
+            let c = BudgetConfig::default()
+                .retry_cost(1.0)
+                .success_refund(refund);
             let mut b = TokenBucket::empty(&c);
             (0..10).for_each(|_| b.refund(c.refund_units()));
             let allowed = (0..10).filter(|_| b.try_take(c.retry_units())).count();
@@ -227,7 +231,9 @@ mod tests {
 
     #[test]
     fn odd_fractions_round_against_the_retrier() {
-        let c = BudgetConfig::default().retry_cost(1.0 / 3.0).success_refund(1.0 / 3.0);
+        let c = BudgetConfig::default()
+            .retry_cost(1.0 / 3.0)
+            .success_refund(1.0 / 3.0);
         assert_eq!(c.retry_units(), 334);
         assert_eq!(c.refund_units(), 333);
     }

@@ -106,7 +106,11 @@ pub(crate) struct Facts {
 }
 
 impl Facts {
-    pub(crate) fn new(status: StatusCode, headers: &HeaderMap, problem_body: Option<&[u8]>) -> Self {
+    pub(crate) fn new(
+        status: StatusCode,
+        headers: &HeaderMap,
+        problem_body: Option<&[u8]>,
+    ) -> Self {
         let replayed = headers
             .get(&IDEMPOTENT_REPLAYED)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
@@ -268,16 +272,35 @@ mod tests {
                 replayed: true
             }
         );
-        let in_flight = facts(409, &[], Some(r#"{"type":"urn:idemgate:problem:request-in-flight"}"#));
+        let in_flight = facts(
+            409,
+            &[],
+            Some(r#"{"type":"urn:idemgate:problem:request-in-flight"}"#),
+        );
         assert_eq!(v(&in_flight), Verdict::InFlight);
-        assert_eq!(v(&facts(409, &[("retry-after", "3")], None)), Verdict::InFlight);
+        assert_eq!(
+            v(&facts(409, &[("retry-after", "3")], None)),
+            Verdict::InFlight
+        );
         let mismatch = facts(409, &[], Some(r#"{"type":"urn:example:conflict"}"#));
         assert_eq!(v(&mismatch), FINAL_ERR);
-        let unknown = facts(502, &[], Some(r#"{"type":"urn:idemgate:problem:outcome-unknown"}"#));
+        let unknown = facts(
+            502,
+            &[],
+            Some(r#"{"type":"urn:idemgate:problem:outcome-unknown"}"#),
+        );
         assert_eq!(v(&unknown), Verdict::OutcomeUnknown);
-        let unavailable = facts(502, &[], Some(r#"{"type":"urn:idemgate:problem:upstream-unavailable"}"#));
+        let unavailable = facts(
+            502,
+            &[],
+            Some(r#"{"type":"urn:idemgate:problem:upstream-unavailable"}"#),
+        );
         assert_eq!(v(&unavailable), Verdict::Retry);
-        let gone = facts(410, &[], Some(r#"{"type":"urn:idemgate:problem:not-replayable"}"#));
+        let gone = facts(
+            410,
+            &[],
+            Some(r#"{"type":"urn:idemgate:problem:not-replayable"}"#),
+        );
         assert_eq!(v(&gone), FINAL_ERR);
         assert_eq!(v(&facts(502, &[], Some("<html>not json"))), Verdict::Retry);
     }
@@ -285,7 +308,10 @@ mod tests {
     #[test]
     fn problem_bodies_are_read_only_when_needed() {
         let mut h = HeaderMap::new();
-        h.insert("content-type", HeaderValue::from_static("application/problem+json; charset=utf-8"));
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("application/problem+json; charset=utf-8"),
+        );
         assert!(needs_problem_body(StatusCode::BAD_GATEWAY, &h));
         assert!(needs_problem_body(StatusCode::CONFLICT, &h));
         assert!(!needs_problem_body(StatusCode::SERVICE_UNAVAILABLE, &h));
@@ -295,7 +321,10 @@ mod tests {
         let mut j = HeaderMap::new();
         j.insert("content-type", HeaderValue::from_static("application/json"));
         assert!(!needs_problem_body(StatusCode::BAD_GATEWAY, &j));
-        j.insert("content-type", HeaderValue::from_static("application/problem+json"));
+        j.insert(
+            "content-type",
+            HeaderValue::from_static("application/problem+json"),
+        );
         j.insert("idempotent-replayed", HeaderValue::from_static("true"));
         assert!(!needs_problem_body(StatusCode::BAD_GATEWAY, &j));
     }
@@ -318,7 +347,10 @@ mod tests {
         let of = |k: ErrorKind| TransportFailure::of_error(&Wrap(Error::from(k)));
         assert_eq!(of(ErrorKind::ConnectionRefused), TransportFailure::NotSent);
         assert_eq!(of(ErrorKind::TimedOut), TransportFailure::Timeout);
-        assert_eq!(of(ErrorKind::ConnectionReset), TransportFailure::Interrupted);
+        assert_eq!(
+            of(ErrorKind::ConnectionReset),
+            TransportFailure::Interrupted
+        );
         assert_eq!(of(ErrorKind::UnexpectedEof), TransportFailure::Interrupted);
         assert_eq!(
             TransportFailure::of_error(&std::fmt::Error),

@@ -19,7 +19,9 @@ pub enum Error {
     /// idemgate answered `502` outcome-unknown: an attempt with this key may or may not have
     /// taken effect, and idemgate will not run it again. Never retried: reconcile by the key
     /// (look the effect up, or have an operator resolve the key).
-    #[error("outcome unknown for Idempotency-Key {key}: the operation may or may not have taken effect")]
+    #[error(
+        "outcome unknown for Idempotency-Key {key}: the operation may or may not have taken effect"
+    )]
     OutcomeUnknown {
         /// The key to reconcile with.
         key: String,

@@ -37,7 +37,9 @@ impl KeyKind {
     /// 1–255-byte rule and for Stripe's).
     pub fn generate(self) -> String {
         match self {
-            KeyKind::V7 => uuid::Uuid::now_v7(),
+            // No shared context: keys made in the same millisecond are not ordered among
+            // themselves (they need not be), and no process-wide lock is taken per key.
+            KeyKind::V7 => uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext)),
             KeyKind::V4 => uuid::Uuid::new_v4(),
         }
         .hyphenated()
@@ -99,7 +101,13 @@ mod tests {
     fn callers_key_is_kept_verbatim() {
         let mut h = HeaderMap::new();
         h.insert(IDEMPOTENCY_KEY, HeaderValue::from_static("\"my key\""));
-        let k = resolve(&mut h, &IDEMPOTENCY_KEY, &Method::POST, &[Method::POST], KeyKind::V7);
+        let k = resolve(
+            &mut h,
+            &IDEMPOTENCY_KEY,
+            &Method::POST,
+            &[Method::POST],
+            KeyKind::V7,
+        );
         assert_eq!(
             k,
             Some(OperationKey {
@@ -114,18 +122,36 @@ mod tests {
     #[test]
     fn generated_once_for_key_methods_only() {
         let mut h = HeaderMap::new();
-        let k = resolve(&mut h, &IDEMPOTENCY_KEY, &Method::POST, &[Method::POST], KeyKind::V4)
-            .expect("a key");
+        let k = resolve(
+            &mut h,
+            &IDEMPOTENCY_KEY,
+            &Method::POST,
+            &[Method::POST],
+            KeyKind::V4,
+        )
+        .expect("a key");
         assert!(k.generated);
         assert_eq!(h[IDEMPOTENCY_KEY], k.value.as_str());
         assert_eq!(&k.value[14..15], "4");
         // A second resolve (a retry) finds it and keeps it.
-        let again = resolve(&mut h, &IDEMPOTENCY_KEY, &Method::POST, &[Method::POST], KeyKind::V4);
+        let again = resolve(
+            &mut h,
+            &IDEMPOTENCY_KEY,
+            &Method::POST,
+            &[Method::POST],
+            KeyKind::V4,
+        );
         assert_eq!(again.map(|k| k.value), Some(k.value));
 
         let mut g = HeaderMap::new();
         assert_eq!(
-            resolve(&mut g, &IDEMPOTENCY_KEY, &Method::GET, &[Method::POST], KeyKind::V7),
+            resolve(
+                &mut g,
+                &IDEMPOTENCY_KEY,
+                &Method::GET,
+                &[Method::POST],
+                KeyKind::V7
+            ),
             None
         );
         assert!(g.is_empty());

@@ -11,8 +11,8 @@
 //! - [`Policy`] (built with [`Policy::builder`]) holds every setting and the state shared by
 //!   the requests sent under it: one [`budget::TokenBucket`] and one [`breaker::Breaker`] per
 //!   host. Time and randomness are injected ([`clock::Clock`], [`PolicyBuilder::seed`]).
-//! - [`reqwest::RetryMiddleware`] (feature `reqwest`) applies it to a `reqwest-middleware`
-//!   client; [`tower::RetryLayer`] (feature `tower`) to any tower HTTP client service. Both run
+//! - `reqwest::RetryMiddleware` (feature `reqwest`) applies it to a `reqwest-middleware`
+//!   client; `tower::RetryLayer` (feature `tower`) to any tower HTTP client service. Both run
 //!   the same loop.
 //! - [`classify`] says what is retried; [`backoff`] how long to wait; [`key`] how keys are made.
 //! - Every response carries a [`RetryInfo`] extension: attempts, the key, whether it was a replay,
@@ -83,12 +83,12 @@
 //!
 //! ## Feature flags
 //!
-//! - `reqwest`: [`reqwest::RetryMiddleware`] for `reqwest-middleware` 0.5 / `reqwest` 0.13.
+//! - `reqwest`: `reqwest::RetryMiddleware` for `reqwest-middleware` 0.5 / `reqwest` 0.13.
 //!   reqwest comes without default features (no TLS, no HTTP/2): for HTTPS, enable reqwest's
 //!   `rustls` (or `native-tls`) feature in your own manifest; Cargo unifies features, so the
 //!   middleware's client gets it too. (No passthrough feature here: it would make
 //!   `--all-features` builds compile a TLS stack the workspace does not otherwise need.)
-//! - `tower`: [`tower::RetryLayer`].
+//! - `tower`: `tower::RetryLayer`.
 //!
 //! No feature is on by default: the core (policy, budget, breaker, backoff, classification) has
 //! no HTTP client dependency.
@@ -113,6 +113,10 @@
 //! `idemgate_client_breaker_transitions_total{host,from,to}`,
 //! `idemgate_client_circuit_rejections_total{host}`, `idemgate_client_replays_total{host}` and
 //! `idemgate_client_operations_total{host,stop}`.
+
+// The retry loop and its helpers are used by the adapters only: without either feature the
+// crate is the policy core, and they are dead code by design.
+#![cfg_attr(not(any(feature = "reqwest", feature = "tower")), allow(dead_code))]
 
 pub mod backoff;
 mod body;

@@ -247,7 +247,10 @@ impl PolicyBuilder {
         let c = &self.config;
         let err = |m: String| Err(ConfigError(m));
         if !(1..=100).contains(&c.max_attempts) {
-            return err(format!("max_attempts must be 1 to 100, not {}", c.max_attempts));
+            return err(format!(
+                "max_attempts must be 1 to 100, not {}",
+                c.max_attempts
+            ));
         }
         if c.max_in_flight_waits > 1000 {
             return err(format!(
@@ -339,7 +342,12 @@ impl Policy {
             }
         }
         let state = Arc::new(HostState {
-            budget: self.inner.config.budget.as_ref().map(|b| Mutex::new(TokenBucket::new(b))),
+            budget: self
+                .inner
+                .config
+                .budget
+                .as_ref()
+                .map(|b| Mutex::new(TokenBucket::new(b))),
             breaker: self
                 .inner
                 .config

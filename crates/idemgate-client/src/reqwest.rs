@@ -29,7 +29,7 @@
 //! ```
 //!
 //! Errors of the operation are [`reqwest_middleware::Error::Middleware`] wrapping an
-//! [`Error`](crate::Error); [`client_error`] digs it out. The last attempt's `reqwest::Error`,
+//! [`Error`]; [`client_error`] digs it out. The last attempt's `reqwest::Error`,
 //! if any, is that error's `source()`.
 //!
 //! Transport failures are classified from [`reqwest::Error`]: `is_connect()` → not sent;
@@ -165,51 +165,49 @@ struct ReqwestTransport<'a> {
 impl Transport for ReqwestTransport<'_> {
     type Response = Response;
 
-    fn send(&mut self, _attempt: u32) -> impl std::future::Future<Output = Attempted<Response>> + Send {
-        async move {
-            let req = match &mut self.source {
-                Source::Reusable(req) => req.try_clone(),
-                Source::Once(req) => req.take(),
+    async fn send(&mut self, _attempt: u32) -> Attempted<Response> {
+        let req = match &mut self.source {
+            Source::Reusable(req) => req.try_clone(),
+            Source::Once(req) => req.take(),
+        };
+        let Some(req) = req else {
+            return Attempted::Failed {
+                error: "the request cannot be sent again".into(),
+                failure: TransportFailure::Fatal,
             };
-            let Some(req) = req else {
+        };
+        let res = match self.next.clone().run(req, self.extensions).await {
+            Ok(res) => res,
+            Err(reqwest_middleware::Error::Reqwest(e)) => {
+                let failure = classify_error(&e);
                 return Attempted::Failed {
-                    error: "the request cannot be sent again".into(),
+                    error: Box::new(e),
+                    failure,
+                };
+            }
+            Err(e) => {
+                return Attempted::Failed {
+                    error: Box::new(e),
                     failure: TransportFailure::Fatal,
                 };
-            };
-            let res = match self.next.clone().run(req, self.extensions).await {
-                Ok(res) => res,
-                Err(reqwest_middleware::Error::Reqwest(e)) => {
-                    let failure = classify_error(&e);
-                    return Attempted::Failed {
-                        error: Box::new(e),
-                        failure,
-                    };
-                }
-                Err(e) => {
-                    return Attempted::Failed {
-                        error: Box::new(e),
-                        failure: TransportFailure::Fatal,
-                    };
-                }
-            };
-            if !classify::needs_problem_body(res.status(), res.headers()) {
-                let facts = Facts::new(res.status(), res.headers(), None);
-                return Attempted::Answer {
-                    response: res,
-                    facts,
-                };
             }
-            match read_problem(res).await {
-                Ok((response, bytes)) => {
-                    let facts = Facts::new(response.status(), response.headers(), Some(&bytes));
-                    Attempted::Answer { response, facts }
-                }
-                Err(error) => Attempted::Failed {
-                    error,
-                    failure: TransportFailure::Interrupted,
-                },
+        };
+        if !classify::needs_problem_body(res.status(), res.headers()) {
+            let facts = Facts::new(res.status(), res.headers(), None);
+            return Attempted::Answer {
+                response: res,
+                facts,
+            };
+        }
+        match read_problem(res).await {
+            Ok((response, bytes)) => {
+                let facts = Facts::new(response.status(), response.headers(), Some(&bytes));
+                Attempted::Answer { response, facts }
             }
+            Err(error) => Attempted::Failed {
+                error,
+                failure: TransportFailure::Interrupted,
+            },
         }
     }
 }

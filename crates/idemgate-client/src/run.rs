@@ -89,7 +89,12 @@ fn note_transition(host: &str, t: Option<Transition>) {
         if to == crate::breaker::State::Open {
             tracing::warn!(host, from = from.as_str(), "circuit breaker opened");
         } else {
-            tracing::info!(host, from = from.as_str(), to = to.as_str(), "circuit breaker changed state");
+            tracing::info!(
+                host,
+                from = from.as_str(),
+                to = to.as_str(),
+                "circuit breaker changed state"
+            );
         }
     }
 }
@@ -164,8 +169,7 @@ pub(crate) async fn run<T: Transport>(
             probe,
             outcome = tracing::field::Empty,
         );
-        metrics::counter!("idemgate_client_attempts_total", "host" => host.to_owned())
-            .increment(1);
+        metrics::counter!("idemgate_client_attempts_total", "host" => host.to_owned()).increment(1);
         let sent_at = clock.now();
         let remaining = deadline_at.map(|d| d.saturating_duration_since(sent_at));
         let (limit, by_deadline) = match (cfg.attempt_timeout, remaining) {
@@ -253,8 +257,11 @@ pub(crate) async fn run<T: Transport>(
                     info.stop = Stop::OutcomeUnknown;
                     info.elapsed = clock.now() - start;
                     operation_metric(host, Stop::OutcomeUnknown);
-                    tracing::warn!(host, key = key_str.as_deref().unwrap_or(""),
-                        "outcome unknown: not retried; reconcile by the key");
+                    tracing::warn!(
+                        host,
+                        key = key_str.as_deref().unwrap_or(""),
+                        "outcome unknown: not retried; reconcile by the key"
+                    );
                     return Err(Error::OutcomeUnknown {
                         key: key_str.clone().unwrap_or_default(),
                         detail: facts.detail,
@@ -263,23 +270,48 @@ pub(crate) async fn run<T: Transport>(
                 }
                 Verdict::InFlight => {
                     if waits >= cfg.max_in_flight_waits {
-                        return Ok(done(host, info, Stop::AttemptsExhausted, start, &*clock, response));
+                        return Ok(done(
+                            host,
+                            info,
+                            Stop::AttemptsExhausted,
+                            start,
+                            &*clock,
+                            response,
+                        ));
                     }
                     let told = facts.retry_after.map(|r| r.delay(clock.wall()));
                     let wait = match told {
                         Some(ra) if ra > cfg.retry_after_cap => {
-                            return Ok(done(host, info, Stop::RetryAfterTooLong, start, &*clock, response));
+                            return Ok(done(
+                                host,
+                                info,
+                                Stop::RetryAfterTooLong,
+                                start,
+                                &*clock,
+                                response,
+                            ));
                         }
-                        Some(ra) => jitter_above(ra, cfg.retry_after_jitter, cfg.backoff.base(), policy.unit()),
+                        Some(ra) => jitter_above(
+                            ra,
+                            cfg.retry_after_jitter,
+                            cfg.backoff.base(),
+                            policy.unit(),
+                        ),
                         // A 409 in flight without Retry-After: one base delay, jittered.
-                        None => jitter_above(Duration::ZERO, 0.0, cfg.backoff.base(), policy.unit()),
+                        None => {
+                            jitter_above(Duration::ZERO, 0.0, cfg.backoff.base(), policy.unit())
+                        }
                     };
                     if deadline_at.is_some_and(|d| now + wait >= d) {
                         return Ok(done(host, info, Stop::Deadline, start, &*clock, response));
                     }
                     waits += 1;
                     last = Some(Last::Answer(response));
-                    Next { delay: wait, reason: "in flight (409)".into(), label: "in_flight" }
+                    Next {
+                        delay: wait,
+                        reason: "in flight (409)".into(),
+                        label: "in_flight",
+                    }
                 }
                 Verdict::Retry => {
                     let status = facts.status;
@@ -293,7 +325,11 @@ pub(crate) async fn run<T: Transport>(
                         Ok((wait, cost)) => {
                             last_retry_cost = Some(cost);
                             last = Some(Last::Answer(response));
-                            Next { delay: wait, reason: format!("status {}", status.as_u16()), label: "status" }
+                            Next {
+                                delay: wait,
+                                reason: format!("status {}", status.as_u16()),
+                                label: "status",
+                            }
                         }
                         Err(stop) => return Ok(done(host, info, stop, start, &*clock, response)),
                     }
@@ -304,7 +340,10 @@ pub(crate) async fn run<T: Transport>(
                     info.stop = Stop::Fatal;
                     info.elapsed = clock.now() - start;
                     operation_metric(host, Stop::Fatal);
-                    return Err(Error::Transport { info: Box::new(info), source: error });
+                    return Err(Error::Transport {
+                        info: Box::new(info),
+                        source: error,
+                    });
                 }
                 let step = RetryStep {
                     failure: Some(failure),
@@ -316,7 +355,11 @@ pub(crate) async fn run<T: Transport>(
                         last_retry_cost = Some(cost);
                         let label = failure.as_str();
                         last = Some(Last::Error(error));
-                        Next { delay: wait, reason: label.to_owned(), label }
+                        Next {
+                            delay: wait,
+                            reason: label.to_owned(),
+                            label,
+                        }
                     }
                     Err(stop) => {
                         info.stop = stop;
@@ -334,8 +377,13 @@ pub(crate) async fn run<T: Transport>(
         };
         metrics::counter!("idemgate_client_retries_total", "host" => host.to_owned(), "reason" => next.label)
             .increment(1);
-        tracing::debug!(host, attempt, delay_ms = u64::try_from(next.delay.as_millis()).unwrap_or(u64::MAX),
-            reason = next.reason.as_str(), "retrying");
+        tracing::debug!(
+            host,
+            attempt,
+            delay_ms = u64::try_from(next.delay.as_millis()).unwrap_or(u64::MAX),
+            reason = next.reason.as_str(),
+            "retrying"
+        );
         delay = next.delay;
         reason = next.reason;
         if !delay.is_zero() {
@@ -390,15 +438,25 @@ fn decide(
     }
     let delay = match step.told {
         Some(ra) if ra > cfg.retry_after_cap => return Err(Stop::RetryAfterTooLong),
-        Some(ra) => jitter_above(ra, cfg.retry_after_jitter, cfg.backoff.base(), policy.unit()),
-        None => cfg.backoff.full_jitter(step.attempts_counted, policy.unit()),
+        Some(ra) => jitter_above(
+            ra,
+            cfg.retry_after_jitter,
+            cfg.backoff.base(),
+            policy.unit(),
+        ),
+        None => cfg
+            .backoff
+            .full_jitter(step.attempts_counted, policy.unit()),
     };
     if deadline_at.is_some_and(|d| now + delay >= d) {
         return Err(Stop::Deadline);
     }
     // The breaker opened (this attempt or a sibling's): no token for a retry it would refuse.
     if let Some(breaker) = &host.breaker
-        && breaker.lock().open_until().is_some_and(|until| until > now + delay)
+        && breaker
+            .lock()
+            .open_until()
+            .is_some_and(|until| until > now + delay)
     {
         return Err(Stop::CircuitOpen);
     }

@@ -114,7 +114,9 @@ async fn handle(
         Act::Drop => Err(std::io::Error::other("dropped on purpose").into()),
         Act::Slow(d) => {
             tokio::time::sleep(d).await;
-            Ok(Response::builder().status(201).body(Full::new(Bytes::new()))?)
+            Ok(Response::builder()
+                .status(201)
+                .body(Full::new(Bytes::new()))?)
         }
     }
 }
@@ -142,7 +144,11 @@ async fn one_key_on_the_wire_for_every_attempt_and_the_extension() {
         if n < 2 {
             answer(503)
         } else {
-            Act::Answer(201, vec![("content-type", "application/json")], r#"{"id":1}"#)
+            Act::Answer(
+                201,
+                vec![("content-type", "application/json")],
+                r#"{"id":1}"#,
+            )
         }
     })
     .await;
@@ -213,7 +219,10 @@ async fn a_problem_answer_read_for_classification_is_returned_intact() {
     let server = Server::start(move |_| {
         Act::Answer(
             410,
-            vec![("content-type", "application/problem+json"), ("x-trace", "abc")],
+            vec![
+                ("content-type", "application/problem+json"),
+                ("x-trace", "abc"),
+            ],
             body,
         )
     })
@@ -233,7 +242,10 @@ async fn in_flight_then_replay() {
         if n == 0 {
             Act::Answer(
                 409,
-                vec![("content-type", "application/problem+json"), ("retry-after", "0")],
+                vec![
+                    ("content-type", "application/problem+json"),
+                    ("retry-after", "0"),
+                ],
                 r#"{"type":"urn:idemgate:problem:request-in-flight"}"#,
             )
         } else {
@@ -247,7 +259,10 @@ async fn in_flight_then_replay() {
         .await
         .unwrap();
     let info = info(&res);
-    assert_eq!((res.status().as_u16(), info.attempts, info.replayed), (201, 2, true));
+    assert_eq!(
+        (res.status().as_u16(), info.attempts, info.replayed),
+        (201, 2, true)
+    );
     assert_eq!(res.text().await.unwrap(), "first answer");
 }
 
@@ -293,7 +308,10 @@ async fn a_connection_dropped_after_sending_is_retried_with_the_same_key() {
         .send()
         .await
         .unwrap_err();
-    assert_eq!(client_error(&err).unwrap().kind(), ErrorKind::NotSafeToRetry);
+    assert_eq!(
+        client_error(&err).unwrap().kind(),
+        ErrorKind::NotSafeToRetry
+    );
     assert_eq!(server.seen().len(), 1);
 }
 
@@ -307,11 +325,15 @@ async fn a_slow_attempt_is_cut_and_resent() {
         }
     })
     .await;
-    let res = client(fast().attempt_timeout(Duration::from_millis(200)).max_attempts(5))
-        .post(server.url("/orders"))
-        .send()
-        .await
-        .unwrap();
+    let res = client(
+        fast()
+            .attempt_timeout(Duration::from_millis(200))
+            .max_attempts(5),
+    )
+    .post(server.url("/orders"))
+    .send()
+    .await
+    .unwrap();
     assert_eq!(res.status(), 201);
     let info = info(&res);
     assert!(info.log[0].outcome.starts_with("timeout"), "{:?}", info.log);
@@ -319,9 +341,7 @@ async fn a_slow_attempt_is_cut_and_resent() {
     assert!(seen.iter().all(|s| s.key == seen[0].key));
 }
 
-fn streamed(
-    chunks: &[&'static str],
-) -> reqwest::Body {
+fn streamed(chunks: &[&'static str]) -> reqwest::Body {
     let frames: Vec<Result<http_body::Frame<Bytes>, Infallible>> = chunks
         .iter()
         .map(|c| Ok(http_body::Frame::data(Bytes::from_static(c.as_bytes()))))
@@ -339,7 +359,10 @@ async fn streamed_bodies_are_buffered_to_the_cap_or_sent_once() {
         .await
         .unwrap();
     let i = info(&res);
-    assert_eq!((res.status().as_u16(), i.attempts, i.body_retryable), (201, 2, true));
+    assert_eq!(
+        (res.status().as_u16(), i.attempts, i.body_retryable),
+        (201, 2, true)
+    );
     assert!(server.seen().iter().all(|s| s.body == "part one, part two"));
 
     let server = Server::start(|_| answer(503)).await;
@@ -350,6 +373,9 @@ async fn streamed_bodies_are_buffered_to_the_cap_or_sent_once() {
         .await
         .unwrap();
     let i = info(&res);
-    assert_eq!((i.attempts, i.stop, i.body_retryable), (1, Stop::BodyNotRetryable, false));
+    assert_eq!(
+        (i.attempts, i.stop, i.body_retryable),
+        (1, Stop::BodyNotRetryable, false)
+    );
     assert_eq!(server.seen()[0].body, "part one, part two");
 }

@@ -106,7 +106,9 @@ impl Service<Request<RequestBody>> for Server {
             for (k, v) in headers {
                 res = res.header(k, v);
             }
-            Ok(res.body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap())
+            Ok(res
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap())
         })
     }
 }
@@ -239,13 +241,8 @@ async fn final_answers_are_returned_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_replay_is_final_and_reported_even_as_a_5xx() {
-    let server = Server::new(|_| {
-        Reply::With(
-            500,
-            vec![("idempotent-replayed", "true".into())],
-            "stored",
-        )
-    });
+    let server =
+        Server::new(|_| Reply::With(500, vec![("idempotent-replayed", "true".into())], "stored"));
     let policy = quick().build().unwrap();
     let (status, info, body) = send(&policy, &server, post("{}")).await.unwrap();
     assert_eq!(status, 500);
@@ -314,7 +311,13 @@ async fn transport_failures_and_the_unkeyed_rule() {
     use std::io::ErrorKind as K;
     // Keyed POST: refused, reset and timed out are all retried (the key makes it safe).
     for kind in [K::ConnectionRefused, K::ConnectionReset, K::TimedOut] {
-        let server = Server::new(move |n| if n == 0 { Reply::Fail(kind) } else { reply(201) });
+        let server = Server::new(move |n| {
+            if n == 0 {
+                Reply::Fail(kind)
+            } else {
+                reply(201)
+            }
+        });
         let (status, info, _) = send(&quick().build().unwrap(), &server, post("{}"))
             .await
             .unwrap();
@@ -338,9 +341,18 @@ async fn transport_failures_and_the_unkeyed_rule() {
     // An unkeyed POST answered 503 may have run: returned, not resent.
     let server = Server::new(|_| reply(503));
     let (status, info, _) = send(&unkeyed, &server, post("{}")).await.unwrap();
-    assert_eq!((status.as_u16(), info.attempts, info.stop), (503, 1, Stop::NotSafeToRetry));
+    assert_eq!(
+        (status.as_u16(), info.attempts, info.stop),
+        (503, 1, Stop::NotSafeToRetry)
+    );
     // An unkeyed PUT is idempotent (RFC 9110): resent.
-    let server = Server::new(|n| if n == 0 { Reply::Fail(K::ConnectionReset) } else { reply(200) });
+    let server = Server::new(|n| {
+        if n == 0 {
+            Reply::Fail(K::ConnectionReset)
+        } else {
+            reply(200)
+        }
+    });
     let put = Request::put("http://shop.test/orders/1")
         .body(Full::new(Bytes::from_static(b"{}")))
         .unwrap();
@@ -354,7 +366,10 @@ async fn exhausted_attempts_return_the_last_answer_or_a_typed_error() {
     let (status, info, _) = send(&quick().build().unwrap(), &server, post("{}"))
         .await
         .unwrap();
-    assert_eq!((status.as_u16(), info.attempts, info.stop), (503, 3, Stop::AttemptsExhausted));
+    assert_eq!(
+        (status.as_u16(), info.attempts, info.stop),
+        (503, 3, Stop::AttemptsExhausted)
+    );
     let server = Server::new(|_| Reply::Fail(std::io::ErrorKind::ConnectionReset));
     let err = send(&quick().build().unwrap(), &server, post("{}"))
         .await
@@ -388,7 +403,10 @@ async fn backoff_is_full_jitter_under_the_doubling_ceiling_and_reproducible() {
         assert_eq!(info.log[i + 1].delay, expected, "retry {retry}");
         assert!(expected < backoff.ceiling(retry));
         // tokio's timer has millisecond granularity: a sleep ends within 1 ms after its time.
-        assert!(gap >= expected && gap <= expected + Duration::from_millis(1), "{gap:?} vs {expected:?}");
+        assert!(
+            gap >= expected && gap <= expected + Duration::from_millis(1),
+            "{gap:?} vs {expected:?}"
+        );
     }
 }
 
@@ -431,7 +449,11 @@ fn assert_uniform(units: &[f64]) {
     let d = sorted
         .iter()
         .enumerate()
-        .map(|(i, u)| ((i as f64 + 1.0) / n - u).abs().max((u - i as f64 / n).abs()))
+        .map(|(i, u)| {
+            ((i as f64 + 1.0) / n - u)
+                .abs()
+                .max((u - i as f64 / n).abs())
+        })
         .fold(0.0, f64::max);
     assert!(d < 1.95 / n.sqrt(), "KS statistic {d:.4}");
     let mean = units.iter().sum::<f64>() / n;
@@ -504,16 +526,25 @@ async fn retry_after_http_date_is_read_against_the_wall_clock() {
     assert_eq!(status, 201);
     let d = info.log[1].delay;
     // 7 s from the wall time of the answer (the answer came at wall origin + 0).
-    assert!(d >= Duration::from_secs(7) && d < Duration::from_millis(8400), "{d:?}");
+    assert!(
+        d >= Duration::from_secs(7) && d < Duration::from_millis(8400),
+        "{d:?}"
+    );
     assert!(gaps(&server.seen())[0] >= Duration::from_secs(7));
 }
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_over_the_cap_stops_with_the_answer() {
     let server = Server::new(|_| Reply::With(503, vec![("retry-after", "120".into())], ""));
-    let policy = quick().retry_after_cap(Duration::from_secs(60)).build().unwrap();
+    let policy = quick()
+        .retry_after_cap(Duration::from_secs(60))
+        .build()
+        .unwrap();
     let (status, info, _) = send(&policy, &server, post("{}")).await.unwrap();
-    assert_eq!((status.as_u16(), info.attempts, info.stop), (503, 1, Stop::RetryAfterTooLong));
+    assert_eq!(
+        (status.as_u16(), info.attempts, info.stop),
+        (503, 1, Stop::RetryAfterTooLong)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -538,7 +569,10 @@ async fn in_flight_409_is_waited_out_as_told_without_using_attempts_or_budget() 
     let policy = quick().max_attempts(2).build().unwrap();
     let (status, info, body) = send(&policy, &server, post("{}")).await.unwrap();
     assert_eq!((status.as_u16(), body.as_ref()), (201, b"done".as_ref()));
-    assert_eq!(info.attempts, 5, "4 waits do not count against max_attempts = 2");
+    assert_eq!(
+        info.attempts, 5,
+        "4 waits do not count against max_attempts = 2"
+    );
     assert!(info.replayed);
     for g in gaps(&server.seen()) {
         assert!(g >= Duration::from_secs(2), "{g:?}");
@@ -589,7 +623,10 @@ async fn the_deadline_bounds_waits_and_attempts() {
     assert_eq!(err.attempts(), 1);
     // tokio's timer has millisecond granularity.
     let took = start.elapsed();
-    assert!(took >= Duration::from_secs(5) && took <= Duration::from_millis(5001), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(5) && took <= Duration::from_millis(5001),
+        "{took:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -601,12 +638,22 @@ async fn a_slow_attempt_times_out_and_is_resent_with_the_same_key() {
             reply(201)
         }
     });
-    let policy = quick().attempt_timeout(Duration::from_secs(2)).build().unwrap();
+    let policy = quick()
+        .attempt_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
     let (status, info, _) = send(&policy, &server, post("{}")).await.unwrap();
     assert_eq!((status.as_u16(), info.attempts), (201, 2));
-    assert!(info.log[0].outcome.starts_with("timeout"), "{:?}", info.log[0]);
+    assert!(
+        info.log[0].outcome.starts_with("timeout"),
+        "{:?}",
+        info.log[0]
+    );
     let took = info.log[0].took;
-    assert!(took >= Duration::from_secs(2) && took <= Duration::from_millis(2001), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(2) && took <= Duration::from_millis(2001),
+        "{took:?}"
+    );
     let seen = server.seen();
     assert_eq!(seen[0].key, seen[1].key);
     // A timeout costs the budget's timeout price (10); the success gives it back.
@@ -616,13 +663,11 @@ async fn a_slow_attempt_times_out_and_is_resent_with_the_same_key() {
 
 // ---------------------------------------------------------------- bodies
 
-fn stream_body(
-    chunks: &[&'static str],
-) -> StreamBody<
-    futures_util::stream::Iter<
-        std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::io::Error>>,
-    >,
-> {
+type Chunks = StreamBody<
+    futures_util::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::io::Error>>>,
+>;
+
+fn stream_body(chunks: &[&'static str]) -> Chunks {
     let frames: Vec<_> = chunks
         .iter()
         .map(|c| Ok(http_body::Frame::data(Bytes::from_static(c.as_bytes()))))
@@ -661,7 +706,10 @@ async fn a_stream_over_the_cap_is_sent_once_and_the_caller_told() {
         .await
         .unwrap();
     let info = res.extensions().get::<RetryInfo>().unwrap();
-    assert_eq!((info.attempts, info.stop, info.body_retryable), (1, Stop::BodyNotRetryable, false));
+    assert_eq!(
+        (info.attempts, info.stop, info.body_retryable),
+        (1, Stop::BodyNotRetryable, false)
+    );
     assert_eq!(server.seen()[0].body, "hello world", "the whole body, once");
 
     let failing = Server::new(|_| Reply::Fail(std::io::ErrorKind::ConnectionReset));
@@ -684,7 +732,11 @@ async fn the_budget_runs_dry_in_an_outage_and_successes_refill_it() {
     let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let f = failing.clone();
     let server = Server::new(move |_| {
-        reply(if f.load(std::sync::atomic::Ordering::SeqCst) { 503 } else { 201 })
+        reply(if f.load(std::sync::atomic::Ordering::SeqCst) {
+            503
+        } else {
+            201
+        })
     });
     let policy = quick()
         .budget(BudgetConfig::default().capacity(12.0))
@@ -697,7 +749,10 @@ async fn the_budget_runs_dry_in_an_outage_and_successes_refill_it() {
     assert_eq!(info.attempts, 3);
     assert_eq!(policy.host(host).unwrap().budget_tokens, Some(2.0));
     let (status, info, _) = send(&policy, &server, post("{}")).await.unwrap();
-    assert_eq!((status.as_u16(), info.attempts, info.stop), (503, 1, Stop::BudgetExhausted));
+    assert_eq!(
+        (status.as_u16(), info.attempts, info.stop),
+        (503, 1, Stop::BudgetExhausted)
+    );
     // Transport failures with an empty budget: a typed error naming the host.
     let resets = Server::new(|_| Reply::Fail(std::io::ErrorKind::ConnectionReset));
     let err = send(&policy, &resets, post("{}")).await.unwrap_err();
@@ -720,7 +775,11 @@ async fn the_breaker_opens_fails_fast_then_probes_and_closes() {
     let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let f = failing.clone();
     let server = Server::new(move |_| {
-        reply(if f.load(std::sync::atomic::Ordering::SeqCst) { 503 } else { 201 })
+        reply(if f.load(std::sync::atomic::Ordering::SeqCst) {
+            503
+        } else {
+            201
+        })
     });
     let policy = quick()
         .max_attempts(1)
@@ -774,7 +833,10 @@ async fn a_breaker_opening_between_attempts_returns_what_the_operation_has() {
         .build()
         .unwrap();
     let (status, info, _) = send(&policy, &server, post("{}")).await.unwrap();
-    assert_eq!((status.as_u16(), info.attempts, info.stop), (503, 2, Stop::CircuitOpen));
+    assert_eq!(
+        (status.as_u16(), info.attempts, info.stop),
+        (503, 2, Stop::CircuitOpen)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -783,7 +845,11 @@ async fn only_transient_failures_count_against_the_breaker() {
         let server = Server::new(move |_| reply(s));
         let policy = quick()
             .max_attempts(1)
-            .breaker(BreakerConfig::default().consecutive_failures(2).min_calls(2))
+            .breaker(
+                BreakerConfig::default()
+                    .consecutive_failures(2)
+                    .min_calls(2),
+            )
             .build()
             .unwrap();
         for _ in 0..20 {
@@ -809,7 +875,10 @@ async fn the_response_extension_and_attempt_log() {
     let line = info.log[1].to_string();
     assert!(line.starts_with("attempt 2 after "), "{line}");
     let (elapsed, delay) = (info.elapsed, info.log[1].delay);
-    assert!(elapsed >= delay && elapsed <= delay + Duration::from_millis(1), "{elapsed:?} {delay:?}");
+    assert!(
+        elapsed >= delay && elapsed <= delay + Duration::from_millis(1),
+        "{elapsed:?} {delay:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -157,7 +157,10 @@ impl Upstream {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        if let Some(n) = query.get("fail_first").and_then(|v| v.parse::<usize>().ok()) {
+        if let Some(n) = query
+            .get("fail_first")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
             let tries = {
                 let mut tries = self.inner.tries.lock();
                 let t = tries.entry((path.clone(), key.clone())).or_insert(0);

@@ -55,7 +55,9 @@ async fn amplification_through_idemgate_under_a_full_outage() {
     let budget = amplification(&up, &proxy, Policy::builder().no_breaker()).await;
     let breaker = amplification(&up, &proxy, Policy::builder().no_budget()).await;
     let both = amplification(&up, &proxy, Policy::builder()).await;
-    eprintln!("upstream requests per logical request through idemgate (upstream 100 % 503, {LOGICAL} requests, {TASKS} tasks):");
+    eprintln!(
+        "upstream requests per logical request through idemgate (upstream 100 % 503, {LOGICAL} requests, {TASKS} tasks):"
+    );
     eprintln!("  budget off, breaker off: {none:.3}");
     eprintln!("  budget on,  breaker off: {budget:.3}");
     eprintln!("  budget off, breaker on:  {breaker:.3}");

@@ -74,7 +74,8 @@ async fn run_all(
                         let status = res.status().as_u16();
                         let info = res.extensions().get::<RetryInfo>().cloned().unwrap();
                         let bytes = res.bytes().await.unwrap_or_default();
-                        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                        let body =
+                            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
                         Ok(Done { status, info, body })
                     }
                     Err(e) => Err(e),
@@ -91,7 +92,10 @@ async fn run_all(
 }
 
 fn print_log(what: &str, done: &Done) {
-    eprintln!("{what}: {} in {} attempt(s), key {:?}, replay {}", done.status, done.info.attempts, done.info.key, done.info.replayed);
+    eprintln!(
+        "{what}: {} in {} attempt(s), key {:?}, replay {}",
+        done.status, done.info.attempts, done.info.key, done.info.replayed
+    );
     for a in &done.info.log {
         eprintln!("    {a}");
     }
@@ -189,7 +193,10 @@ async fn forward(
         .get("idempotency-key")
         .map(|v| v.to_str().unwrap_or_default().to_owned())
         .unwrap_or_default();
-    let uri = format!("http://{target}{}", parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+    let uri = format!(
+        "http://{target}{}",
+        parts.uri.path_and_query().map_or("/", |p| p.as_str())
+    );
     let mut out = Request::builder().method(parts.method).uri(uri);
     for (name, value) in &parts.headers {
         if name != http::header::HOST {
@@ -201,7 +208,9 @@ async fn forward(
     let body = body.collect().await?.to_bytes();
     let first = seen.lock().unwrap().insert(key);
     if first {
-        return Err(std::io::Error::other("the front breaks the connection after the effect").into());
+        return Err(
+            std::io::Error::other("the front breaks the connection after the effect").into(),
+        );
     }
     let mut back = Response::builder().status(parts.status);
     for (name, value) in &parts.headers {
@@ -228,8 +237,15 @@ async fn a_connection_broken_after_the_effect_is_resent_and_replayed() {
         let done = r.as_ref().unwrap();
         assert_eq!(done.status, 201, "{done:?}");
         assert_eq!(done.info.attempts, 2, "{done:?}");
-        assert!(done.info.replayed, "the second attempt is answered from the first");
-        assert!(done.info.log[0].outcome.starts_with("interrupted"), "{:?}", done.info.log);
+        assert!(
+            done.info.replayed,
+            "the second attempt is answered from the first"
+        );
+        assert!(
+            done.info.log[0].outcome.starts_with("interrupted"),
+            "{:?}",
+            done.info.log
+        );
         let key = done.info.key.clone().unwrap();
         assert_eq!(done.body["executions"], 1);
         assert_eq!(up.state.executions_of(&key), 1);
@@ -328,6 +344,9 @@ async fn a_slow_upstream_is_waited_out_and_replayed() {
         waited += usize::from(done.info.log.iter().any(|a| a.reason == "in flight (409)"));
     }
     print_log("first of them", results[0].as_ref().unwrap());
-    eprintln!("{waited} of {} operations waited on a 409 in flight", results.len());
+    eprintln!(
+        "{waited} of {} operations waited on a 409 in flight",
+        results.len()
+    );
     assert_eq!(up.state.started(), results.len());
 }

@@ -10,12 +10,12 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Limited};
 use tower_service::Service;
 
+use crate::Policy;
 use crate::body::{self, Buffered, Prefixed};
 use crate::classify::{self, Facts, TransportFailure};
 use crate::error::{BoxError, Error};
 use crate::key;
 use crate::run::{self, Attempted, OpSpec, Transport};
-use crate::Policy;
 
 use super::body::{RequestBody, ResponseBody};
 use super::layer::Classifier;
@@ -40,9 +40,11 @@ impl<S: fmt::Debug> fmt::Debug for Retry<S> {
     }
 }
 
+type Operation<B> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, Error>> + Send>>;
+
 /// The future of [`Retry`]: the whole operation (attempts, waits), boxed once per call.
 pub struct ResponseFuture<B> {
-    inner: Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, Error>> + Send>>,
+    inner: Operation<B>,
 }
 
 impl<B> fmt::Debug for ResponseFuture<B> {
@@ -164,46 +166,47 @@ where
 {
     type Response = Response<ResponseBody<ResB>>;
 
-    fn send(&mut self, _attempt: u32) -> impl Future<Output = Attempted<Self::Response>> + Send {
-        async move {
-            let body = match &mut self.source {
-                Source::Reusable(bytes) => RequestBody::full(bytes.clone()),
-                Source::Once(rest) => match rest.take() {
-                    Some(rest) => RequestBody::streaming(rest),
-                    None => return fatal("a streamed request body cannot be sent twice"),
-                },
+    async fn send(&mut self, _attempt: u32) -> Attempted<Self::Response> {
+        let body = match &mut self.source {
+            Source::Reusable(bytes) => RequestBody::full(bytes.clone()),
+            Source::Once(rest) => match rest.take() {
+                Some(rest) => RequestBody::streaming(rest),
+                None => return fatal("a streamed request body cannot be sent twice"),
+            },
+        };
+        let req = Request::from_parts(self.parts.clone(), body);
+        if let Err(e) = poll_fn(|cx| self.svc.poll_ready(cx)).await {
+            return self.failed(e.into());
+        }
+        let res = match self.svc.call(req).await {
+            Ok(res) => res,
+            Err(e) => return self.failed(e.into()),
+        };
+        let (parts, body) = res.into_parts();
+        if !classify::needs_problem_body(parts.status, &parts.headers) {
+            let facts = Facts::new(parts.status, &parts.headers, None);
+            return Attempted::Answer {
+                response: Response::from_parts(parts, ResponseBody::inner(body)),
+                facts,
             };
-            let req = Request::from_parts(self.parts.clone(), body);
-            if let Err(e) = poll_fn(|cx| self.svc.poll_ready(cx)).await {
-                return self.failed(e.into());
-            }
-            let res = match self.svc.call(req).await {
-                Ok(res) => res,
-                Err(e) => return self.failed(e.into()),
-            };
-            let (parts, body) = res.into_parts();
-            if !classify::needs_problem_body(parts.status, &parts.headers) {
-                let facts = Facts::new(parts.status, &parts.headers, None);
-                return Attempted::Answer {
-                    response: Response::from_parts(parts, ResponseBody::inner(body)),
+        }
+        match Limited::new(body, classify::PROBLEM_BODY_LIMIT)
+            .collect()
+            .await
+        {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                let facts = Facts::new(parts.status, &parts.headers, Some(&bytes));
+                Attempted::Answer {
+                    response: Response::from_parts(parts, ResponseBody::buffered(bytes)),
                     facts,
-                };
-            }
-            match Limited::new(body, classify::PROBLEM_BODY_LIMIT).collect().await {
-                Ok(collected) => {
-                    let bytes = collected.to_bytes();
-                    let facts = Facts::new(parts.status, &parts.headers, Some(&bytes));
-                    Attempted::Answer {
-                        response: Response::from_parts(parts, ResponseBody::buffered(bytes)),
-                        facts,
-                    }
                 }
-                // The answer broke off (or was larger than announced): no complete answer.
-                Err(error) => Attempted::Failed {
-                    error,
-                    failure: TransportFailure::Interrupted,
-                },
             }
+            // The answer broke off (or was larger than announced): no complete answer.
+            Err(error) => Attempted::Failed {
+                error,
+                failure: TransportFailure::Interrupted,
+            },
         }
     }
 }
@@ -263,7 +266,13 @@ mod tests {
         assert_eq!(id("http://[::1]/x"), "http://[::1]:80");
         assert_eq!(id("http://[::1]:9/x"), "http://[::1]:9");
         let mut with_host = http::HeaderMap::new();
-        with_host.insert(http::header::HOST, http::HeaderValue::from_static("api.test:81"));
-        assert_eq!(host_of(&"/x".parse().expect("uri"), &with_host), "http://api.test:81");
+        with_host.insert(
+            http::header::HOST,
+            http::HeaderValue::from_static("api.test:81"),
+        );
+        assert_eq!(
+            host_of(&"/x".parse().expect("uri"), &with_host),
+            "http://api.test:81"
+        );
     }
 }
