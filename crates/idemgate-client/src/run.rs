@@ -269,6 +269,16 @@ pub(crate) async fn run<T: Transport>(
                     });
                 }
                 Verdict::InFlight => {
+                    if !spec.body_retryable {
+                        return Ok(done(
+                            host,
+                            info,
+                            Stop::BodyNotRetryable,
+                            start,
+                            &*clock,
+                            response,
+                        ));
+                    }
                     if waits >= cfg.max_in_flight_waits {
                         return Ok(done(
                             host,

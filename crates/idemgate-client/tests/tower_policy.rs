@@ -723,6 +723,23 @@ async fn a_stream_over_the_cap_is_sent_once_and_the_caller_told() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::BodyNotRetryable);
     assert_eq!(failing.calls(), 1);
+
+    // Not even a 409 in flight is waited out: the body cannot be sent again.
+    let in_flight = Server::new(|_| Reply::With(409, vec![("retry-after", "1".into())], ""));
+    let req = Request::post("http://shop.test/upload")
+        .body(stream_body(&["hello ", "world"]))
+        .unwrap();
+    let res = RetryLayer::new(quick().body_limit(4).build().unwrap())
+        .layer(in_flight.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    let info = res.extensions().get::<RetryInfo>().unwrap();
+    assert_eq!(
+        (res.status().as_u16(), info.attempts, info.stop),
+        (409, 1, Stop::BodyNotRetryable)
+    );
+    assert_eq!(in_flight.calls(), 1);
 }
 
 // ---------------------------------------------------------------- budget
