@@ -77,8 +77,11 @@ impl Recorder for Counters {
 
 // ---------------------------------------------------------------- a capturing tracing layer
 
+/// A span's name and its fields.
+type SpanRecord = (String, HashMap<String, String>);
+
 #[derive(Default, Clone)]
-struct Spans(Arc<Mutex<Vec<(String, HashMap<String, String>)>>>);
+struct Spans(Arc<Mutex<Vec<SpanRecord>>>);
 
 struct Fields<'a>(&'a mut HashMap<String, String>);
 
