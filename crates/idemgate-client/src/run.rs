@@ -3,6 +3,10 @@
 //! An adapter implements [`Transport`] (send attempt `n` of the same request and say what came
 //! back); [`run`] does everything else: the breaker's admission, per-attempt timeouts and the
 //! deadline, classification, the budget, delays, the attempt log, spans and metrics.
+//!
+//! A retryable answer is kept (body unread) while the client waits before the next attempt, so
+//! that it can be returned if the breaker refuses that attempt; it is dropped as soon as the next
+//! attempt is admitted. With reqwest that holds the answer's connection for the wait.
 
 use std::future::Future;
 use std::sync::Arc;

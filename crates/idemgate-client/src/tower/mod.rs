@@ -7,6 +7,12 @@
 //! classified by [`TransportFailure::of_error`](crate::classify::TransportFailure::of_error)
 //! unless a classifier is given with [`RetryLayer::classify_errors`].
 //!
+//! The inner service receives `http::Request<`[`RequestBody`]`>`. A client with its own body
+//! type (a tonic `Channel` takes `tonic::body::Body`) gets it through tower's `map_request`,
+//! e.g. `ServiceBuilder::new().layer(retry).map_request(|r: Request<RequestBody>|
+//! r.map(tonic::body::Body::new)).service(channel)`. Classification is by HTTP status and
+//! transport error: a gRPC status carried in trailers is not looked at.
+//!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! use std::convert::Infallible;
