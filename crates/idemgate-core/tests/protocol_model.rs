@@ -16,7 +16,9 @@
 //! Two widened configurations add what the hardening issue found just outside the original model:
 //! operators' deletes in every mode (finished only, outcome-unknown only, forced revocation) at
 //! any moment, and records that expire within the bounds with a sweeper purging them at any
-//! moment (so that claims of expired keys race purges).
+//! moment (so that claims of expired keys race purges). A third adds recording retries: a
+//! completion the store applied but whose answer the holder never heard, followed by the
+//! holder's retry (complete again, mark unknown, release) beside takeovers and deletes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::ptr_arg)]
 
@@ -68,6 +70,7 @@ struct State {
     saw_stale_attempt: bool,
     saw_revoked_takeover: bool,
     saw_purge: bool,
+    saw_unheard: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -84,6 +87,10 @@ enum Action {
     Delete(DeleteMode),
     /// The sweeper removes the record if it has expired.
     Purge,
+    /// A holder's completion that the store applied but whose answer was lost (a timeout): the
+    /// holder does not know, keeps holding, and retries — complete again, mark unknown or
+    /// release — as the engine's recording retries do.
+    CompleteUnheard(usize),
 }
 
 struct Protocol {
@@ -93,6 +100,8 @@ struct Protocol {
     with_admin: bool,
     /// Records live this many ticks (renewals extend them); `None`: never expire in bounds.
     ttl_ticks: Option<u32>,
+    /// Completions may be applied unheard, and then retried (recording retries).
+    with_unheard: bool,
 }
 
 fn ts(tick: u32) -> Timestamp {
@@ -155,6 +164,7 @@ impl Model for Protocol {
             saw_stale_attempt: false,
             saw_revoked_takeover: false,
             saw_purge: false,
+            saw_unheard: false,
         }]
     }
 
@@ -190,6 +200,9 @@ impl Model for Protocol {
                     actions.push(Action::MarkUnknown(h));
                     if self.with_release {
                         actions.push(Action::Release(h));
+                    }
+                    if self.with_unheard {
+                        actions.push(Action::CompleteUnheard(h));
                     }
                     actions.push(Action::Crash(h));
                 }
@@ -285,6 +298,23 @@ impl Model for Protocol {
                 }
                 s.holders[h] = Holder::Done;
             }
+            Action::CompleteUnheard(h) => {
+                let Holder::Holding(f, inc) = s.holders[h] else {
+                    return None;
+                };
+                let outcome = Outcome::Response(StoredResponse::new(200, vec![], vec![h as u8]));
+                let (write, out) = protocol::complete(s.record.as_ref(), now, f, &outcome, ttl);
+                if out != CasOutcome::Applied {
+                    return None; // a lost answer of a refused write is just a refusal
+                }
+                apply(&mut s.record, write);
+                s.note_cas(f, inc, true);
+                if !s.completions.iter().any(|c| c.0 == s.incarnation) {
+                    s.completions.push((s.incarnation, f.epoch, h as u8));
+                }
+                s.saw_unheard = true;
+                // Still Holding: its next step is a retry of the recording.
+            }
             Action::MarkUnknown(h) => {
                 let Holder::Holding(f, inc) = s.holders[h] else {
                     return None;
@@ -370,6 +400,14 @@ impl Model for Protocol {
                 |_, s: &State| s.saw_revoked_takeover,
             ));
         }
+        if self.with_unheard {
+            properties.push(Property::sometimes(
+                "a completion applied unheard is retried",
+                |_, s: &State| {
+                    s.saw_unheard && s.holders.iter().all(|h| !matches!(h, Holder::Holding(..)))
+                },
+            ));
+        }
         if self.ttl_ticks.is_some() {
             properties.push(Property::sometimes(
                 "an expired record is purged",
@@ -396,6 +434,7 @@ fn protocol_is_safe_with_crashes_and_arbitrary_delays() {
         with_release: false,
         with_admin: false,
         ttl_ticks: None,
+        with_unheard: false,
     });
     assert!(states > 10_000, "explored {states}");
 }
@@ -408,6 +447,7 @@ fn protocol_is_safe_with_releases_and_reclaims() {
         with_release: true,
         with_admin: false,
         ttl_ticks: None,
+        with_unheard: false,
     });
 }
 
@@ -419,6 +459,7 @@ fn protocol_is_safe_with_operators_deleting_and_revoking_at_any_moment() {
         with_release: true,
         with_admin: true,
         ttl_ticks: None,
+        with_unheard: false,
     });
 }
 
@@ -430,5 +471,21 @@ fn protocol_is_safe_with_expiring_records_and_a_sweeper_at_any_moment() {
         with_release: true,
         with_admin: false,
         ttl_ticks: Some(3),
+        with_unheard: false,
+    });
+}
+
+/// Recording retries: a completion the store applied but whose answer the holder never heard is
+/// retried (complete again, mark unknown, release), beside takeovers, releases and an operator's
+/// deletes. A retry must never change the stored outcome nor free the key.
+#[test]
+fn protocol_is_safe_with_recording_retries_after_unheard_completions() {
+    check(Protocol {
+        holders: 2,
+        max_ticks: 5,
+        with_release: true,
+        with_admin: true,
+        ttl_ticks: None,
+        with_unheard: true,
     });
 }
