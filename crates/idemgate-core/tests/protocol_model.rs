@@ -79,6 +79,9 @@ struct State {
     cache: CacheModel,
 }
 
+/// A read that asked the store: (generation at its start, the completion it read, if any).
+type PendingRead = (u32, Option<(u32, u8)>);
+
 /// The local replay cache (`idemgate_core::cache`) of one instance, as an algorithm: a copy of
 /// a completed record, a delete generation bumped before and after every delete made through
 /// it, and reads that remember what they read only if the generation did not move meanwhile.
@@ -88,7 +91,7 @@ struct CacheModel {
     copy: Option<(u32, u8)>,
     generation: u32,
     /// Per reader: a read that asked the store (generation at its start, what it read).
-    reads: Vec<Option<(u32, Option<(u32, u8)>)>>,
+    reads: Vec<Option<PendingRead>>,
     /// A delete through the cache: 0 none, 1 begun (copy forgotten), 2 done in the store.
     deleting: u8,
     /// The completion the running delete removed from the store, if it removed one.
@@ -401,9 +404,7 @@ impl Model for Protocol {
                 }
             },
             Action::CacheRemember(r) => {
-                let Some((generation, read)) = s.cache.reads[r].take() else {
-                    return None;
-                };
+                let (generation, read) = s.cache.reads[r].take()?;
                 if let Some(copy) = read {
                     if generation == s.cache.generation {
                         s.cache.copy = Some(copy);
