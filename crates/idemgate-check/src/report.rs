@@ -245,7 +245,7 @@ impl Report {
                             r#"      <{tag} message="{}" type="{}">{}</{tag}>"#,
                             xml(&c.message),
                             c.check,
-                            xml(&details(c))
+                            xml(&details(c, 0))
                         )?;
                     }
                 }
@@ -303,7 +303,7 @@ impl Report {
                 writeln!(w, "        warning: {warning}")?;
             }
             if matches!(c.outcome, Outcome::Failed | Outcome::Error) {
-                for line in details(c).lines() {
+                for line in details(c, 1).lines() {
                     writeln!(w, "        {line}")?;
                 }
             }
@@ -320,10 +320,11 @@ impl Report {
     }
 }
 
-/// Violations, notes, answers seen and the reproducer of a case, as text.
-fn details(c: &CaseResult) -> String {
+/// Violations (less the first `shown`, already on the case's line), notes, answers seen and the
+/// reproducer of a case, as text.
+fn details(c: &CaseResult, shown: usize) -> String {
     let mut out = String::new();
-    for f in &c.failures {
+    for f in c.failures.iter().skip(shown) {
         out.push_str(&format!("violation: {f}\n"));
     }
     for n in &c.notes {
