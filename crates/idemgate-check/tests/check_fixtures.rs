@@ -233,6 +233,18 @@ async fn a_server_that_replays_another_body_fails_replay_only_unless_the_field_i
     )
     .await;
     assert_eq!(with(Outcome::Failed, &report), set(&[Replay]));
+    assert_eq!(
+        with(Outcome::Passed, &report),
+        set(&[
+            Concurrent,
+            Mismatch,
+            MissingKey,
+            LostResponse,
+            InFlight,
+            MalformedKey,
+            Transient
+        ])
+    );
     let replay = report.case(ORDER, Replay).unwrap();
     assert!(
         replay.message.contains("bodies differ"),
@@ -260,6 +272,18 @@ async fn a_server_that_ignores_if_match_fails_precondition_only() {
     )
     .await;
     assert_eq!(with(Outcome::Failed, &report), set(&[Precondition]));
+    assert_eq!(
+        with(Outcome::Passed, &report),
+        set(&[
+            Replay,
+            Concurrent,
+            Mismatch,
+            MissingKey,
+            LostResponse,
+            InFlight,
+            MalformedKey
+        ])
+    );
     let case = report.case(ACCOUNT, Precondition).unwrap();
     assert!(
         case.failures.iter().any(|f| f.contains("not 412")),
