@@ -24,7 +24,10 @@
 //! outcome-unknown, (takeover mode) a takeover that ran the key after a holder that had lost
 //! its lease answered outcome-unknown for its own exchange, and (strict mode) the key's single
 //! effect dispatched only after another instance had declared it outcome-unknown (its holder
-//! was paused between claim and dispatch).
+//! was paused between claim and dispatch), and (takeover mode) an execution of an earlier epoch
+//! than one the upstream had already received, arriving after the key's outcome was delivered:
+//! a dispatch sent before the takeover and delivered late, which `Idempotency-Epoch` lets the
+//! upstream refuse (`stale_epoch_arrived_late`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
@@ -516,6 +519,18 @@ pub fn check(
         let reruns = |t: u64| effectful.iter().filter(move |e| e.received_us > t);
         if let Some(t) = first_success_end {
             for e in reruns(t) {
+                // An earlier epoch than one the upstream had already received: a dispatch of a
+                // holder that lost its lease, sent before the takeover and delivered late (a
+                // partitioned link that heals, a dead process's socket still flushing). Nothing
+                // ran again after the answer; an upstream that fences on `Idempotency-Epoch`
+                // refuses it. Counted as an anomaly.
+                let newer_seen = effectful
+                    .iter()
+                    .any(|x| x.received_us < e.received_us && x.epoch > e.epoch);
+                if newer_seen {
+                    anomaly("stale_epoch_arrived_late", op.id);
+                    continue;
+                }
                 flag(
                     "reexecuted_after_answer",
                     op,

@@ -572,7 +572,16 @@ impl PrivatePostgres {
             .spawn()?;
         let deadline = tokio::time::Instant::now() + START_BOUND;
         loop {
-            if tokio::net::TcpStream::connect(self.addr()).await.is_ok() {
+            // Accepting connections, not just listening: after a crash, the server listens
+            // while it replays its WAL and refuses sessions ("the database system is starting
+            // up") until it is done.
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .stdin(Stdio::null())
+                .status()
+                .await
+                .is_ok_and(|s| s.success());
+            if ready {
                 self.child = Some(child);
                 return Ok(());
             }
