@@ -24,7 +24,10 @@
 //! outcome-unknown, (takeover mode) a takeover that ran the key after a holder that had lost
 //! its lease answered outcome-unknown for its own exchange, and (strict mode) the key's single
 //! effect dispatched only after another instance had declared it outcome-unknown (its holder
-//! was paused between claim and dispatch).
+//! was paused between claim and dispatch), and (takeover mode) an execution of an earlier epoch
+//! than one the upstream had already received, arriving after the key's outcome was delivered:
+//! a dispatch sent before the takeover and delivered late, which `Idempotency-Epoch` lets the
+//! upstream refuse (`stale_epoch_arrived_late`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
@@ -33,7 +36,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::client::{Attempt, Class, Op};
-use crate::faults::{Action, FaultRecord};
+use crate::faults::{Action, FaultRecord, LinkFault};
 use crate::upstream::Execution;
 
 /// What the checker needs to know about the run's configuration.
@@ -111,6 +114,14 @@ pub struct Orphans {
     /// Orphans whose next attempt arrived only after the lease could have run out (free by
     /// then; not timed).
     pub resolved_on_arrival: u64,
+    /// The timed orphans whose whole wait (kill to resolution) overlapped no other fault: no
+    /// paused or draining instance, no store or upstream link fault, no store kill. Their age
+    /// measures I5 itself; the others are bounded by the fault they overlapped as well.
+    #[serde(default)]
+    pub clean: Latency,
+    /// How many clean orphans took longer than the bound.
+    #[serde(default)]
+    pub clean_over_bound: u64,
 }
 
 /// The figures and findings of one run.
@@ -172,6 +183,9 @@ pub struct Report {
     pub overhead_executed: Latency,
     /// Orphaned keys.
     pub orphans: Orphans,
+    /// I7: instance RSS and descriptors, store bytes (filled by the run, not the checker).
+    #[serde(default)]
+    pub resources: crate::resources::Resources,
     /// Counted anomalies (see the module docs).
     pub anomalies: BTreeMap<String, u64>,
     /// The whole history of up to 3 keys of each anomaly.
@@ -505,6 +519,18 @@ pub fn check(
         let reruns = |t: u64| effectful.iter().filter(move |e| e.received_us > t);
         if let Some(t) = first_success_end {
             for e in reruns(t) {
+                // An earlier epoch than one the upstream had already received: a dispatch of a
+                // holder that lost its lease, sent before the takeover and delivered late (a
+                // partitioned link that heals, a dead process's socket still flushing). Nothing
+                // ran again after the answer; an upstream that fences on `Idempotency-Epoch`
+                // refuses it. Counted as an anomaly.
+                let newer_seen = effectful
+                    .iter()
+                    .any(|x| x.received_us < e.received_us && x.epoch > e.epoch);
+                if newer_seen {
+                    anomaly("stale_epoch_arrived_late", op.id);
+                    continue;
+                }
                 flag(
                     "reexecuted_after_answer",
                     op,
@@ -591,8 +617,11 @@ pub fn check(
     // moment the key became free, give or take a waiter's poll); keys whose next attempt came
     // later were free before it arrived and are counted apart.
     let bound = params.lease + Duration::from_secs(1);
+    let disturbed = disturbances(faults);
     let mut ages = Vec::new();
+    let mut clean_ages = Vec::new();
     let mut over = 0;
+    let mut clean_over = 0;
     let mut late = 0;
     let kills: Vec<(u64, u32)> = faults
         .iter()
@@ -648,10 +677,15 @@ pub fn check(
                     continue;
                 }
                 let age = t - tk;
-                if Duration::from_micros(age) > bound {
+                let late_by_bound = Duration::from_micros(age) > bound;
+                if late_by_bound {
                     over += 1;
                 }
                 ages.push(age);
+                if !disturbed.iter().any(|&(from, to)| from <= t && to >= tk) {
+                    clean_over += u64::from(late_by_bound);
+                    clean_ages.push(age);
+                }
             }
         }
     }
@@ -661,6 +695,8 @@ pub fn check(
         bound_ms: bound.as_secs_f64() * 1000.0,
         over_bound: over,
         resolved_on_arrival: late,
+        clean: Latency::of(clean_ages),
+        clean_over_bound: clean_over,
     };
 
     // Figures.
@@ -911,6 +947,27 @@ impl fmt::Display for Report {
             self.orphans.over_bound,
             self.orphans.resolved_on_arrival
         )?;
+        let res = &self.resources;
+        writeln!(
+            f,
+            "   resources ({} samples): instance RSS max {} kB (first quarter {}, last quarter {}), descriptors max {}, store bytes last {:?} max {:?}",
+            res.samples,
+            res.rss_kb_max,
+            res.rss_kb_max_first_quarter,
+            res.rss_kb_max_last_quarter,
+            res.fds_max,
+            res.store_bytes_last,
+            res.store_bytes_max
+        )?;
+        writeln!(
+            f,
+            "   orphans with no other fault during their wait {} (age p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; over the goal {})",
+            self.orphans.clean.count,
+            self.orphans.clean.p50_ms,
+            self.orphans.clean.p99_ms,
+            self.orphans.clean.max_ms,
+            self.orphans.clean_over_bound
+        )?;
         writeln!(
             f,
             "   probes: {}; stuck keys {}; replays checked {}; fresh answers checked {}",
@@ -957,5 +1014,111 @@ impl fmt::Display for Report {
             }
         }
         Ok(())
+    }
+}
+
+/// The intervals (µs since the start, inclusive) during which a fault other than an instance
+/// SIGKILL was in force: a paused or draining instance (until it resumed or listened again), a
+/// store or upstream link fault (until that link was healed), a dead store (until it was
+/// restarted). A fault never ended is in force until the end of the run.
+fn disturbances(faults: &[FaultRecord]) -> Vec<(u64, u64)> {
+    let mut open: HashMap<String, u64> = HashMap::new();
+    let mut out = Vec::new();
+    let mut close = |open: &mut HashMap<String, u64>, name: String, at: u64| {
+        if let Some(from) = open.remove(&name) {
+            out.push((from, at));
+        }
+    };
+    for f in faults.iter().filter(|f| f.applied) {
+        match &f.action {
+            Action::Pause { instance } => {
+                open.entry(format!("pause {instance}")).or_insert(f.at_us);
+            }
+            Action::Resume { instance } => close(&mut open, format!("pause {instance}"), f.at_us),
+            Action::Terminate { instance } => {
+                open.entry(format!("drain {instance}")).or_insert(f.at_us);
+            }
+            Action::Restart { instance } => close(&mut open, format!("drain {instance}"), f.at_us),
+            Action::StoreLink { instance, fault } | Action::UpstreamLink { instance, fault } => {
+                let side = if matches!(f.action, Action::StoreLink { .. }) {
+                    "store"
+                } else {
+                    "upstream"
+                };
+                let name = format!("{side} {instance:?}");
+                // A heal (or a new fault) on a link ends what was in force there; a heal of
+                // every link ends each instance's own fault as well.
+                let ended: Vec<String> = open
+                    .keys()
+                    .filter(|k| {
+                        **k == name || (instance.is_none() && k.starts_with(&format!("{side} ")))
+                    })
+                    .cloned()
+                    .collect();
+                for k in ended {
+                    close(&mut open, k, f.at_us);
+                }
+                if *fault != LinkFault::None {
+                    open.insert(name, f.at_us);
+                }
+            }
+            Action::StoreKill => {
+                open.entry("store dead".to_owned()).or_insert(f.at_us);
+            }
+            Action::StoreRestart => close(&mut open, "store dead".to_owned(), f.at_us),
+            Action::Kill { .. } => {}
+        }
+    }
+    out.extend(open.into_values().map(|from| (from, u64::MAX)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(at_us: u64, action: Action) -> FaultRecord {
+        FaultRecord {
+            at_us,
+            action,
+            applied: true,
+            note: String::new(),
+        }
+    }
+
+    #[test]
+    fn disturbances_pair_faults_with_what_ended_them() {
+        let faults = vec![
+            rec(10, Action::Kill { instance: 0 }),
+            rec(20, Action::Pause { instance: 1 }),
+            rec(30, Action::Resume { instance: 1 }),
+            rec(
+                40,
+                Action::StoreLink {
+                    instance: Some(2),
+                    fault: LinkFault::Blackhole,
+                },
+            ),
+            // A heal of every store link ends instance 2's fault.
+            rec(
+                50,
+                Action::StoreLink {
+                    instance: None,
+                    fault: LinkFault::None,
+                },
+            ),
+            rec(60, Action::StoreKill),
+            rec(70, Action::StoreRestart),
+            rec(
+                80,
+                Action::UpstreamLink {
+                    instance: None,
+                    fault: LinkFault::Reset,
+                },
+            ),
+        ];
+        let mut d = disturbances(&faults);
+        d.sort_unstable();
+        assert_eq!(d, vec![(20, 30), (40, 50), (60, 70), (80, u64::MAX)]);
     }
 }

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::client::Targets;
-use crate::procs::{Instance, PrivateRedis};
+use crate::netns::Net;
+use crate::procs::{Instance, PrivateStore};
 use crate::rng::Rng;
 
 /// A fault on a relay.
@@ -386,8 +387,10 @@ pub struct World {
     pub store_relays: Arc<Vec<Relay>>,
     /// One relay per instance between it and the upstream.
     pub upstream_relays: Arc<Vec<Relay>>,
-    /// The private Redis, if the store is one.
-    pub redis: Option<Arc<Mutex<PrivateRedis>>>,
+    /// The private store process (Redis or PostgreSQL), if the run owns one.
+    pub store: Option<Arc<Mutex<PrivateStore>>>,
+    /// The namespaces of a run with real partitions: store link blackholes are routes there.
+    pub net: Option<Arc<Net>>,
     /// The run's start.
     pub t0: Instant,
 }
@@ -467,21 +470,33 @@ impl World {
                 Some(i) => (i.lock().await.resume().await, String::new()),
                 None => (false, "no such instance".into()),
             },
-            Action::StoreLink { instance, fault } => {
-                set_links(&self.store_relays, *instance, *fault)
-            }
+            Action::StoreLink { instance, fault } => match &self.net {
+                Some(net) => partition(net, *instance, *fault),
+                None => set_links(&self.store_relays, *instance, *fault),
+            },
             Action::UpstreamLink { instance, fault } => {
                 set_links(&self.upstream_relays, *instance, *fault)
             }
-            Action::StoreKill => match &self.redis {
+            Action::StoreKill => match &self.store {
                 Some(r) => (r.lock().await.kill9().await, String::new()),
                 None => (false, "no private store".into()),
             },
-            Action::StoreRestart => match &self.redis {
-                Some(r) => match r.lock().await.restart().await {
-                    Ok(done) => (done, String::new()),
-                    Err(e) => (false, format!("store restart failed: {e}")),
-                },
+            Action::StoreRestart => match &self.store {
+                Some(r) => {
+                    // Retried for up to 30 s: a killed PostgreSQL's old backends may hold its
+                    // shared memory for a moment.
+                    let mut r = r.lock().await;
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                    loop {
+                        match r.restart().await {
+                            Ok(done) => break (done, String::new()),
+                            Err(e) if tokio::time::Instant::now() >= deadline => {
+                                break (false, format!("store restart failed: {e}"));
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+                        }
+                    }
+                }
                 None => (false, "no private store".into()),
             },
         };
@@ -497,7 +512,8 @@ impl World {
     pub async fn heal(&self) -> Vec<FaultRecord> {
         let mut out = Vec::new();
         for (relays, store) in [(&self.store_relays, true), (&self.upstream_relays, false)] {
-            if relays.iter().any(|r| r.fault() != Fault::None) {
+            let partitioned = store && self.net.is_some();
+            if partitioned || relays.iter().any(|r| r.fault() != Fault::None) {
                 let action = if store {
                     Action::StoreLink {
                         instance: None,
@@ -512,7 +528,7 @@ impl World {
                 out.push(self.apply(&action).await);
             }
         }
-        if self.redis.is_some() {
+        if self.store.is_some() {
             let rec = self.apply(&Action::StoreRestart).await;
             if rec.applied {
                 out.push(rec);
@@ -530,6 +546,26 @@ impl World {
             }
         }
         out
+    }
+}
+
+fn partition(net: &Net, instance: Option<u32>, fault: LinkFault) -> (bool, String) {
+    let cut = match fault {
+        LinkFault::Blackhole => true,
+        LinkFault::None => false,
+        LinkFault::DelayMs(_) | LinkFault::Reset => {
+            return (
+                false,
+                "not applied: no delays or resets through namespaces".into(),
+            );
+        }
+    };
+    match net.partition(instance, cut) {
+        Ok(n) => (
+            n > 0,
+            format!("{n} path(s) {}", if cut { "cut" } else { "healed" }),
+        ),
+        Err(e) => (false, format!("routes not changed: {e}")),
     }
 }
 

@@ -14,11 +14,13 @@
 //! - [`client`] — **clients**: one principal each, logical operations (same key, target and
 //!   body on every attempt, sometimes sent by several senders at once), full-jitter backoff,
 //!   an instance picked per attempt, a horizon; every attempt and answer is logged.
-//! - [`procs`] — `idemgate serve` instances and a private `redis-server`, as child processes
-//!   signalled by PID.
+//! - [`procs`] — `idemgate serve` instances and a private `redis-server` or PostgreSQL
+//!   cluster, as child processes signalled by PID.
 //! - [`faults`] — the **fault injector**: SIGKILL / SIGTERM / SIGSTOP+SIGCONT / restart of
-//!   instances, SIGKILL of the private Redis, and delay / blackhole / reset on the TCP relays
+//!   instances, SIGKILL of the private Redis or PostgreSQL, and delay / blackhole / reset on the TCP relays
 //!   (`idemgate-relay`) between each instance and the store and the upstream.
+//! - [`resources`] — I7 sampling: instance RSS and open descriptors, store bytes, once a
+//!   second.
 //! - [`checker`] — the **checker**: per scoped key, effects per epoch (strict: per key), byte
 //!   identity of every stored-status answer with its logged execution and of every replay with
 //!   the first delivered answer, the G2 list, scope crossing, re-execution after an answer,
@@ -99,7 +101,9 @@
 pub mod checker;
 pub mod client;
 pub mod faults;
+pub mod netns;
 pub mod procs;
+pub mod resources;
 pub mod rng;
 pub mod run;
 pub mod upstream;

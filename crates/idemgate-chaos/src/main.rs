@@ -5,6 +5,7 @@
 //! idemgate-chaos --store redis --recovery strict  # one of them
 //! idemgate-chaos --long                           # the soak: >= 1,000,000 requests per run
 //! idemgate-chaos --long --requests 200000         # a shorter soak
+//! idemgate-chaos --store redis --netns             # real partitions (root, iproute2)
 //! ```
 //!
 //! Exits 1 if any run broke an invariant, 2 if a run could not be set up.
@@ -20,6 +21,8 @@ enum StoreArg {
     File,
     Redis,
     Postgres,
+    /// A private PostgreSQL cluster the schedule also SIGKILLs and restarts.
+    PostgresPrivate,
     All,
 }
 
@@ -77,6 +80,10 @@ struct Args {
     /// A pure race: every operation sent by this many senders at once, normal behaviour only.
     #[arg(long)]
     race: Option<u32>,
+    /// Real partitions (Redis only, root and iproute2): instances and the store in network
+    /// namespaces, store blackholes as blackhole routes; the short partition schedule.
+    #[arg(long)]
+    netns: bool,
     /// Write every attempt and execution as JSON lines (default: on for short runs).
     #[arg(long)]
     logs: Option<bool>,
@@ -108,10 +115,15 @@ async fn main_async(args: Args) -> i32 {
                 .filter(|v| !v.trim().is_empty())
         })
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    if args.netns && !matches!(args.store, StoreArg::Redis) {
+        eprintln!("idemgate-chaos: --netns needs --store redis");
+        return 2;
+    }
     let stores = match args.store {
         StoreArg::File => vec![StoreKind::File],
         StoreArg::Redis => vec![StoreKind::Redis],
         StoreArg::Postgres => vec![StoreKind::Postgres(pg)],
+        StoreArg::PostgresPrivate => vec![StoreKind::PostgresPrivate],
         StoreArg::All => vec![StoreKind::File, StoreKind::Redis, StoreKind::Postgres(pg)],
     };
     let modes = match args.recovery {
@@ -131,7 +143,11 @@ async fn main_async(args: Args) -> i32 {
                     args.hours,
                 )
             } else {
-                let mut s = Scenario::short(store.clone(), *mode);
+                let mut s = if args.netns {
+                    Scenario::partitions(*mode)
+                } else {
+                    Scenario::short(store.clone(), *mode)
+                };
                 if let Some(r) = args.requests {
                     s.max_requests = r;
                 }

@@ -1,5 +1,5 @@
 //! The processes the harness drives from outside: `idemgate serve` instances and a private
-//! `redis-server`. Each is a child of the harness, signalled by its PID (`kill -STOP`,
+//! `redis-server` or PostgreSQL cluster. Each is a child of the harness, signalled by its PID (`kill -STOP`,
 //! `kill -CONT`, `kill -TERM`; SIGKILL through the child handle) and reaped; a child left over
 //! when its handle is dropped is killed.
 
@@ -76,6 +76,37 @@ pub struct InstanceSpec {
     pub env: Vec<(String, String)>,
     /// Where its stderr is appended.
     pub log: PathBuf,
+    /// The network namespace it runs in (`ip netns exec`), if not the harness's own.
+    pub netns: Option<String>,
+    /// The address it listens on (loopback unless in a namespace).
+    pub ip: std::net::IpAddr,
+}
+
+impl InstanceSpec {
+    /// A spec for the harness's own namespace, listening on loopback.
+    pub fn local(bin: PathBuf, args: Vec<String>, log: PathBuf) -> Self {
+        Self {
+            bin,
+            args,
+            env: Vec::new(),
+            log,
+            netns: None,
+            ip: std::net::IpAddr::from([127, 0, 0, 1]),
+        }
+    }
+}
+
+/// `program` run in namespace `netns` (through `ip netns exec`, which execs it: the child's PID
+/// is the program's), or as is.
+fn command_in(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 /// One `idemgate serve` process (restartable).
@@ -90,6 +121,7 @@ pub struct Instance {
     paused: bool,
     terminating: bool,
     starts: u32,
+    started_at: std::time::Instant,
     tail: Arc<Mutex<VecDeque<String>>>,
 }
 
@@ -104,20 +136,27 @@ enum Started {
 impl Instance {
     /// Starts instance `index` on fresh loopback ports and waits until it listens.
     pub async fn start(index: u32, spec: InstanceSpec) -> std::io::Result<Self> {
+        let ip = spec.ip;
         let mut me = Self {
             index,
             spec,
             child: None,
             pid: None,
-            addr: loopback(free_port()?),
-            admin: loopback(free_port()?),
+            addr: SocketAddr::new(ip, free_port()?),
+            admin: SocketAddr::new(ip, free_port()?),
             paused: false,
             terminating: false,
             starts: 0,
+            started_at: std::time::Instant::now(),
             tail: Arc::new(Mutex::new(VecDeque::new())),
         };
         me.spawn().await?;
         Ok(me)
+    }
+
+    /// How long its current process has been listening.
+    pub fn uptime(&self) -> Duration {
+        self.started_at.elapsed()
     }
 
     /// Its proxy address (it may change at a restart if the old port was taken meanwhile).
@@ -171,8 +210,8 @@ impl Instance {
             match self.spawn_once().await? {
                 Started::Ready => return Ok(()),
                 Started::PortBusy => {
-                    self.addr = loopback(free_port()?);
-                    self.admin = loopback(free_port()?);
+                    self.addr = SocketAddr::new(self.spec.ip, free_port()?);
+                    self.admin = SocketAddr::new(self.spec.ip, free_port()?);
                 }
             }
         }
@@ -184,7 +223,7 @@ impl Instance {
 
     async fn spawn_once(&mut self) -> std::io::Result<Started> {
         self.starts += 1;
-        let mut child = Command::new(&self.spec.bin)
+        let mut child = command_in(self.spec.netns.as_deref(), &self.spec.bin)
             .arg("serve")
             .args(["--listen", &self.addr.to_string()])
             .args(["--admin-listen", &self.admin.to_string()])
@@ -237,6 +276,7 @@ impl Instance {
             Ok(Ok(Started::Ready)) => {
                 self.pid = child.id();
                 self.child = Some(child);
+                self.started_at = std::time::Instant::now();
                 self.paused = false;
                 self.terminating = false;
                 Ok(Started::Ready)
@@ -357,6 +397,8 @@ impl Instance {
 pub struct PrivateRedis {
     child: Option<Child>,
     port: u16,
+    ip: std::net::Ipv4Addr,
+    netns: Option<String>,
     dir: tempfile::TempDir,
 }
 
@@ -364,9 +406,16 @@ impl PrivateRedis {
     /// Starts it and waits until it answers `PING`. Fails if `redis-server` is not on the
     /// `PATH`.
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_in(None, std::net::Ipv4Addr::LOCALHOST).await
+    }
+
+    /// Like [`PrivateRedis::start`], in network namespace `netns` on address `ip`.
+    pub async fn start_in(netns: Option<String>, ip: std::net::Ipv4Addr) -> std::io::Result<Self> {
         let mut me = Self {
             child: None,
             port: free_port()?,
+            ip,
+            netns,
             dir: tempfile::tempdir()?,
         };
         me.spawn().await?;
@@ -374,8 +423,15 @@ impl PrivateRedis {
     }
 
     async fn spawn(&mut self) -> std::io::Result<()> {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let child = command_in(self.netns.as_deref(), Path::new("redis-server"))
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                &self.ip.to_string(),
+            ])
+            // Reached from other namespaces, not from loopback: no protected mode.
+            .args(["--protected-mode", "no"])
             .args([
                 "--save",
                 "",
@@ -406,7 +462,7 @@ impl PrivateRedis {
 
     /// Its address.
     pub fn addr(&self) -> SocketAddr {
-        loopback(self.port)
+        SocketAddr::from((self.ip, self.port))
     }
 
     /// Its PID.
@@ -433,6 +489,297 @@ impl PrivateRedis {
         self.spawn().await?;
         Ok(true)
     }
+}
+
+/// A private PostgreSQL cluster (`initdb` into a temporary folder, run as the `postgres` user,
+/// `fsync` and `synchronous_commit` on), for the faults the machine's shared server must not
+/// suffer: SIGKILL of the postmaster and every backend (its whole process group, as a machine
+/// crash would), then a restart that replays the WAL. Killed when dropped.
+#[derive(Debug)]
+pub struct PrivatePostgres {
+    child: Option<Child>,
+    port: u16,
+    bin: PathBuf,
+    uid: u32,
+    gid: u32,
+    dir: tempfile::TempDir,
+}
+
+impl PrivatePostgres {
+    /// Creates the cluster and starts it. Fails without PostgreSQL's server binaries
+    /// (`/usr/lib/postgresql/*/bin`) or a `postgres` user.
+    pub async fn start() -> std::io::Result<Self> {
+        let bin = postgres_bindir()
+            .ok_or_else(|| std::io::Error::other("no /usr/lib/postgresql/*/bin/postgres"))?;
+        let (uid, gid) = user_ids("postgres")
+            .ok_or_else(|| std::io::Error::other("no postgres user in /etc/passwd"))?;
+        let dir = tempfile::Builder::new()
+            .prefix("idemgate-chaos-pg-")
+            .tempdir()?;
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
+        let out = Command::new(bin.join("initdb"))
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+            .uid(uid)
+            .gid(gid)
+            .stdin(Stdio::null())
+            .output()
+            .await?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let mut me = Self {
+            child: None,
+            port: free_port()?,
+            bin,
+            uid,
+            gid,
+            dir,
+        };
+        me.spawn().await?;
+        Ok(me)
+    }
+
+    /// The URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    async fn spawn(&mut self) -> std::io::Result<()> {
+        let mut child = Command::new(self.bin.join("postgres"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
+            .args(["-c", "fsync=on", "-c", "synchronous_commit=on"])
+            .args(["-c", "max_connections=200"])
+            .uid(self.uid)
+            .gid(self.gid)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let deadline = tokio::time::Instant::now() + START_BOUND;
+        loop {
+            // Accepting connections, not just listening: after a crash, the server listens
+            // while it replays its WAL and refuses sessions ("the database system is starting
+            // up") until it is done.
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .stdin(Stdio::null())
+                .status()
+                .await
+                .is_ok_and(|s| s.success());
+            if ready {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                // After a SIGKILL, the old backends may still hold the shared memory for a
+                // moment: the caller retries.
+                return Err(std::io::Error::other(format!("postgres exited: {status}")));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = child.kill().await;
+                return Err(std::io::Error::other("postgres did not listen"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        loopback(self.port)
+    }
+
+    /// The postmaster's PID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Its data folder.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// SIGKILL of the postmaster and every backend (the process group), then reap.
+    pub async fn kill9(&mut self) -> bool {
+        match self.child.take() {
+            Some(mut c) => {
+                if let Some(pid) = c.id() {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", "--", &format!("-{pid}")])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .await;
+                }
+                let _ = c.kill().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Starts it again on the same port and folder (crash recovery replays the WAL).
+    pub async fn restart(&mut self) -> std::io::Result<bool> {
+        if self.child.is_some() {
+            return Ok(false);
+        }
+        self.spawn().await?;
+        Ok(true)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The newest `/usr/lib/postgresql/<version>/bin` that holds a `postgres` binary.
+fn postgres_bindir() -> Option<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").is_file().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, b)| b)
+}
+
+/// The user and group ids of `name`, from `/etc/passwd`.
+fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut f = line.split(':');
+        (f.next()? == name).then_some(())?;
+        let _password = f.next()?;
+        Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+    })
+}
+
+/// A store process the harness owns and may kill: a private Redis or PostgreSQL.
+#[derive(Debug)]
+pub enum PrivateStore {
+    /// `redis-server`, AOF `always`.
+    Redis(PrivateRedis),
+    /// A PostgreSQL cluster.
+    Postgres(PrivatePostgres),
+}
+
+impl PrivateStore {
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            PrivateStore::Redis(r) => r.addr(),
+            PrivateStore::Postgres(p) => p.addr(),
+        }
+    }
+
+    /// The PID of its (main) process.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            PrivateStore::Redis(r) => r.pid(),
+            PrivateStore::Postgres(p) => p.pid(),
+        }
+    }
+
+    /// SIGKILL (PostgreSQL: with every backend).
+    pub async fn kill9(&mut self) -> bool {
+        match self {
+            PrivateStore::Redis(r) => r.kill9().await,
+            PrivateStore::Postgres(p) => p.kill9().await,
+        }
+    }
+
+    /// Starts it again from its files.
+    pub async fn restart(&mut self) -> std::io::Result<bool> {
+        match self {
+            PrivateStore::Redis(r) => r.restart().await,
+            PrivateStore::Postgres(p) => p.restart().await,
+        }
+    }
+
+    /// How many bytes it holds: Redis's `used_memory`, PostgreSQL's data folder on disk.
+    pub async fn bytes(&self) -> Option<u64> {
+        match self {
+            PrivateStore::Redis(r) => redis_used_memory(r.addr()).await,
+            PrivateStore::Postgres(p) => Some(dir_bytes(&p.data_dir())),
+        }
+    }
+}
+
+/// The bytes of every file under `dir` (0 for what cannot be read).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// `used_memory` of the Redis server at `addr` (`INFO memory`), within a second.
+async fn redis_used_memory(addr: SocketAddr) -> Option<u64> {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"INFO memory\r\n").await.ok()?;
+        let mut r = BufReader::new(s);
+        let mut head = String::new();
+        r.read_line(&mut head).await.ok()?;
+        let len: usize = head.trim().strip_prefix('$')?.parse().ok()?;
+        let mut body = vec![0u8; len.min(1 << 20)];
+        r.read_exact(&mut body).await.ok()?;
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
+    };
+    tokio::time::timeout(Duration::from_secs(1), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Resident memory (kB, `VmRSS`) and open descriptors of process `pid`, from `/proc`.
+pub fn process_usage(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status.lines().find_map(|l| {
+        l.strip_prefix("VmRSS:")?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    Some((rss, fds))
 }
 
 /// Whether a Redis server at `addr` answers `PING` with `+PONG` within a second.

@@ -14,7 +14,11 @@ use tokio::sync::Mutex;
 use crate::checker::{CheckParams, Report, check};
 use crate::client::{Attempt, ClientLog, Clients, Http, Mix, Op, RetryPolicy, Targets};
 use crate::faults::{FaultPlan, FaultRecord, World, inject};
-use crate::procs::{Instance, InstanceSpec, PrivateRedis, authority, idemgate_bin};
+use crate::netns::Net;
+use crate::procs::{
+    Instance, InstanceSpec, PrivatePostgres, PrivateRedis, PrivateStore, authority, idemgate_bin,
+};
+use crate::resources::{StoreBytes, sample};
 use crate::rng::Rng;
 use crate::upstream::{Execution, RecordingUpstream};
 
@@ -28,6 +32,9 @@ pub enum StoreKind {
     Redis,
     /// A PostgreSQL server at this URL; the run uses a namespace of its own.
     Postgres(String),
+    /// A private PostgreSQL cluster started for the run (`initdb`, fsync on), which the
+    /// schedule may SIGKILL (postmaster and backends) and restart.
+    PostgresPrivate,
 }
 
 impl StoreKind {
@@ -37,7 +44,13 @@ impl StoreKind {
             StoreKind::File => "file",
             StoreKind::Redis => "redis",
             StoreKind::Postgres(_) => "postgres",
+            StoreKind::PostgresPrivate => "postgres-private",
         }
+    }
+
+    /// Whether the run owns the store's process and may kill it.
+    pub fn is_private(&self) -> bool {
+        matches!(self, StoreKind::Redis | StoreKind::PostgresPrivate)
     }
 }
 
@@ -104,6 +117,11 @@ pub struct Scenario {
     pub out_dir: Option<PathBuf>,
     /// Write every attempt and execution as JSON lines (large for long runs).
     pub write_logs: bool,
+    /// Real partitions (Redis only): every instance and the store in network namespaces of
+    /// their own, store link blackholes as blackhole routes ([`crate::netns`]) instead of relay
+    /// faults; no store relays, so no store delays.
+    #[serde(default)]
+    pub netns: bool,
 }
 
 fn ms(d: Duration) -> String {
@@ -135,8 +153,7 @@ impl Scenario {
                 store_blackhole_every: shared.then_some(Duration::from_secs(12)),
                 store_blackhole_one_every: shared.then_some(Duration::from_secs(16)),
                 store_blackhole_for: Duration::from_secs(3),
-                store_kill_every: matches!(store, StoreKind::Redis)
-                    .then_some(Duration::from_secs(16)),
+                store_kill_every: store.is_private().then_some(Duration::from_secs(16)),
                 upstream_fault_every: Some(Duration::from_secs(7)),
                 link_fault_for: Duration::from_secs(2),
                 ..FaultPlan::default()
@@ -151,6 +168,7 @@ impl Scenario {
             seed: 1,
             out_dir: None,
             write_logs: true,
+            netns: false,
             store,
             recovery,
         }
@@ -181,10 +199,22 @@ impl Scenario {
             store_delay_every: shared.then_some(Duration::from_secs(40)),
             upstream_fault_every: Some(Duration::from_secs(20)),
             link_fault_for: Duration::from_secs(2),
-            store_kill_every: matches!(s.store, StoreKind::Redis)
-                .then_some(Duration::from_secs(90)),
+            store_kill_every: s.store.is_private().then_some(Duration::from_secs(90)),
             start_after: Duration::from_secs(1),
         };
+        s
+    }
+
+    /// Scenario 22, with real partitions: the short Redis schedule with every instance and the
+    /// store in network namespaces, one instance cut from the store for 3 s about every 5 s and
+    /// every instance about every 12 s (blackhole routes both ways), kills, pauses and Redis
+    /// kills as in [`Scenario::short`]. Needs root and iproute2.
+    pub fn partitions(recovery: Recovery) -> Self {
+        let mut s = Self::short(StoreKind::Redis, recovery);
+        s.name = format!("partitions-redis-{}", recovery.as_str());
+        s.netns = true;
+        s.faults.store_blackhole_one_every = Some(Duration::from_secs(5));
+        s.faults.store_delay_every = None;
         s
     }
 }
@@ -241,20 +271,49 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
     .context("starting the recording upstream")?;
 
     // The store, and the address its relays forward to.
-    let mut redis = None;
+    if s.netns && !matches!(s.store, StoreKind::Redis) {
+        anyhow::bail!("real partitions (netns) are built for the Redis store only");
+    }
+    let net = if s.netns {
+        let n = if s.instances == 0 { 1 } else { s.instances };
+        Some(Arc::new(Net::create(n).context(
+            "creating network namespaces (root and iproute2 needed)",
+        )?))
+    } else {
+        None
+    };
+    let mut private = None;
+    let mut store_bytes = StoreBytes::None;
     let (store_url, store_target) = match &s.store {
         StoreKind::File => {
             let dir = out_dir.join("store");
             std::fs::create_dir_all(&dir)?;
+            store_bytes = StoreBytes::Folder(dir.clone());
             (format!("file:{}", dir.display()), None)
         }
         StoreKind::Redis => {
-            let r = PrivateRedis::start()
-                .await
-                .context("starting a private redis-server")?;
+            let r = match &net {
+                Some(n) => PrivateRedis::start_in(Some(n.store_ns()), n.store_ip()).await,
+                None => PrivateRedis::start().await,
+            }
+            .context("starting a private redis-server")?;
             let addr = r.addr();
-            redis = Some(Arc::new(Mutex::new(r)));
-            (format!("redis://{addr}"), Some((addr.to_string(), addr)))
+            let r = Arc::new(Mutex::new(PrivateStore::Redis(r)));
+            store_bytes = StoreBytes::Private(r.clone());
+            private = Some(r);
+            // Through namespaces the instances reach the store itself, without relays.
+            let relayed = net.is_none().then(|| (addr.to_string(), addr));
+            (format!("redis://{addr}"), relayed)
+        }
+        StoreKind::PostgresPrivate => {
+            let p = PrivatePostgres::start()
+                .await
+                .context("starting a private PostgreSQL cluster")?;
+            let (addr, url) = (p.addr(), p.url());
+            let p = Arc::new(Mutex::new(PrivateStore::Postgres(p)));
+            store_bytes = StoreBytes::Private(p.clone());
+            private = Some(p);
+            (url, Some((addr.to_string(), addr)))
         }
         StoreKind::Postgres(url) => {
             let (hostport, addr) = authority(url).with_context(|| format!("resolving {url}"))?;
@@ -270,7 +329,10 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
     let mut upstream_relays = Vec::new();
     let mut instances = Vec::new();
     for i in 0..instances_n {
-        let up = Relay::start(upstream.addr()).await?;
+        let up = match &net {
+            Some(n) => Relay::start_on((n.root_ip_for(i), 0).into(), upstream.addr()).await?,
+            None => Relay::start(upstream.addr()).await?,
+        };
         let url = match &store_target {
             Some((hostport, target)) => {
                 let relay = Relay::start(*target).await?;
@@ -300,18 +362,18 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
             "--workers".to_owned(),
             s.workers.to_string(),
         ];
-        if store_target.is_some() {
+        if !matches!(s.store, StoreKind::File) {
             args.push("--namespace".to_owned());
             args.push(run_tag.clone());
         }
         args.extend(s.extra_args.iter().cloned());
         upstream_relays.push(up);
-        let spec = InstanceSpec {
-            bin: bin.clone(),
-            args,
-            env: Vec::new(),
-            log: out_dir.join(format!("instance-{i}.log")),
-        };
+        let mut spec =
+            InstanceSpec::local(bin.clone(), args, out_dir.join(format!("instance-{i}.log")));
+        if let Some(n) = &net {
+            spec.netns = Some(n.instance_ns(i));
+            spec.ip = n.instance_ip(i).into();
+        }
         let inst = Instance::start(i, spec)
             .await
             .with_context(|| format!("starting instance {i}"))?;
@@ -327,7 +389,8 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
         targets: targets.clone(),
         store_relays: Arc::new(store_relays),
         upstream_relays: Arc::new(upstream_relays),
-        redis,
+        store: private,
+        net: net.clone(),
         t0,
     };
 
@@ -349,6 +412,12 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
         let plan = s.faults.clone();
         tokio::spawn(async move { inject(&world, &schedule, start, &plan, stop_rx).await })
     };
+    let sampler = tokio::spawn(sample(
+        world.instances.clone(),
+        store_bytes,
+        t0,
+        stop_tx.subscribe(),
+    ));
     let window_end = start + s.window;
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..s.clients {
@@ -376,6 +445,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
     }
     let _ = stop_tx.send(true);
     let mut faults = injector.await.context("the injector panicked")?;
+    let resources = sampler.await.context("the sampler panicked")?;
     faults.extend(world.heal().await);
 
     // Quiesce: no execution in progress, then a lease (and a renew interval, and a second)
@@ -425,6 +495,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Outcome> {
     report.instances = instances_n;
     report.seed = s.seed;
     report.binary = bin.display().to_string();
+    report.resources = resources;
 
     std::fs::write(
         out_dir.join("report.json"),

@@ -43,6 +43,8 @@ fn a_release_after_a_takeover_never_reuses_an_epoch() {
                 "takeover".into(),
             ],
             env: Vec::new(),
+            netns: None,
+            ip: std::net::IpAddr::from([127, 0, 0, 1]),
             log: dir.path().join("instance.log"),
         };
         let mut instance = Instance::start(0, spec).await.unwrap();

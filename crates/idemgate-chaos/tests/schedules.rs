@@ -20,9 +20,15 @@ fn server_url(var: &str) -> Option<String> {
     std::env::var(var).ok().filter(|v| !v.trim().is_empty())
 }
 
-fn schedule(store: StoreKind, recovery: Recovery) {
+/// Runs the short schedule and asserts it passed; returns (store kills applied, resource samples).
+fn schedule(store: StoreKind, recovery: Recovery) -> (u64, u64) {
+    schedule_with(Scenario::short(store, recovery))
+}
+
+/// Runs `scenario` (one at a time) and asserts it passed; returns (store kills applied,
+/// resource samples).
+fn schedule_with(scenario: Scenario) -> (u64, u64) {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let scenario = Scenario::short(store, recovery);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -50,16 +56,20 @@ fn schedule(store: StoreKind, recovery: Recovery) {
         report.violations.len(),
         report.histories.join("\n")
     );
+    (
+        report.faults.get("store_sigkill").copied().unwrap_or(0),
+        report.resources.samples,
+    )
 }
 
 #[test]
 fn short_schedule_on_the_embedded_store_takeover() {
-    schedule(StoreKind::File, Recovery::Takeover);
+    let _ = schedule(StoreKind::File, Recovery::Takeover);
 }
 
 #[test]
 fn short_schedule_on_the_embedded_store_strict() {
-    schedule(StoreKind::File, Recovery::Strict);
+    let _ = schedule(StoreKind::File, Recovery::Strict);
 }
 
 #[test]
@@ -68,7 +78,7 @@ fn short_schedule_on_the_embedded_store_strict() {
     ignore = "IDEMGATE_TEST_REDIS_URL is not set (redis-server needed)"
 )]
 fn short_schedule_on_redis_takeover() {
-    schedule(StoreKind::Redis, Recovery::Takeover);
+    let _ = schedule(StoreKind::Redis, Recovery::Takeover);
 }
 
 #[test]
@@ -77,7 +87,7 @@ fn short_schedule_on_redis_takeover() {
     ignore = "IDEMGATE_TEST_REDIS_URL is not set (redis-server needed)"
 )]
 fn short_schedule_on_redis_strict() {
-    schedule(StoreKind::Redis, Recovery::Strict);
+    let _ = schedule(StoreKind::Redis, Recovery::Strict);
 }
 
 #[test]
@@ -86,7 +96,7 @@ fn short_schedule_on_postgres_takeover() {
     let Some(url) = server_url("IDEMGATE_TEST_POSTGRES_URL") else {
         return;
     };
-    schedule(StoreKind::Postgres(url), Recovery::Takeover);
+    let _ = schedule(StoreKind::Postgres(url), Recovery::Takeover);
 }
 
 #[test]
@@ -95,5 +105,31 @@ fn short_schedule_on_postgres_strict() {
     let Some(url) = server_url("IDEMGATE_TEST_POSTGRES_URL") else {
         return;
     };
-    schedule(StoreKind::Postgres(url), Recovery::Strict);
+    let _ = schedule(StoreKind::Postgres(url), Recovery::Strict);
+}
+
+/// Scenario 16: the PostgreSQL server itself dies (SIGKILL of the postmaster and every backend,
+/// as a machine crash would) and restarts from its WAL, under load, with instance kills as well.
+#[test]
+#[cfg_attr(
+    no_postgres,
+    ignore = "IDEMGATE_TEST_POSTGRES_URL is not set (PostgreSQL's server binaries needed)"
+)]
+fn short_schedule_on_a_private_postgres_that_is_killed_strict() {
+    let (store_kills, samples) = schedule(StoreKind::PostgresPrivate, Recovery::Strict);
+    assert!(store_kills >= 1, "the schedule must have killed PostgreSQL");
+    assert!(samples >= 5, "the resources were sampled: {samples}");
+}
+
+/// Scenario 22 with real partitions: instances and Redis in network namespaces, an instance
+/// (or every instance) cut from the store by blackhole routes while it holds keys; takeover
+/// mode, where a partitioned holder's late completion must be fenced out.
+#[test]
+#[cfg_attr(
+    no_redis,
+    ignore = "IDEMGATE_TEST_REDIS_URL is not set (redis-server, root and iproute2 needed)"
+)]
+fn partitions_through_network_namespaces_takeover() {
+    let (_, samples) = schedule_with(Scenario::partitions(Recovery::Takeover));
+    assert!(samples >= 5, "the resources were sampled: {samples}");
 }

@@ -19,7 +19,9 @@ pub enum ErrorKind {
     Timeout,
     /// Stored bytes could not be decoded (bit rot, a foreign writer, a newer encoding version).
     Corrupt,
-    /// The store is full (memory store at its bound) or the value is too large. Nothing was changed.
+    /// The store is full (memory store at its bound, Redis at `maxmemory`, PostgreSQL out of
+    /// disk) or the value is too large ([`StoreError::is_value_too_large`]). Nothing was
+    /// changed.
     Capacity,
     /// The store is misconfigured or held by someone else (e.g. a database file locked by another
     /// process).
@@ -53,6 +55,7 @@ impl fmt::Display for ErrorKind {
 pub struct StoreError {
     kind: ErrorKind,
     message: String,
+    too_large: bool,
     source: Option<Box<dyn StdError + Send + Sync + 'static>>,
 }
 
@@ -62,8 +65,25 @@ impl StoreError {
         Self {
             kind,
             message: message.into(),
+            too_large: false,
             source: None,
         }
+    }
+
+    /// A [`ErrorKind::Capacity`] error about the value itself: the store will never take it
+    /// (over a size limit), as opposed to a store that is full right now (at its bound, Redis
+    /// `maxmemory`), which may take it later. The engine keeps the fact that an operation ran
+    /// (a not-replayable record) only for the first kind.
+    pub fn value_too_large(message: impl Into<String>) -> Self {
+        Self {
+            too_large: true,
+            ..Self::new(ErrorKind::Capacity, message)
+        }
+    }
+
+    /// Whether the value can never be stored (see [`StoreError::value_too_large`]).
+    pub fn is_value_too_large(&self) -> bool {
+        self.too_large
     }
 
     /// Attaches the underlying error.

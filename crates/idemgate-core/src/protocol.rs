@@ -28,7 +28,7 @@
 use std::time::Duration;
 
 use crate::clock::Timestamp;
-use crate::error::{ErrorKind, StoreError};
+use crate::error::StoreError;
 use crate::record::{Fencing, MAX_BODY_LEN, Outcome, Record, RecordState};
 use crate::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, TakeOverOutcome,
@@ -312,13 +312,12 @@ pub const REVOKED_OWNER: &str = "revoked by an operator";
 /// Refuses outcomes whose body exceeds [`MAX_BODY_LEN`] with a `Capacity` error.
 pub fn check_outcome(outcome: &Outcome) -> Result<(), StoreError> {
     match outcome {
-        Outcome::Response(r) if r.payload_len() > MAX_BODY_LEN => Err(StoreError::new(
-            ErrorKind::Capacity,
-            format!(
+        Outcome::Response(r) if r.payload_len() > MAX_BODY_LEN => {
+            Err(StoreError::value_too_large(format!(
                 "response of {} bytes exceeds the record limit of {MAX_BODY_LEN} bytes",
                 r.payload_len()
-            ),
-        )),
+            )))
+        }
         _ => Ok(()),
     }
 }

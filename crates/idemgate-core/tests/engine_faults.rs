@@ -56,16 +56,23 @@ fn faulty_engine() -> (Engine<Faulty<MemoryStore>>, Faulty<MemoryStore>) {
     (engine, store)
 }
 
-/// Completions fail for 4 leases: the holder keeps its lease meanwhile (so a waiting retry never
-/// takes over and runs the request again), the caller is answered after the first attempts, and
-/// the outcome lands once the store takes writes again.
+fn strict() -> Policy {
+    Policy {
+        recovery: idemgate_core::engine::Recovery::Strict,
+        ..Policy::default()
+    }
+}
+
+/// Completions fail for 4 leases (strict recovery): the holder keeps its lease meanwhile (so a
+/// waiting retry never takes over and runs the request again), the caller is answered after the
+/// first attempts, and the outcome lands once the store takes writes again.
 #[tokio::test(start_paused = true)]
 async fn a_recording_outage_longer_than_the_lease_runs_nothing_twice() {
     let (engine, store) = faulty_engine();
     let runs = Arc::new(AtomicUsize::new(0));
     store.set_failing("complete", true);
     let first = engine
-        .run(&key("rec"), fp(), &Policy::default(), store_it, {
+        .run(&key("rec"), fp(), &strict(), store_it, {
             let runs = runs.clone();
             move |_| async move {
                 runs.fetch_add(1, Ordering::SeqCst);
@@ -93,7 +100,7 @@ async fn a_recording_outage_longer_than_the_lease_runs_nothing_twice() {
                 .run(
                     &key("rec"),
                     fp(),
-                    &Policy::default(),
+                    &strict(),
                     store_it,
                     move |_| async move {
                         runs.fetch_add(1, Ordering::SeqCst);
@@ -120,6 +127,104 @@ async fn a_recording_outage_longer_than_the_lease_runs_nothing_twice() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert!(engine.stats().renewals.load(Ordering::Relaxed) >= 4);
+}
+
+/// The same outage under takeover recovery (the default): the caller is NOT answered before its
+/// outcome is written. Had it been, a holder dying after answering would leave a key that the
+/// next retry takes over and runs again after the client was given the outcome (found by the
+/// chaos soak: 99 re-executions after an answer in 10^6 requests). Once the store takes writes,
+/// the caller gets the outcome as stored.
+#[tokio::test(start_paused = true)]
+async fn under_takeover_a_stored_outcome_is_answered_only_once_written() {
+    let (engine, store) = faulty_engine();
+    store.set_failing("complete", true);
+    let first = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .run(&key("tk"), fp(), &Policy::default(), store_it, |_| async {
+                    "charged".to_string()
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(LEASE * 4).await;
+    assert!(
+        !first.is_finished(),
+        "answered before the outcome was written"
+    );
+    store.set_failing("complete", false);
+    match first.await.unwrap().unwrap() {
+        Execution::Executed {
+            recorded: Recorded::Stored,
+            ..
+        } => {}
+        other => panic!("answered once stored, got {other:?}"),
+    }
+    // A transient status (released) is still answered while its release cannot be written:
+    // no outcome is promised, so a later run is no second outcome.
+    store.set_failing("release", true);
+    let released = engine
+        .run(
+            &key("tk-release"),
+            fp(),
+            &Policy::default(),
+            |_: &String| Disposition::Release,
+            |_| async { "busy".to_string() },
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            released,
+            Execution::Executed {
+                recorded: Recorded::Failed(_),
+                ..
+            }
+        ),
+        "{released:?}"
+    );
+}
+
+/// A store that is full when the outcome is recorded (Redis at `maxmemory`: a `Capacity` error
+/// that is not about the value's size; strict recovery, so the caller is answered meanwhile) is
+/// retried like an outage: once it takes writes again
+/// the response itself is stored and replayed, not a not-replayable tombstone.
+#[tokio::test(start_paused = true)]
+async fn a_store_full_at_completion_keeps_the_response_once_it_has_room() {
+    let (engine, store) = faulty_engine();
+    store.set_failing_with("complete", idemgate_core::ErrorKind::Capacity);
+    let first = engine
+        .run(&key("full"), fp(), &strict(), store_it, |_| async {
+            "charged".to_string()
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            first,
+            Execution::Executed {
+                recorded: Recorded::Failed(idemgate_core::ErrorKind::Capacity),
+                ..
+            }
+        ),
+        "answered while recording goes on: {first:?}"
+    );
+    tokio::time::sleep(LEASE).await;
+    store.set_failing("complete", false);
+    let retry = engine
+        .run(&key("full"), fp(), &strict(), store_it, |_| async {
+            "charged again".to_string()
+        })
+        .await
+        .unwrap();
+    match retry {
+        Execution::Replayed {
+            outcome: Outcome::Response(r),
+            ..
+        } => assert_eq!(r.body, "charged"),
+        other => panic!("the retry must replay the stored response, got {other:?}"),
+    }
 }
 
 /// Renewals that take longer than the renew interval: the operation still finishes (and is

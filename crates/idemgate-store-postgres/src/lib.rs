@@ -40,7 +40,9 @@
 //!
 //! Connection and pool failures map to [`ErrorKind::Unavailable`], pool timeouts to
 //! [`ErrorKind::Timeout`], undecodable rows to [`ErrorKind::Corrupt`], bodies over the limit to
-//! [`ErrorKind::Capacity`], other database errors to [`ErrorKind::Internal`].
+//! [`ErrorKind::Capacity`], as do the server's insufficient-resources errors (SQLSTATE class 53:
+//! disk full, out of memory, too many connections); other database errors map to
+//! [`ErrorKind::Internal`].
 
 use std::time::Duration;
 
@@ -90,10 +92,13 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 fn db_err(e: tokio_postgres::Error) -> StoreError {
-    let kind = if e.is_closed() || e.as_db_error().is_none() {
-        ErrorKind::Unavailable
-    } else {
-        ErrorKind::Internal
+    let kind = match e.as_db_error() {
+        _ if e.is_closed() => ErrorKind::Unavailable,
+        None => ErrorKind::Unavailable,
+        // Class 53, insufficient resources (disk full, out of memory, too many connections):
+        // the store is full, not broken (`503 store-full`).
+        Some(db) if db.code().code().starts_with("53") => ErrorKind::Capacity,
+        Some(_) => ErrorKind::Internal,
     };
     StoreError::new(kind, "postgres").with_source(e)
 }

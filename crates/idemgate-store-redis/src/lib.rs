@@ -37,8 +37,9 @@
 //! ## Errors
 //!
 //! Connection failures map to [`ErrorKind::Unavailable`], timeouts to [`ErrorKind::Timeout`],
-//! undecodable records to [`ErrorKind::Corrupt`], bodies over the limit to
-//! [`ErrorKind::Capacity`], anything else to [`ErrorKind::Internal`].
+//! undecodable records to [`ErrorKind::Corrupt`], bodies over the limit and Redis's `OOM`
+//! refusals (`maxmemory` reached under `noeviction`) to [`ErrorKind::Capacity`], anything else
+//! to [`ErrorKind::Internal`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -129,6 +130,9 @@ impl std::fmt::Debug for RedisStore {
 fn map_err(e: redis::RedisError) -> StoreError {
     let kind = if e.is_timeout() {
         ErrorKind::Timeout
+    } else if e.code() == Some("OOM") {
+        // `maxmemory` reached under `noeviction`: the store is full, not broken.
+        ErrorKind::Capacity
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
         ErrorKind::Unavailable
     } else {

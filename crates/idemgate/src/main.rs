@@ -2,8 +2,11 @@
 //!
 //! - `idemgate serve --upstream URL` — the proxy (see the README for every setting).
 //! - `idemgate keys list|get|delete|resolve` — the admin API from the command line.
+//! - `idemgate check --target URL --spec FILE` — checks that any HTTP API behaves idempotently
+//!   (see `docs/check.md`); exit 0 pass, 1 violation, 2 usage error or unreachable target.
 
 mod admin;
+mod check;
 mod config;
 mod edge;
 mod keys;
@@ -41,6 +44,9 @@ enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
+    /// Check that an HTTP API behaves idempotently (for CI): exit 0 when every check passed, 1
+    /// on a violation, 2 on a usage error, an invalid spec or an unreachable target.
+    Check(Box<check::CheckArgs>),
 }
 
 fn init_logs(json: bool) {
@@ -96,5 +102,9 @@ fn main() -> Result<()> {
             runtime.block_on(serve::run(settings))
         }
         Command::Keys { admin, command } => runtime.block_on(keys::run(&admin, command)),
+        Command::Check(args) => {
+            let code = runtime.block_on(check::run(*args));
+            std::process::exit(code)
+        }
     }
 }

@@ -70,7 +70,29 @@ async fn a_different_payload_with_the_same_key_is_refused_with_422() {
     let other_path = http
         .post(&proxy.url("/other"), Some("k"), b"{\"amount\":10}")
         .await;
-    for res in [other_body, other_path] {
+    let other_query = http
+        .post(
+            &proxy.url("/pay?currency=eur"),
+            Some("k"),
+            b"{\"amount\":10}",
+        )
+        .await;
+    let other_method = http
+        .send(
+            http::Method::PATCH,
+            &proxy.url("/pay"),
+            &[
+                (
+                    "content-type",
+                    http::HeaderValue::from_static("application/json"),
+                ),
+                ("idempotency-key", http::HeaderValue::from_static("k")),
+            ],
+            b"{\"amount\":10}",
+        )
+        .await;
+    // Scenario 26 (misuse): body, path, query and method each count; none is dispatched.
+    for res in [other_body, other_path, other_query, other_method] {
         assert_eq!(res.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(
             res.problem_type(),
@@ -424,4 +446,62 @@ async fn oversized_responses_pass_once_and_are_never_executed_again() {
     assert_eq!(again.problem_type(), "urn:idemgate:problem:not-replayable");
     assert_eq!(again.json()["original_status"], 201);
     assert_eq!(up.state.executions(), 1);
+}
+
+/// Scenario 19: a client that closes its connection right after sending the whole request.
+/// Closed once the request was forwarded: it runs to its end, its outcome is stored, the retry
+/// gets the replay. Closed at once (the proxy may not have forwarded it yet, and then drops it
+/// and frees the key): the retry is answered `201` either way. In both cases the upstream ran
+/// the request once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_right_after_sending_never_causes_a_second_run() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&up.url(), memory(), &[]);
+    let http = Http::default();
+    let body = b"{\"amount\":7}";
+    let send_and_leave = |key: &'static str| {
+        let raw = format!(
+            "POST /pay?delay_ms=300 HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             idempotency-key: {key}\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let addr = proxy.addr;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(raw.as_bytes()).await.unwrap();
+            s.write_all(body).await.unwrap();
+            s.flush().await.unwrap();
+            s
+        }
+    };
+    // Closed after the upstream got it (its start is the signal).
+    let s = send_and_leave("gone-late").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while up.state.started() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    drop(s);
+    let retry = http
+        .post(&proxy.url("/pay?delay_ms=300"), Some("gone-late"), body)
+        .await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(retry.replayed(), "the retry is the replay: {retry:?}");
+    assert_eq!(up.state.executions(), 1);
+    // Closed at once.
+    drop(send_and_leave("gone-early").await);
+    let retry = http
+        .post(&proxy.url("/pay?delay_ms=300"), Some("gone-early"), body)
+        .await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    let again = http
+        .post(&proxy.url("/pay?delay_ms=300"), Some("gone-early"), body)
+        .await;
+    assert!(again.replayed());
+    assert_eq!(again.body, retry.body);
+    assert_eq!(up.state.executions(), 2, "each key ran once");
 }

@@ -254,3 +254,50 @@ async fn a_paused_redis_is_answered_promptly_and_resumes() {
     redis.signal("-CONT");
     common::resumes_without_restart(&http, &proxy, &up, "p-after", 30, 2).await;
 }
+
+impl PrivateRedis {
+    /// `CONFIG SET name value` through `redis-cli`.
+    fn config_set(&self, name: &str, value: &str) {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "config", "set", name, value])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("OK"),
+            "config set {name} {value}: {out:?}"
+        );
+    }
+}
+
+/// Scenario 14: Redis at `maxmemory` under `noeviction` refuses every write (`OOM`). A new key
+/// is answered `503 store-full` with `Retry-After` (not `store-unavailable`, and never forwarded
+/// without a claim, whatever the fail mode), and service resumes by itself once Redis has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    no_redis,
+    ignore = "IDEMGATE_TEST_REDIS_URL is not set (redis-server needed)"
+)]
+async fn a_redis_at_maxmemory_answers_503_store_full_and_forwards_nothing() {
+    if common::server_url("IDEMGATE_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let redis = PrivateRedis::start().expect("redis-server is on this machine");
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(
+        &up.url(),
+        &format!("redis://127.0.0.1:{}", redis.port),
+        &["--namespace", "full", "--fail-mode", "open"],
+    );
+    let http = Http::default();
+    let before = http.post(&proxy.url("/pay"), Some("m-before"), b"{}").await;
+    assert_eq!(before.status, StatusCode::CREATED);
+    redis.config_set("maxmemory-policy", "noeviction");
+    redis.config_set("maxmemory", "1");
+    let res = http.post(&proxy.url("/pay"), Some("m-new"), b"{}").await;
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE, "{res:?}");
+    assert_eq!(res.problem_type(), "urn:idemgate:problem:store-full");
+    assert!(res.headers.contains_key("retry-after"));
+    assert_eq!(up.state.started(), 1, "nothing forwarded without a claim");
+    redis.config_set("maxmemory", "0");
+    common::resumes_without_restart(&http, &proxy, &up, "m-after", 30, 2).await;
+}

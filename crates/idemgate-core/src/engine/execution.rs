@@ -20,8 +20,9 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use parking_lot::Mutex;
 
-use super::{Classify, Dispatch, Disposition, Engine, EngineError, Execution, Policy, Recorded};
-use crate::error::ErrorKind;
+use super::{
+    Classify, Dispatch, Disposition, Engine, EngineError, Execution, Policy, Recorded, Recovery,
+};
 use crate::key::StoreKey;
 use crate::record::{Fencing, Outcome};
 use crate::store::{CasOutcome, Store};
@@ -147,7 +148,9 @@ impl<S: Store> Engine<S> {
     /// Writes the disposition, retrying store errors with capped exponential backoff until it is
     /// written or the fencing is lost (the heartbeat keeps the lease meanwhile), for at most the
     /// record's TTL. After `record_retries` failed attempts the caller is answered (with
-    /// [`Recorded::Failed`]) through `answer`, and recording goes on in the background.
+    /// [`Recorded::Failed`]) through `answer`, and recording goes on in the background — except
+    /// for an outcome to store under takeover recovery, whose caller waits for the record (see
+    /// the comment in the loop).
     async fn record<A>(
         &self,
         key: &StoreKey,
@@ -187,8 +190,9 @@ impl<S: Store> Engine<S> {
                 }
                 Err(e) => e,
             };
-            // A value the store will never take: keep the fact that it ran, not the value.
-            if e.kind() == ErrorKind::Capacity
+            // A value the store will never take: keep the fact that it ran, not the value. (A
+            // store that is full right now is retried like an outage: it may take the value.)
+            if e.is_value_too_large()
                 && let Disposition::Store(Outcome::Response(r)) = &disposition
             {
                 disposition = Disposition::Store(Outcome::NotReplayable {
@@ -198,7 +202,15 @@ impl<S: Store> Engine<S> {
                 continue;
             }
             attempt += 1;
+            // Answer before the outcome is written only where no one can run the operation
+            // again meanwhile. Under takeover, a holder that dies after answering leaves a key
+            // whose lease lapses and whose next retry runs again: an outcome the client was given
+            // would be followed by a second run (RELIABILITY I4). So a stored outcome waits for
+            // its record there (a release or an outcome-unknown promises no outcome).
+            let may_answer_early = policy.recovery == Recovery::Strict
+                || !matches!(disposition, Disposition::Store(_));
             if attempt == self.inner.config.record_retries
+                && may_answer_early
                 && let Some((tx, value)) = answer.take()
             {
                 tracing::error!(key = %key, error = %e,
