@@ -27,7 +27,9 @@
 //! was paused between claim and dispatch), and (takeover mode) an execution of an earlier epoch
 //! than one the upstream had already received, arriving after the key's outcome was delivered:
 //! a dispatch sent before the takeover and delivered late, which `Idempotency-Epoch` lets the
-//! upstream refuse (`stale_epoch_arrived_late`).
+//! upstream refuse (`stale_epoch_arrived_late`), and a fresh answer delivered after a newer
+//! epoch of the key had been dispatched (`fenced_holder_answered`: its holder had lost its lease
+//! before answering, so its outcome was never stored; it is not taken as the key's outcome).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
@@ -400,11 +402,25 @@ pub fn check(
                             ),
                         );
                     }
-                    if first_stored.is_none_or(|f| a.end_us < f.end_us) {
-                        first_stored = Some(a);
+                    // A fresh answer delivered after a newer epoch of the key was dispatched:
+                    // its holder had lost its lease before answering (a newer epoch is granted
+                    // only then), so its completion was fenced off and never stored. Its client
+                    // has the answer of a run the store does not keep (takeover mode: a holder
+                    // that could not renew through a store outage as long as the lease). It is
+                    // no baseline for replays nor the key's outcome: counted as an anomaly.
+                    let fenced = a.class == Class::Executed
+                        && effectful
+                            .iter()
+                            .any(|x| x.epoch > e.epoch && x.received_us < a.end_us);
+                    if fenced {
+                        anomaly("fenced_holder_answered", op.id);
+                    } else {
+                        if first_stored.is_none_or(|f| a.end_us < f.end_us) {
+                            first_stored = Some(a);
+                        }
+                        first_success_end =
+                            Some(first_success_end.map_or(a.end_us, |t| t.min(a.end_us)));
                     }
-                    first_success_end =
-                        Some(first_success_end.map_or(a.end_us, |t| t.min(a.end_us)));
                     if a.class == Class::Executed {
                         r.fresh_answers_checked += 1;
                         if !fresh_bodies.contains(&&ans.body[..]) {
