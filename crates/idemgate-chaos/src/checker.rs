@@ -27,9 +27,8 @@
 //! was paused between claim and dispatch), and (takeover mode) an execution of an earlier epoch
 //! than one the upstream had already received, arriving after the key's outcome was delivered:
 //! a dispatch sent before the takeover and delivered late, which `Idempotency-Epoch` lets the
-//! upstream refuse (`stale_epoch_arrived_late`), and a fresh answer delivered after a newer
-//! epoch of the key had been dispatched (`fenced_holder_answered`: its holder had lost its lease
-//! before answering, so its outcome was never stored; it is not taken as the key's outcome).
+//! upstream refuse (`stale_epoch_arrived_late`; only where a kill, pause, drain or upstream link
+//! fault of the sending instance explains the delay, else it is `reexecuted_after_answer`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
@@ -402,25 +401,11 @@ pub fn check(
                             ),
                         );
                     }
-                    // A fresh answer delivered after a newer epoch of the key was dispatched:
-                    // its holder had lost its lease before answering (a newer epoch is granted
-                    // only then), so its completion was fenced off and never stored. Its client
-                    // has the answer of a run the store does not keep (takeover mode: a holder
-                    // that could not renew through a store outage as long as the lease). It is
-                    // no baseline for replays nor the key's outcome: counted as an anomaly.
-                    let fenced = a.class == Class::Executed
-                        && effectful
-                            .iter()
-                            .any(|x| x.epoch > e.epoch && x.received_us < a.end_us);
-                    if fenced {
-                        anomaly("fenced_holder_answered", op.id);
-                    } else {
-                        if first_stored.is_none_or(|f| a.end_us < f.end_us) {
-                            first_stored = Some(a);
-                        }
-                        first_success_end =
-                            Some(first_success_end.map_or(a.end_us, |t| t.min(a.end_us)));
+                    if first_stored.is_none_or(|f| a.end_us < f.end_us) {
+                        first_stored = Some(a);
                     }
+                    first_success_end =
+                        Some(first_success_end.map_or(a.end_us, |t| t.min(a.end_us)));
                     if a.class == Class::Executed {
                         r.fresh_answers_checked += 1;
                         if !fresh_bodies.contains(&&ans.body[..]) {
@@ -540,10 +525,31 @@ pub fn check(
                 // partitioned link that heals, a dead process's socket still flushing). Nothing
                 // ran again after the answer; an upstream that fences on `Idempotency-Epoch`
                 // refuses it. Counted as an anomaly.
-                let newer_seen = effectful
+                // Only where a fault explains the delay: the sending instance was killed,
+                // paused or drained, or its upstream link faulted, around that time. Otherwise a
+                // holder sent after its lease was lost (the `start_by` check failed): flagged.
+                let lease_us = u64::try_from(params.lease.as_micros()).unwrap_or(u64::MAX);
+                let newer = effectful
                     .iter()
-                    .any(|x| x.received_us < e.received_us && x.epoch > e.epoch);
-                if newer_seen {
+                    .filter(|x| x.received_us < e.received_us && x.epoch > e.epoch)
+                    .map(|x| x.received_us)
+                    .min();
+                let explained = newer.is_some_and(|from| {
+                    faults.iter().filter(|f| f.applied).any(|f| {
+                        let near = f.at_us + 2 * lease_us >= from && f.at_us <= e.received_us;
+                        near && match &f.action {
+                            Action::Kill { instance }
+                            | Action::Pause { instance }
+                            | Action::Terminate { instance } => e.instance == Some(*instance),
+                            Action::UpstreamLink { instance, fault } => {
+                                *fault != LinkFault::None
+                                    && instance.is_none_or(|i| e.instance == Some(i))
+                            }
+                            _ => false,
+                        }
+                    })
+                });
+                if explained {
                     anomaly("stale_epoch_arrived_late", op.id);
                     continue;
                 }

@@ -76,14 +76,24 @@ impl StoreUrl {
         }
         if let Some(path) = url.strip_prefix("file:") {
             let path = path.strip_prefix("//").unwrap_or(path);
-            let (path, query) = path.split_once('?').unwrap_or((path, ""));
+            let (path, query) = match path.split_once('?') {
+                // A `?` starts the options; an empty option list is a mistake, not a path.
+                Some((_, "")) => {
+                    return Err(config(
+                        "file: a `?` starts the options (cache=SIZE) and may not end the URL"
+                            .into(),
+                    ));
+                }
+                Some((p, q)) => (p, q),
+                None => (path, ""),
+            };
             if path.is_empty() {
                 return Err(config(
                     "file: store URL needs a path, e.g. file:./idemgate-data".into(),
                 ));
             }
             let mut cache = None;
-            for pair in query.split('&').filter(|p| !p.is_empty()) {
+            for pair in query.split('&').filter(|_| !query.is_empty()) {
                 match pair.split_once('=') {
                     Some(("cache", value)) => {
                         let n = size(value).filter(|n| *n >= 1 << 20).ok_or_else(|| {
@@ -261,6 +271,8 @@ mod tests {
         for (bad, why) in [
             ("file:./d?cache=1KiB", "at least 1MiB"),
             ("file:./d?colour=blue", "unknown file: option"),
+            ("file:./d?", "may not end"),
+            ("file:./d?cache=8MiB&", "unknown file: option"),
             ("memory://?max_records=lots", "max_records"),
             ("memory://?max_bytes=1KiB", "at least 1MiB"),
             ("memory://?colour=blue", "unknown memory:// option"),

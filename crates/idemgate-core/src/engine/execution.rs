@@ -20,9 +20,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use parking_lot::Mutex;
 
-use super::{
-    Classify, Dispatch, Disposition, Engine, EngineError, Execution, Policy, Recorded, Recovery,
-};
+use super::{Classify, Dispatch, Disposition, Engine, EngineError, Execution, Policy, Recorded};
 use crate::key::StoreKey;
 use crate::record::{Fencing, Outcome};
 use crate::store::{CasOutcome, Store};
@@ -148,9 +146,7 @@ impl<S: Store> Engine<S> {
     /// Writes the disposition, retrying store errors with capped exponential backoff until it is
     /// written or the fencing is lost (the heartbeat keeps the lease meanwhile), for at most the
     /// record's TTL. After `record_retries` failed attempts the caller is answered (with
-    /// [`Recorded::Failed`]) through `answer`, and recording goes on in the background — except
-    /// for an outcome to store under takeover recovery, whose caller waits for the record (see
-    /// the comment in the loop).
+    /// [`Recorded::Failed`]) through `answer`, and recording goes on in the background.
     async fn record<A>(
         &self,
         key: &StoreKey,
@@ -202,15 +198,9 @@ impl<S: Store> Engine<S> {
                 continue;
             }
             attempt += 1;
-            // Answer before the outcome is written only where no one can run the operation
-            // again meanwhile. Under takeover, a holder that dies after answering leaves a key
-            // whose lease lapses and whose next retry runs again: an outcome the client was given
-            // would be followed by a second run (RELIABILITY I4). So a stored outcome waits for
-            // its record there (a release or an outcome-unknown promises no outcome).
-            let may_answer_early = policy.recovery == Recovery::Strict
-                || !matches!(disposition, Disposition::Store(_));
+            // The caller is answered with `Failed` and decides what to tell its client: under
+            // takeover that value is not (yet) the key's outcome (see `Recorded::Failed`).
             if attempt == self.inner.config.record_retries
-                && may_answer_early
                 && let Some((tx, value)) = answer.take()
             {
                 tracing::error!(key = %key, error = %e,
