@@ -24,7 +24,11 @@
 //! outcome-unknown, (takeover mode) a takeover that ran the key after a holder that had lost
 //! its lease answered outcome-unknown for its own exchange, and (strict mode) the key's single
 //! effect dispatched only after another instance had declared it outcome-unknown (its holder
-//! was paused between claim and dispatch).
+//! was paused between claim and dispatch), and (takeover mode) an execution of an earlier epoch
+//! than one the upstream had already received, arriving after the key's outcome was delivered:
+//! a dispatch sent before the takeover and delivered late, which `Idempotency-Epoch` lets the
+//! upstream refuse (`stale_epoch_arrived_late`; only where a kill, pause, drain or upstream link
+//! fault of the sending instance explains the delay, else it is `reexecuted_after_answer`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
@@ -516,6 +520,39 @@ pub fn check(
         let reruns = |t: u64| effectful.iter().filter(move |e| e.received_us > t);
         if let Some(t) = first_success_end {
             for e in reruns(t) {
+                // An earlier epoch than one the upstream had already received: a dispatch of a
+                // holder that lost its lease, sent before the takeover and delivered late (a
+                // partitioned link that heals, a dead process's socket still flushing). Nothing
+                // ran again after the answer; an upstream that fences on `Idempotency-Epoch`
+                // refuses it. Counted as an anomaly.
+                // Only where a fault explains the delay: the sending instance was killed,
+                // paused or drained, or its upstream link faulted, around that time. Otherwise a
+                // holder sent after its lease was lost (the `start_by` check failed): flagged.
+                let lease_us = u64::try_from(params.lease.as_micros()).unwrap_or(u64::MAX);
+                let newer = effectful
+                    .iter()
+                    .filter(|x| x.received_us < e.received_us && x.epoch > e.epoch)
+                    .map(|x| x.received_us)
+                    .min();
+                let explained = newer.is_some_and(|from| {
+                    faults.iter().filter(|f| f.applied).any(|f| {
+                        let near = f.at_us + 2 * lease_us >= from && f.at_us <= e.received_us;
+                        near && match &f.action {
+                            Action::Kill { instance }
+                            | Action::Pause { instance }
+                            | Action::Terminate { instance } => e.instance == Some(*instance),
+                            Action::UpstreamLink { instance, fault } => {
+                                *fault != LinkFault::None
+                                    && instance.is_none_or(|i| e.instance == Some(i))
+                            }
+                            _ => false,
+                        }
+                    })
+                });
+                if explained {
+                    anomaly("stale_epoch_arrived_late", op.id);
+                    continue;
+                }
                 flag(
                     "reexecuted_after_answer",
                     op,

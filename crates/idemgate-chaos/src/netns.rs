@@ -43,11 +43,14 @@ fn ip(args: &[&str]) -> std::io::Result<()> {
 impl Net {
     /// Creates a namespace for the store and one for each of `instances`, links and routes.
     pub fn create(instances: u32) -> std::io::Result<Self> {
+        static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
         let me = Self {
-            tag: format!("igc{}", pid % 100_000),
-            // A second octet of the run's own, so that two runs on one machine do not collide.
-            octet: 100 + (pid % 100) as u8,
+            // Names and a second octet of the run's own, so that runs (in one process or in
+            // several) do not collide, even while a namespace of an earlier run lingers.
+            tag: format!("igc{}r{}", pid % 10_000, run % 100),
+            octet: 100 + ((pid + run * 37) % 100) as u8,
             instances,
             forward_before: std::fs::read_to_string(FORWARD).ok(),
         };
@@ -150,9 +153,12 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        // Deleting a namespace deletes its end of the veth pair, and so the pair.
+        // The root end of each veth pair first (which deletes the pair even if a process is
+        // still inside the namespace), then the namespaces.
+        let _ = ip(&["link", "del", &format!("{}h", self.store_ns())]);
         let _ = ip(&["netns", "del", &self.store_ns()]);
         for i in 0..self.instances {
+            let _ = ip(&["link", "del", &format!("{}h", self.instance_ns(i))]);
             let _ = ip(&["netns", "del", &self.instance_ns(i)]);
         }
         if let Some(v) = &self.forward_before {

@@ -493,8 +493,9 @@ impl PrivateRedis {
 
 /// A private PostgreSQL cluster (`initdb` into a temporary folder, run as the `postgres` user,
 /// `fsync` and `synchronous_commit` on), for the faults the machine's shared server must not
-/// suffer: SIGKILL of the postmaster and every backend (its whole process group, as a machine
-/// crash would), then a restart that replays the WAL. Killed when dropped.
+/// suffer: SIGKILL of the postmaster and all its children at once (a process crash: the
+/// kernel's page cache survives, so this does not test `fsync`), then a restart that replays the
+/// WAL. Killed when dropped.
 #[derive(Debug)]
 pub struct PrivatePostgres {
     child: Option<Child>,
@@ -564,7 +565,6 @@ impl PrivatePostgres {
             .args(["-c", "max_connections=200"])
             .uid(self.uid)
             .gid(self.gid)
-            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -572,7 +572,16 @@ impl PrivatePostgres {
             .spawn()?;
         let deadline = tokio::time::Instant::now() + START_BOUND;
         loop {
-            if tokio::net::TcpStream::connect(self.addr()).await.is_ok() {
+            // Accepting connections, not just listening: after a crash, the server listens
+            // while it replays its WAL and refuses sessions ("the database system is starting
+            // up") until it is done.
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .stdin(Stdio::null())
+                .status()
+                .await
+                .is_ok_and(|s| s.success());
+            if ready {
                 self.child = Some(child);
                 return Ok(());
             }
@@ -604,17 +613,13 @@ impl PrivatePostgres {
         self.dir.path().join("data")
     }
 
-    /// SIGKILL of the postmaster and every backend (the process group), then reap.
+    /// SIGKILL of the postmaster and all its children (backends, checkpointer, WAL writer: each
+    /// is its own process group, so they are found by parent PID), at once, then reap.
     pub async fn kill9(&mut self) -> bool {
         match self.child.take() {
             Some(mut c) => {
                 if let Some(pid) = c.id() {
-                    let _ = Command::new("kill")
-                        .args(["-KILL", "--", &format!("-{pid}")])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .await;
+                    kill_with_children(pid);
                 }
                 let _ = c.kill().await;
                 true
@@ -636,13 +641,38 @@ impl PrivatePostgres {
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         if let Some(pid) = self.child.as_ref().and_then(Child::id) {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pid}")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            kill_with_children(pid);
         }
     }
+}
+
+/// SIGKILL of `pid` and of every process whose parent it is, in one `kill` call.
+fn kill_with_children(pid: u32) {
+    let mut pids = vec![pid.to_string()];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.filter_map(Result::ok) {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            // `/proc/PID/stat`: "pid (comm) state ppid ..."; comm may hold spaces.
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                pids.push(child.to_string());
+            }
+        }
+    }
+    let _ = std::process::Command::new("kill")
+        .arg("-KILL")
+        .args(&pids)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// The newest `/usr/lib/postgresql/<version>/bin` that holds a `postgres` binary.

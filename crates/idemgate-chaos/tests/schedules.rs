@@ -56,6 +56,13 @@ fn schedule_with(scenario: Scenario) -> (u64, u64) {
         report.violations.len(),
         report.histories.join("\n")
     );
+    if scenario.netns {
+        assert!(
+            report.faults.get("store_blackhole").copied().unwrap_or(0) >= 1,
+            "the partitions must have been applied: {:?}",
+            report.faults
+        );
+    }
     (
         report.faults.get("store_sigkill").copied().unwrap_or(0),
         report.resources.samples,
@@ -109,7 +116,7 @@ fn short_schedule_on_postgres_strict() {
 }
 
 /// Scenario 16: the PostgreSQL server itself dies (SIGKILL of the postmaster and every backend,
-/// as a machine crash would) and restarts from its WAL, under load, with instance kills as well.
+/// all at once, a process crash) and restarts from its WAL, under load, with instance kills as well.
 #[test]
 #[cfg_attr(
     no_postgres,
@@ -130,6 +137,7 @@ fn short_schedule_on_a_private_postgres_that_is_killed_strict() {
     ignore = "IDEMGATE_TEST_REDIS_URL is not set (redis-server, root and iproute2 needed)"
 )]
 fn partitions_through_network_namespaces_takeover() {
-    let (_, samples) = schedule_with(Scenario::partitions(Recovery::Takeover));
+    let scenario = Scenario::partitions(Recovery::Takeover);
+    let (_, samples) = schedule_with(scenario);
     assert!(samples >= 5, "the resources were sampled: {samples}");
 }

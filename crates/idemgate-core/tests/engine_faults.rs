@@ -56,16 +56,23 @@ fn faulty_engine() -> (Engine<Faulty<MemoryStore>>, Faulty<MemoryStore>) {
     (engine, store)
 }
 
-/// Completions fail for 4 leases: the holder keeps its lease meanwhile (so a waiting retry never
-/// takes over and runs the request again), the caller is answered after the first attempts, and
-/// the outcome lands once the store takes writes again.
+fn strict() -> Policy {
+    Policy {
+        recovery: idemgate_core::engine::Recovery::Strict,
+        ..Policy::default()
+    }
+}
+
+/// Completions fail for 4 leases (strict recovery): the holder keeps its lease meanwhile (so a
+/// waiting retry never takes over and runs the request again), the caller is answered after the
+/// first attempts, and the outcome lands once the store takes writes again.
 #[tokio::test(start_paused = true)]
 async fn a_recording_outage_longer_than_the_lease_runs_nothing_twice() {
     let (engine, store) = faulty_engine();
     let runs = Arc::new(AtomicUsize::new(0));
     store.set_failing("complete", true);
     let first = engine
-        .run(&key("rec"), fp(), &Policy::default(), store_it, {
+        .run(&key("rec"), fp(), &strict(), store_it, {
             let runs = runs.clone();
             move |_| async move {
                 runs.fetch_add(1, Ordering::SeqCst);
@@ -93,7 +100,7 @@ async fn a_recording_outage_longer_than_the_lease_runs_nothing_twice() {
                 .run(
                     &key("rec"),
                     fp(),
-                    &Policy::default(),
+                    &strict(),
                     store_it,
                     move |_| async move {
                         runs.fetch_add(1, Ordering::SeqCst);
@@ -123,20 +130,17 @@ async fn a_recording_outage_longer_than_the_lease_runs_nothing_twice() {
 }
 
 /// A store that is full when the outcome is recorded (Redis at `maxmemory`: a `Capacity` error
-/// that is not about the value's size) is retried like an outage: once it takes writes again
+/// that is not about the value's size; strict recovery, so the caller is answered meanwhile) is
+/// retried like an outage: once it takes writes again
 /// the response itself is stored and replayed, not a not-replayable tombstone.
 #[tokio::test(start_paused = true)]
 async fn a_store_full_at_completion_keeps_the_response_once_it_has_room() {
     let (engine, store) = faulty_engine();
     store.set_failing_with("complete", idemgate_core::ErrorKind::Capacity);
     let first = engine
-        .run(
-            &key("full"),
-            fp(),
-            &Policy::default(),
-            store_it,
-            |_| async { "charged".to_string() },
-        )
+        .run(&key("full"), fp(), &strict(), store_it, |_| async {
+            "charged".to_string()
+        })
         .await
         .unwrap();
     assert!(
@@ -152,13 +156,9 @@ async fn a_store_full_at_completion_keeps_the_response_once_it_has_room() {
     tokio::time::sleep(LEASE).await;
     store.set_failing("complete", false);
     let retry = engine
-        .run(
-            &key("full"),
-            fp(),
-            &Policy::default(),
-            store_it,
-            |_| async { "charged again".to_string() },
-        )
+        .run(&key("full"), fp(), &strict(), store_it, |_| async {
+            "charged again".to_string()
+        })
         .await
         .unwrap();
     match retry {

@@ -16,7 +16,13 @@
 //! Two widened configurations add what the hardening issue found just outside the original model:
 //! operators' deletes in every mode (finished only, outcome-unknown only, forced revocation) at
 //! any moment, and records that expire within the bounds with a sweeper purging them at any
-//! moment (so that claims of expired keys race purges).
+//! moment (so that claims of expired keys race purges). A third adds recording retries: a
+//! completion the store applied but whose answer the holder never heard, followed by the
+//! holder's retry (complete again, mark unknown, release) beside takeovers and deletes. A
+//! fourth runs one instance's local replay cache (`idemgate_core::cache`, as an algorithm: copy,
+//! delete generation, reads that remember only if the generation held) with operators' deletes
+//! through it racing its reads: once a delete returned, no replay comes from a copy of what it
+//! deleted. (Breaking the generation check makes the checker find the counterexample.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::ptr_arg)]
 
@@ -68,6 +74,35 @@ struct State {
     saw_stale_attempt: bool,
     saw_revoked_takeover: bool,
     saw_purge: bool,
+    saw_unheard: bool,
+    /// The replay cache of one instance (`with_cache`).
+    cache: CacheModel,
+}
+
+/// A read that asked the store: (generation at its start, the completion it read, if any).
+type PendingRead = (u32, Option<(u32, u8)>);
+
+/// The local replay cache (`idemgate_core::cache`) of one instance, as an algorithm: a copy of
+/// a completed record, a delete generation bumped before and after every delete made through
+/// it, and reads that remember what they read only if the generation did not move meanwhile.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+struct CacheModel {
+    /// The cached copy: (incarnation, value) of a completed record.
+    copy: Option<(u32, u8)>,
+    generation: u32,
+    /// Per reader: a read that asked the store (generation at its start, what it read).
+    reads: Vec<Option<PendingRead>>,
+    /// A delete through the cache: 0 none, 1 begun (copy forgotten), 2 done in the store.
+    deleting: u8,
+    /// The completion the running delete removed from the store, if it removed one.
+    removing: Option<u32>,
+    /// Completions (incarnations) removed by deletes that have returned.
+    deleted: Vec<u32>,
+    deletes: u8,
+    /// Set if a replay was served from a copy of a completion a returned delete removed.
+    served_deleted: bool,
+    saw_served: bool,
+    saw_uncached_overlap: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -84,6 +119,18 @@ enum Action {
     Delete(DeleteMode),
     /// The sweeper removes the record if it has expired.
     Purge,
+    /// A holder's completion that the store applied but whose answer was lost (a timeout): the
+    /// holder does not know, keeps holding, and retries — complete again, mark unknown or
+    /// release — as the engine's recording retries do.
+    CompleteUnheard(usize),
+    /// A replay lookup of reader `r` in the cache: served from the copy, or asks the store.
+    CacheRead(usize),
+    /// Reader `r`'s store answer arrives: remembered if the generation did not move.
+    CacheRemember(usize),
+    /// An operator's delete through the cache: forget, store delete, forget again.
+    CacheDeleteBegin,
+    CacheDeleteStore(DeleteMode),
+    CacheDeleteEnd,
 }
 
 struct Protocol {
@@ -93,7 +140,13 @@ struct Protocol {
     with_admin: bool,
     /// Records live this many ticks (renewals extend them); `None`: never expire in bounds.
     ttl_ticks: Option<u32>,
+    /// Completions may be applied unheard, and then retried (recording retries).
+    with_unheard: bool,
+    /// Readers of one instance's replay cache, and operators' deletes through it (at most 2).
+    cache_readers: usize,
 }
+
+const MAX_CACHE_DELETES: u8 = 2;
 
 fn ts(tick: u32) -> Timestamp {
     Timestamp(1_000_000 + u64::from(tick) * 1_000)
@@ -155,6 +208,11 @@ impl Model for Protocol {
             saw_stale_attempt: false,
             saw_revoked_takeover: false,
             saw_purge: false,
+            saw_unheard: false,
+            cache: CacheModel {
+                reads: vec![None; self.cache_readers],
+                ..CacheModel::default()
+            },
         }]
     }
 
@@ -169,6 +227,26 @@ impl Model for Protocol {
         }
         if self.ttl_ticks.is_some() && s.record.is_some() {
             actions.push(Action::Purge);
+        }
+        if self.cache_readers > 0 {
+            for (r, read) in s.cache.reads.iter().enumerate() {
+                actions.push(if read.is_none() {
+                    Action::CacheRead(r)
+                } else {
+                    Action::CacheRemember(r)
+                });
+            }
+            match s.cache.deleting {
+                0 if s.cache.deletes < MAX_CACHE_DELETES && s.record.is_some() => {
+                    actions.push(Action::CacheDeleteBegin);
+                }
+                1 => {
+                    actions.push(Action::CacheDeleteStore(DeleteMode::Finished));
+                    actions.push(Action::CacheDeleteStore(DeleteMode::Force));
+                }
+                2 => actions.push(Action::CacheDeleteEnd),
+                _ => {}
+            }
         }
         for (h, holder) in s.holders.iter().enumerate() {
             match holder {
@@ -190,6 +268,9 @@ impl Model for Protocol {
                     actions.push(Action::MarkUnknown(h));
                     if self.with_release {
                         actions.push(Action::Release(h));
+                    }
+                    if self.with_unheard {
+                        actions.push(Action::CompleteUnheard(h));
                     }
                     actions.push(Action::Crash(h));
                 }
@@ -285,6 +366,85 @@ impl Model for Protocol {
                 }
                 s.holders[h] = Holder::Done;
             }
+            Action::CompleteUnheard(h) => {
+                let Holder::Holding(f, inc) = s.holders[h] else {
+                    return None;
+                };
+                let outcome = Outcome::Response(StoredResponse::new(200, vec![], vec![h as u8]));
+                let (write, out) = protocol::complete(s.record.as_ref(), now, f, &outcome, ttl);
+                if out != CasOutcome::Applied {
+                    return None; // a lost answer of a refused write is just a refusal
+                }
+                apply(&mut s.record, write);
+                s.note_cas(f, inc, true);
+                if !s.completions.iter().any(|c| c.0 == s.incarnation) {
+                    s.completions.push((s.incarnation, f.epoch, h as u8));
+                }
+                s.saw_unheard = true;
+                // Still Holding: its next step is a retry of the recording.
+            }
+            Action::CacheRead(r) => match s.cache.copy {
+                Some((inc, _)) => {
+                    s.cache.saw_served = true;
+                    s.cache.served_deleted |= s.cache.deleted.contains(&inc);
+                }
+                None => {
+                    let read = match &s.record {
+                        Some(Record {
+                            state:
+                                RecordState::Completed {
+                                    outcome: Outcome::Response(resp),
+                                    ..
+                                },
+                            ..
+                        }) => Some((s.incarnation, resp.body.first().copied().unwrap_or(0))),
+                        _ => None,
+                    };
+                    s.cache.reads[r] = Some((s.cache.generation, read));
+                }
+            },
+            Action::CacheRemember(r) => {
+                let (generation, read) = s.cache.reads[r].take()?;
+                if let Some(copy) = read {
+                    if generation == s.cache.generation {
+                        s.cache.copy = Some(copy);
+                    } else {
+                        s.cache.saw_uncached_overlap = true;
+                    }
+                }
+            }
+            Action::CacheDeleteBegin => {
+                s.cache.generation += 1;
+                s.cache.copy = None;
+                s.cache.deleting = 1;
+                s.cache.deletes += 1;
+            }
+            Action::CacheDeleteStore(mode) => {
+                let completed = matches!(
+                    &s.record,
+                    Some(Record {
+                        state: RecordState::Completed { .. },
+                        ..
+                    })
+                );
+                let (write, out) = protocol::delete(s.record.as_ref(), now, mode);
+                apply(&mut s.record, write);
+                if let DeleteOutcome::Revoked { epoch } = out {
+                    s.revoked.push((s.incarnation, epoch));
+                }
+                if completed && out == DeleteOutcome::Deleted {
+                    s.cache.removing = Some(s.incarnation);
+                }
+                s.cache.deleting = 2;
+            }
+            Action::CacheDeleteEnd => {
+                s.cache.generation += 1;
+                s.cache.copy = None;
+                if let Some(inc) = s.cache.removing.take() {
+                    s.cache.deleted.push(inc);
+                }
+                s.cache.deleting = 0;
+            }
             Action::MarkUnknown(h) => {
                 let Holder::Holding(f, inc) = s.holders[h] else {
                     return None;
@@ -370,6 +530,28 @@ impl Model for Protocol {
                 |_, s: &State| s.saw_revoked_takeover,
             ));
         }
+        if self.with_unheard {
+            properties.push(Property::sometimes(
+                "a completion applied unheard is retried",
+                |_, s: &State| {
+                    s.saw_unheard && s.holders.iter().all(|h| !matches!(h, Holder::Holding(..)))
+                },
+            ));
+        }
+        if self.cache_readers > 0 {
+            properties.push(Property::always(
+                "no replay is served from a copy of a deleted record",
+                |_, s: &State| !s.cache.served_deleted,
+            ));
+            properties.push(Property::sometimes(
+                "a replay is served from the cache",
+                |_, s: &State| s.cache.saw_served,
+            ));
+            properties.push(Property::sometimes(
+                "a read that overlapped a delete is not cached",
+                |_, s: &State| s.cache.saw_uncached_overlap,
+            ));
+        }
         if self.ttl_ticks.is_some() {
             properties.push(Property::sometimes(
                 "an expired record is purged",
@@ -396,6 +578,8 @@ fn protocol_is_safe_with_crashes_and_arbitrary_delays() {
         with_release: false,
         with_admin: false,
         ttl_ticks: None,
+        with_unheard: false,
+        cache_readers: 0,
     });
     assert!(states > 10_000, "explored {states}");
 }
@@ -408,6 +592,8 @@ fn protocol_is_safe_with_releases_and_reclaims() {
         with_release: true,
         with_admin: false,
         ttl_ticks: None,
+        with_unheard: false,
+        cache_readers: 0,
     });
 }
 
@@ -419,6 +605,8 @@ fn protocol_is_safe_with_operators_deleting_and_revoking_at_any_moment() {
         with_release: true,
         with_admin: true,
         ttl_ticks: None,
+        with_unheard: false,
+        cache_readers: 0,
     });
 }
 
@@ -430,5 +618,39 @@ fn protocol_is_safe_with_expiring_records_and_a_sweeper_at_any_moment() {
         with_release: true,
         with_admin: false,
         ttl_ticks: Some(3),
+        with_unheard: false,
+        cache_readers: 0,
+    });
+}
+
+/// Recording retries: a completion the store applied but whose answer the holder never heard is
+/// retried (complete again, mark unknown, release), beside takeovers, releases and an operator's
+/// deletes. A retry must never change the stored outcome nor free the key.
+#[test]
+fn protocol_is_safe_with_recording_retries_after_unheard_completions() {
+    check(Protocol {
+        holders: 2,
+        max_ticks: 5,
+        with_release: true,
+        with_admin: true,
+        ttl_ticks: None,
+        with_unheard: true,
+        cache_readers: 0,
+    });
+}
+
+/// The local replay cache with operators' deletes through it racing its reads: once a delete has
+/// returned, no replay is served from a copy of what it deleted (a read that began before the
+/// delete does not put its copy back).
+#[test]
+fn protocol_is_safe_with_a_replay_cache_and_deletes_racing_its_reads() {
+    check(Protocol {
+        holders: 2,
+        max_ticks: 4,
+        with_release: false,
+        with_admin: false,
+        ttl_ticks: None,
+        with_unheard: false,
+        cache_readers: 1,
     });
 }

@@ -11,6 +11,7 @@
 //! | `hold=1` | wait until [`Upstream::release_held`] is called (tests) |
 //! | `size=N` | pad the body to N bytes |
 //! | `truncate=1` | send half of the body, then break the connection |
+//! | `fail_first=N` | answer the first N requests of each `(path, Idempotency-Key)` with `503` + `Retry-After: 0`, without executing (a flaky API, for retrying clients) |
 //!
 //! `GET /_stats` returns the counters; any other `GET` answers `200 hello`.
 //!
@@ -53,6 +54,9 @@ struct State {
     total: AtomicUsize,
     started: AtomicUsize,
     per_key: parking::Mutex<HashMap<String, usize>>,
+    /// Requests seen per `(path, key)` by `fail_first`.
+    tries: parking::Mutex<HashMap<(String, String), usize>>,
+    failed: AtomicUsize,
     release: Notify,
     held: AtomicUsize,
 }
@@ -83,6 +87,11 @@ impl Upstream {
     /// Executions for one key (any path).
     pub fn executions_of(&self, key: &str) -> usize {
         self.inner.per_key.lock().get(key).copied().unwrap_or(0)
+    }
+
+    /// Requests refused by `fail_first` so far.
+    pub fn failed(&self) -> usize {
+        self.inner.failed.load(Ordering::SeqCst)
     }
 
     /// Requests waiting on `hold=1` right now.
@@ -148,6 +157,27 @@ impl Upstream {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
+        if let Some(n) = query
+            .get("fail_first")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            let tries = {
+                let mut tries = self.inner.tries.lock();
+                let t = tries.entry((path.clone(), key.clone())).or_insert(0);
+                *t += 1;
+                *t
+            };
+            if tries <= n {
+                self.inner.failed.fetch_add(1, Ordering::SeqCst);
+                let mut res = json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({ "error": "temporarily unavailable", "try": tries }).to_string(),
+                );
+                res.headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static("0"));
+                return res;
+            }
+        }
         self.inner.started.fetch_add(1, Ordering::SeqCst);
         if query.get("hold").is_some_and(|v| v == "1") {
             let released = self.inner.release.notified();

@@ -104,9 +104,22 @@ pub struct RedbStoreBuilder {
     clock: Arc<dyn Clock>,
     max_batch: usize,
     queue_capacity: usize,
+    cache_size: usize,
 }
 
+/// The default of [`RedbStoreBuilder::cache_size`]: 64 MiB.
+pub const DEFAULT_CACHE_SIZE: usize = 64 << 20;
+
 impl RedbStoreBuilder {
+    /// Memory redb may use to cache the file's pages (default [`DEFAULT_CACHE_SIZE`], at least
+    /// 1 MiB). The process's memory grows with the file up to about this much (redb's own
+    /// default, 1 GiB, let a soak's process reach 246 MB with a 214 MB file); the operating
+    /// system's page cache still serves reads beyond it.
+    pub fn cache_size(mut self, bytes: usize) -> Self {
+        self.cache_size = bytes.max(1 << 20);
+        self
+    }
+
     /// The clock that decides expiry (default: [`WallClock`]).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
@@ -127,16 +140,19 @@ impl RedbStoreBuilder {
 
     /// Opens (or creates) the file and starts the writer thread.
     pub fn open(self) -> Result<RedbStore, StoreError> {
-        let db = Database::create(&self.path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::new(
-                ErrorKind::Config,
-                format!(
-                    "{} is in use by another idemgate process (or already open in this one)",
-                    self.path.display()
+        let db = Database::builder()
+            .set_cache_size(self.cache_size)
+            .create(&self.path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::new(
+                    ErrorKind::Config,
+                    format!(
+                        "{} is in use by another idemgate process (or already open in this one)",
+                        self.path.display()
+                    ),
                 ),
-            ),
-            other => map_err(other, "open the database file"),
-        })?;
+                other => map_err(other, "open the database file"),
+            })?;
         // Create the tables up front so that readers never see them missing.
         let txn = db.begin_write().map_err(|e| map_err(e, "begin"))?;
         txn.open_table(RECORDS)
@@ -460,6 +476,7 @@ impl RedbStore {
             clock: Arc::new(WallClock),
             max_batch: 256,
             queue_capacity: 8_192,
+            cache_size: DEFAULT_CACHE_SIZE,
         }
     }
 

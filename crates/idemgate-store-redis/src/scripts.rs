@@ -68,14 +68,15 @@ if live(now) then
 end
 local le = now + tonumber(ARGV[7])
 local xa = math.max(now + tonumber(ARGV[8]), le)
--- HSET first: at `maxmemory` (noeviction) Redis refuses this script's first write if it is a
--- command that may grow memory, and lets every later write of a script that has written through.
--- A DEL first would let a new claim in past `maxmemory`; this way a new key is refused (OOM)
--- before anything changed. Then the fields of an earlier record that the new one lacks go.
+-- A write that may grow memory first: at `maxmemory` (noeviction) Redis refuses a script's first
+-- such write, and lets every later write of a script that has written through. A DEL first would
+-- let a new claim in past `maxmemory`; this way a new key is refused (OOM) before anything
+-- changed. Then the record is replaced whole.
+redis.call('HSET', KEYS[1], 'v', '1')
+redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', '1', 'ns', ARGV[1], 'sc', ARGV[2], 'k', ARGV[3], 'fp', ARGV[4],
   'ca', fmt(now), 'xa', fmt(xa), 'st', 'i', 'ep', fmt(ep), 'tk', ARGV[5], 'ow', ARGV[6],
   'le', fmt(le))
-redis.call('HDEL', KEYS[1], 'ct', 'out', 'us')
 redis.call('PEXPIREAT', KEYS[1], xa)
 return {1, now, fmt(ep)}
 "#,

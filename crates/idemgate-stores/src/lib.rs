@@ -165,7 +165,7 @@ pub async fn open(url: &str) -> Result<Opened, StoreError> {
             }
             Ok(Opened::new(builder.build(), Vec::new(), false, Feed::None))
         }
-        StoreUrl::File { dir } => open_file(&dir),
+        StoreUrl::File { dir, cache } => open_file(&dir, cache),
         StoreUrl::Redis { url } => open_redis(&url, None).await,
         StoreUrl::RedisCluster { nodes } => open_redis(url, Some(&nodes)).await,
         StoreUrl::Postgres { url } => open_postgres(&url).await,
@@ -278,7 +278,7 @@ fn missing_feature(feature: &str) -> StoreError {
 }
 
 #[cfg(feature = "redb")]
-fn open_file(dir: &std::path::Path) -> Result<Opened, StoreError> {
+fn open_file(dir: &std::path::Path, cache: Option<usize>) -> Result<Opened, StoreError> {
     std::fs::create_dir_all(dir).map_err(|e| {
         StoreError::new(
             ErrorKind::Config,
@@ -286,12 +286,16 @@ fn open_file(dir: &std::path::Path) -> Result<Opened, StoreError> {
         )
         .with_source(e)
     })?;
-    let store = idemgate_store_redb::RedbStore::open(dir.join("idemgate.redb"))?;
+    let mut builder = idemgate_store_redb::RedbStore::builder(dir.join("idemgate.redb"));
+    if let Some(bytes) = cache {
+        builder = builder.cache_size(bytes);
+    }
+    let store = builder.open()?;
     Ok(Opened::new(store, Vec::new(), false, Feed::None))
 }
 
 #[cfg(not(feature = "redb"))]
-fn open_file(_dir: &std::path::Path) -> Result<Opened, StoreError> {
+fn open_file(_dir: &std::path::Path, _cache: Option<usize>) -> Result<Opened, StoreError> {
     Err(missing_feature("redb"))
 }
 

@@ -15,10 +15,13 @@ pub enum StoreUrl {
         /// `max_bytes`, if given.
         max_bytes: Option<usize>,
     },
-    /// `file:DIR` or `file://DIR`: the redb database `DIR/idemgate.redb`.
+    /// `file:DIR[?cache=SIZE]` or `file://DIR`: the redb database `DIR/idemgate.redb` (a `?`
+    /// starts the options, so it cannot be part of the path).
     File {
         /// The directory.
         dir: PathBuf,
+        /// `?cache=SIZE`: memory for the file's page cache (default 64 MiB).
+        cache: Option<usize>,
     },
     /// `redis://HOST:PORT[/DB]` (also `rediss://`).
     Redis {
@@ -87,12 +90,45 @@ impl StoreUrl {
         }
         if let Some(path) = url.strip_prefix("file:") {
             let path = path.strip_prefix("//").unwrap_or(path);
+            let (path, query) = match path.split_once('?') {
+                // A `?` starts the options; an empty option list is a mistake, not a path.
+                Some((_, "")) => {
+                    return Err(config(
+                        "file: a `?` starts the options (cache=SIZE) and may not end the URL"
+                            .into(),
+                    ));
+                }
+                Some((p, q)) => (p, q),
+                None => (path, ""),
+            };
             if path.is_empty() {
                 return Err(config(
                     "file: store URL needs a path, e.g. file:./idemgate-data".into(),
                 ));
             }
-            return Ok(StoreUrl::File { dir: path.into() });
+            let mut cache = None;
+            for pair in query.split('&').filter(|_| !query.is_empty()) {
+                match pair.split_once('=') {
+                    Some(("cache", value)) => {
+                        let n = size(value).filter(|n| *n >= 1 << 20).ok_or_else(|| {
+                            config(format!(
+                                "file: cache {value:?} is not a size of at least 1MiB (e.g. 64MiB)"
+                            ))
+                        })?;
+                        cache = Some(n);
+                    }
+                    _ => {
+                        return Err(config(format!(
+                            "unknown file: option {:?} (use cache=SIZE)",
+                            redact(pair)
+                        )));
+                    }
+                }
+            }
+            return Ok(StoreUrl::File {
+                dir: path.into(),
+                cache,
+            });
         }
         // Only the scheme is shown: a mistyped URL (`postgres:user:pw@db`) may hold a password
         // where no parser would look for one.
@@ -303,7 +339,18 @@ mod tests {
             })
         );
         assert!(StoreUrl::parse("dynamodb://idemgate").is_ok_and(|u| u.is_shared()));
+        assert_eq!(
+            StoreUrl::parse("file:./d?cache=16MiB").ok(),
+            Some(StoreUrl::File {
+                dir: "./d".into(),
+                cache: Some(16 << 20)
+            })
+        );
         for (bad, why) in [
+            ("file:./d?cache=1KiB", "at least 1MiB"),
+            ("file:./d?colour=blue", "unknown file: option"),
+            ("file:./d?", "may not end"),
+            ("file:./d?cache=8MiB&", "unknown file: option"),
             ("memory://?max_records=lots", "max_records"),
             ("memory://?max_bytes=1KiB", "at least 1MiB"),
             ("memory://?colour=blue", "unknown memory:// option"),

@@ -4,7 +4,7 @@
 
 use http::Response;
 use http::header::{HeaderValue, RETRY_AFTER};
-use idemgate_core::engine::{EngineError, Execution};
+use idemgate_core::engine::{EngineError, Execution, Recorded, Recovery};
 use idemgate_core::record::Outcome;
 use idemgate_core::{ErrorKind, ScopedKey};
 
@@ -85,6 +85,28 @@ pub(crate) fn respond(
 ) -> Responded {
     let answer = |a, res| Responded::Answer(a, res);
     match result {
+        // Takeover recovery, an outcome to keep, and the store has not confirmed it (still being
+        // written, or the key was taken over meanwhile): the answer is not the key's outcome
+        // yet, and a second run may follow it. The client is told to retry; its retry waits for
+        // the record and replays it (or gets the run that took the key over).
+        Ok(Execution::Executed {
+            value: Ok(ref r),
+            recorded: Recorded::Failed(_) | Recorded::LeaseLost,
+            ..
+        }) if route.engine.recovery == Recovery::Takeover
+            && !route.transient_statuses.contains(&r.parts.status.as_u16()) =>
+        {
+            tracing::warn!(route = %route.name, key = %key.key(),
+                "the outcome is not recorded yet (or the key was taken over): answering 409 \
+                 instead of an answer no retry would see");
+            let mut res = ProblemKind::InFlight.response(
+                "the request ran, but its outcome is not recorded yet; retry with the same \
+                 Idempotency-Key to get it",
+            );
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static(STORE_RETRY_AFTER));
+            answer(Answer::Conflict, res)
+        }
         Ok(Execution::Executed { value, .. }) => match value {
             Ok(UpstreamResponse { parts, body }) => {
                 let body = match body {

@@ -21,6 +21,10 @@ use idemgate_tower::body::{IdemBody, full};
 use idemgate_tower::policy::{FailMode, RoutePolicy, Routes};
 
 async fn serve(fail_mode: FailMode) -> (SocketAddr, Faulty<MemoryStore>, Arc<AtomicUsize>) {
+    serve_route(RoutePolicy::new("r", "/**").fail_mode(fail_mode)).await
+}
+
+async fn serve_route(route: RoutePolicy) -> (SocketAddr, Faulty<MemoryStore>, Arc<AtomicUsize>) {
     let store = Faulty::new(MemoryStore::default());
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
@@ -28,7 +32,7 @@ async fn serve(fail_mode: FailMode) -> (SocketAddr, Faulty<MemoryStore>, Arc<Ato
         let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
         async move { Ok::<_, Infallible>(Response::new(full(Bytes::from(format!("call {n}"))))) }
     });
-    let routes = Routes::new(vec![RoutePolicy::new("r", "/**").fail_mode(fail_mode)]);
+    let routes = Routes::new(vec![route]);
     let svc = tower::ServiceBuilder::new()
         .layer(IdempotencyLayer::new(
             Engine::builder(store.clone()).build(),
@@ -123,4 +127,36 @@ async fn fail_open_never_forwards_past_a_full_store_or_a_corrupt_record() {
         0,
         "nothing forwarded unprotected"
     );
+}
+
+/// Under takeover recovery, an outcome the store has not confirmed is not handed out as final:
+/// had the holder died after answering, its lapsed lease would let a retry run the request again
+/// after its client had the outcome (found by the chaos soak). The client gets `409` in-flight
+/// with `Retry-After`; its retry waits for the record and replays it. Under strict recovery the
+/// answer goes out at once (nothing can run again there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_not_yet_recorded_is_409_under_takeover_and_answered_under_strict() {
+    let (addr, store, calls) = serve(FailMode::Closed).await;
+    store.set_failing("complete", true);
+    let (status, body) = post(addr, "rec").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body:?}");
+    assert!(String::from_utf8_lossy(&body).contains("urn:idemgate:problem:request-in-flight"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    store.set_failing("complete", false);
+    assert_eq!(
+        post(addr, "rec").await,
+        (StatusCode::OK, Bytes::from("call 1")),
+        "the retry gets the recorded outcome"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    let (addr, store, calls) =
+        serve_route(RoutePolicy::new("r", "/**").recovery(idemgate_core::engine::Recovery::Strict))
+            .await;
+    store.set_failing("complete", true);
+    assert_eq!(
+        post(addr, "rec").await,
+        (StatusCode::OK, Bytes::from("call 1"))
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }

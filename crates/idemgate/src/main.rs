@@ -4,8 +4,11 @@
 //! - `idemgate keys list|get|delete|resolve` — the admin API from the command line.
 //! - `idemgate create-table --store dynamodb://TABLE?region=…` — creates a DynamoDB table on
 //!   demand (`serve` never creates one).
+//! - `idemgate check --target URL --spec FILE` — checks that any HTTP API behaves idempotently
+//!   (see `docs/check.md`); exit 0 pass, 1 violation, 2 usage error or unreachable target.
 
 mod admin;
+mod check;
 mod config;
 mod edge;
 mod keys;
@@ -51,6 +54,9 @@ enum Command {
         #[arg(long, env = "IDEMGATE_STORE")]
         store: String,
     },
+    /// Check that an HTTP API behaves idempotently (for CI): exit 0 when every check passed, 1
+    /// on a violation, 2 on a usage error, an invalid spec or an unreachable target.
+    Check(Box<check::CheckArgs>),
 }
 
 fn init_logs(json: bool) {
@@ -118,6 +124,10 @@ fn main() -> Result<()> {
                 })?;
             println!("{done}");
             Ok(())
+        }
+        Command::Check(args) => {
+            let code = runtime.block_on(check::run(*args));
+            std::process::exit(code)
         }
     }
 }

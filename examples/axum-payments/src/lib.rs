@@ -3,17 +3,34 @@
 //! [`app`] builds the service: an axum `Router` wrapped in [`IdempotencyLayer`] (the layer goes
 //! around the whole router, so it sees every request before routing), with errors turned into
 //! responses so that `axum::serve` can run it.
+//!
+//! Two resources:
+//!
+//! - `POST /payments` charges the [`Ledger`] (`Idempotency-Key` required).
+//! - `/accounts/{id}`, a **versioned** resource (optimistic locking with idempotency keys):
+//!   `GET` answers `{"id", "balance", "version"}` with `ETag: "<version>"` (every account exists
+//!   at version 0 until written); `PUT {"balance": N}` needs an `Idempotency-Key` and an
+//!   `If-Match` with the current `ETag`: `200` with the new `ETag`, `412` when the `ETag` is
+//!   stale (someone else wrote first), `428` without `If-Match`. A retry of a `PUT` (same key)
+//!   gets the stored answer, so a client whose answer was lost learns that its update won, even
+//!   though its `If-Match` is stale by then; two updates racing with one `If-Match` cannot both
+//!   win.
+//!
+//! `idemgate-check.toml` beside this crate is the spec `idemgate check` passes it with.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::State;
-use axum::http::{Request, Response, StatusCode};
-use axum::routing::post;
+use axum::extract::{Path, State};
+use axum::http::header::{ETAG, IF_MATCH};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
 use idemgate_core::{Engine, MemoryStore};
 use idemgate_tower::IdempotencyLayer;
 use idemgate_tower::body::{BoxError, IdemBody};
@@ -43,7 +60,84 @@ async fn charge(
     )
 }
 
-/// The service: `POST /payments` requires an `Idempotency-Key`.
+/// Versioned accounts: balance and version per id.
+#[derive(Clone, Default)]
+pub struct Accounts(Arc<Mutex<HashMap<String, Account>>>);
+
+/// One account.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Account {
+    /// The balance.
+    pub balance: i64,
+    /// Bumped by every update; the `ETag` is its decimal value, quoted.
+    pub version: u64,
+}
+
+impl Accounts {
+    /// The account `id` (version 0 if never written).
+    pub fn get(&self, id: &str) -> Account {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+fn account_answer(status: StatusCode, id: &str, account: Account) -> Response<Body> {
+    let body = json!({ "id": id, "balance": account.balance, "version": account.version });
+    (status, [(ETAG, etag(account.version))], Json(body)).into_response()
+}
+
+async fn read_account(State(accounts): State<Accounts>, Path(id): Path<String>) -> Response<Body> {
+    account_answer(StatusCode::OK, &id, accounts.get(&id))
+}
+
+/// `PUT /accounts/{id}`: a compare-and-set on the version named by `If-Match`.
+async fn write_account(
+    State(accounts): State<Accounts>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response<Body> {
+    let Some(if_match) = headers.get(IF_MATCH) else {
+        let problem = json!({ "title": "If-Match is required", "status": 428 });
+        return (StatusCode::PRECONDITION_REQUIRED, Json(problem)).into_response();
+    };
+    let Some(balance) = body["balance"].as_i64() else {
+        let problem = json!({ "title": "balance must be an integer", "status": 400 });
+        return (StatusCode::BAD_REQUEST, Json(problem)).into_response();
+    };
+    let mut map = accounts.0.lock().unwrap_or_else(|e| e.into_inner());
+    let account = map.entry(id.clone()).or_default();
+    if *if_match != etag(account.version) && if_match != "*" {
+        let current = *account;
+        drop(map);
+        let problem = json!({
+            "title": "the account changed since this ETag",
+            "status": 412,
+            "current_version": current.version,
+        });
+        return (
+            StatusCode::PRECONDITION_FAILED,
+            [(ETAG, etag(current.version))],
+            Json(problem),
+        )
+            .into_response();
+    }
+    account.balance = balance;
+    account.version += 1;
+    let updated = *account;
+    drop(map);
+    account_answer(StatusCode::OK, &id, updated)
+}
+
+/// The service: `POST /payments` and `PUT /accounts/{id}` require an `Idempotency-Key`.
 pub fn app(
     ledger: Ledger,
 ) -> impl tower::Service<
@@ -54,12 +148,19 @@ pub fn app(
 > + Clone
 + Send
 + 'static {
+    let accounts = axum::Router::new()
+        .route("/accounts/{id}", get(read_account).put(write_account))
+        .with_state(Accounts::default());
     let router = axum::Router::new()
         .route("/payments", post(charge))
-        .with_state(ledger);
+        .with_state(ledger)
+        .merge(accounts);
     let engine = Engine::builder(MemoryStore::default()).build();
     let routes = Routes::new(vec![
         RoutePolicy::new("payments", "/payments").required(true),
+        RoutePolicy::new("accounts", "/accounts/*")
+            .methods([Method::PUT])
+            .required(true),
     ]);
     tower::ServiceBuilder::new()
         // Only failures reading the client's request body become errors; answer them.

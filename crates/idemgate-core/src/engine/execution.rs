@@ -198,6 +198,8 @@ impl<S: Store> Engine<S> {
                 continue;
             }
             attempt += 1;
+            // The caller is answered with `Failed` and decides what to tell its client: under
+            // takeover that value is not (yet) the key's outcome (see `Recorded::Failed`).
             if attempt == self.inner.config.record_retries
                 && let Some((tx, value)) = answer.take()
             {

@@ -18,8 +18,21 @@ pub enum Recorded {
     MarkedUnknown,
     /// The fencing was lost (the key was deleted, or taken over after the lease ran out): nothing
     /// was written.
+    ///
+    /// Under [`Recovery::Takeover`](super::Recovery::Takeover) the value is then *not* the key's
+    /// outcome: another run holds (or will hold) the key, and retries will get that run's
+    /// answer. A caller that hands the value to a client as final gives it an answer no retry
+    /// will ever see again (idemgate's tower layer answers `409` in-flight instead).
     LeaseLost,
-    /// The store failed while recording; the record stays in flight until its lease expires.
+    /// The store failed while recording; recording goes on in the background (the lease is kept
+    /// renewed) until it is written, fenced off, or the record's TTL passed.
+    ///
+    /// Under [`Recovery::Takeover`](super::Recovery::Takeover) the value is not yet the key's
+    /// outcome: if this process dies before the record is written, the lease lapses and a retry
+    /// runs the operation again. Handing the value to a client as final would let a second run
+    /// follow an answer (idemgate's tower layer answers `409` in-flight instead; the client's
+    /// retry then gets the stored answer). Under strict recovery nothing runs again, and
+    /// handing it out is safe (later retries may get outcome-unknown).
     Failed(ErrorKind),
 }
 

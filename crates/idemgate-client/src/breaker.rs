@@ -1,0 +1,530 @@
+//! The circuit breaker: one per host, shared by every request of a [`Policy`](crate::Policy).
+//!
+//! - **Closed** (normal): every attempt's outcome goes into a sliding window of the last
+//!   `window` calls. The breaker opens when the window holds at least `min_calls` outcomes and
+//!   at least `failure_rate` of them are failures, or when `consecutive_failures` attempts in a
+//!   row failed (a burst trips it without waiting for the window to fill).
+//! - **Open**: attempts fail fast with [`Error::CircuitOpen`](crate::Error::CircuitOpen), no
+//!   request is sent, for `open_for`.
+//! - **Half-open**: after `open_for`, up to `half_open_probes` attempts go through as probes
+//!   (others still fail fast). One probe failure opens the breaker again; `half_open_probes`
+//!   successes close it with an empty window.
+//!
+//! Only transient failures count: transport failures and `500`, `502`, `503`, `504` (and
+//! idemgate's outcome-unknown `502`). A `4xx` is the caller's problem, not the server's, and
+//! counts as a success; `408`, `425`, `429` and an in-flight `409` are the server pacing the
+//! client (their `Retry-After` handles that) and are not counted at all.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use idemgate_client::breaker::{Breaker, BreakerConfig, Call, State};
+//!
+//! let config = BreakerConfig::default().consecutive_failures(2).open_for(Duration::from_secs(5));
+//! let mut b = Breaker::new(config);
+//! let t0 = Instant::now();
+//! for _ in 0..2 {
+//!     let permit = b.admit(t0).unwrap();
+//!     b.record(permit, Call::Failure, t0);
+//! }
+//! assert_eq!(b.state(), State::Open);
+//! assert!(b.admit(t0 + Duration::from_secs(1)).is_err()); // fails fast
+//! let probe = b.admit(t0 + Duration::from_secs(5)).unwrap(); // half-open
+//! b.record(probe, Call::Success, t0 + Duration::from_secs(5));
+//! ```
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// The breaker's settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BreakerConfig {
+    window: u32,
+    min_calls: u32,
+    failure_rate: f64,
+    consecutive_failures: u32,
+    open_for: Duration,
+    half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    /// A window of 20 calls, opened at 50 % failures over at least 10 calls or at 5 failures in
+    /// a row; open for 10 s; 3 probes. See the crate's guide for why.
+    fn default() -> Self {
+        Self {
+            window: 20,
+            min_calls: 10,
+            failure_rate: 0.5,
+            consecutive_failures: 5,
+            open_for: Duration::from_secs(10),
+            half_open_probes: 3,
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Calls kept in the sliding window (1 to 10000).
+    pub fn window(mut self, calls: u32) -> Self {
+        self.window = calls;
+        self
+    }
+
+    /// Outcomes the window must hold before its failure rate is judged (1 to `window`).
+    pub fn min_calls(mut self, calls: u32) -> Self {
+        self.min_calls = calls;
+        self
+    }
+
+    /// Failure rate (over the window) that opens the breaker, in `(0, 1]`.
+    pub fn failure_rate(mut self, rate: f64) -> Self {
+        self.failure_rate = rate;
+        self
+    }
+
+    /// Failures in a row that open the breaker (0 disables this trigger).
+    pub fn consecutive_failures(mut self, n: u32) -> Self {
+        self.consecutive_failures = n;
+        self
+    }
+
+    /// How long the breaker stays open before probing.
+    pub fn open_for(mut self, d: Duration) -> Self {
+        self.open_for = d;
+        self
+    }
+
+    /// Probes let through when half-open, and successes needed to close (at least 1).
+    pub fn half_open_probes(mut self, n: u32) -> Self {
+        self.half_open_probes = n;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if !(1..=10_000).contains(&self.window) {
+            return Err(format!(
+                "breaker window must be 1 to 10000 calls, not {}",
+                self.window
+            ));
+        }
+        if self.min_calls == 0 || self.min_calls > self.window {
+            return Err(format!(
+                "breaker min_calls must be 1 to window ({}), not {}",
+                self.window, self.min_calls
+            ));
+        }
+        if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
+            return Err(format!(
+                "breaker failure_rate must be in (0, 1], not {}",
+                self.failure_rate
+            ));
+        }
+        if self.half_open_probes == 0 {
+            return Err("breaker half_open_probes must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The breaker's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Requests flow; outcomes are counted.
+    Closed,
+    /// Requests fail fast.
+    Open,
+    /// A few probes flow; the rest fail fast.
+    HalfOpen,
+}
+
+impl State {
+    /// `closed`, `open`, `half_open` (metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// How a call ended, for the breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// The server did its job (any answer that is not a transient failure).
+    Success,
+    /// A transient failure: transport, or `500`/`502`/`503`/`504`.
+    Failure,
+    /// Not counted (the server asked the client to wait: `408`, `425`, `429`, `409` in flight).
+    Ignored,
+}
+
+/// Leave to send one attempt. Give it back with [`Breaker::record`] or [`Breaker::abandon`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a permit must be recorded or abandoned (a half-open probe slot is held)"]
+pub struct Permit {
+    generation: u64,
+    probe: bool,
+}
+
+impl Permit {
+    /// Whether this attempt is a half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+}
+
+/// Why an attempt may not be sent now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    /// When the breaker will let a probe through, if it knows (`None`: half-open, its probes are
+    /// all out).
+    pub retry_in: Option<Duration>,
+}
+
+/// One host's breaker (a plain state machine; the policy keeps it under a lock).
+#[derive(Clone, Debug)]
+pub struct Breaker {
+    config: BreakerConfig,
+    state: Inner,
+    /// Bumped on every state change: outcomes of calls admitted under an older state are stale.
+    generation: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Inner {
+    Closed {
+        window: VecDeque<bool>,
+        failures: u32,
+        consecutive: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    HalfOpen {
+        in_flight: u32,
+        successes: u32,
+    },
+}
+
+/// A state change, for logs and metrics.
+pub type Transition = (State, State);
+
+impl Breaker {
+    /// A closed breaker.
+    pub fn new(config: BreakerConfig) -> Self {
+        Self {
+            config,
+            state: closed(),
+            generation: 0,
+        }
+    }
+
+    /// The state (an open breaker whose period has passed still says `Open` until the next
+    /// [`admit`](Self::admit)).
+    pub fn state(&self) -> State {
+        match self.state {
+            Inner::Closed { .. } => State::Closed,
+            Inner::Open { .. } => State::Open,
+            Inner::HalfOpen { .. } => State::HalfOpen,
+        }
+    }
+
+    /// When an open breaker will let a probe through (`None` unless open).
+    pub fn open_until(&self) -> Option<Instant> {
+        match self.state {
+            Inner::Open { until } => Some(until),
+            _ => None,
+        }
+    }
+
+    /// Asks to send an attempt at `now`.
+    pub fn admit(&mut self, now: Instant) -> Result<Permit, Rejected> {
+        self.admit_traced(now).0
+    }
+
+    /// [`admit`](Self::admit), also telling the state change it made (open → half-open).
+    pub fn admit_traced(&mut self, now: Instant) -> (Result<Permit, Rejected>, Option<Transition>) {
+        match &mut self.state {
+            Inner::Closed { .. } => (Ok(self.permit(false)), None),
+            Inner::Open { until } => {
+                if now < *until {
+                    return (
+                        Err(Rejected {
+                            retry_in: Some(*until - now),
+                        }),
+                        None,
+                    );
+                }
+                self.set(Inner::HalfOpen {
+                    in_flight: 1,
+                    successes: 0,
+                });
+                (Ok(self.permit(true)), Some((State::Open, State::HalfOpen)))
+            }
+            Inner::HalfOpen {
+                in_flight,
+                successes,
+            } => {
+                if *in_flight + *successes < self.config.half_open_probes {
+                    *in_flight += 1;
+                    (Ok(self.permit(true)), None)
+                } else {
+                    (Err(Rejected { retry_in: None }), None)
+                }
+            }
+        }
+    }
+
+    /// Records how the attempt sent under `permit` ended, at `now`; returns the state change it
+    /// caused, if any.
+    pub fn record(&mut self, permit: Permit, call: Call, now: Instant) -> Option<Transition> {
+        if permit.generation != self.generation {
+            return None; // admitted under an older state: stale
+        }
+        let config = self.config;
+        match &mut self.state {
+            Inner::Closed {
+                window,
+                failures,
+                consecutive,
+            } => {
+                let failed = match call {
+                    Call::Ignored => return None,
+                    Call::Failure => true,
+                    Call::Success => false,
+                };
+                window.push_back(failed);
+                *failures += u32::from(failed);
+                if window.len() > config.window as usize && window.pop_front() == Some(true) {
+                    *failures -= 1;
+                }
+                *consecutive = if failed { *consecutive + 1 } else { 0 };
+                let calls = u32::try_from(window.len()).unwrap_or(u32::MAX);
+                let by_rate = calls >= config.min_calls
+                    && f64::from(*failures) >= config.failure_rate * f64::from(calls);
+                let by_run =
+                    config.consecutive_failures > 0 && *consecutive >= config.consecutive_failures;
+                if failed && (by_rate || by_run) {
+                    self.set(Inner::Open {
+                        until: now + config.open_for,
+                    });
+                    return Some((State::Closed, State::Open));
+                }
+                None
+            }
+            Inner::Open { .. } => None,
+            Inner::HalfOpen {
+                in_flight,
+                successes,
+            } => {
+                *in_flight = in_flight.saturating_sub(1);
+                match call {
+                    Call::Ignored => None,
+                    Call::Failure => {
+                        self.set(Inner::Open {
+                            until: now + config.open_for,
+                        });
+                        Some((State::HalfOpen, State::Open))
+                    }
+                    Call::Success => {
+                        *successes += 1;
+                        if *successes >= config.half_open_probes {
+                            self.set(closed());
+                            Some((State::HalfOpen, State::Closed))
+                        } else {
+                            None
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives a permit back unused (the attempt was cancelled): a probe's slot is freed.
+    pub fn abandon(&mut self, permit: Permit) {
+        if permit.generation != self.generation {
+            return;
+        }
+        if let Inner::HalfOpen { in_flight, .. } = &mut self.state {
+            *in_flight = in_flight.saturating_sub(1);
+        }
+    }
+
+    fn permit(&self, probe: bool) -> Permit {
+        Permit {
+            generation: self.generation,
+            probe,
+        }
+    }
+
+    fn set(&mut self, state: Inner) {
+        self.state = state;
+        self.generation += 1;
+    }
+}
+
+fn closed() -> Inner {
+    Inner::Closed {
+        window: VecDeque::new(),
+        failures: 0,
+        consecutive: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(ms: u64) -> Instant {
+        // A fixed origin: these tests never read the real clock's progress.
+        thread_local!(static ORIGIN: Instant = Instant::now());
+        ORIGIN.with(|o| *o + Duration::from_millis(ms))
+    }
+
+    fn run(b: &mut Breaker, calls: &[Call], at: Instant) -> Vec<Option<Transition>> {
+        calls
+            .iter()
+            .map(|c| {
+                let p = b.admit(at).expect("admitted");
+                b.record(p, *c, at)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn opens_on_rate_only_after_min_calls() {
+        let cfg = BreakerConfig::default()
+            .window(10)
+            .min_calls(4)
+            .failure_rate(0.5)
+            .consecutive_failures(0);
+        let mut b = Breaker::new(cfg);
+        use Call::*;
+        // 1 failure of 3: under min_calls, and under the rate anyway.
+        run(&mut b, &[Failure, Success, Success], t(0));
+        assert_eq!(b.state(), State::Closed);
+        // 2 of 4 = 50 %: opens on the failure that reaches it.
+        let tr = run(&mut b, &[Failure], t(0));
+        assert_eq!(tr, [Some((State::Closed, State::Open))]);
+    }
+
+    #[test]
+    fn sliding_window_forgets_old_failures() {
+        let cfg = BreakerConfig::default()
+            .window(4)
+            .min_calls(4)
+            .failure_rate(0.75)
+            .consecutive_failures(0);
+        let mut b = Breaker::new(cfg);
+        use Call::*;
+        run(
+            &mut b,
+            &[Failure, Failure, Success, Success, Success, Success],
+            t(0),
+        );
+        // window is now [S, S, S, S]; two failures make 2/4 < 75 %.
+        run(&mut b, &[Failure, Failure], t(0));
+        assert_eq!(b.state(), State::Closed);
+        run(&mut b, &[Failure], t(0)); // [S, F, F, F] = 75 %
+        assert_eq!(b.state(), State::Open);
+    }
+
+    #[test]
+    fn successes_and_ignored_calls_break_or_skip_a_run() {
+        let cfg = BreakerConfig::default()
+            .consecutive_failures(3)
+            .min_calls(20);
+        let mut b = Breaker::new(cfg);
+        use Call::*;
+        run(&mut b, &[Failure, Failure, Success, Failure, Failure], t(0));
+        assert_eq!(b.state(), State::Closed);
+        run(&mut b, &[Ignored, Failure], t(0)); // ignored does not reset the run
+        assert_eq!(b.state(), State::Open);
+    }
+
+    #[test]
+    fn open_then_half_open_probes_then_closed() {
+        let cfg = BreakerConfig::default()
+            .consecutive_failures(1)
+            .open_for(Duration::from_secs(10))
+            .half_open_probes(2);
+        let mut b = Breaker::new(cfg);
+        run(&mut b, &[Call::Failure], t(0));
+        assert_eq!(
+            b.admit(t(9_999)),
+            Err(Rejected {
+                retry_in: Some(Duration::from_millis(1))
+            })
+        );
+        let (p1, tr) = b.admit_traced(t(10_000));
+        assert_eq!(tr, Some((State::Open, State::HalfOpen)));
+        let p1 = p1.expect("probe 1");
+        assert!(p1.is_probe());
+        let p2 = b.admit(t(10_000)).expect("probe 2");
+        assert_eq!(b.admit(t(10_000)), Err(Rejected { retry_in: None }));
+        assert_eq!(b.record(p1, Call::Success, t(10_001)), None);
+        assert_eq!(b.admit(t(10_001)), Err(Rejected { retry_in: None }));
+        assert_eq!(
+            b.record(p2, Call::Success, t(10_002)),
+            Some((State::HalfOpen, State::Closed))
+        );
+        assert_eq!(b.state(), State::Closed);
+    }
+
+    #[test]
+    fn a_failed_probe_reopens_for_a_full_period() {
+        let cfg = BreakerConfig::default()
+            .consecutive_failures(1)
+            .open_for(Duration::from_secs(10));
+        let mut b = Breaker::new(cfg);
+        run(&mut b, &[Call::Failure], t(0));
+        let p = b.admit(t(10_000)).expect("probe");
+        assert_eq!(
+            b.record(p, Call::Failure, t(10_500)),
+            Some((State::HalfOpen, State::Open))
+        );
+        assert!(b.admit(t(20_499)).is_err());
+        assert!(b.admit(t(20_500)).is_ok());
+    }
+
+    #[test]
+    fn stale_and_abandoned_permits() {
+        let cfg = BreakerConfig::default()
+            .consecutive_failures(1)
+            .half_open_probes(1);
+        let mut b = Breaker::new(cfg);
+        let old = b.admit(t(0)).expect("closed");
+        run(&mut b, &[Call::Failure], t(0));
+        // A call admitted before the breaker opened cannot close or reopen it.
+        assert_eq!(b.record(old, Call::Success, t(1)), None);
+        assert_eq!(b.state(), State::Open);
+        let probe = b.admit(t(10_000)).expect("probe");
+        assert!(b.admit(t(10_000)).is_err());
+        b.abandon(probe); // cancelled: its slot comes back
+        assert!(b.admit(t(10_000)).is_ok());
+    }
+
+    #[test]
+    fn validation() {
+        assert!(BreakerConfig::default().validate().is_ok());
+        assert!(BreakerConfig::default().window(0).validate().is_err());
+        assert!(BreakerConfig::default().min_calls(21).validate().is_err());
+        assert!(
+            BreakerConfig::default()
+                .failure_rate(0.0)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            BreakerConfig::default()
+                .failure_rate(f64::NAN)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            BreakerConfig::default()
+                .half_open_probes(0)
+                .validate()
+                .is_err()
+        );
+    }
+}
