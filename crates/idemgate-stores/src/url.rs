@@ -167,16 +167,26 @@ fn dynamodb(rest: &str) -> Result<StoreUrl, StoreError> {
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
     if !valid {
+        // The value is not echoed: a mistyped URL may hold credentials where the table name
+        // goes (`dynamodb://user:secret@table`); found by the `store_url` fuzz target.
+        let hint = if table.contains('@') || table.contains(':') {
+            " (credentials come from the AWS chain, never from the URL)"
+        } else {
+            ""
+        };
         return Err(config(format!(
             "dynamodb:// needs a table name (3 to 255 of a-z A-Z 0-9 _ - .), e.g. \
-             dynamodb://idemgate?region=eu-west-1, got {:?}",
-            table.chars().take(64).collect::<String>()
+             dynamodb://idemgate?region=eu-west-1; got {} bytes that are not one{hint}",
+            table.len()
         )));
     }
     let (mut region, mut endpoint) = (None, None);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let Some((name, value)) = pair.split_once('=') else {
-            return Err(config(format!("dynamodb:// option {pair:?} needs a value")));
+            return Err(config(format!(
+                "dynamodb:// option {:?} needs a value",
+                redact(pair)
+            )));
         };
         if value.is_empty() {
             return Err(config(format!("dynamodb:// option {name:?} is empty")));
@@ -361,6 +371,10 @@ mod tests {
             ("dynamodb://", "needs a table name"),
             ("dynamodb://x", "needs a table name"),
             ("dynamodb://t t?region=x", "needs a table name"),
+            (
+                "dynamodb://u:s3cret@t?region=x",
+                "credentials come from the AWS chain",
+            ),
             (
                 "dynamodb://idemgate?colour=blue",
                 "unknown dynamodb:// option",
