@@ -158,6 +158,21 @@ impl StoreUrl {
     }
 }
 
+/// An option name for an error: quoted if it is a plain word, else not echoed (a mistyped URL
+/// may put credentials there).
+fn option_name(name: &str) -> String {
+    if !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+    {
+        format!("{name:?}")
+    } else {
+        format!("of {} bytes (not echoed)", name.len())
+    }
+}
+
 /// `TABLE[?region=REGION&endpoint=URL]` of a DynamoDB URL (values taken as written).
 fn dynamodb(rest: &str) -> Result<StoreUrl, StoreError> {
     let (table, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -184,12 +199,15 @@ fn dynamodb(rest: &str) -> Result<StoreUrl, StoreError> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let Some((name, value)) = pair.split_once('=') else {
             return Err(config(format!(
-                "dynamodb:// option {:?} needs a value",
-                redact(pair)
+                "dynamodb:// option {} needs a value",
+                option_name(pair)
             )));
         };
         if value.is_empty() {
-            return Err(config(format!("dynamodb:// option {name:?} is empty")));
+            return Err(config(format!(
+                "dynamodb:// option {} is empty",
+                option_name(name)
+            )));
         }
         match name {
             "region" => region = Some(value.to_owned()),
@@ -204,7 +222,8 @@ fn dynamodb(rest: &str) -> Result<StoreUrl, StoreError> {
             }
             other => {
                 return Err(config(format!(
-                    "unknown dynamodb:// option {other:?} (use region or endpoint)"
+                    "unknown dynamodb:// option {} (use region or endpoint)",
+                    option_name(other)
                 )));
             }
         }
