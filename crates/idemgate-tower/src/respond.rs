@@ -77,6 +77,12 @@ pub(crate) enum Responded {
     ForwardUnprotected,
 }
 
+/// `res` with a `Retry-After` header.
+fn with_retry_after(mut res: Response<IdemBody>, value: HeaderValue) -> Response<IdemBody> {
+    res.headers_mut().insert(RETRY_AFTER, value);
+    res
+}
+
 /// Maps the engine's result to the answer (PRODUCT §3). `key` only names the request in logs.
 pub(crate) fn respond(
     result: Result<Execution<UpstreamResult>, EngineError>,
@@ -99,13 +105,14 @@ pub(crate) fn respond(
             tracing::warn!(route = %route.name, key = %key.key(),
                 "the outcome is not recorded yet (or the key was taken over): answering 409 \
                  instead of an answer no retry would see");
-            let mut res = ProblemKind::InFlight.response(
+            let res = ProblemKind::InFlight.response(
                 "the request ran, but its outcome is not recorded yet; retry with the same \
                  Idempotency-Key to get it",
             );
-            res.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static(STORE_RETRY_AFTER));
-            answer(Answer::Conflict, res)
+            answer(
+                Answer::Conflict,
+                with_retry_after(res, HeaderValue::from_static(STORE_RETRY_AFTER)),
+            )
         }
         Ok(Execution::Executed { value, .. }) => match value {
             Ok(UpstreamResponse { parts, body }) => {
@@ -153,12 +160,13 @@ pub(crate) fn respond(
         ),
         Ok(Execution::InFlight { retry_after }) => {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            let mut res = ProblemKind::InFlight.response(
+            let res = ProblemKind::InFlight.response(
                 "a request with this Idempotency-Key is still being processed; retry later",
             );
-            res.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
-            answer(Answer::Conflict, res)
+            answer(
+                Answer::Conflict,
+                with_retry_after(res, HeaderValue::from(secs.max(1))),
+            )
         }
         Ok(Execution::Unknown { .. }) | Err(EngineError::OperationPanicked) => answer(
             Answer::Unknown,
@@ -172,13 +180,14 @@ pub(crate) fn respond(
         Err(e) if e.kind() == ErrorKind::Capacity => {
             tracing::warn!(route = %route.name, key = %key.key(), error = %e,
                 "store full; refusing new keys");
-            let mut res = ProblemKind::StoreFull.response(
+            let res = ProblemKind::StoreFull.response(
                 "the idempotency store has no room for a new key right now; nothing was \
                  forwarded, retry later",
             );
-            res.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static(STORE_RETRY_AFTER));
-            answer(Answer::StoreFull, res)
+            answer(
+                Answer::StoreFull,
+                with_retry_after(res, HeaderValue::from_static(STORE_RETRY_AFTER)),
+            )
         }
         // Only an error of the first claim (the store said nothing about the key): after it had
         // said the key is in use, forwarding could run the request beside its holder.
@@ -194,13 +203,14 @@ pub(crate) fn respond(
             tracing::warn!(route = %route.name, key = %key.key(), error = %e,
                 "store unavailable; refusing (fail closed)");
             // The error's text (hosts, paths) stays in the log, not in the answer.
-            let mut res = ProblemKind::StoreUnavailable.response(format!(
+            let res = ProblemKind::StoreUnavailable.response(format!(
                 "the idempotency store could not be used ({}); nothing was forwarded, retry later",
                 e.kind().as_str()
             ));
-            res.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static(STORE_RETRY_AFTER));
-            answer(Answer::StoreError, res)
+            answer(
+                Answer::StoreError,
+                with_retry_after(res, HeaderValue::from_static(STORE_RETRY_AFTER)),
+            )
         }
     }
 }
