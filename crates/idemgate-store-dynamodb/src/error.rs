@@ -2,6 +2,7 @@
 
 use std::error::Error as StdError;
 
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use idemgate_core::error::{ErrorKind, StoreError};
 
@@ -23,9 +24,10 @@ pub(crate) fn kind_of_code(code: &str, message: &str) -> Option<ErrorKind> {
         | "IncompleteSignature"
         | "ExpiredTokenException"
         | "InvalidClientTokenId" => ErrorKind::Config,
-        "InternalServerError" | "ServiceUnavailable" | "ReplicatedWriteConflictException" => {
-            ErrorKind::Unavailable
-        }
+        // Another region is writing this item right now (a multi-region strongly consistent
+        // table): the store answered and the key is in use, so this must never fail open.
+        "ReplicatedWriteConflictException" | "TransactionConflictException" => ErrorKind::Capacity,
+        "InternalServerError" | "ServiceUnavailable" => ErrorKind::Unavailable,
         "ValidationException" if is_item_too_large(message) => ErrorKind::Capacity,
         _ => return None,
     })
@@ -36,6 +38,31 @@ pub(crate) fn kind_of_code(code: &str, message: &str) -> Option<ErrorKind> {
 /// (UpdateItem).
 pub(crate) fn is_item_too_large(message: &str) -> bool {
     message.contains("Item size") && message.contains("exceeded the maximum allowed size")
+}
+
+/// The credential provider's error in `e`'s source chain, if any.
+fn credentials_error<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a CredentialsError> {
+    let mut next = e.source();
+    while let Some(err) = next {
+        if let Some(found) = err.downcast_ref::<CredentialsError>() {
+            return Some(found);
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// Whether `e`'s source chain is a refused TLS certificate (rustls says "invalid peer
+/// certificate"; an unknown issuer, an expired or mismatched certificate).
+fn mentions_certificate(e: &(dyn StdError + 'static)) -> bool {
+    let mut next: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = next {
+        if err.to_string().to_ascii_lowercase().contains("certificate") {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// Maps an SDK error of operation `op`.
@@ -49,12 +76,28 @@ where
         SdkError::DispatchFailure(d) if d.is_timeout() => {
             (ErrorKind::Timeout, "no answer in time".to_owned())
         }
+        SdkError::DispatchFailure(_) if mentions_certificate(&e) => (
+            ErrorKind::Config,
+            "TLS: the endpoint's certificate was refused (trust roots, host name)".to_owned(),
+        ),
         SdkError::DispatchFailure(_) => (ErrorKind::Unavailable, "not reachable".to_owned()),
         SdkError::ResponseError(_) => (ErrorKind::Unavailable, "unreadable answer".to_owned()),
-        SdkError::ConstructionFailure(_) => (
-            ErrorKind::Config,
-            "the request could not be built (region, credentials or endpoint)".to_owned(),
-        ),
+        SdkError::ConstructionFailure(_) => match credentials_error(&e) {
+            // The credential provider (IMDS, STS, web identity) failed or was slow this time:
+            // an outage of the identity service, not a misconfiguration.
+            Some(
+                CredentialsError::ProviderTimedOut(_)
+                | CredentialsError::ProviderError(_)
+                | CredentialsError::Unhandled(_),
+            ) => (
+                ErrorKind::Unavailable,
+                "the credential provider failed (IMDS, STS or web identity)".to_owned(),
+            ),
+            _ => (
+                ErrorKind::Config,
+                "the request could not be built (region, credentials or endpoint)".to_owned(),
+            ),
+        },
         SdkError::ServiceError(service) => {
             let err = service.err();
             let code = err.code().unwrap_or("");
@@ -101,6 +144,11 @@ mod tests {
             Some(ErrorKind::Unavailable)
         );
         assert_eq!(kind_of_code("ValidationException", "bad expression"), None);
+        // A concurrent writer in another region: never Unavailable (which may fail open).
+        assert_eq!(
+            kind_of_code("ReplicatedWriteConflictException", ""),
+            Some(ErrorKind::Capacity)
+        );
         assert!(is_item_too_large(
             "Item size has exceeded the maximum allowed size"
         ));

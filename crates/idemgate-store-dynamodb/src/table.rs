@@ -24,6 +24,9 @@ pub struct TableSetup {
     pub created: bool,
     /// TTL was enabled on the `ttl` attribute now (otherwise it was enabled already).
     pub ttl_enabled_now: bool,
+    /// Reasons the table may fail to coordinate acknowledged writes (a global table with
+    /// eventually consistent replicas): print them.
+    pub durability_warnings: Vec<String>,
 }
 
 /// What [`check`] found out about an existing table.
@@ -142,10 +145,12 @@ pub(crate) async fn create(client: &Client, table: &str) -> Result<TableSetup, S
             Err(e) if e.code() == Some("ResourceInUseException") => {}
             Err(e) => return Err(sdk("CreateTable", e)),
         }
-        wait_active(client, table).await?;
     }
+    // Whether we or another process created it (moments ago: still CREATING) or it existed:
+    // its TTL can only be set once it is active.
+    wait_active(client, table).await?;
     // The key schema must be ours (an existing table of someone else's is refused).
-    check(client, table).await?;
+    let info = check(client, table).await?;
     let ttl = client
         .describe_time_to_live()
         .table_name(table)
@@ -168,6 +173,15 @@ pub(crate) async fn create(client: &Client, table: &str) -> Result<TableSetup, S
                 ),
             ));
         }
+        (Some(TimeToLiveStatus::Disabling), _) => {
+            return Err(StoreError::new(
+                ErrorKind::Config,
+                format!(
+                    "TTL of DynamoDB table {table:?} is being disabled (DynamoDB takes up to an \
+                     hour); run `idemgate create-table` again once that is done"
+                ),
+            ));
+        }
         _ => {
             let spec = TimeToLiveSpecification::builder()
                 .enabled(true)
@@ -187,6 +201,7 @@ pub(crate) async fn create(client: &Client, table: &str) -> Result<TableSetup, S
     Ok(TableSetup {
         created,
         ttl_enabled_now,
+        durability_warnings: info.durability_warnings,
     })
 }
 

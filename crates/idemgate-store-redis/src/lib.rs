@@ -13,8 +13,11 @@
 //! - Keys are `<prefix>{<64 hex>}`: the hash tag keeps everything of one record in one slot.
 //! - One multiplexed connection with automatic reconnection (`ConnectionManager`).
 //!
-//! Status: standalone Redis. Redis Cluster, cross-instance wake-ups (pub/sub), the start-up
-//! durability checks and the local replay cache are not built yet.
+//! - Standalone Redis ([`RedisStore::connect`]) and Redis Cluster
+//!   ([`RedisStore::connect_cluster`]); completions are announced on a pub/sub channel, which
+//!   wakes waiters on other instances; [`RedisStore::durability_warnings`] reports settings
+//!   that can lose acknowledged writes. The local replay cache is `idemgate-stores`'s (it wraps
+//!   any shared store).
 //!
 //! ## Example
 //!

@@ -231,8 +231,13 @@ async fn create_dynamodb_table(
     let setup = dynamodb_builder(table, region, endpoint)
         .create_table()
         .await?;
+    let warnings: String = setup
+        .durability_warnings
+        .iter()
+        .map(|w| format!("\nwarning: {w}"))
+        .collect();
     Ok(format!(
-        "DynamoDB table {table:?}: {}; TTL on `ttl` {}",
+        "DynamoDB table {table:?}: {}; TTL on `ttl` {}{warnings}",
         if setup.created {
             "created (on-demand billing, partition key pk: binary)"
         } else {

@@ -209,6 +209,16 @@ fn dynamodb(rest: &str) -> Result<StoreUrl, StoreError> {
                 option_name(name)
             )));
         }
+        let repeated = match name {
+            "region" => region.is_some(),
+            "endpoint" => endpoint.is_some(),
+            _ => false,
+        };
+        if repeated {
+            return Err(config(format!(
+                "dynamodb:// option {name} is given twice (give it once)"
+            )));
+        }
         match name {
             "region" => region = Some(value.to_owned()),
             "endpoint" => {
@@ -399,6 +409,10 @@ mod tests {
                 "unknown dynamodb:// option",
             ),
             ("dynamodb://idemgate?region", "needs a value"),
+            (
+                "dynamodb://idemgate?region=eu-west-1&region=us-east-1",
+                "given twice",
+            ),
             ("dynamodb://idemgate?region=", "is empty"),
             (
                 "dynamodb://idemgate?endpoint=127.0.0.1:8000",

@@ -10,6 +10,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use idemgate_core::error::StoreError;
 use idemgate_core::record::{Outcome, Record, RecordState};
 use idemgate_core::store::{DeleteMode, DeleteOutcome, ListRequest};
 use idemgate_core::{Engine, IdempotencyKey, Scope, ScopedKey, Store, StoreKey};
@@ -56,8 +57,14 @@ fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
         .into_response()
 }
 
-fn store_error(e: impl std::fmt::Display) -> Response {
-    problem(StatusCode::SERVICE_UNAVAILABLE, format!("store error: {e}"))
+/// A store failure as a `503`: the body names only the kind (a backend's message may carry
+/// account ids, ARNs or host names); the detail goes to the log.
+fn store_error(e: StoreError) -> Response {
+    tracing::warn!(error = %e, "admin: store error");
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("store error ({}); the instance's log has the detail", e.kind()),
+    )
 }
 
 /// A record as JSON (bodies are summarised by length; they may hold personal data).
@@ -122,10 +129,13 @@ async fn dashboard() -> Html<&'static str> {
 async fn readyz(State(s): State<AdminState>) -> Response {
     match s.engine.store().get(&StoreKey([0; 32])).await {
         Ok(_) => (StatusCode::OK, "ready\n").into_response(),
-        Err(e) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("store not reachable: {e}"),
-        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "readyz: store not reachable");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("store not reachable ({})", e.kind()),
+            )
+        }
     }
 }
 
@@ -335,7 +345,11 @@ async fn resolve(
                 current.state.name()
             ),
         ),
-        Ok(DeleteOutcome::Absent) => problem(StatusCode::NOT_FOUND, "no such record"),
+        Ok(DeleteOutcome::Absent) => problem(
+            StatusCode::NOT_FOUND,
+            "no such record (absent or expired; a store that retried the delete may have \
+             removed it on its first attempt)",
+        ),
         Ok(DeleteOutcome::Revoked { .. }) => problem(
             StatusCode::INTERNAL_SERVER_ERROR,
             "the store revoked a record it was asked to resolve",
