@@ -1,0 +1,148 @@
+//! What the checker concludes where a black box leaves room for a wrong verdict: a check that
+//! cannot see what happened is an error, never a pass; a limit of the client (connections,
+//! the body cap) or of the setup (an operation that fails on its own) is an error, never a
+//! violation; and what the checker sends and prints is what the spec and the command line say.
+
+#![cfg(feature = "fixtures")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::StatusCode;
+use idemgate_check::fixtures::{Defect, FixtureOptions, FixtureServer};
+use idemgate_check::{CheckName, Checker, Config, EffectProbe, Error, Outcome, Report, Spec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use CheckName::*;
+
+const ORDER: &str = "create order";
+const ACCOUNT: &str = "update account";
+
+fn spec(operations: &[&str]) -> Spec {
+    let mut spec = FixtureServer::spec();
+    spec.operations
+        .retain(|o| operations.contains(&o.name.as_str()));
+    spec
+}
+
+async fn run(target: String, spec: Spec, config: impl FnOnce(Config) -> Config) -> Report {
+    let config = config(Config::new(target).seed(7));
+    let report = Checker::new(spec, config).unwrap().run().await.unwrap();
+    let mut text = Vec::new();
+    report.write_human(&mut text, false).unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&text));
+    report
+}
+
+async fn check(
+    options: FixtureOptions,
+    spec: Spec,
+    config: impl FnOnce(Config) -> Config,
+) -> Report {
+    let server = FixtureServer::start_with(options).await.unwrap();
+    run(server.url(), spec, config).await
+}
+
+fn outcome(report: &Report, operation: &str, check: CheckName) -> Outcome {
+    report.case(operation, check).unwrap().outcome
+}
+
+fn total_probe() -> EffectProbe {
+    EffectProbe {
+        method: "GET".into(),
+        path: "/_count".into(),
+        pointer: "/executions".into(),
+    }
+}
+
+// --- transient (M1) ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_passes_when_the_retry_after_a_first_5xx_succeeds_unmarked() {
+    let report = check(FixtureOptions::new(Defect::None), spec(&[ORDER]), |c| {
+        c.only([Transient])
+    })
+    .await;
+    let case = report.case(ORDER, Transient).unwrap();
+    assert_eq!(case.outcome, Outcome::Passed, "{}", case.message);
+    assert!(
+        case.message.contains("first 503") && case.message.contains("retry 201"),
+        "{}",
+        case.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_a_5xx_that_does_nothing_seen_again_is_an_error_not_a_violation() {
+    // A correct server whose transient path fails every time without an effect: the probe
+    // cannot tell a replay from a new failure.
+    let mut spec = spec(&[ORDER]);
+    spec.operations[0].transient_path = Some("/orders?fail_first=100".into());
+    let report = check(FixtureOptions::new(Defect::None), spec, |c| {
+        c.only([Transient])
+    })
+    .await;
+    let case = report.case(ORDER, Transient).unwrap();
+    assert_eq!(case.outcome, Outcome::Error, "{}", case.message);
+    assert!(case.message.contains("fail only the first attempt"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_a_stored_5xx_replayed_without_the_marker_never_passes() {
+    let mut options = FixtureOptions::new(Defect::StoresServerErrors);
+    options.replay_marker = false;
+    // Without a probe or an identity: nothing but the answers to go by.
+    let mut blind = spec(&[ORDER]);
+    blind.operations[0].effect_probe = None;
+    blind.operations[0].identity = None;
+    let report = check(options, blind, |c| c.only([Transient])).await;
+    assert_eq!(outcome(&report, ORDER, Transient), Outcome::Error);
+    assert!(!report.passed());
+    // With the probe: the same (a replay and a failure that does nothing look alike).
+    let report = check(options, spec(&[ORDER]), |c| c.only([Transient])).await;
+    assert_eq!(outcome(&report, ORDER, Transient), Outcome::Error);
+    // With the marker, it is a violation.
+    let report = check(
+        FixtureOptions::new(Defect::StoresServerErrors),
+        spec(&[ORDER]),
+        |c| c.only([Transient]),
+    )
+    .await;
+    assert_eq!(outcome(&report, ORDER, Transient), Outcome::Failed);
+}
+
+// --- expiry (M2) ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_that_cannot_be_seen_is_an_error_not_a_pass() {
+    // Keys never expire; replays are not marked; no probe, no identity.
+    let mut options = FixtureOptions::new(Defect::None);
+    options.replay_marker = false;
+    let mut blind = spec(&[ORDER]);
+    blind.operations[0].effect_probe = None;
+    blind.operations[0].identity = None;
+    let ttl = Duration::from_millis(200);
+    let report = check(options, blind, |c| c.only([Expiry]).ttl(ttl)).await;
+    let case = report.case(ORDER, Expiry).unwrap();
+    assert_eq!(case.outcome, Outcome::Error, "{}", case.message);
+    assert_eq!(report.exit_code(), 2);
+}
+
+// --- nothing checked (M3) ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_in_which_every_case_was_skipped_has_not_passed() {
+    let mut spec = spec(&[ORDER]);
+    spec.operations[0].slow_path = None;
+    let report = check(FixtureOptions::new(Defect::None), spec, |c| {
+        c.only([InFlight])
+    })
+    .await;
+    assert_eq!(report.count(Outcome::Skipped), 1);
+    assert!(!report.passed());
+    assert_eq!(report.exit_code(), 2);
+    assert!(report.inconclusive().unwrap().contains("skipped"));
+    assert_eq!(report.to_json()["passed"], false);
+}
