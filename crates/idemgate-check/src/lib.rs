@@ -29,14 +29,28 @@
 //! # let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! # let target = format!("http://{}", api.local_addr()?);
 //! # tokio::spawn(async move {
-//! #     // A server that answers every request `400`: keys required, none accepted.
+//! #     // A server that refuses a request without a key, or with a malformed one (outside 1–255
+//! #     // visible ASCII bytes), with `400`, and answers `201` to the others.
 //! #     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //! #     loop {
 //! #         let Ok((mut s, _)) = api.accept().await else { return };
 //! #         tokio::spawn(async move {
-//! #             let mut buf = [0u8; 4096];
-//! #             let _ = s.read(&mut buf).await;
-//! #             let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+//! #             let mut buf = vec![0u8; 8192];
+//! #             let n = s.read(&mut buf).await.unwrap_or(0);
+//! #             let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+//! #             let key = head.lines().find_map(|l| {
+//! #                 let (name, value) = l.split_once(':')?;
+//! #                 name.eq_ignore_ascii_case("idempotency-key").then(|| value.trim().to_owned())
+//! #             });
+//! #             let valid = key.is_some_and(|k| {
+//! #                 (1..=255).contains(&k.len()) && k.bytes().all(|b| (0x21..=0x7e).contains(&b))
+//! #             });
+//! #             let answer: &[u8] = if valid {
+//! #                 b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+//! #             } else {
+//! #                 b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+//! #             };
+//! #             let _ = s.write_all(answer).await;
 //! #         });
 //! #     }
 //! # });

@@ -146,3 +146,92 @@ async fn a_run_in_which_every_case_was_skipped_has_not_passed() {
     assert!(report.inconclusive().unwrap().contains("skipped"));
     assert_eq!(report.to_json()["passed"], false);
 }
+
+// --- missing-key, malformed-key (M4) ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_checks_against_an_operation_that_fails_with_a_key_are_errors() {
+    // Every request to /nowhere fails (404 with a key, 400 without one or with a bad one).
+    let mut spec = spec(&[ORDER]);
+    spec.operations[0].path = "/nowhere".into();
+    let report = check(FixtureOptions::new(Defect::None), spec, |c| {
+        c.only([MissingKey, MalformedKey])
+    })
+    .await;
+    for c in [MissingKey, MalformedKey] {
+        let case = report.case(ORDER, c).unwrap();
+        assert_eq!(case.outcome, Outcome::Error, "{c}: {}", case.message);
+        assert!(
+            case.message.contains("with a valid key"),
+            "{}",
+            case.message
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_request_must_get_400_or_at_most_422() {
+    for (status, expected, warned) in [
+        (StatusCode::UNAUTHORIZED, Outcome::Failed, false),
+        (StatusCode::NOT_FOUND, Outcome::Failed, false),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, Outcome::Failed, false),
+        (StatusCode::UNPROCESSABLE_ENTITY, Outcome::Passed, true),
+    ] {
+        let mut options = FixtureOptions::new(Defect::None);
+        options.refusal = status;
+        let report = check(options, spec(&[ORDER]), |c| c.only([MissingKey])).await;
+        let case = report.case(ORDER, MissingKey).unwrap();
+        assert_eq!(case.outcome, expected, "{status}: {}", case.message);
+        assert_eq!(!case.warnings.is_empty(), warned, "{status}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_that_ran_are_caught_by_a_total_probe() {
+    let mut total = spec(&[ORDER]);
+    total.operations[0].effect_probe = Some(total_probe());
+    let report = check(
+        FixtureOptions::new(Defect::RunsUnkeyedRequests),
+        total.clone(),
+        |c| c.only([MissingKey, MalformedKey]),
+    )
+    .await;
+    for c in [MissingKey, MalformedKey] {
+        let case = report.case(ORDER, c).unwrap();
+        assert_eq!(case.outcome, Outcome::Failed, "{c}: {}", case.message);
+        assert!(
+            case.failures.iter().any(|f| f.contains("probe counts")),
+            "{:?}",
+            case.failures
+        );
+    }
+    // A correct server with the same probe passes.
+    let report = check(FixtureOptions::new(Defect::None), total, |c| {
+        c.only([MissingKey, MalformedKey])
+    })
+    .await;
+    assert!(report.passed(), "{:?}", report.cases);
+}
+
+// --- precondition: probe counts that overflow (m8) ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_counts_that_overflow_are_an_error_not_a_panic() {
+    // A "probe" that reads the balance, set to i64::MAX by every update: the per-key counts of
+    // the check's four groups overflow a u64 when summed.
+    let mut spec = spec(&[ACCOUNT]);
+    let op = &mut spec.operations[0];
+    op.body = Some(format!("{{\"balance\": {}}}", i64::MAX));
+    op.effect_probe = Some(EffectProbe {
+        method: "GET".into(),
+        path: "/accounts/acct-1?for={{key}}".into(),
+        pointer: "/balance".into(),
+    });
+    let report = check(FixtureOptions::new(Defect::None), spec, |c| {
+        c.only([Precondition])
+    })
+    .await;
+    let case = report.case(ACCOUNT, Precondition).unwrap();
+    assert_eq!(case.outcome, Outcome::Error, "{}", case.message);
+    assert!(case.message.contains("overflow"), "{}", case.message);
+}

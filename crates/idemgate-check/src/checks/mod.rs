@@ -408,6 +408,16 @@ async fn run_check(check: CheckName, cx: &mut Cx<'_>) -> Result<String, Stop> {
     }
 }
 
+/// missing-key and malformed-key first send the operation with a valid key (a group of its
+/// own): it must succeed, or a refusal of what follows proves nothing (a server that answers
+/// everything `400` or `404` is a setup error, not a pass).
+async fn with_a_key_first(cx: &mut Cx<'_>) -> Result<(), Stop> {
+    let g = cx.group();
+    let req = cx.group_request(&g, Variant::Main, None).await?;
+    let answer = cx.send_ok("first (with a valid key)", &req).await?;
+    cx.expect_success("first (with a valid key)", &answer)
+}
+
 /// Why a check ended without a verdict of its own.
 #[derive(Debug)]
 pub(crate) enum Stop {
@@ -749,6 +759,24 @@ impl Cx<'_> {
                     Stop::Error(format!("the effect probe's {pointer} is {v}, not a count"))
                 }),
         }
+    }
+
+    /// Whether the probe counts per key (`{{key}}` in its path or pointer).
+    pub(crate) fn probe_per_key(&self) -> bool {
+        self.op
+            .effect_probe
+            .as_ref()
+            .is_some_and(|p| p.path.contains("{{key}}") || p.pointer.contains("{{key}}"))
+    }
+
+    /// The probe's count when it counts in total (no `{{key}}`): the only count a request
+    /// without a valid key can move. `None` without a probe, or with a per-key one (noted).
+    pub(crate) async fn total_count(&mut self, g: &Group) -> Result<Option<u64>, Stop> {
+        if self.probe_per_key() {
+            self.note("the effect probe counts per key: it cannot see whether a request without a valid key ran");
+            return Ok(None);
+        }
+        self.count(g).await
     }
 
     /// Effects of group `g` since `before` (`None` without a probe).
