@@ -57,6 +57,38 @@ fn total_probe() -> EffectProbe {
     }
 }
 
+/// Reads a request (head and `content-length` body); its head, `None` when the client sent
+/// nothing.
+async fn read_request(s: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < end + length {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(head)
+}
+
 // --- transient (M1) ---
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,6 +243,47 @@ async fn refused_requests_that_ran_are_caught_by_a_total_probe() {
     })
     .await;
     assert!(report.passed(), "{:?}", report.cases);
+}
+
+// --- concurrent: connections the client cannot make (M5) ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_client_cannot_make_are_an_error_not_a_violation() {
+    // Accepts the run's reachability probe and answers replay's two requests, then stops
+    // listening before its last answer: every connection of the concurrent burst is refused.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let (probe, _) = listener.accept().await.unwrap();
+        drop(probe);
+        let mut listener = Some(listener);
+        for last in [false, true] {
+            let (mut s, _) = listener.as_ref().unwrap().accept().await.unwrap();
+            read_request(&mut s).await.unwrap();
+            if last {
+                listener = None;
+            }
+            s.write_all(
+                b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+            )
+            .await
+            .unwrap();
+        }
+        assert!(listener.is_none());
+    });
+    let mut spec = spec(&[ORDER]);
+    spec.operations[0].effect_probe = None;
+    spec.operations[0].identity = None;
+    let report = run(url, spec, |c| c.only([Replay, Concurrent]).concurrency(4)).await;
+    server.await.unwrap();
+    assert_eq!(outcome(&report, ORDER, Replay), Outcome::Passed);
+    let case = report.case(ORDER, Concurrent).unwrap();
+    assert_eq!(case.outcome, Outcome::Error, "{}", case.message);
+    assert!(
+        case.message.contains("could not be made"),
+        "{}",
+        case.message
+    );
 }
 
 // --- precondition: probe counts that overflow (m8) ---
