@@ -286,6 +286,111 @@ async fn connections_the_client_cannot_make_are_an_error_not_a_violation() {
     );
 }
 
+// --- spec and target validation (m6, m2) ---
+
+#[test]
+fn credentials_in_the_target_url_are_refused_without_being_echoed() {
+    for target in [
+        "http://user:s3cret@127.0.0.1:8080",
+        "http://s3cret@127.0.0.1:8080/base",
+    ] {
+        let err = Checker::new(spec(&[ORDER]), Config::new(target)).unwrap_err();
+        assert!(matches!(err, Error::Config { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("credentials"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+    // An '@' further on (in the path) is no userinfo.
+    Checker::new(spec(&[ORDER]), Config::new("http://127.0.0.1:8080/a@b")).unwrap();
+}
+
+// --- what goes on the wire and into the report (m1, m3, m7) ---
+
+/// A server that records every request head: `GET` gets `200 {"executions": 0}` with an
+/// `ETag`, anything else `status` with `body`.
+struct Capture {
+    url: String,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Capture {
+    async fn start(status: &'static str, body: &'static [u8]) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Some(head) = read_request(&mut s).await else {
+                        return;
+                    };
+                    let get = head.starts_with("GET ");
+                    seen.lock().unwrap().push(head);
+                    let (status, extra, body): (&str, &str, &[u8]) = if get {
+                        ("200 OK", "etag: \"v0\"\r\n", b"{\"executions\": 0}")
+                    } else {
+                        (status, "", body)
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(answer.as_bytes()).await;
+                    let _ = s.write_all(body).await;
+                });
+            }
+        });
+        Self { url, heads }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+fn lines_named<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+    head.lines()
+        .filter(|l| {
+            l.split_once(':')
+                .is_some_and(|(n, _)| n.eq_ignore_ascii_case(name))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_header_given_replaces_the_targets() {
+    let server = Capture::start("201 Created", b"{}").await;
+    let mut spec = spec(&[ORDER]);
+    spec.operations[0].effect_probe = None;
+    spec.operations[0].identity = None;
+    let report = run(server.url.clone(), spec, |c| {
+        c.only([Replay, LostResponse]).header("Host", "api.example")
+    })
+    .await;
+    assert_eq!(report.count(Outcome::Error), 0, "{:?}", report.cases);
+    // Replay's two requests, lost-response's lost one (raw bytes) and its two retries (the
+    // lost one is read by the server on its own time).
+    let mut heads = server.heads();
+    for _ in 0..100 {
+        if heads.len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        heads = server.heads();
+    }
+    assert_eq!(heads.len(), 5, "{heads:?}");
+    for head in &heads {
+        let hosts = lines_named(head, "host");
+        assert_eq!(hosts.len(), 1, "{head}");
+        assert!(hosts[0].ends_with("api.example"), "{head}");
+    }
+}
+
 // --- precondition: probe counts that overflow (m8) ---
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
