@@ -286,6 +286,50 @@ async fn connections_the_client_cannot_make_are_an_error_not_a_violation() {
     );
 }
 
+// --- a store that records after answering: 409 + Retry-After on retries (m4) ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_retries_follow_409_with_retry_after() {
+    let mut options = FixtureOptions::new(Defect::None);
+    options.reject_in_flight = true;
+    options.record_lag = Some(Duration::from_millis(300));
+    let report = check(options, spec(&[ORDER, ACCOUNT]), |c| {
+        c.only([Replay, Mismatch, Precondition])
+    })
+    .await;
+    assert!(report.passed(), "{:?}", report.failed_checks());
+    for (op, c) in [(ORDER, Replay), (ORDER, Mismatch), (ACCOUNT, Precondition)] {
+        let case = report.case(op, c).unwrap();
+        assert_eq!(case.outcome, Outcome::Passed, "{op} {c}: {}", case.message);
+        // The 409 was seen and followed.
+        assert!(
+            case.exchanges
+                .iter()
+                .any(|e| e.answer.as_ref().is_some_and(|a| a.status == 409)),
+            "{op} {c}"
+        );
+    }
+}
+
+// --- bodies over the cap (m5) ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_cap_are_an_error_not_a_violation() {
+    let report = check(FixtureOptions::new(Defect::None), spec(&[ORDER]), |c| {
+        c.only([Replay]).body_cap(16)
+    })
+    .await;
+    let case = report.case(ORDER, Replay).unwrap();
+    assert_eq!(case.outcome, Outcome::Error, "{}", case.message);
+    assert!(case.message.contains("--body-cap"), "{}", case.message);
+    let err = Checker::new(
+        spec(&[ORDER]),
+        Config::new("http://127.0.0.1:1").body_cap(0),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Config { .. }), "{err}");
+}
+
 // --- spec and target validation (m6, m2) ---
 
 #[test]
@@ -388,6 +432,49 @@ async fn a_host_header_given_replaces_the_targets() {
         let hosts = lines_named(head, "host");
         assert_eq!(hosts.len(), 1, "{head}");
         assert!(hosts[0].ends_with("api.example"), "{head}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_of_server_bodies_do_not_reach_the_report() {
+    let server = Capture::start("400 Bad Request", b"\x1b[2J\x1b]0;pwned\x07 no").await;
+    let mut spec = spec(&[ORDER]);
+    spec.operations[0].effect_probe = None;
+    let report = run(server.url.clone(), spec, |c| c.only([Replay])).await;
+    let case = report.case(ORDER, Replay).unwrap();
+    assert_eq!(case.outcome, Outcome::Error);
+    assert!(case.message.contains("pwned"), "{}", case.message);
+    let mut text = Vec::new();
+    report.write_human(&mut text, false).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_and_etag_reads_carry_the_default_headers() {
+    let server = Capture::start("400 Bad Request", b"{}").await;
+    let mut spec = spec(&[ACCOUNT]);
+    spec.defaults
+        .headers
+        .insert("x-tenant".into(), "acme-{{seq}}".into());
+    let report = run(server.url.clone(), spec, |c| {
+        c.only([Replay]).header("x-cli", "1")
+    })
+    .await;
+    // The probe and the ETag read succeeded, the update itself was refused: an error.
+    assert_eq!(outcome(&report, ACCOUNT, Replay), Outcome::Error);
+    let heads = server.heads();
+    let gets: Vec<&String> = heads.iter().filter(|h| h.starts_with("GET ")).collect();
+    assert_eq!(gets.len(), 2, "{heads:?}"); // the probe and the ETag read
+    for head in gets {
+        assert_eq!(
+            lines_named(head, "x-tenant"),
+            ["x-tenant: acme-1"],
+            "{head}"
+        );
+        assert_eq!(lines_named(head, "x-cli").len(), 1, "{head}");
+        assert!(lines_named(head, "content-type").is_empty(), "{head}");
+        assert!(lines_named(head, "idempotency-key").is_empty(), "{head}");
     }
 }
 

@@ -59,6 +59,9 @@ pub struct CheckArgs {
     /// Deadline of one exchange (the slow_path must answer within it).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
     timeout: Duration,
+    /// Longest answer body read, in bytes; a check that must compare a longer body is an error.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
+    body_cap: usize,
 }
 
 /// Runs the checks; the process exit code.
@@ -82,7 +85,8 @@ async fn run_checks(args: CheckArgs) -> Result<i32, String> {
     let mut config = Config::new(&args.target)
         .concurrency(args.concurrency)
         .strict_marker(args.strict_marker)
-        .timeout(args.timeout);
+        .timeout(args.timeout)
+        .body_cap(args.body_cap);
     config.seed = args.seed;
     config.ttl = args.ttl;
     for header in &args.headers {

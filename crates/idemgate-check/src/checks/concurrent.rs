@@ -95,7 +95,7 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
             // No probe: every success must show the same outcome.
             if let Some((first, rest)) = successes.split_first() {
                 for other in rest {
-                    if let Err(diff) = cx.same_outcome(first, other) {
+                    if let Err(diff) = cx.same_outcome(first, other)? {
                         cx.fail(format!(
                             "the successful answers differ, so the duplicates ran more than once: {diff}"
                         ));

@@ -38,7 +38,8 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
     }
     // The first request's record must be intact: its retry gets its outcome.
     let again = cx.send_ok("first again", &req).await?;
-    if let Err(diff) = cx.same_outcome(&first, &again) {
+    let again = cx.settle("first again after 409", &req, again).await?;
+    if let Err(diff) = cx.same_outcome(&first, &again)? {
         cx.fail(format!(
             "after the mismatch, a retry of the first request no longer gets its outcome: {diff}"
         ));

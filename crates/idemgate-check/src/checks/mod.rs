@@ -146,7 +146,8 @@ pub struct Config {
     pub ttl: Option<Duration>,
     /// Deadline of one exchange (default 30 s; the in-flight check's slow request must fit).
     pub timeout: Duration,
-    /// Longest answer body read (default 1 MiB); longer ones are cut and cannot be compared.
+    /// Longest answer body read (default 1 MiB); longer ones are cut, and a check that must
+    /// compare a cut body ends in [`Outcome::Error`] (raise the cap), never in a violation.
     pub body_cap: usize,
     /// How long the lost-response check waits for the probe to show its lost request's effect
     /// before it retries anyway (default 5 s).
@@ -209,6 +210,12 @@ impl Config {
     /// Sets the deadline of one exchange.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Sets the longest answer body read (`body_cap`).
+    pub fn body_cap(mut self, bytes: usize) -> Self {
+        self.body_cap = bytes;
         self
     }
 
@@ -297,10 +304,13 @@ impl Checker {
         if config.timeout.is_zero() {
             return Err(usage("the timeout must be more than zero".into()));
         }
+        if config.body_cap == 0 {
+            return Err(usage("--body-cap must be more than zero".into()));
+        }
         let client = Client {
             target,
             timeout: config.timeout,
-            body_cap: config.body_cap.max(1),
+            body_cap: config.body_cap,
         };
         Ok(Self {
             spec,
@@ -544,18 +554,32 @@ impl Cx<'_> {
         Ok(req)
     }
 
-    /// `GET read_path`: the resource's current `ETag` and the answer.
-    pub(crate) async fn read_etag(&mut self, g: &Group) -> Result<(HeaderValue, Answer), Stop> {
-        let path = self.op.read_path.as_ref().unwrap_or(&self.op.path);
+    /// A bodiless request of group `g` that reads (the effect probe, the `ETag`): the
+    /// `[defaults]` headers but `content-type` (values rendered for `g`), then the command
+    /// line's; no key.
+    fn read_request(&self, method: Method, path: &str, g: &Group) -> Result<Req, Stop> {
         let mut req = Req {
-            method: Method::GET,
+            method,
             path: template::render(path, g),
             headers: Vec::new(),
             body: Bytes::new(),
         };
+        for (name, value) in &self.defaults.headers {
+            let (n, v) = header(name, &template::render(value, g))?;
+            if n != http::header::CONTENT_TYPE {
+                req.set_header(n, v);
+            }
+        }
         for (n, v) in self.headers {
             req.set_header(n.clone(), v.clone());
         }
+        Ok(req)
+    }
+
+    /// `GET read_path`: the resource's current `ETag` and the answer.
+    pub(crate) async fn read_etag(&mut self, g: &Group) -> Result<(HeaderValue, Answer), Stop> {
+        let path = self.op.read_path.as_ref().unwrap_or(&self.op.path);
+        let req = self.read_request(Method::GET, path, g)?;
         let answer = self.send_quiet("read ETag", &req).await?;
         if !answer.status.is_success() {
             return Err(Stop::Error(format!(
@@ -721,15 +745,7 @@ impl Cx<'_> {
         let method = Method::from_bytes(probe.method.as_bytes())
             .map_err(|_| Stop::Error("invalid probe method".into()))?;
         let pointer = template::render(&probe.pointer, g);
-        let mut req = Req {
-            method,
-            path: template::render(&probe.path, g),
-            headers: Vec::new(),
-            body: Bytes::new(),
-        };
-        for (n, v) in self.headers {
-            req.set_header(n.clone(), v.clone());
-        }
+        let req = self.read_request(method, &probe.path, g)?;
         let answer = self.send_quiet("probe", &req).await?;
         if !answer.status.is_success() {
             return Err(Stop::Error(format!(
@@ -802,15 +818,26 @@ impl Cx<'_> {
         answer.json()?.pointer(pointer).cloned()
     }
 
-    /// `Ok` when `a` and `b` have the same body, byte for byte or (with `volatile` pointers)
-    /// once those are removed from both JSON documents; else what differs.
-    pub(crate) fn same_body(&self, a: &Answer, b: &Answer) -> Result<(), String> {
+    /// A body cut at the cap cannot be compared: the check stops (an error, not a violation).
+    fn comparable(&self, a: &Answer, b: &Answer) -> Result<(), Stop> {
         if a.truncated || b.truncated {
-            return Err(format!(
-                "a body is longer than the cap of {} bytes and cannot be compared",
+            return Err(Stop::Error(format!(
+                "an answer body is longer than the cap of {} bytes and cannot be compared (raise --body-cap)",
                 self.config.body_cap
-            ));
+            )));
         }
+        Ok(())
+    }
+
+    /// `Ok(Ok)` when `a` and `b` have the same body, byte for byte or (with `volatile`
+    /// pointers) once those are removed from both JSON documents; `Ok(Err)` with what differs;
+    /// `Err` when a body was cut at the cap.
+    pub(crate) fn same_body(&self, a: &Answer, b: &Answer) -> Result<Result<(), String>, Stop> {
+        self.comparable(a, b)?;
+        Ok(self.body_diff(a, b))
+    }
+
+    fn body_diff(&self, a: &Answer, b: &Answer) -> Result<(), String> {
         if a.body == b.body {
             return Ok(());
         }
@@ -833,23 +860,25 @@ impl Cx<'_> {
     }
 
     /// Whether `b` shows the same outcome as `a` for the non-replay checks: same status and the
-    /// same identity (with an `identity` pointer), or the same body (without one).
-    pub(crate) fn same_outcome(&self, a: &Answer, b: &Answer) -> Result<(), String> {
+    /// same identity (with an `identity` pointer), or the same body (without one). `Err` when
+    /// a body that must be read was cut at the cap.
+    pub(crate) fn same_outcome(&self, a: &Answer, b: &Answer) -> Result<Result<(), String>, Stop> {
         if a.status != b.status {
-            return Err(format!("status {} vs {}", a.status, b.status));
+            return Ok(Err(format!("status {} vs {}", a.status, b.status)));
         }
+        self.comparable(a, b)?;
         if self.op.identity.is_some() {
             let (x, y) = (self.identity(a), self.identity(b));
-            return if x.is_some() && x == y {
+            return Ok(if x.is_some() && x == y {
                 Ok(())
             } else {
                 Err(format!("identity {} vs {}", show(&x), show(&y)))
-            };
+            });
         }
-        self.same_body(a, b)
+        Ok(self.body_diff(a, b))
     }
 
-    /// Whether the retry `b` of `a` ran again (transient, expiry): from `delta`, the effects
+    /// Whether the retry `b` of `a` ran again (expiry): from `delta`, the effects
     /// the probe counted across the retry alone, when there is a probe; else the replay marker,
     /// the identity, the body.
     pub(crate) fn ran_again(&self, delta: Option<u64>, a: &Answer, b: &Answer) -> Ran {
@@ -928,10 +957,16 @@ pub(crate) fn retry_after(answer: &Answer) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// The start of a body for a message, on one line: control characters (a terminal's escape
+/// sequences among them) become spaces, as in the report's own previews.
 pub(crate) fn preview(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
-    let mut s: String = text.chars().take(200).collect();
-    if s.len() < text.len() {
+    let mut s: String = text
+        .chars()
+        .take(200)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().count() > 200 {
         s.push('…');
     }
     format!("`{s}`")

@@ -50,6 +50,9 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
             &update,
         )
         .await?;
+    let retry = cx
+        .settle("retry of that update after 409", &update, retry)
+        .await?;
     if retry.status != first.status {
         cx.fail(format!(
             "the retry of a successful update (same key) was answered {}, not {} as the first: a client whose answer was lost is told its update failed",
