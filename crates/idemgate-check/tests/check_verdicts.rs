@@ -333,6 +333,20 @@ async fn bodies_over_the_cap_are_an_error_not_a_violation() {
 // --- spec and target validation (m6, m2) ---
 
 #[test]
+fn identity_and_volatile_pointers_refuse_placeholders() {
+    for field in ["identity = '/{{key}}'", "volatile = ['/a/{{seq}}']"] {
+        let text = format!("[[operation]]\nname = 'a'\nmethod = 'POST'\npath = '/x'\n{field}\n");
+        let err = Spec::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err.contains("not templated"), "{field}: {err}");
+    }
+    // The probe's pointer is templated.
+    Spec::from_toml_str(
+        "[[operation]]\nname = 'a'\nmethod = 'POST'\npath = '/x'\neffect_probe = { path = '/s', pointer = '/per_key/{{key}}' }\n",
+    )
+    .unwrap();
+}
+
+#[test]
 fn credentials_in_the_target_url_are_refused_without_being_echoed() {
     for target in [
         "http://user:s3cret@127.0.0.1:8080",
@@ -499,4 +513,29 @@ async fn probe_counts_that_overflow_are_an_error_not_a_panic() {
     let case = report.case(ACCOUNT, Precondition).unwrap();
     assert_eq!(case.outcome, Outcome::Error, "{}", case.message);
     assert!(case.message.contains("overflow"), "{}", case.message);
+}
+
+// --- OpenAPI examples in paths and queries (m10) ---
+
+#[test]
+fn openapi_example_values_are_percent_encoded() {
+    let doc = r#"{
+      "openapi": "3.0.3",
+      "paths": {
+        "/items/{id}": {
+          "put": {
+            "parameters": [
+              { "name": "id", "in": "path", "required": true, "example": "a b/c?d" },
+              { "name": "note", "in": "query", "required": true, "example": "x&y=z é" }
+            ],
+            "requestBody": { "content": { "application/json": { "example": { "n": 1 } } } }
+          }
+        }
+      }
+    }"#;
+    let spec = Spec::from_openapi_str(doc).unwrap();
+    assert_eq!(
+        spec.operations[0].path,
+        "/items/a%20b%2Fc%3Fd?note=x%26y%3Dz%20%C3%A9"
+    );
 }
