@@ -539,3 +539,22 @@ fn openapi_example_values_are_percent_encoded() {
         "/items/a%20b%2Fc%3Fd?note=x%26y%3Dz%20%C3%A9"
     );
 }
+
+// --- mismatch: a guessed other body is named (m10) ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guessed_mismatch_body_is_noted() {
+    let mut spec = spec(&[ORDER]);
+    spec.operations[0].body = Some(r#"{"amount": 10}"#.into());
+    let report = check(FixtureOptions::new(Defect::None), spec, |c| {
+        c.only([Mismatch])
+    })
+    .await;
+    let case = report.case(ORDER, Mismatch).unwrap();
+    assert_eq!(case.outcome, Outcome::Passed, "{}", case.message);
+    assert!(
+        case.notes.iter().any(|n| n.contains("is a guess")),
+        "{:?}",
+        case.notes
+    );
+}

@@ -50,6 +50,9 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
     ))
 }
 
+/// The note of a fallback body (`{}`: what was changed).
+const GUESS: &str = "the other body is a guess ({}): the body renders the same for every group and there is no mismatch_body; a server that ignores this difference is right to replay";
+
 /// The body the second request carries: `mismatch_body`, else the body rendered again with new
 /// values, else the JSON object with one more member, else the body with a byte more.
 fn other_body(
@@ -73,8 +76,10 @@ fn other_body(
             "idemgate_check_mismatch".into(),
             serde_json::Value::from(sibling.seq),
         );
+        cx.note(GUESS.replace("{}", "one more JSON member, \"idemgate_check_mismatch\""));
         return Ok(serde_json::Value::Object(map).to_string().into());
     }
+    cx.note(GUESS.replace("{}", "a trailing space"));
     let mut bytes = req.body.to_vec();
     bytes.push(b' ');
     Ok(bytes.into())
