@@ -84,9 +84,13 @@
 //!   ([`Config::timeout`]) and every answer body is read up to a cap ([`Config::body_cap`]).
 //! - A run with the same `seed`, spec and target sends the same requests (keys, UUIDs, bodies).
 //! - A check reports a violation only on what it saw; what it could not see is a warning (a
-//!   replay without a marker, a `4xx` other than the one the draft asks for) or a note. A check
-//!   that could not be carried out (the operation fails on its own, the probe cannot be read) is
-//!   an [`Outcome::Error`], never a pass.
+//!   replay without a marker, a `422` where the draft asks for `400`) or a note when the verdict
+//!   does not hang on it. A check that could not be carried out (the operation fails on its own,
+//!   even with a valid key; the probe cannot be read; a body over the cap; connections this
+//!   client could not make) or whose outcome cannot be seen from outside (transient, expiry
+//!   without a probe, marker or difference) is an [`Outcome::Error`], never a pass and never a
+//!   violation. A run in which every case was skipped has not passed ([`Report::passed`],
+//!   [`Report::exit_code`]).
 //! - Credentials (`Authorization`, `Cookie`, headers named like tokens, secrets or API keys) are
 //!   redacted from every report and reproducer.
 //!
