@@ -292,7 +292,8 @@ async fn connections_the_client_cannot_make_are_an_error_not_a_violation() {
 async fn sequential_retries_follow_409_with_retry_after() {
     let mut options = FixtureOptions::new(Defect::None);
     options.reject_in_flight = true;
-    options.record_lag = Some(Duration::from_millis(300));
+    // Long enough that every retry lands in it, even on a loaded machine.
+    options.record_lag = Some(Duration::from_secs(1));
     let report = check(options, spec(&[ORDER, ACCOUNT]), |c| {
         c.only([Replay, Mismatch, Precondition])
     })
