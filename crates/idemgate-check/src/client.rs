@@ -31,6 +31,18 @@ pub(crate) struct Target {
 impl Target {
     pub(crate) fn parse(url: &str) -> Result<Self, Error> {
         let usage = |m: String| Error::Config { message: m };
+        // Credentials in the URL would end up in the Host header and in every report: refused,
+        // without echoing the URL.
+        let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let authority = after_scheme
+            .split(['/', '?', '#'])
+            .next()
+            .unwrap_or_default();
+        if authority.contains('@') {
+            return Err(usage(
+                "--target must not carry credentials (user:password@): send them with --header 'Authorization: …', which reports redact".to_owned(),
+            ));
+        }
         let uri: http::Uri = url
             .parse()
             .map_err(|e| usage(format!("--target {url:?} is not a URL ({e})")))?;
@@ -85,6 +97,12 @@ impl Req {
     pub(crate) fn set_header(&mut self, name: HeaderName, value: HeaderValue) {
         self.headers.retain(|(n, _)| n != name);
         self.headers.push((name, value));
+    }
+
+    /// Whether a `Host` header was given (by `--header` or the spec): it replaces the
+    /// target's.
+    pub(crate) fn has_host(&self) -> bool {
+        self.headers.iter().any(|(n, _)| n == http::header::HOST)
     }
 
     /// Removes a header.
@@ -192,8 +210,10 @@ impl Client {
     fn request(&self, req: &Req) -> Result<Request<Full<Bytes>>, SendError> {
         let mut builder = Request::builder()
             .method(req.method.clone())
-            .uri(format!("{}{}", self.target.base, req.path))
-            .header(http::header::HOST, self.target.authority.as_str());
+            .uri(format!("{}{}", self.target.base, req.path));
+        if !req.has_host() {
+            builder = builder.header(http::header::HOST, self.target.authority.as_str());
+        }
         for (name, value) in &req.headers {
             builder = builder.header(name, value);
         }
@@ -295,10 +315,13 @@ impl Client {
     /// The request as HTTP/1.1 bytes (`Connection: close`, `Content-Length`).
     pub(crate) fn raw(&self, req: &Req) -> Vec<u8> {
         let mut out = format!(
-            "{} {}{} HTTP/1.1\r\nhost: {}\r\n",
-            req.method, self.target.base, req.path, self.target.authority
+            "{} {}{} HTTP/1.1\r\n",
+            req.method, self.target.base, req.path
         )
         .into_bytes();
+        if !req.has_host() {
+            out.extend_from_slice(format!("host: {}\r\n", self.target.authority).as_bytes());
+        }
         for (name, value) in &req.headers {
             out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(b": ");

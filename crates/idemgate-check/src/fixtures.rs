@@ -5,15 +5,17 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `POST /orders[?delay_ms=N][&status=N]` | a new order `{"id": "ord-N", "key", "amount"}`, `201` (or `status`), after `delay_ms` |
+//! | `POST /orders[?delay_ms=N][&status=N][&fail_first=N]` | a new order `{"id": "ord-N", "key", "amount"}`, `201` (or `status`), after `delay_ms`; with `fail_first=N`, the first `N` attempts of each key are answered `503` without running (a transient failure) |
 //! | `PUT /accounts/{id}` + `If-Match` | sets `balance`, bumps `version`: `200` with the new `ETag`; `412` on a stale `If-Match`, `428` without one |
 //! | `GET /accounts/{id}` | `{"id", "balance", "version"}` with `ETag: "v<version>"` (every account exists, at version 0 until written) |
 //! | `GET /_count?key=K` | `{"executions": N}`: how many times requests with key `K` took effect |
+//! | `GET /_count` | `{"executions": N}`: effects over all keys (and requests without one) |
 //!
 //! `POST` and `PUT` go through the server's idempotency layer (keys required, 1–255 visible ASCII
 //! bytes; fingerprint = method, path, query, body; `5xx` answers released, everything else
 //! stored and replayed with `Idempotent-Replayed: true`; a duplicate in flight waits, or gets
-//! `409` + `Retry-After` with [`FixtureOptions::reject_in_flight`]). HTTP/1 half-close is on: a
+//! `409` + `Retry-After` with [`FixtureOptions::reject_in_flight`]; a request without a key or
+//! with a malformed one gets [`FixtureOptions::refusal`], `400` by default). HTTP/1 half-close is on: a
 //! client that closes its side after sending does not cancel its request (what the
 //! lost-response check does).
 //!
@@ -71,6 +73,9 @@ pub enum Defect {
     ReplaysDifferentBody,
     /// `PUT /accounts/{id}` ignores `If-Match`: the last write wins.
     IgnoresIfMatch,
+    /// Runs a request without a key, or with a malformed one, and only then refuses it (`400`):
+    /// the refusal comes after the effect.
+    RunsUnkeyedRequests,
 }
 
 /// How a fixture server behaves.
@@ -82,6 +87,13 @@ pub struct FixtureOptions {
     pub reject_in_flight: bool,
     /// Records expire after this long (default: never).
     pub ttl: Option<Duration>,
+    /// Replays carry `Idempotent-Replayed: true` (default `true`).
+    pub replay_marker: bool,
+    /// The status of a request without a key or with a malformed one (default `400`).
+    pub refusal: StatusCode,
+    /// A completed request's record is written this long after its answer (default: at once):
+    /// until then its key counts as in flight (a store that records asynchronously).
+    pub record_lag: Option<Duration>,
 }
 
 impl FixtureOptions {
@@ -91,6 +103,9 @@ impl FixtureOptions {
             defect,
             reject_in_flight: false,
             ttl: None,
+            replay_marker: true,
+            refusal: StatusCode::BAD_REQUEST,
+            record_lag: None,
         }
     }
 }
@@ -132,7 +147,7 @@ body = '{"amount": 10, "ref": "{{uuid}}"}'
 effect_probe = { path = "/_count?key={{key}}", pointer = "/executions" }
 identity = "/id"
 slow_path = "/orders?delay_ms=300"
-transient_path = "/orders?status=503"
+transient_path = "/orders?fail_first=1"
 
 [[operation]]
 name = "update account"
@@ -163,6 +178,7 @@ impl FixtureServer {
             accounts: Mutex::new(HashMap::new()),
             orders: AtomicU64::new(0),
             served: AtomicU64::new(0),
+            attempts: Mutex::new(HashMap::new()),
         });
         let task = tokio::spawn(serve(listener, state.clone()));
         Ok(Self { addr, state, task })
@@ -195,6 +211,8 @@ struct State {
     accounts: Mutex<HashMap<String, Account>>,
     orders: AtomicU64,
     served: AtomicU64,
+    /// `fail_first`: attempts so far, per key.
+    attempts: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Clone, Debug)]
@@ -256,6 +274,10 @@ fn answer(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
 }
 
 fn stored_response(stored: &Stored, replayed: bool) -> Response<Full<Bytes>> {
+    stored_response_marked(stored, replayed, true)
+}
+
+fn stored_response_marked(stored: &Stored, replayed: bool, marker: bool) -> Response<Full<Bytes>> {
     let mut res = Response::new(Full::new(stored.body.clone()));
     *res.status_mut() = stored.status;
     res.headers_mut().insert(
@@ -269,7 +291,7 @@ fn stored_response(stored: &Stored, replayed: bool) -> Response<Full<Bytes>> {
     {
         res.headers_mut().insert(http::header::ETAG, etag);
     }
-    if replayed {
+    if replayed && marker {
         res.headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
@@ -294,8 +316,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
     let path = req.uri().path().to_owned();
     if req.method() == Method::GET {
         if path == "/_count" {
-            let key = query(&req).remove("key").unwrap_or_default();
-            let n = lock(&state.effects).get(&key).copied().unwrap_or(0);
+            let effects = lock(&state.effects);
+            let n = match query(&req).remove("key") {
+                Some(key) => effects.get(&key).copied().unwrap_or(0),
+                None => effects.values().sum(),
+            };
             return answer(StatusCode::OK, json!({ "executions": n }));
         }
         if let Some(id) = path.strip_prefix("/accounts/") {
@@ -344,17 +369,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
     if state.options.defect == Defect::NoIdempotency {
         return stored_response(&execute(&state, &work).await, false);
     }
-    let Some(key) = key else {
-        return answer(
-            StatusCode::BAD_REQUEST,
-            json!({ "error": "Idempotency-Key is required" }),
-        );
-    };
-    if !valid_key(key.as_bytes()) {
-        return answer(
-            StatusCode::BAD_REQUEST,
-            json!({ "error": "malformed Idempotency-Key" }),
-        );
+    let refused = |what: &str| answer(state.options.refusal, json!({ "error": what }));
+    if !key.as_ref().is_some_and(|k| valid_key(k.as_bytes())) {
+        if state.options.defect == Defect::RunsUnkeyedRequests {
+            execute(&state, &work).await;
+        }
+        return refused(if key.is_some() {
+            "malformed Idempotency-Key"
+        } else {
+            "Idempotency-Key is required"
+        });
     }
     let mut fingerprint = format!("{method} {path_and_query}\n").into_bytes();
     fingerprint.extend_from_slice(&body);
@@ -386,7 +410,7 @@ async fn idempotent(state: Arc<State>, work: Work, fingerprint: Bytes) -> Respon
                 ..
             }) => {
                 return if same(&fp) {
-                    stored_response(&answer, true)
+                    stored_response_marked(&answer, true, state.options.replay_marker)
                 } else {
                     mismatch()
                 };
@@ -429,7 +453,7 @@ async fn idempotent(state: Arc<State>, work: Work, fingerprint: Bytes) -> Respon
                     if defect == Defect::ReplaysDifferentBody {
                         answer.body = rerender(&state, &answer.body);
                     }
-                    return stored_response(&answer, true);
+                    return stored_response_marked(&answer, true, state.options.replay_marker);
                 }
                 Some(Record::InFlight {
                     fingerprint: fp,
@@ -483,22 +507,18 @@ async fn run_and_record(
     let task = tokio::spawn(async move {
         let key = work.key.clone();
         let stored = execute(&st, &work).await;
-        {
-            let mut records = lock(&st.records);
-            if stored.status.is_server_error() && st.options.defect != Defect::StoresServerErrors {
-                records.remove(&key); // transient: released, a retry runs again
-            } else {
-                records.insert(
-                    key,
-                    Record::Done {
-                        fingerprint,
-                        answer: stored.clone(),
-                        at: Instant::now(),
-                    },
-                );
+        let released =
+            stored.status.is_server_error() && st.options.defect != Defect::StoresServerErrors;
+        match st.options.record_lag {
+            Some(lag) if !released => {
+                let (st, stored) = (st.clone(), stored.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(lag).await;
+                    record(&st, key, fingerprint, stored, done);
+                });
             }
+            _ => record(&st, key, fingerprint, stored.clone(), done),
         }
-        done.notify_waiters();
         stored
     });
     match task.await {
@@ -508,6 +528,26 @@ async fn run_and_record(
             json!({ "error": "panicked" }),
         ),
     }
+}
+
+/// Stores the outcome (or releases the key after a `5xx`) and wakes the waiting duplicates.
+fn record(state: &State, key: String, fingerprint: Bytes, stored: Stored, done: Arc<Notify>) {
+    {
+        let mut records = lock(&state.records);
+        if stored.status.is_server_error() && state.options.defect != Defect::StoresServerErrors {
+            records.remove(&key); // transient: released, a retry runs again
+        } else {
+            records.insert(
+                key,
+                Record::Done {
+                    fingerprint,
+                    answer: stored,
+                    at: Instant::now(),
+                },
+            );
+        }
+    }
+    done.notify_waiters();
 }
 
 fn mismatch() -> Response<Full<Bytes>> {
@@ -558,6 +598,22 @@ fn count_effect(state: &State, key: &str) {
 async fn execute(state: &State, work: &Work) -> Stored {
     if let Some(ms) = work.query.get("delay_ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(n) = work
+        .query
+        .get("fail_first")
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let mut attempts = lock(&state.attempts);
+        let seen = attempts.entry(work.key.clone()).or_default();
+        if *seen < n {
+            *seen += 1;
+            return Stored {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: Bytes::from(json!({ "error": "try again" }).to_string()),
+                etag: None,
+            };
+        }
     }
     let status = work
         .query

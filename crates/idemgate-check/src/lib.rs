@@ -29,14 +29,28 @@
 //! # let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! # let target = format!("http://{}", api.local_addr()?);
 //! # tokio::spawn(async move {
-//! #     // A server that answers every request `400`: keys required, none accepted.
+//! #     // A server that refuses a request without a key, or with a malformed one (outside 1–255
+//! #     // visible ASCII bytes), with `400`, and answers `201` to the others.
 //! #     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //! #     loop {
 //! #         let Ok((mut s, _)) = api.accept().await else { return };
 //! #         tokio::spawn(async move {
-//! #             let mut buf = [0u8; 4096];
-//! #             let _ = s.read(&mut buf).await;
-//! #             let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+//! #             let mut buf = vec![0u8; 8192];
+//! #             let n = s.read(&mut buf).await.unwrap_or(0);
+//! #             let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+//! #             let key = head.lines().find_map(|l| {
+//! #                 let (name, value) = l.split_once(':')?;
+//! #                 name.eq_ignore_ascii_case("idempotency-key").then(|| value.trim().to_owned())
+//! #             });
+//! #             let valid = key.is_some_and(|k| {
+//! #                 (1..=255).contains(&k.len()) && k.bytes().all(|b| (0x21..=0x7e).contains(&b))
+//! #             });
+//! #             let answer: &[u8] = if valid {
+//! #                 b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+//! #             } else {
+//! #                 b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+//! #             };
+//! #             let _ = s.write_all(answer).await;
 //! #         });
 //! #     }
 //! # });
@@ -70,9 +84,13 @@
 //!   ([`Config::timeout`]) and every answer body is read up to a cap ([`Config::body_cap`]).
 //! - A run with the same `seed`, spec and target sends the same requests (keys, UUIDs, bodies).
 //! - A check reports a violation only on what it saw; what it could not see is a warning (a
-//!   replay without a marker, a `4xx` other than the one the draft asks for) or a note. A check
-//!   that could not be carried out (the operation fails on its own, the probe cannot be read) is
-//!   an [`Outcome::Error`], never a pass.
+//!   replay without a marker, a `422` where the draft asks for `400`) or a note when the verdict
+//!   does not hang on it. A check that could not be carried out (the operation fails on its own,
+//!   even with a valid key; the probe cannot be read; a body over the cap; connections this
+//!   client could not make) or whose outcome cannot be seen from outside (transient, expiry
+//!   without a probe, marker or difference) is an [`Outcome::Error`], never a pass and never a
+//!   violation. A run in which every case was skipped has not passed ([`Report::passed`],
+//!   [`Report::exit_code`]).
 //! - Credentials (`Authorization`, `Cookie`, headers named like tokens, secrets or API keys) are
 //!   redacted from every report and reproducer.
 //!

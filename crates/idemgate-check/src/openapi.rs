@@ -185,13 +185,13 @@ fn operation(
         let required = p.get("required").and_then(Value::as_bool).unwrap_or(false);
         match p.get("in").and_then(Value::as_str) {
             Some("path") => match example_text(doc, p) {
-                Some(v) => filled = filled.replace(&format!("{{{name}}}"), &v),
+                Some(v) => filled = filled.replace(&format!("{{{name}}}"), &encode(&v)),
                 None => {
                     path_skip.get_or_insert(format!("no example for the path parameter {name:?}"));
                 }
             },
             Some("query") if required => match example_text(doc, p) {
-                Some(v) => query.push(format!("{name}={v}")),
+                Some(v) => query.push(format!("{}={}", encode(name), encode(&v))),
                 None => {
                     path_skip.get_or_insert(format!("no example for the query parameter {name:?}"));
                 }
@@ -310,6 +310,20 @@ fn example_text(doc: &Value, param: &Value) -> Option<String> {
         Value::String(s) => s,
         other => other.to_string(),
     })
+}
+
+/// Percent-encodes every byte but the unreserved ones (RFC 3986: letters, digits, `-._~`), so an
+/// example value is one path segment or one query value, whatever it holds.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A media type's example: `example`, first of `examples`, or `schema.example`.

@@ -132,9 +132,43 @@ impl Report {
         self.cases.iter().filter(|c| c.outcome == outcome).count()
     }
 
-    /// No violation and no error (skips allowed).
+    /// No violation, no error, and at least one check passed (skips allowed, but a run in
+    /// which every case was skipped checked nothing and has not passed).
     pub fn passed(&self) -> bool {
-        self.count(Outcome::Failed) == 0 && self.count(Outcome::Error) == 0
+        self.count(Outcome::Failed) == 0
+            && self.count(Outcome::Error) == 0
+            && self.count(Outcome::Passed) > 0
+    }
+
+    /// The exit code of `idemgate check` for this report: `0` passed ([`Report::passed`]); `1`
+    /// at least one violation; `2` no violation, but a check could not be carried out, or
+    /// nothing was checked (every case skipped).
+    pub fn exit_code(&self) -> i32 {
+        if self.count(Outcome::Failed) > 0 {
+            1
+        } else if self.passed() {
+            0
+        } else {
+            2
+        }
+    }
+
+    /// Why a run without a violation did not pass, for a message: errors, or nothing checked.
+    pub fn inconclusive(&self) -> Option<String> {
+        if self.count(Outcome::Failed) > 0 || self.passed() {
+            return None;
+        }
+        let errors = self.count(Outcome::Error);
+        Some(if errors > 0 {
+            format!(
+                "{errors} check(s) could not be carried out (ERROR): nothing can be concluded from them"
+            )
+        } else {
+            format!(
+                "no check was carried out: all {} case(s) were skipped (see the reasons above)",
+                self.cases.len()
+            )
+        })
     }
 
     /// The cases that failed, as `(operation, check)`.

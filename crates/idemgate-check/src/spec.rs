@@ -96,16 +96,20 @@ pub struct Operation {
     /// A request that reads how many times the operation took effect.
     #[serde(default)]
     pub effect_probe: Option<EffectProbe>,
-    /// JSON pointer to the created resource's identity in the answer (e.g. `/id`).
+    /// JSON pointer to the created resource's identity in the answer (e.g. `/id`; not
+    /// templated: placeholders are refused).
     #[serde(default)]
     pub identity: Option<String>,
-    /// JSON pointers that may differ between a first answer and its replay.
+    /// JSON pointers that may differ between a first answer and its replay (not templated:
+    /// placeholders are refused).
     #[serde(default)]
     pub volatile: Vec<String>,
     /// A variant of `path` that takes long (templated), for the in-flight check.
     #[serde(default)]
     pub slow_path: Option<String>,
-    /// A variant of `path` whose answer is a `5xx` (templated), for the transient check.
+    /// A variant of `path` whose first attempt per key is answered `5xx` without taking effect
+    /// (templated), for the transient check: the retry is then expected to succeed, not marked
+    /// replayed (see `docs/check.md`).
     #[serde(default)]
     pub transient_path: Option<String>,
     /// The body sent with the same key by the mismatch check (templated). Default: the body
@@ -236,11 +240,13 @@ impl Spec {
                 path(&probe.path, &format!("{at}: effect_probe.path"))?;
                 pointer(&probe.pointer, &format!("{at}: effect_probe.pointer"))?;
             }
+            // identity and volatile name places in every answer of the operation: they are
+            // not templates (a placeholder there would never be filled).
             if let Some(id) = &op.identity {
-                pointer(id, &format!("{at}: identity"))?;
+                plain_pointer(id, &format!("{at}: identity"))?;
             }
             for v in &op.volatile {
-                pointer(v, &format!("{at}: volatile"))?;
+                plain_pointer(v, &format!("{at}: volatile"))?;
             }
             if op.etag && !matches!(op.method.as_str(), "PUT" | "PATCH") {
                 return Err(spec_error(format!(
@@ -294,6 +300,17 @@ fn pointer(p: &str, at: &str) -> Result<(), Error> {
         )));
     }
     template::validate(p).map_err(|m| spec_error(format!("{at}: {m}")))
+}
+
+/// A JSON pointer without placeholders.
+fn plain_pointer(p: &str, at: &str) -> Result<(), Error> {
+    pointer(p, at)?;
+    if p.contains("{{") {
+        return Err(spec_error(format!(
+            "{at}: {p:?} holds a placeholder; identity and volatile pointers are not templated"
+        )));
+    }
+    Ok(())
 }
 
 fn header_name(name: &str, at: &str) -> Result<(), Error> {

@@ -2,22 +2,19 @@
 //!
 //! Exit codes: 0 every check passed; 1 at least one violation; 2 a usage error, an unreadable
 //! or invalid spec, the target unreachable, or (with no violation) a check that could not be
-//! carried out.
+//! carried out or no check carried out at all (every case skipped).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{ArgGroup, Args};
-use idemgate_check::{CheckName, Checker, Config, Outcome, Progress, Report, Spec};
+use idemgate_check::{CheckName, Checker, Config, Progress, Spec};
 
 use crate::config::parse_duration;
 
-/// Every check passed.
-const PASSED: i32 = 0;
-/// At least one violation.
-const VIOLATION: i32 = 1;
-/// Usage error, unreadable spec, unreachable target, or a check that could not run.
+/// Usage error, unreadable spec, unreachable target, or a check that could not run (the
+/// library's [`idemgate_check::Report::exit_code`] gives 0, 1 and 2 for a finished run).
 const USAGE: i32 = 2;
 
 #[derive(Args, Debug)]
@@ -62,6 +59,9 @@ pub struct CheckArgs {
     /// Deadline of one exchange (the slow_path must answer within it).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
     timeout: Duration,
+    /// Longest answer body read, in bytes; a check that must compare a longer body is an error.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
+    body_cap: usize,
 }
 
 /// Runs the checks; the process exit code.
@@ -85,7 +85,8 @@ async fn run_checks(args: CheckArgs) -> Result<i32, String> {
     let mut config = Config::new(&args.target)
         .concurrency(args.concurrency)
         .strict_marker(args.strict_marker)
-        .timeout(args.timeout);
+        .timeout(args.timeout)
+        .body_cap(args.body_cap);
     config.seed = args.seed;
     config.ttl = args.ttl;
     for header in &args.headers {
@@ -110,29 +111,33 @@ async fn run_checks(args: CheckArgs) -> Result<i32, String> {
         .run_with(|event| progress(event, progress_on_terminal))
         .await
         .map_err(|e| e.to_string())?;
+    // The files first: CI reads them even when stdout is gone (a closed pipe). A file that
+    // cannot be written is exit 2, after the human report.
+    let mut file_error = None;
+    if let Some(path) = &args.junit {
+        file_error = write_file(path, |w| report.write_junit(w)).err();
+    }
+    if let Some(path) = &args.json
+        && let Err(e) = write_file(path, |w| report.write_json(w))
+    {
+        file_error.get_or_insert(e);
+    }
     let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let mut stdout = std::io::stdout().lock();
-    report
+    if let Err(e) = report
         .write_human(&mut stdout, color)
         .and_then(|()| stdout.flush())
-        .map_err(|e| format!("cannot write the report: {e}"))?;
-    if let Some(path) = &args.junit {
-        write_file(path, |w| report.write_junit(w))?;
+    {
+        // The verdict does not depend on the human report reaching anyone.
+        eprintln!("idemgate check: cannot write the report to stdout: {e}");
     }
-    if let Some(path) = &args.json {
-        write_file(path, |w| report.write_json(w))?;
+    if let Some(e) = file_error {
+        return Err(e);
     }
-    Ok(exit_code(&report))
-}
-
-fn exit_code(report: &Report) -> i32 {
-    if report.count(Outcome::Failed) > 0 {
-        VIOLATION
-    } else if report.count(Outcome::Error) > 0 {
-        USAGE
-    } else {
-        PASSED
+    if let Some(why) = report.inconclusive() {
+        eprintln!("idemgate check: {why}");
     }
+    Ok(report.exit_code())
 }
 
 fn write_file(

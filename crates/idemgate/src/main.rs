@@ -126,6 +126,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Check(args) => {
+            // A burst of --concurrency connections needs descriptors like a proxy does.
+            raise_fd_limit();
             let code = runtime.block_on(check::run(*args));
             std::process::exit(code)
         }

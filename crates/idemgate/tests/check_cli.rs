@@ -260,6 +260,23 @@ async fn check_exits_2_on_usage_errors_bad_specs_and_unreachable_targets() {
             vec!["--target", &target, "--spec", &failing, "--only", "replay"],
             "ERROR",
         ),
+        // Nothing checked: every case skipped (no slow_path).
+        (
+            vec![
+                "--target",
+                &target,
+                "--spec",
+                &failing,
+                "--only",
+                "in-flight",
+            ],
+            "no check was carried out",
+        ),
+        // Credentials in the target URL are refused without being echoed.
+        (
+            vec!["--target", "http://user:pw@127.0.0.1:1", "--spec", &good],
+            "must not carry credentials",
+        ),
     ];
     for (args, expected) in cases {
         let out = check(&args).await;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::{Cx, Stop, Variant};
+use crate::client::SendError;
 
 pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
     let g = cx.group();
@@ -14,6 +15,8 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
     let answers = cx.burst("burst", &reqs).await;
     let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
     let mut errors = Vec::new();
+    // Connections this client could not make (descriptors, ports): no answer to judge.
+    let mut unconnected = Vec::new();
     let mut successes = Vec::new();
     let mut conflicts_without_retry_after = 0;
     for a in answers {
@@ -27,6 +30,7 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
                     successes.push(a);
                 }
             }
+            Err(e @ SendError::Connect(_)) => unconnected.push(e.to_string()),
             Err(e) => errors.push(e.to_string()),
         }
     }
@@ -49,10 +53,17 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
             errors[0]
         ));
     }
+    let unconnected = (!unconnected.is_empty()).then(|| {
+        format!(
+            "{} of {n} connections of the burst could not be made ({}): a limit of this client (open files, ports) or of the target's accept queue; lower --concurrency or raise the limit",
+            unconnected.len(),
+            unconnected[0]
+        )
+    });
     if successes.is_empty() && server_errors == 0 && errors.is_empty() {
-        return Err(Stop::Error(format!(
-            "none of {n} duplicates succeeded ({seen}): the operation must succeed once"
-        )));
+        return Err(Stop::Error(unconnected.unwrap_or_else(|| {
+            format!("none of {n} duplicates succeeded ({seen}): the operation must succeed once")
+        })));
     }
     // Copies of one request under one key get one outcome (or "in progress"): a copy refused
     // with another 4xx while one succeeded tells its client that the operation failed.
@@ -84,7 +95,7 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
             // No probe: every success must show the same outcome.
             if let Some((first, rest)) = successes.split_first() {
                 for other in rest {
-                    if let Err(diff) = cx.same_outcome(first, other) {
+                    if let Err(diff) = cx.same_outcome(first, other)? {
                         cx.fail(format!(
                             "the successful answers differ, so the duplicates ran more than once: {diff}"
                         ));
@@ -93,6 +104,13 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
                 }
             }
         }
+    }
+    // What the answered copies show is a finding; without one, nothing can be concluded.
+    if let Some(message) = unconnected {
+        if !cx.failed() {
+            return Err(Stop::Error(message));
+        }
+        cx.note(message);
     }
     Ok(format!(
         "{seen}{}",

@@ -32,8 +32,9 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
                 ));
             }
             Ran::Unknown => {
-                cx.warn("whether the retry ran again cannot be seen: no effect_probe, no marker, the same body");
-                return Ok("cannot be seen from outside".into());
+                return Err(Stop::Error(
+                    "whether the retry after the TTL ran again cannot be seen: no effect_probe, no identity, no replay marker, and the same body as the first answer. Add an effect_probe (or an identity) to the operation".into(),
+                ));
             }
             Ran::No if Instant::now() >= deadline => {
                 cx.fail(format!(

@@ -43,7 +43,7 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
     }
     match finals.as_slice() {
         [a, b] => {
-            if let Err(diff) = cx.same_outcome(a, b) {
+            if let Err(diff) = cx.same_outcome(a, b)? {
                 cx.fail(format!(
                     "the duplicate's final answer is not the first request's: {diff}"
                 ));

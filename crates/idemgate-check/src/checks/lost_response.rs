@@ -48,7 +48,7 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
         None => {
             // Without a probe: the retry's outcome must be the key's outcome from now on.
             let again = cx.send_ok("retry again", &req).await?;
-            if let Err(diff) = cx.same_outcome(&retry, &again) {
+            if let Err(diff) = cx.same_outcome(&retry, &again)? {
                 cx.fail(format!("a second retry got another outcome: {diff}"));
             }
         }

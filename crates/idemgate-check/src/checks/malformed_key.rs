@@ -1,11 +1,15 @@
 //! malformed-key: a 256-byte key, a key with a space, a key with a control character (TAB)
-//! → `400` each.
+//! → `400` each, and no effect.
+//!
+//! The same request is first sent with a valid key and must succeed (else the check is an
+//! error of the setup: an operation that fails on its own refuses malformed keys trivially).
 
 use http::HeaderValue;
 
 use super::{Cx, Stop, Variant};
 
 pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
+    super::with_a_key_first(cx).await?;
     let g = cx.group();
     let base = cx.group_request(&g, Variant::Main, None).await?;
     let tag = format!("{:08x}", cx.random() as u32);
@@ -19,6 +23,7 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
         ),
     ];
     let key_header = cx.key_header()?;
+    let before = cx.total_count(&g).await?;
     let mut seen = Vec::new();
     for (what, key) in cases {
         let mut req = base.clone();
@@ -32,5 +37,17 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
             cx.fail(format!("{what} was answered {status}, not 400"));
         }
     }
-    Ok(seen.join(", "))
+    let effects = cx.effects_since(&g, before).await?;
+    if let Some(n) = effects
+        && n > 0
+    {
+        cx.fail(format!(
+            "requests with malformed keys were refused, yet the probe counts {n} new effect: they ran"
+        ));
+    }
+    Ok(format!(
+        "with a valid key: a success; {}{}",
+        seen.join(", "),
+        effects.map_or(String::new(), |n| format!("; {n} effect"))
+    ))
 }

@@ -146,7 +146,8 @@ pub struct Config {
     pub ttl: Option<Duration>,
     /// Deadline of one exchange (default 30 s; the in-flight check's slow request must fit).
     pub timeout: Duration,
-    /// Longest answer body read (default 1 MiB); longer ones are cut and cannot be compared.
+    /// Longest answer body read (default 1 MiB); longer ones are cut, and a check that must
+    /// compare a cut body ends in [`Outcome::Error`] (raise the cap), never in a violation.
     pub body_cap: usize,
     /// How long the lost-response check waits for the probe to show its lost request's effect
     /// before it retries anyway (default 5 s).
@@ -209,6 +210,12 @@ impl Config {
     /// Sets the deadline of one exchange.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Sets the longest answer body read (`body_cap`).
+    pub fn body_cap(mut self, bytes: usize) -> Self {
+        self.body_cap = bytes;
         self
     }
 
@@ -297,10 +304,13 @@ impl Checker {
         if config.timeout.is_zero() {
             return Err(usage("the timeout must be more than zero".into()));
         }
+        if config.body_cap == 0 {
+            return Err(usage("--body-cap must be more than zero".into()));
+        }
         let client = Client {
             target,
             timeout: config.timeout,
-            body_cap: config.body_cap.max(1),
+            body_cap: config.body_cap,
         };
         Ok(Self {
             spec,
@@ -406,6 +416,16 @@ async fn run_check(check: CheckName, cx: &mut Cx<'_>) -> Result<String, Stop> {
         CheckName::Expiry => expiry::run(cx).await,
         CheckName::Precondition => precondition::run(cx).await,
     }
+}
+
+/// missing-key and malformed-key first send the operation with a valid key (a group of its
+/// own): it must succeed, or a refusal of what follows proves nothing (a server that answers
+/// everything `400` or `404` is a setup error, not a pass).
+async fn with_a_key_first(cx: &mut Cx<'_>) -> Result<(), Stop> {
+    let g = cx.group();
+    let req = cx.group_request(&g, Variant::Main, None).await?;
+    let answer = cx.send_ok("first (with a valid key)", &req).await?;
+    cx.expect_success("first (with a valid key)", &answer)
 }
 
 /// Why a check ended without a verdict of its own.
@@ -534,18 +554,32 @@ impl Cx<'_> {
         Ok(req)
     }
 
-    /// `GET read_path`: the resource's current `ETag` and the answer.
-    pub(crate) async fn read_etag(&mut self, g: &Group) -> Result<(HeaderValue, Answer), Stop> {
-        let path = self.op.read_path.as_ref().unwrap_or(&self.op.path);
+    /// A bodiless request of group `g` that reads (the effect probe, the `ETag`): the
+    /// `[defaults]` headers but `content-type` (values rendered for `g`), then the command
+    /// line's; no key.
+    fn read_request(&self, method: Method, path: &str, g: &Group) -> Result<Req, Stop> {
         let mut req = Req {
-            method: Method::GET,
+            method,
             path: template::render(path, g),
             headers: Vec::new(),
             body: Bytes::new(),
         };
+        for (name, value) in &self.defaults.headers {
+            let (n, v) = header(name, &template::render(value, g))?;
+            if n != http::header::CONTENT_TYPE {
+                req.set_header(n, v);
+            }
+        }
         for (n, v) in self.headers {
             req.set_header(n.clone(), v.clone());
         }
+        Ok(req)
+    }
+
+    /// `GET read_path`: the resource's current `ETag` and the answer.
+    pub(crate) async fn read_etag(&mut self, g: &Group) -> Result<(HeaderValue, Answer), Stop> {
+        let path = self.op.read_path.as_ref().unwrap_or(&self.op.path);
+        let req = self.read_request(Method::GET, path, g)?;
         let answer = self.send_quiet("read ETag", &req).await?;
         if !answer.status.is_success() {
             return Err(Stop::Error(format!(
@@ -711,15 +745,7 @@ impl Cx<'_> {
         let method = Method::from_bytes(probe.method.as_bytes())
             .map_err(|_| Stop::Error("invalid probe method".into()))?;
         let pointer = template::render(&probe.pointer, g);
-        let mut req = Req {
-            method,
-            path: template::render(&probe.path, g),
-            headers: Vec::new(),
-            body: Bytes::new(),
-        };
-        for (n, v) in self.headers {
-            req.set_header(n.clone(), v.clone());
-        }
+        let req = self.read_request(method, &probe.path, g)?;
         let answer = self.send_quiet("probe", &req).await?;
         if !answer.status.is_success() {
             return Err(Stop::Error(format!(
@@ -751,6 +777,24 @@ impl Cx<'_> {
         }
     }
 
+    /// Whether the probe counts per key (`{{key}}` in its path or pointer).
+    pub(crate) fn probe_per_key(&self) -> bool {
+        self.op
+            .effect_probe
+            .as_ref()
+            .is_some_and(|p| p.path.contains("{{key}}") || p.pointer.contains("{{key}}"))
+    }
+
+    /// The probe's count when it counts in total (no `{{key}}`): the only count a request
+    /// without a valid key can move. `None` without a probe, or with a per-key one (noted).
+    pub(crate) async fn total_count(&mut self, g: &Group) -> Result<Option<u64>, Stop> {
+        if self.probe_per_key() {
+            self.note("the effect probe counts per key: it cannot see whether a request without a valid key ran");
+            return Ok(None);
+        }
+        self.count(g).await
+    }
+
     /// Effects of group `g` since `before` (`None` without a probe).
     pub(crate) async fn effects_since(
         &mut self,
@@ -774,15 +818,26 @@ impl Cx<'_> {
         answer.json()?.pointer(pointer).cloned()
     }
 
-    /// `Ok` when `a` and `b` have the same body, byte for byte or (with `volatile` pointers)
-    /// once those are removed from both JSON documents; else what differs.
-    pub(crate) fn same_body(&self, a: &Answer, b: &Answer) -> Result<(), String> {
+    /// A body cut at the cap cannot be compared: the check stops (an error, not a violation).
+    fn comparable(&self, a: &Answer, b: &Answer) -> Result<(), Stop> {
         if a.truncated || b.truncated {
-            return Err(format!(
-                "a body is longer than the cap of {} bytes and cannot be compared",
+            return Err(Stop::Error(format!(
+                "an answer body is longer than the cap of {} bytes and cannot be compared (raise --body-cap)",
                 self.config.body_cap
-            ));
+            )));
         }
+        Ok(())
+    }
+
+    /// `Ok(Ok)` when `a` and `b` have the same body, byte for byte or (with `volatile`
+    /// pointers) once those are removed from both JSON documents; `Ok(Err)` with what differs;
+    /// `Err` when a body was cut at the cap.
+    pub(crate) fn same_body(&self, a: &Answer, b: &Answer) -> Result<Result<(), String>, Stop> {
+        self.comparable(a, b)?;
+        Ok(self.body_diff(a, b))
+    }
+
+    fn body_diff(&self, a: &Answer, b: &Answer) -> Result<(), String> {
         if a.body == b.body {
             return Ok(());
         }
@@ -805,23 +860,25 @@ impl Cx<'_> {
     }
 
     /// Whether `b` shows the same outcome as `a` for the non-replay checks: same status and the
-    /// same identity (with an `identity` pointer), or the same body (without one).
-    pub(crate) fn same_outcome(&self, a: &Answer, b: &Answer) -> Result<(), String> {
+    /// same identity (with an `identity` pointer), or the same body (without one). `Err` when
+    /// a body that must be read was cut at the cap.
+    pub(crate) fn same_outcome(&self, a: &Answer, b: &Answer) -> Result<Result<(), String>, Stop> {
         if a.status != b.status {
-            return Err(format!("status {} vs {}", a.status, b.status));
+            return Ok(Err(format!("status {} vs {}", a.status, b.status)));
         }
+        self.comparable(a, b)?;
         if self.op.identity.is_some() {
             let (x, y) = (self.identity(a), self.identity(b));
-            return if x.is_some() && x == y {
+            return Ok(if x.is_some() && x == y {
                 Ok(())
             } else {
                 Err(format!("identity {} vs {}", show(&x), show(&y)))
-            };
+            });
         }
-        self.same_body(a, b)
+        Ok(self.body_diff(a, b))
     }
 
-    /// Whether the retry `b` of `a` ran again (transient, expiry): from `delta`, the effects
+    /// Whether the retry `b` of `a` ran again (expiry): from `delta`, the effects
     /// the probe counted across the retry alone, when there is a probe; else the replay marker,
     /// the identity, the body.
     pub(crate) fn ran_again(&self, delta: Option<u64>, a: &Answer, b: &Answer) -> Ran {
@@ -900,10 +957,16 @@ pub(crate) fn retry_after(answer: &Answer) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// The start of a body for a message, on one line: control characters (a terminal's escape
+/// sequences among them) become spaces, as in the report's own previews.
 pub(crate) fn preview(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
-    let mut s: String = text.chars().take(200).collect();
-    if s.len() < text.len() {
+    let mut s: String = text
+        .chars()
+        .take(200)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().count() > 200 {
         s.push('…');
     }
     format!("`{s}`")

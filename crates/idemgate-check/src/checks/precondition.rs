@@ -50,6 +50,9 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
             &update,
         )
         .await?;
+    let retry = cx
+        .settle("retry of that update after 409", &update, retry)
+        .await?;
     if retry.status != first.status {
         cx.fail(format!(
             "the retry of a successful update (same key) was answered {}, not {} as the first: a client whose answer was lost is told its update failed",
@@ -139,18 +142,18 @@ pub(super) async fn run(cx: &mut Cx<'_>) -> Result<String, Stop> {
 /// The probe's count over the groups: summed when the probe counts per key, read once when it
 /// counts the resource.
 async fn count(cx: &mut Cx<'_>, groups: &[&Group]) -> Result<Option<u64>, Stop> {
-    let per_key = cx
-        .op
-        .effect_probe
-        .as_ref()
-        .is_some_and(|p| p.path.contains("{{key}}") || p.pointer.contains("{{key}}"));
+    let per_key = cx.probe_per_key();
     let mut total = None;
     for g in groups {
         let n = cx.count(g).await?;
         total = match (total, n) {
             (_, None) => return Ok(None),
             (None, Some(n)) => Some(n),
-            (Some(t), Some(n)) => Some(t + n),
+            (Some(t), Some(n)) => Some(t.checked_add(n).ok_or_else(|| {
+                Stop::Error(format!(
+                    "the effect probe's counts overflow when added ({t} + {n}): they are not counts"
+                ))
+            })?),
         };
         if !per_key {
             break;
