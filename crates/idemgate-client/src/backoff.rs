@@ -5,8 +5,10 @@
 //! standard mode and the variant the AWS Architecture Blog's "Exponential Backoff and Jitter"
 //! found to spread synchronized clients best.
 //!
-//! **`Retry-After`.** When the answer carries `Retry-After` (delta-seconds, or an HTTP date read
-//! against [`Clock::wall`](crate::clock::Clock::wall)), the server's wait is honoured and never
+//! **`Retry-After`.** When the answer carries `Retry-After` (delta-seconds, or an HTTP date: read
+//! against the answer's own `Date` header when it has one, so that the wait does not depend on
+//! how far the client's clock is from the server's, else against
+//! [`Clock::wall`](crate::clock::Clock::wall)), the server's wait is honoured and never
 //! undercut: the client sleeps `retry_after + U[0, spread)` with
 //! `spread = max(retry_after × retry_after_jitter, base_delay)`, so clients told the same whole
 //! number of seconds do not all wake on the same tick. A `Retry-After` longer than the cap is not
@@ -51,7 +53,8 @@ impl Backoff {
 
     /// The delay before retry `retry` given a uniform draw `unit` in `[0, 1)`: `ceiling × unit`.
     pub fn full_jitter(&self, retry: u32, unit: f64) -> Duration {
-        self.ceiling(retry).mul_f64(clamp_unit(unit))
+        let ceiling = self.ceiling(retry);
+        scale(ceiling, clamp_unit(unit)).min(ceiling)
     }
 
     /// The first delay.
@@ -73,8 +76,19 @@ pub fn jitter_above(
     min_spread: Duration,
     unit: f64,
 ) -> Duration {
-    let spread = retry_after.mul_f64(fraction.max(0.0)).max(min_spread);
-    retry_after.saturating_add(spread.mul_f64(clamp_unit(unit)))
+    let fraction = if fraction.is_finite() {
+        fraction.max(0.0)
+    } else {
+        0.0
+    };
+    let spread = scale(retry_after, fraction).max(min_spread);
+    retry_after.saturating_add(scale(spread, clamp_unit(unit)).min(spread))
+}
+
+/// `d × factor` (`factor` finite, ≥ 0), saturating at [`Duration::MAX`] instead of panicking
+/// as [`Duration::mul_f64`] does.
+fn scale(d: Duration, factor: f64) -> Duration {
+    Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX)
 }
 
 fn clamp_unit(unit: f64) -> f64 {
@@ -129,6 +143,13 @@ impl RetryAfter {
             RetryAfter::Date(at) => at.duration_since(now).unwrap_or(Duration::ZERO),
         }
     }
+
+    /// The wait it asks for in an answer whose `Date` header said `date`: a date is measured
+    /// from the server's `Date` (both from the server's clock, so the client's clock skew does
+    /// not matter), or from the local wall time `now` when the answer had no `Date`.
+    pub fn delay_from(&self, date: Option<SystemTime>, now: SystemTime) -> Duration {
+        self.delay(date.unwrap_or(now))
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +191,45 @@ mod tests {
             Duration::from_secs(7)
         );
         assert_eq!(ra.delay(at + Duration::from_secs(7)), Duration::ZERO);
+    }
+
+    #[test]
+    fn date_delay_is_measured_from_the_answers_date_header() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let ra = RetryAfter::Date(at);
+        let server_date = at - Duration::from_secs(5);
+        // The client's clock is an hour ahead (or behind): the wait is still 5 s.
+        for skew in [3600, 0] {
+            let local = server_date + Duration::from_secs(skew);
+            assert_eq!(
+                ra.delay_from(Some(server_date), local),
+                Duration::from_secs(5)
+            );
+        }
+        let behind = server_date - Duration::from_secs(3600);
+        assert_eq!(
+            ra.delay_from(Some(server_date), behind),
+            Duration::from_secs(5)
+        );
+        assert_eq!(ra.delay_from(None, behind), Duration::from_secs(3605));
+        assert_eq!(
+            RetryAfter::Seconds(7).delay_from(Some(server_date), behind),
+            Duration::from_secs(7)
+        );
+    }
+
+    #[test]
+    fn huge_durations_saturate_instead_of_panicking() {
+        let huge = Duration::from_secs(u64::MAX);
+        assert_eq!(jitter_above(huge, 0.2, Duration::ZERO, 0.9), Duration::MAX);
+        assert_eq!(jitter_above(huge, 10.0, Duration::ZERO, 0.5), Duration::MAX);
+        assert_eq!(
+            jitter_above(Duration::from_secs(1), f64::INFINITY, Duration::ZERO, 0.5),
+            Duration::from_secs(1)
+        );
+        let b = Backoff::new(Duration::MAX, Duration::MAX);
+        assert!(b.full_jitter(40, 0.999_999) <= Duration::MAX);
+        assert_eq!(b.full_jitter(1, 1.0), Duration::MAX);
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! does not, what was read and the rest of the stream are sent once, as one body, and the
 //! operation is not retried ([`Stop::BodyNotRetryable`](crate::report::Stop::BodyNotRetryable),
 //! or [`Error::BodyNotRetryable`](crate::Error::BodyNotRetryable) if that single attempt failed).
-//! Trailers of a buffered request body are not resent.
+//! Trailers of a request body that is buffered (it ended within the cap) are dropped: they are
+//! not sent at all, not even on the first attempt, since only the data is kept to be resent. A
+//! stream over the cap is passed on as it comes, its trailers included. (A request that needs
+//! trailers should not go through the retrying client.)
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -125,6 +128,21 @@ mod tests {
         assert!(matches!(b, Buffered::Complete(ref x) if x == "hello"));
         let b = buffer(stream(&[]), 0).await.expect("read");
         assert!(matches!(b, Buffered::Complete(ref x) if x.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn trailers_of_a_buffered_body_are_dropped() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"hello"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let b = buffer(StreamBody::new(futures_util::stream::iter(frames)), 64)
+            .await
+            .expect("read");
+        // Only the data is kept (what every attempt sends): the trailers are gone.
+        assert!(matches!(b, Buffered::Complete(ref x) if x == "hello"));
     }
 
     #[tokio::test]

@@ -1,17 +1,27 @@
 //! The circuit breaker: one per host, shared by every request of a [`Policy`](crate::Policy).
 //!
-//! - **Closed** (normal): every attempt's outcome goes into a sliding window of the last
+//! - **Closed** (normal): every call's outcome goes into a sliding window of the last
 //!   `window` calls. The breaker opens when the window holds at least `min_calls` outcomes and
-//!   at least `failure_rate` of them are failures, or when `consecutive_failures` attempts in a
+//!   at least `failure_rate` of them are failures, or when `consecutive_failures` calls in a
 //!   row failed (a burst trips it without waiting for the window to fill).
+//!
+//!   Under a [`Policy`](crate::Policy), a call is an **operation**, not an attempt: the retry
+//!   loop records an attempt's outcome only when the operation ends with it. An operation that
+//!   fails twice and then succeeds is one success (its retries still cost budget tokens); one
+//!   that fails every attempt is one failure. So failures that retries cure never open the
+//!   breaker, and under a full outage it opens after `consecutive_failures` operations (with
+//!   the defaults, 5 operations × 3 attempts = 15 requests).
 //! - **Open**: attempts fail fast with [`Error::CircuitOpen`](crate::Error::CircuitOpen), no
 //!   request is sent, for `open_for`.
 //! - **Half-open**: after `open_for`, up to `half_open_probes` attempts go through as probes
 //!   (others still fail fast). One probe failure opens the breaker again; `half_open_probes`
-//!   successes close it with an empty window.
+//!   successes close it with an empty window. A probe that has been out for `open_for` without
+//!   an outcome (a server that accepts connections and never answers, with no attempt timeout
+//!   set) counts as failed at that moment: the breaker reopens for `open_for` from then, so a
+//!   hung probe cannot keep the breaker half-open (and every request failing fast) forever.
 //!
 //! Only transient failures count: transport failures and `500`, `502`, `503`, `504` (and
-//! idemgate's outcome-unknown `502`). A `4xx` is the caller's problem, not the server's, and
+//! idemgate's outcome-unknown and upstream-failed `502`s). A `4xx` is the caller's problem, not the server's, and
 //! counts as a success; `408`, `425`, `429` and an in-flight `409` are the server pacing the
 //! client (their `Retry-After` handles that) and are not counted at all.
 //!
@@ -86,7 +96,9 @@ impl BreakerConfig {
         self
     }
 
-    /// How long the breaker stays open before probing.
+    /// How long the breaker stays open before probing, and how long a half-open probe may be out
+    /// before it counts as failed (1 ms to 24 h, checked by
+    /// [`PolicyBuilder::build`](crate::PolicyBuilder::build)).
     pub fn open_for(mut self, d: Duration) -> Self {
         self.open_for = d;
         self
@@ -119,6 +131,12 @@ impl BreakerConfig {
         }
         if self.half_open_probes == 0 {
             return Err("breaker half_open_probes must be at least 1".into());
+        }
+        if self.open_for < Duration::from_millis(1) || self.open_for > crate::policy::MAX_DURATION {
+            return Err(format!(
+                "breaker open_for must be 1 ms to 24 h, not {:?}",
+                self.open_for
+            ));
         }
         Ok(())
     }
@@ -162,13 +180,14 @@ pub enum Call {
 #[must_use = "a permit must be recorded or abandoned (a half-open probe slot is held)"]
 pub struct Permit {
     generation: u64,
-    probe: bool,
+    /// The probe's number within its half-open period (`None`: not a probe).
+    probe: Option<u32>,
 }
 
 impl Permit {
     /// Whether this attempt is a half-open probe.
     pub fn is_probe(&self) -> bool {
-        self.probe
+        self.probe.is_some()
     }
 }
 
@@ -200,7 +219,10 @@ enum Inner {
         until: Instant,
     },
     HalfOpen {
-        in_flight: u32,
+        /// Probes out: their number and when each was admitted.
+        out: Vec<(u32, Instant)>,
+        /// Probes admitted so far in this half-open period (numbers them).
+        admitted: u32,
         successes: u32,
     },
 }
@@ -241,10 +263,12 @@ impl Breaker {
         self.admit_traced(now).0
     }
 
-    /// [`admit`](Self::admit), also telling the state change it made (open → half-open).
+    /// [`admit`](Self::admit), also telling the state change it made (open → half-open, or
+    /// half-open → open when a probe has been out for `open_for`).
     pub fn admit_traced(&mut self, now: Instant) -> (Result<Permit, Rejected>, Option<Transition>) {
+        let open_for = self.config.open_for;
         match &mut self.state {
-            Inner::Closed { .. } => (Ok(self.permit(false)), None),
+            Inner::Closed { .. } => (Ok(self.permit(None)), None),
             Inner::Open { until } => {
                 if now < *until {
                     return (
@@ -254,19 +278,46 @@ impl Breaker {
                         None,
                     );
                 }
-                self.set(Inner::HalfOpen {
-                    in_flight: 1,
-                    successes: 0,
-                });
-                (Ok(self.permit(true)), Some((State::Open, State::HalfOpen)))
+                self.half_open(now);
+                (
+                    Ok(self.permit(Some(0))),
+                    Some((State::Open, State::HalfOpen)),
+                )
             }
             Inner::HalfOpen {
-                in_flight,
+                out,
+                admitted,
                 successes,
             } => {
-                if *in_flight + *successes < self.config.half_open_probes {
-                    *in_flight += 1;
-                    (Ok(self.permit(true)), None)
+                // A probe out for `open_for` without an outcome failed when that period ended:
+                // open again for `open_for` from then.
+                let hung = out
+                    .iter()
+                    .map(|(_, at)| *at)
+                    .min()
+                    .and_then(|at| at.checked_add(open_for))
+                    .filter(|expired| *expired <= now);
+                if let Some(expired) = hung {
+                    let until = later(expired, open_for);
+                    if now < until {
+                        self.set(Inner::Open { until });
+                        return (
+                            Err(Rejected {
+                                retry_in: Some(until - now),
+                            }),
+                            Some((State::HalfOpen, State::Open)),
+                        );
+                    }
+                    // That open period has passed too: a new half-open period, this its probe.
+                    self.half_open(now);
+                    return (Ok(self.permit(Some(0))), None);
+                }
+                let in_flight = u32::try_from(out.len()).unwrap_or(u32::MAX);
+                if in_flight.saturating_add(*successes) < self.config.half_open_probes {
+                    let n = *admitted;
+                    *admitted += 1;
+                    out.push((n, now));
+                    (Ok(self.permit(Some(n))), None)
                 } else {
                     (Err(Rejected { retry_in: None }), None)
                 }
@@ -305,23 +356,23 @@ impl Breaker {
                     config.consecutive_failures > 0 && *consecutive >= config.consecutive_failures;
                 if failed && (by_rate || by_run) {
                     self.set(Inner::Open {
-                        until: now + config.open_for,
+                        until: later(now, config.open_for),
                     });
                     return Some((State::Closed, State::Open));
                 }
                 None
             }
             Inner::Open { .. } => None,
-            Inner::HalfOpen {
-                in_flight,
-                successes,
-            } => {
-                *in_flight = in_flight.saturating_sub(1);
+            Inner::HalfOpen { out, successes, .. } => {
+                let Some(i) = out.iter().position(|(n, _)| Some(*n) == permit.probe) else {
+                    return None; // not a probe of this period
+                };
+                out.swap_remove(i);
                 match call {
                     Call::Ignored => None,
                     Call::Failure => {
                         self.set(Inner::Open {
-                            until: now + config.open_for,
+                            until: later(now, config.open_for),
                         });
                         Some((State::HalfOpen, State::Open))
                     }
@@ -344,12 +395,20 @@ impl Breaker {
         if permit.generation != self.generation {
             return;
         }
-        if let Inner::HalfOpen { in_flight, .. } = &mut self.state {
-            *in_flight = in_flight.saturating_sub(1);
+        if let Inner::HalfOpen { out, .. } = &mut self.state {
+            out.retain(|(n, _)| Some(*n) != permit.probe);
         }
     }
 
-    fn permit(&self, probe: bool) -> Permit {
+    fn half_open(&mut self, now: Instant) {
+        self.set(Inner::HalfOpen {
+            out: vec![(0, now)],
+            admitted: 1,
+            successes: 0,
+        });
+    }
+
+    fn permit(&self, probe: Option<u32>) -> Permit {
         Permit {
             generation: self.generation,
             probe,
@@ -359,6 +418,18 @@ impl Breaker {
     fn set(&mut self, state: Inner) {
         self.state = state;
         self.generation += 1;
+    }
+}
+
+/// `at + d`, or as late as an `Instant` can be when that overflows (only with an unvalidated
+/// `open_for`: [`PolicyBuilder::build`](crate::PolicyBuilder::build) bounds it to 24 h).
+fn later(at: Instant, d: Duration) -> Instant {
+    let mut d = d;
+    loop {
+        if let Some(t) = at.checked_add(d) {
+            return t;
+        }
+        d /= 2;
     }
 }
 
@@ -484,6 +555,55 @@ mod tests {
         );
         assert!(b.admit(t(20_499)).is_err());
         assert!(b.admit(t(20_500)).is_ok());
+    }
+
+    #[test]
+    fn a_hung_probe_counts_as_failed_after_open_for() {
+        let cfg = BreakerConfig::default()
+            .consecutive_failures(1)
+            .open_for(Duration::from_secs(10))
+            .half_open_probes(1);
+        let mut b = Breaker::new(cfg);
+        run(&mut b, &[Call::Failure], t(0));
+        let hung = b.admit(t(10_000)).expect("probe"); // never recorded
+        assert_eq!(b.admit(t(19_999)), Err(Rejected { retry_in: None }));
+        // Out for open_for: failed at t = 20 s; open until 30 s.
+        assert_eq!(
+            b.admit_traced(t(20_000)),
+            (
+                Err(Rejected {
+                    retry_in: Some(Duration::from_secs(10))
+                }),
+                Some((State::HalfOpen, State::Open))
+            )
+        );
+        assert_eq!(b.state(), State::Open);
+        let probe = b.admit(t(30_000)).expect("a new probe");
+        // The hung one's late outcome is stale.
+        assert_eq!(b.record(hung, Call::Success, t(30_001)), None);
+        assert_eq!(
+            b.record(probe, Call::Success, t(30_002)),
+            Some((State::HalfOpen, State::Closed))
+        );
+        // Noticed only after its open period passed too: a new probe at once.
+        let mut b = Breaker::new(cfg);
+        run(&mut b, &[Call::Failure], t(0));
+        let _hung = b.admit(t(10_000)).expect("probe");
+        let again = b.admit(t(40_000)).expect("a new probe");
+        assert!(again.is_probe());
+        assert_eq!(b.state(), State::HalfOpen);
+    }
+
+    #[test]
+    fn an_unvalidated_open_for_does_not_overflow() {
+        let cfg = BreakerConfig::default()
+            .consecutive_failures(1)
+            .open_for(Duration::MAX);
+        assert!(cfg.validate().is_err());
+        let mut b = Breaker::new(cfg);
+        run(&mut b, &[Call::Failure], t(0));
+        assert_eq!(b.state(), State::Open);
+        assert!(b.admit(t(1)).is_err());
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! | --- | --- |
 //! | `Idempotent-Replayed: true` (any status) | final, reported as a replay |
 //! | `1xx`–`3xx` | final, success |
-//! | `409` with problem type `urn:idemgate:problem:request-in-flight`, or any `409` with `Retry-After` (IETF draft) | wait as told, then ask again (does not use an attempt or budget) |
+//! | `409` with problem type `urn:idemgate:problem:request-in-flight`, or any `409` with `Retry-After` (IETF draft) | wait as told, then ask again (does not use an attempt or budget); a non-idempotent request without a key its host honours is not resent |
 //! | `502` with problem type `urn:idemgate:problem:outcome-unknown` | never retried: [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown) carrying the key |
-//! | a status in the retry set (default `408`, `425`, `429`, `500`, `502`, `503`, `504`) | retried |
+//! | `502` with problem type `urn:idemgate:problem:upstream-failed` (idemgate forwarded the request unprotected — an uncovered route, or a store outage with `fail_mode = "open"` — and got no complete answer), non-idempotent method | never retried (a resend would not be deduplicated): [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown) with `unprotected: true`, carrying the key |
+//! | the same, idempotent method (RFC 9110: `GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`) | retried like any `502` |
+//! | a status in the retry set (default `408`, `425`, `429`, `500`, `502`, `503`, `504`) | retried (a non-idempotent request only with a key its host honours: [`PolicyBuilder::key_hosts`](crate::PolicyBuilder::key_hosts)) |
 //! | any other status (`400`, `409`, `410` not-replayable, `422`, …) | final, returned as is |
 //! | connection not established (refused, DNS, connect timeout) | retried: the request was never sent |
-//! | timeout or reset after sending, truncated answer | retried only with a key or an idempotent method (RFC 9110): the same key makes the resend safe |
+//! | timeout or reset after sending, truncated answer | retried only with a key its host honours or an idempotent method (RFC 9110): the same key makes the resend safe |
 //! | anything else that is not a transport failure (a request that cannot be built, a redirect loop) | final error |
 //!
 //! ```
@@ -19,6 +21,8 @@
 //! assert!(!TransportFailure::Timeout.retryable_unkeyed());
 //! ```
 
+use std::time::Duration;
+
 use http::{HeaderMap, StatusCode};
 
 use crate::backoff::RetryAfter;
@@ -27,6 +31,9 @@ use crate::backoff::RetryAfter;
 pub const PROBLEM_IN_FLIGHT: &str = "urn:idemgate:problem:request-in-flight";
 /// The problem type of idemgate's outcome-unknown `502`.
 pub const PROBLEM_OUTCOME_UNKNOWN: &str = "urn:idemgate:problem:outcome-unknown";
+/// The problem type of idemgate's `502` for a request it forwarded unprotected (an uncovered
+/// route, or a store outage under `fail_mode = "open"`) that got no complete answer.
+pub const PROBLEM_UPSTREAM_FAILED: &str = "urn:idemgate:problem:upstream-failed";
 /// The header a replayed answer carries.
 pub const IDEMPOTENT_REPLAYED: http::HeaderName =
     http::HeaderName::from_static("idempotent-replayed");
@@ -103,6 +110,8 @@ pub(crate) struct Facts {
     pub(crate) problem: Option<String>,
     /// The problem+json `detail`, when the body was read for it.
     pub(crate) detail: Option<String>,
+    /// The answer's `Date` header (what a `Retry-After` date is measured from).
+    pub(crate) date: Option<std::time::SystemTime>,
 }
 
 impl Facts {
@@ -128,7 +137,17 @@ impl Facts {
             retry_after: RetryAfter::from_headers(headers),
             problem: member("type"),
             detail: member("detail"),
+            date: headers
+                .get(http::header::DATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| httpdate::parse_http_date(v.trim()).ok()),
         }
+    }
+
+    /// The wait the answer's `Retry-After` asks for (a date measured from the answer's `Date`,
+    /// else from the local wall time `wall`).
+    pub(crate) fn retry_after_delay(&self, wall: std::time::SystemTime) -> Option<Duration> {
+        self.retry_after.map(|r| r.delay_from(self.date, wall))
     }
 }
 
@@ -162,15 +181,21 @@ pub(crate) fn needs_problem_body(status: StatusCode, headers: &HeaderMap) -> boo
 pub(crate) enum Verdict {
     /// Done: the answer is final (`replayed`: it is a replay).
     Final { success: bool, replayed: bool },
-    /// idemgate's outcome-unknown: never retried, surfaces as an error.
-    OutcomeUnknown,
+    /// idemgate's outcome-unknown (`unprotected: false`), or its upstream-failed for a
+    /// non-idempotent method (`unprotected: true`): never retried, surfaces as an error.
+    OutcomeUnknown { unprotected: bool },
     /// Still in flight: wait `retry_after` (or the base delay) and ask again.
     InFlight,
     /// A transient answer: retry (after `Retry-After` if given).
     Retry,
 }
 
-pub(crate) fn verdict(facts: &Facts, retry_statuses: &[StatusCode]) -> Verdict {
+/// The verdict on `facts`; `idempotent_method`: the request's method is idempotent (RFC 9110).
+pub(crate) fn verdict(
+    facts: &Facts,
+    retry_statuses: &[StatusCode],
+    idempotent_method: bool,
+) -> Verdict {
     let s = facts.status;
     if facts.replayed {
         return Verdict::Final {
@@ -195,7 +220,15 @@ pub(crate) fn verdict(facts: &Facts, retry_statuses: &[StatusCode]) -> Verdict {
         };
     }
     if s == StatusCode::BAD_GATEWAY && problem == Some(PROBLEM_OUTCOME_UNKNOWN) {
-        return Verdict::OutcomeUnknown;
+        return Verdict::OutcomeUnknown { unprotected: false };
+    }
+    // Forwarded unprotected, sent, no complete answer: the effect may have happened, and a
+    // resend under the same key is not deduplicated.
+    if s == StatusCode::BAD_GATEWAY
+        && problem == Some(PROBLEM_UPSTREAM_FAILED)
+        && !idempotent_method
+    {
+        return Verdict::OutcomeUnknown { unprotected: true };
     }
     if retry_statuses.contains(&s) {
         return Verdict::Retry;
@@ -236,12 +269,16 @@ mod tests {
         )
     }
 
-    fn v(f: &Facts) -> Verdict {
-        let set: Vec<_> = DEFAULT_RETRY_STATUSES
+    fn set() -> Vec<StatusCode> {
+        DEFAULT_RETRY_STATUSES
             .iter()
             .filter_map(|s| StatusCode::from_u16(*s).ok())
-            .collect();
-        verdict(f, &set)
+            .collect()
+    }
+
+    /// The verdict for a POST.
+    fn v(f: &Facts) -> Verdict {
+        verdict(f, &set(), false)
     }
 
     const FINAL_OK: Verdict = Verdict::Final {
@@ -289,7 +326,19 @@ mod tests {
             &[],
             Some(r#"{"type":"urn:idemgate:problem:outcome-unknown"}"#),
         );
-        assert_eq!(v(&unknown), Verdict::OutcomeUnknown);
+        assert_eq!(v(&unknown), Verdict::OutcomeUnknown { unprotected: false });
+        assert_eq!(
+            verdict(&unknown, &set(), true),
+            Verdict::OutcomeUnknown { unprotected: false }
+        );
+        let failed = facts(
+            502,
+            &[],
+            Some(r#"{"type":"urn:idemgate:problem:upstream-failed","cause":"reset"}"#),
+        );
+        assert_eq!(v(&failed), Verdict::OutcomeUnknown { unprotected: true });
+        // An idempotent method (a PUT, a GET) may be resent: the resend is as safe as the first.
+        assert_eq!(verdict(&failed, &set(), true), Verdict::Retry);
         let unavailable = facts(
             502,
             &[],

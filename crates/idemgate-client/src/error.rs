@@ -16,17 +16,30 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// idemgate answered `502` outcome-unknown: an attempt with this key may or may not have
-    /// taken effect, and idemgate will not run it again. Never retried: reconcile by the key
-    /// (look the effect up, or have an operator resolve the key).
+    /// The operation may or may not have taken effect, and the client will not resend it:
+    /// reconcile by the key (look the effect up, or have an operator resolve the key).
+    ///
+    /// - `unprotected: false`: idemgate answered `502` outcome-unknown. An attempt with this key
+    ///   may or may not have taken effect, and idemgate will not run it again (a resend with the
+    ///   key gets outcome-unknown again, until an operator resolves the key).
+    /// - `unprotected: true`: idemgate answered `502` upstream-failed to a non-idempotent request
+    ///   (POST, PATCH): it forwarded the request *without* idempotency protection (the route is
+    ///   not covered, or the store was unreachable under `fail_mode = "open"`) and got no
+    ///   complete answer. The effect may have happened, and a resend — even with the same key —
+    ///   would not be deduplicated: it could apply the effect twice. `key` is the key that was
+    ///   sent (empty if the request had none).
     #[error(
-        "outcome unknown for Idempotency-Key {key}: the operation may or may not have taken effect"
+        "outcome unknown for Idempotency-Key {key}: the operation may or may not have taken effect{}",
+        if *unprotected { " (forwarded unprotected: a resend would not be deduplicated)" } else { "" }
     )]
     OutcomeUnknown {
         /// The key to reconcile with.
         key: String,
         /// The problem's `detail`, if the server sent one.
         detail: Option<String>,
+        /// The request went through idemgate unprotected (`502` upstream-failed): a resend
+        /// with this key would run again.
+        unprotected: bool,
         /// The attempts.
         info: Box<RetryInfo>,
     },
@@ -63,7 +76,8 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
-    /// The overall deadline passed (during an attempt, or before the next one could start).
+    /// The overall deadline passed (while the request body was being read, during an attempt,
+    /// or before the next one could start).
     #[error("deadline of {deadline:?} exceeded after {} attempt(s)", info.attempts)]
     DeadlineExceeded {
         /// The deadline.
@@ -86,9 +100,12 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
-    /// The request has no key and a non-idempotent method, and the failed attempt may have been
-    /// sent: resending it could apply it twice.
-    #[error("not retried: a request without an Idempotency-Key may have been sent")]
+    /// The request has a non-idempotent method and no key its host honours (none, or a host
+    /// outside [`key_hosts`](crate::PolicyBuilder::key_hosts)), and the failed attempt may have
+    /// been sent: resending it could apply it twice.
+    #[error(
+        "not retried: a request without an Idempotency-Key its host honours may have been sent"
+    )]
     NotSafeToRetry {
         /// The attempt.
         info: Box<RetryInfo>,

@@ -1,10 +1,22 @@
 //! # idemgate-client
 //!
-//! The client half of idempotency: retries that are safe by construction. One
-//! `Idempotency-Key` per logical operation, identical on every attempt; exponential backoff with
+//! The client half of idempotency: retries that are safe **when the server honours
+//! `Idempotency-Key`** — idemgate in front of the API, or an API that implements the key itself.
+//! One `Idempotency-Key` per logical operation, identical on every attempt; exponential backoff with
 //! full jitter, a cap, a maximum number of attempts and an overall deadline; `Retry-After`
 //! honoured (never undercut, capped, jittered above); a retry budget and a circuit breaker per
 //! host so that a failing server is not hammered; request bodies buffered so they can be resent.
+//!
+//! **The condition.** A key is what makes it safe to resend a POST or PATCH after a failure that
+//! may have reached the server (a timeout, a reset, a `500`/`503`, a `409` in flight): the
+//! server answers the resend from the first execution instead of running it again. A server
+//! that ignores the header runs it again. By default the client takes every host to honour keys
+//! (it is meant to sit in front of idemgate); a client that also calls APIs which ignore the
+//! header must name the hosts that honour it with [`PolicyBuilder::key_hosts`]: to any other
+//! host a non-idempotent request is resent only when it provably was not sent. And idemgate
+//! itself protects only the routes it covers and only while its store answers: a request it
+//! forwarded unprotected and lost (`502` upstream-failed) is never resent
+//! ([`Error::OutcomeUnknown`] with `unprotected: true`).
 //!
 //! ## Overview
 //!
@@ -68,18 +80,26 @@
 //!   default) before its first attempt, sent unchanged on every attempt; a caller's key is never
 //!   replaced. So behind idemgate (or any server honouring the key) every resend of a mutating
 //!   request is answered from the first execution: one effect per logical operation.
-//! - **Nothing unsafe is resent.** A request without a key whose method is not idempotent (RFC
-//!   9110) is resent only when it provably was not sent (no connection). A stream over the
-//!   buffer cap is sent once.
+//! - **Nothing unsafe is resent.** A request whose method is not idempotent (RFC 9110) and that
+//!   has no key its host honours (no key, or a host outside [`PolicyBuilder::key_hosts`]) is
+//!   resent only when it provably was not sent (no connection). A stream over the buffer cap is
+//!   sent once.
 //! - **idemgate's answers are respected.** A replay is final; an in-flight `409` is waited out
-//!   as told; outcome-unknown is never retried and surfaces as [`Error::OutcomeUnknown`] with the
-//!   key.
+//!   as told; outcome-unknown, and upstream-failed for a non-idempotent request, are never
+//!   retried and surface as [`Error::OutcomeUnknown`] with the key.
 //! - **Bounded load.** At most `max_attempts` requests per operation (plus `409` waits); the
 //!   budget bounds the retries a host gets during an outage to `capacity / retry_cost` (100 by
-//!   default); an open breaker sends nothing.
+//!   default; tokens taken for a retry the breaker then refuses are given back); an open breaker
+//!   sends nothing. The breaker counts operations, not attempts: an operation that succeeds
+//!   after retries counts as one success, one that fails for good as one failure.
+//! - **Bounded time.** The `deadline`, when set, covers the whole call: reading the request body
+//!   to buffer it, every attempt and every wait. Durations are bounded (24 h) when the policy is
+//!   built, so no deadline or wait can overflow.
 //! - **Bounded memory.** Per-host state is kept for at most `max_hosts` hosts (least recently
-//!   used forgotten); bodies are buffered up to `body_limit`; problem bodies read for
-//!   classification up to 64 KiB.
+//!   used forgotten — with its budget and breaker: a forgotten host starts again with a full
+//!   budget and a closed breaker); bodies are buffered up to `body_limit` (a buffered body's
+//!   trailers are dropped); problem bodies read for classification up to 64 KiB (a larger one
+//!   is classified by its status alone and returned whole).
 //!
 //! ## Feature flags
 //!
@@ -111,8 +131,10 @@
 //! `idemgate_client_attempts_total{host}`, `idemgate_client_retries_total{host,reason}`,
 //! `idemgate_client_budget_exhausted_total{host}`,
 //! `idemgate_client_breaker_transitions_total{host,from,to}`,
-//! `idemgate_client_circuit_rejections_total{host}`, `idemgate_client_replays_total{host}` and
-//! `idemgate_client_operations_total{host,stop}`.
+//! `idemgate_client_circuit_rejections_total{host}` (an attempt the breaker refused, and a retry
+//! not attempted because the breaker was open), `idemgate_client_replays_total{host}` and
+//! `idemgate_client_operations_total{host,stop}` (`stop`: [`Stop::as_str`], or `request_body`
+//! for [`Error::RequestBody`]).
 
 // The retry loop and its helpers are used by the adapters only: without either feature the
 // crate is the policy core, and they are dead code by design.

@@ -31,6 +31,11 @@ use crate::classify::DEFAULT_RETRY_STATUSES;
 use crate::clock::{Clock, TokioClock};
 use crate::key::{IDEMPOTENCY_KEY, KeyKind};
 
+/// The longest duration a setting takes (`deadline`, `attempt_timeout`, `max_delay`,
+/// `retry_after_cap`, the breaker's `open_for`): 24 hours. Longer ones are refused by
+/// [`PolicyBuilder::build`], so no instant computed from them can overflow.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// A setting out of its range.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid idemgate-client setting: {0}")]
@@ -72,6 +77,8 @@ pub(crate) struct Config {
     pub(crate) key_kind: KeyKind,
     pub(crate) key_header: HeaderName,
     pub(crate) key_methods: Vec<Method>,
+    /// Hosts known to honour the key (`None`: every host).
+    pub(crate) key_hosts: Option<Vec<String>>,
     pub(crate) body_limit: usize,
     pub(crate) budget: Option<BudgetConfig>,
     pub(crate) breaker: Option<BreakerConfig>,
@@ -105,6 +112,7 @@ impl Default for PolicyBuilder {
                 key_kind: KeyKind::V7,
                 key_header: IDEMPOTENCY_KEY,
                 key_methods: vec![Method::POST, Method::PATCH],
+                key_hosts: None,
                 body_limit: 8 << 20,
                 budget: Some(BudgetConfig::default()),
                 breaker: Some(BreakerConfig::default()),
@@ -136,26 +144,28 @@ impl PolicyBuilder {
         self
     }
 
-    /// Cap of the backoff ceiling (default 20 s).
+    /// Cap of the backoff ceiling (default 20 s; at most 24 h).
     pub fn max_delay(mut self, d: Duration) -> Self {
         self.config.backoff = Backoff::new(self.config.backoff.base(), d);
         self
     }
 
-    /// Overall deadline of an operation, attempts and waits included (default none).
+    /// Overall deadline of an operation, from the call (reading the request body to buffer it
+    /// included), attempts and waits included (default none; 1 ms to 24 h).
     pub fn deadline(mut self, d: Duration) -> Self {
         self.config.deadline = Some(d);
         self
     }
 
-    /// Timeout of each attempt, up to its response head (default none: the HTTP client's own).
+    /// Timeout of each attempt, up to its response head (default none: the HTTP client's own;
+    /// 1 ms to 24 h).
     pub fn attempt_timeout(mut self, d: Duration) -> Self {
         self.config.attempt_timeout = Some(d);
         self
     }
 
     /// Longest `Retry-After` honoured; a longer one stops the operation with the answer
-    /// (default 60 s).
+    /// (default 60 s; at most 24 h).
     pub fn retry_after_cap(mut self, d: Duration) -> Self {
         self.config.retry_after_cap = d;
         self
@@ -193,6 +203,35 @@ impl PolicyBuilder {
         self
     }
 
+    /// Hosts known to honour the key header (idemgate, or an API that implements
+    /// `Idempotency-Key` itself): only for these does a key make it safe to resend a
+    /// non-idempotent request (POST, PATCH) after a failure that may have reached the server
+    /// (a timeout, a reset, a retryable status, a `409` in flight). To any other host such a
+    /// request is resent only when it provably was not sent (the connection was refused); the
+    /// key is still generated and sent.
+    ///
+    /// Each entry is a host name (`api.example.com`, `127.0.0.1`, `[::1]`: any scheme and
+    /// port) or `scheme://host:port` (exactly that origin); compared without regard to case.
+    ///
+    /// Default: every host honours keys — the client is meant to sit in front of idemgate. A
+    /// client that also calls APIs which ignore `Idempotency-Key` must list the hosts that
+    /// honour it (an empty list: none).
+    pub fn key_hosts<S: Into<String>>(mut self, hosts: impl IntoIterator<Item = S>) -> Self {
+        self.config.key_hosts = Some(
+            hosts
+                .into_iter()
+                .map(|h| h.into().trim().to_ascii_lowercase())
+                .collect(),
+        );
+        self
+    }
+
+    /// Every host honours the key header (the default; undoes [`key_hosts`](Self::key_hosts)).
+    pub fn key_hosts_all(mut self) -> Self {
+        self.config.key_hosts = None;
+        self
+    }
+
     /// Most bytes of a streaming request body buffered so it can be resent (default 8 MiB).
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.config.body_limit = bytes;
@@ -224,7 +263,9 @@ impl PolicyBuilder {
     }
 
     /// Most hosts whose budget and breaker are kept; the least recently used is forgotten past
-    /// it (default 1024).
+    /// it (default 1024). A forgotten host's state is lost: when it comes back it starts with a
+    /// full budget and a closed breaker (an open breaker for it closes early, a drained budget
+    /// is refilled). Keep `max_hosts` above the number of hosts a client calls.
     pub fn max_hosts(mut self, n: usize) -> Self {
         self.config.max_hosts = n;
         self
@@ -271,6 +312,29 @@ impl PolicyBuilder {
                 c.retry_after_jitter
             ));
         }
+        let within = |name: &str, d: Duration, min: Duration| {
+            if d < min || d > MAX_DURATION {
+                Err(ConfigError(format!(
+                    "{name} must be {min:?} to 24 h, not {d:?}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let ms = Duration::from_millis(1);
+        if let Some(d) = c.deadline {
+            within("deadline", d, ms)?;
+        }
+        if let Some(d) = c.attempt_timeout {
+            within("attempt_timeout", d, ms)?;
+        }
+        within("max_delay", c.backoff.cap(), Duration::ZERO)?;
+        within("retry_after_cap", c.retry_after_cap, Duration::ZERO)?;
+        if let Some(hosts) = &c.key_hosts
+            && let Some(bad) = hosts.iter().find(|h| h.is_empty())
+        {
+            return err(format!("key_hosts entries must not be empty: {bad:?}"));
+        }
         if c.max_hosts == 0 {
             return err("max_hosts must be at least 1".into());
         }
@@ -312,6 +376,21 @@ impl Policy {
     /// Hosts tracked now (at most `max_hosts`).
     pub fn hosts_tracked(&self) -> usize {
         self.inner.hosts.lock().map.len()
+    }
+
+    /// Whether `host` (`scheme://host:port`) honours the key header (see
+    /// [`PolicyBuilder::key_hosts`]).
+    pub fn honours_keys(&self, host: &str) -> bool {
+        let Some(list) = &self.inner.config.key_hosts else {
+            return true;
+        };
+        let host = host.to_ascii_lowercase();
+        let name = host
+            .split_once("://")
+            .map_or(host.as_str(), |(_, rest)| rest)
+            .rsplit_once(':')
+            .map_or(host.as_str(), |(name, _)| name);
+        list.iter().any(|h| *h == host || h == name)
     }
 
     /// A uniform draw in `[0, 1)` from the policy's generator.
@@ -435,9 +514,51 @@ mod tests {
             Policy::builder().max_hosts(0),
             Policy::builder().budget(BudgetConfig::default().retry_cost(-1.0)),
             Policy::builder().breaker(BreakerConfig::default().window(0)),
+            Policy::builder().deadline(Duration::MAX),
+            Policy::builder().deadline(Duration::ZERO),
+            Policy::builder().attempt_timeout(Duration::from_secs(u64::MAX)),
+            Policy::builder().max_delay(Duration::MAX),
+            Policy::builder().retry_after_cap(Duration::MAX),
+            Policy::builder().retry_after_cap(MAX_DURATION + Duration::from_nanos(1)),
+            Policy::builder().breaker(BreakerConfig::default().open_for(Duration::MAX)),
+            Policy::builder().breaker(BreakerConfig::default().open_for(Duration::ZERO)),
+            Policy::builder().key_hosts([""]),
         ] {
             assert!(b.build().is_err());
         }
+    }
+
+    #[test]
+    fn the_longest_settings_are_accepted() {
+        let p = Policy::builder()
+            .deadline(MAX_DURATION)
+            .attempt_timeout(MAX_DURATION)
+            .max_delay(MAX_DURATION)
+            .retry_after_cap(MAX_DURATION)
+            .breaker(BreakerConfig::default().open_for(MAX_DURATION))
+            .build();
+        assert!(p.is_ok(), "{p:?}");
+    }
+
+    #[test]
+    fn key_hosts_match_by_name_or_origin() {
+        let all = Policy::new();
+        assert!(all.honours_keys("http://anything.test:80"));
+        let p = Policy::builder()
+            .key_hosts(["IDEMGATE.test", "https://api.test:8443", "[::1]"])
+            .build()
+            .expect("valid");
+        assert!(p.honours_keys("http://idemgate.test:80"));
+        assert!(p.honours_keys("https://idemgate.test:443"));
+        assert!(p.honours_keys("https://api.test:8443"));
+        assert!(!p.honours_keys("http://api.test:80"));
+        assert!(p.honours_keys("http://[::1]:8080"));
+        assert!(!p.honours_keys("http://shop.test:80"));
+        let none = Policy::builder()
+            .key_hosts(Vec::<String>::new())
+            .build()
+            .expect("valid");
+        assert!(!none.honours_keys("http://idemgate.test:80"));
     }
 
     #[test]

@@ -39,7 +39,6 @@
 
 use bytes::Bytes;
 use http::Extensions;
-use http_body_util::{BodyExt, Limited};
 use reqwest::{Request, Response, ResponseBuilderExt};
 use reqwest_middleware::{Middleware, Next};
 
@@ -100,6 +99,8 @@ impl Middleware for RetryMiddleware {
         next: Next<'_>,
     ) -> reqwest_middleware::Result<Response> {
         let cfg = &self.policy.inner.config;
+        // The deadline counts from here: buffering the body is part of the operation.
+        let start = self.policy.inner.clock.now();
         let method = req.method().clone();
         let key = key::resolve(
             req.headers_mut(),
@@ -112,7 +113,8 @@ impl Middleware for RetryMiddleware {
         let streaming = req.body().is_some_and(|b| b.as_bytes().is_none());
         let source = if streaming {
             let body = req.body_mut().take().unwrap_or_default();
-            match body::buffer(body, cfg.body_limit).await {
+            let read = body::buffer(body, cfg.body_limit);
+            match run::read_body(&self.policy, &host, key.as_ref(), start, read).await {
                 Ok(Buffered::Complete(bytes)) => {
                     *req.body_mut() = Some(bytes.into());
                     Source::Reusable(req)
@@ -121,11 +123,7 @@ impl Middleware for RetryMiddleware {
                     *req.body_mut() = Some(reqwest::Body::wrap(rest));
                     Source::Once(Some(req))
                 }
-                Err(source) => {
-                    return Err(reqwest_middleware::Error::middleware(Error::RequestBody {
-                        source,
-                    }));
-                }
+                Err(e) => return Err(reqwest_middleware::Error::middleware(e)),
             }
         } else {
             Source::Reusable(req)
@@ -135,6 +133,7 @@ impl Middleware for RetryMiddleware {
             key,
             idempotent_method: key::idempotent_method(&method),
             body_retryable: matches!(source, Source::Reusable(_)),
+            start,
         };
         let mut transport = ReqwestTransport {
             next,
@@ -200,10 +199,16 @@ impl Transport for ReqwestTransport<'_> {
             };
         }
         match read_problem(res).await {
-            Ok((response, bytes)) => {
+            Ok((response, Some(bytes))) => {
                 let facts = Facts::new(response.status(), response.headers(), Some(&bytes));
                 Attempted::Answer { response, facts }
             }
+            // Over the limit: classified by its status alone, the answer kept whole.
+            Ok((response, None)) => {
+                let facts = Facts::new(response.status(), response.headers(), None);
+                Attempted::Answer { response, facts }
+            }
+            // The answer broke off: no complete answer.
             Err(error) => Attempted::Failed {
                 error,
                 failure: TransportFailure::Interrupted,
@@ -212,19 +217,18 @@ impl Transport for ReqwestTransport<'_> {
     }
 }
 
-/// Reads a (small) problem+json body and rebuilds the response around it, keeping its URL,
-/// version, headers and extensions.
-async fn read_problem(res: Response) -> Result<(Response, Bytes), BoxError> {
+/// Reads a problem+json body (up to the problem body limit) and rebuilds the response around
+/// it, keeping its URL, version, headers and extensions. A body over the limit is not parsed
+/// (`None`): the response is rebuilt with what was read followed by the rest of the stream.
+async fn read_problem(res: Response) -> Result<(Response, Option<Bytes>), BoxError> {
     let url = res.url().clone();
     let http_res: http::Response<reqwest::Body> = res.into();
     let (parts, body) = http_res.into_parts();
-    let bytes = Limited::new(body, classify::PROBLEM_BODY_LIMIT)
-        .collect()
-        .await?
-        .to_bytes();
-    let mut rebuilt = http::Response::builder()
-        .url(url)
-        .body(reqwest::Body::from(bytes.clone()))?;
+    let (body, bytes) = match body::buffer(body, classify::PROBLEM_BODY_LIMIT).await? {
+        Buffered::Complete(bytes) => (reqwest::Body::from(bytes.clone()), Some(bytes)),
+        Buffered::OverLimit(rest) => (reqwest::Body::wrap(rest), None),
+    };
+    let mut rebuilt = http::Response::builder().url(url).body(body)?;
     *rebuilt.status_mut() = parts.status;
     *rebuilt.version_mut() = parts.version;
     *rebuilt.headers_mut() = parts.headers;

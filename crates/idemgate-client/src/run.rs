@@ -4,6 +4,10 @@
 //! back); [`run`] does everything else: the breaker's admission, per-attempt timeouts and the
 //! deadline, classification, the budget, delays, the attempt log, spans and metrics.
 //!
+//! The breaker counts operations: an attempt's outcome is recorded only when the operation ends
+//! with it (a half-open probe's at once). Budget tokens for a retry are taken when it is decided
+//! and given back if the breaker then refuses it.
+//!
 //! A retryable answer is kept (body unread) while the client waits before the next attempt, so
 //! that it can be returned if the breaker refuses that attempt; it is dropped as soon as the next
 //! attempt is admitted. With reqwest that holds the answer's connection for the wait.
@@ -48,6 +52,8 @@ pub(crate) struct OpSpec {
     /// RFC 9110 idempotent method.
     pub(crate) idempotent_method: bool,
     pub(crate) body_retryable: bool,
+    /// When the operation began (before its body was buffered): the deadline counts from it.
+    pub(crate) start: Instant,
 }
 
 /// An attempt that ran past its timeout or the deadline.
@@ -103,6 +109,55 @@ fn note_transition(host: &str, t: Option<Transition>) {
     }
 }
 
+/// Buffers the request body (the adapter's `read`) before the first attempt, within the
+/// operation's deadline counted from `start`: the deadline covers the whole call.
+pub(crate) async fn read_body<B>(
+    policy: &Policy,
+    host: &str,
+    key: Option<&OperationKey>,
+    start: Instant,
+    read: impl Future<Output = Result<B, BoxError>>,
+) -> Result<B, Error> {
+    let cfg = &policy.inner.config;
+    let clock = &policy.inner.clock;
+    let result = match cfg.deadline {
+        None => read.await,
+        Some(deadline) => {
+            let left = start
+                .checked_add(deadline)
+                .map_or(deadline, |at| at.saturating_duration_since(clock.now()));
+            tokio::select! {
+                biased;
+                r = read => r,
+                () = clock.sleep(left) => {
+                    operation_metric(host, Stop::Deadline);
+                    let info = RetryInfo {
+                        attempts: 0,
+                        key: key.map(|k| k.value.clone()),
+                        key_generated: key.is_some_and(|k| k.generated),
+                        replayed: false,
+                        body_retryable: false,
+                        stop: Stop::Deadline,
+                        elapsed: clock.now().saturating_duration_since(start),
+                        log: Vec::new(),
+                    };
+                    return Err(Error::DeadlineExceeded {
+                        deadline,
+                        info: Box::new(info),
+                        source: "the request body was not read within the deadline".into(),
+                    });
+                }
+            }
+        }
+    };
+    result.map_err(|source| {
+        metrics::counter!("idemgate_client_operations_total",
+            "host" => host.to_owned(), "stop" => "request_body")
+        .increment(1);
+        Error::RequestBody { source }
+    })
+}
+
 /// Runs the operation to its end.
 pub(crate) async fn run<T: Transport>(
     policy: &Policy,
@@ -111,11 +166,13 @@ pub(crate) async fn run<T: Transport>(
 ) -> Result<(T::Response, RetryInfo), Error> {
     let cfg = &policy.inner.config;
     let clock = Arc::clone(&policy.inner.clock);
-    let start = clock.now();
-    let deadline_at = cfg.deadline.map(|d| start + d);
+    let start = spec.start;
+    // Bounded by `build` (24 h); an overflow would mean "no deadline in reach".
+    let deadline_at = cfg.deadline.and_then(|d| start.checked_add(d));
     let host_state = policy.host_state(&spec.host);
     let host = spec.host.as_str();
-    let keyed = spec.key.is_some();
+    // A key makes a resend of a non-idempotent request safe only if the host honours it.
+    let keyed = spec.key.is_some() && policy.honours_keys(host);
     let key_str = spec.key.as_ref().map(|k| k.value.clone());
     let mut info = RetryInfo {
         attempts: 0,
@@ -132,6 +189,9 @@ pub(crate) async fn run<T: Transport>(
     let mut waits = 0u32;
     let mut last_retry_cost: Option<u64> = None;
     let mut last: Option<Last<T::Response>> = None;
+    // Tokens taken for the next attempt: given back if the breaker refuses it (or the
+    // operation is dropped before sending it).
+    let mut pending: Option<Tokens<'_>> = None;
 
     loop {
         // The breaker decides whether this attempt may be sent at all.
@@ -143,8 +203,9 @@ pub(crate) async fn run<T: Transport>(
                 match admitted {
                     Ok(p) => Some(p),
                     Err(rejected) => {
+                        drop(pending.take());
                         info.stop = Stop::CircuitOpen;
-                        info.elapsed = clock.now() - start;
+                        info.elapsed = clock.now().saturating_duration_since(start);
                         metrics::counter!("idemgate_client_circuit_rejections_total",
                             "host" => host.to_owned())
                         .increment(1);
@@ -153,6 +214,9 @@ pub(crate) async fn run<T: Transport>(
                 }
             }
         };
+        if let Some(tokens) = pending.take() {
+            last_retry_cost = Some(tokens.commit());
+        }
         // Admitted: the previous outcome (kept in case the breaker refused) is no longer needed,
         // and a response held here would hold its connection during this attempt.
         drop(last.take());
@@ -197,21 +261,21 @@ pub(crate) async fn run<T: Transport>(
             }
         };
         let now = clock.now();
-        let took = now - sent_at;
+        let took = now.saturating_duration_since(sent_at);
 
-        // Classify, and tell the breaker.
-        let (outcome_text, decision) = match result {
+        // Classify.
+        let (call, outcome_text, decision) = match result {
             Attempted::Answer { response, facts } => {
-                let verdict = classify::verdict(&facts, &cfg.retry_statuses);
+                let verdict =
+                    classify::verdict(&facts, &cfg.retry_statuses, spec.idempotent_method);
                 let call = match verdict {
                     Verdict::Final { .. } => Call::Success,
-                    Verdict::OutcomeUnknown => Call::Failure,
+                    Verdict::OutcomeUnknown { .. } => Call::Failure,
                     Verdict::InFlight => Call::Ignored,
                     Verdict::Retry if classify::pacing(facts.status) => Call::Ignored,
                     Verdict::Retry if classify::breaker_failure(facts.status) => Call::Failure,
                     Verdict::Retry => Call::Success,
                 };
-                note_transition(host, guard.record(call, now));
                 let text = if facts.replayed {
                     format!("{} (replay)", facts.status.as_u16())
                 } else if let Some(p) = facts.problem.as_deref() {
@@ -219,7 +283,7 @@ pub(crate) async fn run<T: Transport>(
                 } else {
                     facts.status.as_u16().to_string()
                 };
-                (text, Decision::Answer(response, facts, verdict))
+                (call, text, Decision::Answer(response, facts, verdict))
             }
             Attempted::Failed { error, failure } => {
                 let call = if failure == TransportFailure::Fatal {
@@ -227,12 +291,17 @@ pub(crate) async fn run<T: Transport>(
                 } else {
                     Call::Failure
                 };
-                note_transition(host, guard.record(call, now));
                 let text = format!("{}: {error}", failure.as_str());
-                (text, Decision::Failed(error, failure))
+                (call, text, Decision::Failed(error, failure))
             }
         };
-        drop(guard);
+        // The breaker counts operations, not attempts: an attempt's outcome is recorded only
+        // if the operation ends with it (below), so failures cured by a retry do not open it.
+        // A half-open probe is the exception: its outcome is recorded at once (a failed probe
+        // reopens the breaker, and the retry decided below then sees it open).
+        if probe {
+            note_transition(host, guard.record(call, now));
+        }
         span.record("outcome", outcome_text.as_str());
         tracing::debug!(parent: &span, outcome = outcome_text.as_str(), took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX), "attempt finished");
         info.log.push(AttemptRecord {
@@ -243,7 +312,15 @@ pub(crate) async fn run<T: Transport>(
             took,
         });
 
-        // Decide: done, or the next attempt's delay and reason.
+        // Decide: done (the operation ends with this attempt, so its outcome is the
+        // operation's: recorded), or the next attempt's delay and reason.
+        macro_rules! end {
+            ($result:expr) => {{
+                let result = $result;
+                note_transition(host, guard.record(call, now));
+                return result;
+            }};
+        }
         let next = match decision {
             Decision::Answer(response, facts, verdict) => match verdict {
                 Verdict::Final { success, replayed } => {
@@ -255,89 +332,56 @@ pub(crate) async fn run<T: Transport>(
                         metrics::counter!("idemgate_client_replays_total", "host" => host.to_owned())
                             .increment(1);
                     }
-                    return Ok(done(host, info, Stop::Answered, start, &*clock, response));
+                    end!(Ok(done(
+                        host,
+                        info,
+                        Stop::Answered,
+                        start,
+                        &*clock,
+                        response
+                    )))
                 }
-                Verdict::OutcomeUnknown => {
+                Verdict::OutcomeUnknown { unprotected } => {
                     info.stop = Stop::OutcomeUnknown;
-                    info.elapsed = clock.now() - start;
+                    info.elapsed = clock.now().saturating_duration_since(start);
                     operation_metric(host, Stop::OutcomeUnknown);
                     tracing::warn!(
                         host,
                         key = key_str.as_deref().unwrap_or(""),
+                        unprotected,
                         "outcome unknown: not retried; reconcile by the key"
                     );
-                    return Err(Error::OutcomeUnknown {
+                    end!(Err(Error::OutcomeUnknown {
                         key: key_str.clone().unwrap_or_default(),
                         detail: facts.detail,
+                        unprotected,
                         info: Box::new(info),
-                    });
+                    }))
                 }
                 Verdict::InFlight => {
-                    if !spec.body_retryable {
-                        return Ok(done(
-                            host,
-                            info,
-                            Stop::BodyNotRetryable,
-                            start,
-                            &*clock,
-                            response,
-                        ));
-                    }
-                    if waits >= cfg.max_in_flight_waits {
-                        return Ok(done(
-                            host,
-                            info,
-                            Stop::AttemptsExhausted,
-                            start,
-                            &*clock,
-                            response,
-                        ));
-                    }
-                    let told = facts.retry_after.map(|r| r.delay(clock.wall()));
-                    let wait = match told {
-                        Some(ra) if ra > cfg.retry_after_cap => {
-                            return Ok(done(
-                                host,
-                                info,
-                                Stop::RetryAfterTooLong,
-                                start,
-                                &*clock,
-                                response,
-                            ));
+                    match in_flight_wait(policy, &spec, keyed, waits, deadline_at, now, &facts) {
+                        Ok(wait) => {
+                            waits += 1;
+                            last = Some(Last::Answer(response));
+                            Next {
+                                delay: wait,
+                                reason: "in flight (409)".into(),
+                                label: "in_flight",
+                            }
                         }
-                        Some(ra) => jitter_above(
-                            ra,
-                            cfg.retry_after_jitter,
-                            cfg.backoff.base(),
-                            policy.unit(),
-                        ),
-                        // A 409 in flight without Retry-After: one base delay, jittered.
-                        None => {
-                            jitter_above(Duration::ZERO, 0.0, cfg.backoff.base(), policy.unit())
-                        }
-                    };
-                    if deadline_at.is_some_and(|d| now + wait >= d) {
-                        return Ok(done(host, info, Stop::Deadline, start, &*clock, response));
-                    }
-                    waits += 1;
-                    last = Some(Last::Answer(response));
-                    Next {
-                        delay: wait,
-                        reason: "in flight (409)".into(),
-                        label: "in_flight",
+                        Err(stop) => end!(Ok(done(host, info, stop, start, &*clock, response))),
                     }
                 }
                 Verdict::Retry => {
                     let status = facts.status;
-                    let told = facts.retry_after.map(|r| r.delay(clock.wall()));
                     let step = RetryStep {
                         failure: None,
-                        told,
+                        told: facts.retry_after_delay(clock.wall()),
                         attempts_counted: info.attempts - waits,
                     };
                     match decide(policy, &spec, keyed, &host_state, deadline_at, now, step) {
-                        Ok((wait, cost)) => {
-                            last_retry_cost = Some(cost);
+                        Ok((wait, tokens)) => {
+                            pending = Some(tokens);
                             last = Some(Last::Answer(response));
                             Next {
                                 delay: wait,
@@ -345,28 +389,28 @@ pub(crate) async fn run<T: Transport>(
                                 label: "status",
                             }
                         }
-                        Err(stop) => return Ok(done(host, info, stop, start, &*clock, response)),
+                        Err(stop) => end!(Ok(done(host, info, stop, start, &*clock, response))),
                     }
                 }
             },
+            Decision::Failed(error, TransportFailure::Fatal) => {
+                info.stop = Stop::Fatal;
+                info.elapsed = clock.now().saturating_duration_since(start);
+                operation_metric(host, Stop::Fatal);
+                end!(Err(Error::Transport {
+                    info: Box::new(info),
+                    source: error,
+                }))
+            }
             Decision::Failed(error, failure) => {
-                if failure == TransportFailure::Fatal {
-                    info.stop = Stop::Fatal;
-                    info.elapsed = clock.now() - start;
-                    operation_metric(host, Stop::Fatal);
-                    return Err(Error::Transport {
-                        info: Box::new(info),
-                        source: error,
-                    });
-                }
                 let step = RetryStep {
                     failure: Some(failure),
                     told: None,
                     attempts_counted: info.attempts - waits,
                 };
                 match decide(policy, &spec, keyed, &host_state, deadline_at, now, step) {
-                    Ok((wait, cost)) => {
-                        last_retry_cost = Some(cost);
+                    Ok((wait, tokens)) => {
+                        pending = Some(tokens);
                         let label = failure.as_str();
                         last = Some(Last::Error(error));
                         Next {
@@ -377,18 +421,21 @@ pub(crate) async fn run<T: Transport>(
                     }
                     Err(stop) => {
                         info.stop = stop;
-                        info.elapsed = clock.now() - start;
+                        info.elapsed = clock.now().saturating_duration_since(start);
                         operation_metric(host, stop);
                         let retry_in = host_state
                             .breaker
                             .as_ref()
                             .and_then(|b| b.lock().open_until())
                             .map(|u| u.saturating_duration_since(now));
-                        return Err(error_for(stop, host, cfg, info, error, retry_in));
+                        end!(Err(error_for(stop, host, cfg, info, error, retry_in)))
                     }
                 }
             }
         };
+        // Retried: this attempt's outcome is not the operation's.
+        note_transition(host, guard.record(Call::Ignored, now));
+        drop(guard);
         metrics::counter!("idemgate_client_retries_total", "host" => host.to_owned(), "reason" => next.label)
             .increment(1);
         tracing::debug!(
@@ -426,16 +473,82 @@ struct RetryStep {
     attempts_counted: u32,
 }
 
-/// May the operation retry? `Ok((delay, budget cost))` or why not.
-fn decide(
+/// Budget tokens taken for a retry that is not sent yet: put back if it never is.
+struct Tokens<'a> {
+    host: &'a HostState,
+    units: u64,
+}
+
+impl Tokens<'_> {
+    /// The retry was sent: the tokens are spent.
+    fn commit(mut self) -> u64 {
+        std::mem::take(&mut self.units)
+    }
+}
+
+impl Drop for Tokens<'_> {
+    fn drop(&mut self) {
+        if self.units > 0
+            && let Some(bucket) = &self.host.budget
+        {
+            bucket.lock().refund(self.units);
+        }
+    }
+}
+
+/// `at + d` is at or past `deadline` (an overflow is past any deadline).
+fn past(deadline: Instant, at: Instant, d: Duration) -> bool {
+    at.checked_add(d).is_none_or(|t| t >= deadline)
+}
+
+/// How long to wait on a `409` in flight before asking again, or why not to.
+fn in_flight_wait(
     policy: &Policy,
     spec: &OpSpec,
     keyed: bool,
-    host: &HostState,
+    waits: u32,
+    deadline_at: Option<Instant>,
+    now: Instant,
+    facts: &Facts,
+) -> Result<Duration, Stop> {
+    let cfg = &policy.inner.config;
+    if !spec.body_retryable {
+        return Err(Stop::BodyNotRetryable);
+    }
+    // Asking again is a resend: the same rule as for any possibly-sent failure.
+    if !keyed && !spec.idempotent_method {
+        return Err(Stop::NotSafeToRetry);
+    }
+    if waits >= cfg.max_in_flight_waits {
+        return Err(Stop::AttemptsExhausted);
+    }
+    let wait = match facts.retry_after_delay(policy.inner.clock.wall()) {
+        Some(ra) if ra > cfg.retry_after_cap => return Err(Stop::RetryAfterTooLong),
+        Some(ra) => jitter_above(
+            ra,
+            cfg.retry_after_jitter,
+            cfg.backoff.base(),
+            policy.unit(),
+        ),
+        // A 409 in flight without Retry-After: one base delay, jittered.
+        None => jitter_above(Duration::ZERO, 0.0, cfg.backoff.base(), policy.unit()),
+    };
+    if deadline_at.is_some_and(|d| past(d, now, wait)) {
+        return Err(Stop::Deadline);
+    }
+    Ok(wait)
+}
+
+/// May the operation retry? `Ok((delay, budget tokens taken))` or why not.
+fn decide<'a>(
+    policy: &Policy,
+    spec: &OpSpec,
+    keyed: bool,
+    host: &'a HostState,
     deadline_at: Option<Instant>,
     now: Instant,
     step: RetryStep,
-) -> Result<(Duration, u64), Stop> {
+) -> Result<(Duration, Tokens<'a>), Stop> {
     let cfg = &policy.inner.config;
     if !spec.body_retryable {
         return Err(Stop::BodyNotRetryable);
@@ -462,19 +575,21 @@ fn decide(
             .backoff
             .full_jitter(step.attempts_counted, policy.unit()),
     };
-    if deadline_at.is_some_and(|d| now + delay >= d) {
+    if deadline_at.is_some_and(|d| past(d, now, delay)) {
         return Err(Stop::Deadline);
     }
-    // The breaker opened (this attempt or a sibling's): no token for a retry it would refuse.
+    // The breaker opened (a sibling's outcome, or this operation's failed probe): no token
+    // for a retry it would refuse.
     if let Some(breaker) = &host.breaker
-        && breaker
-            .lock()
-            .open_until()
-            .is_some_and(|until| until > now + delay)
+        && let Some(until) = breaker.lock().open_until()
+        && !past(until, now, delay)
     {
+        metrics::counter!("idemgate_client_circuit_rejections_total",
+            "host" => spec.host.clone())
+        .increment(1);
         return Err(Stop::CircuitOpen);
     }
-    let cost = match (&cfg.budget, &host.budget) {
+    let units = match (&cfg.budget, &host.budget) {
         (Some(b), Some(bucket)) => {
             let cost = if step.failure.is_some() {
                 b.timeout_units()
@@ -491,7 +606,7 @@ fn decide(
         }
         _ => 0,
     };
-    Ok((delay, cost))
+    Ok((delay, Tokens { host, units }))
 }
 
 /// AWS standard mode: a success puts back its last retry's cost, or the success refund.
@@ -517,7 +632,7 @@ fn done<R>(
     response: R,
 ) -> (R, RetryInfo) {
     info.stop = stop;
-    info.elapsed = clock.now() - start;
+    info.elapsed = clock.now().saturating_duration_since(start);
     operation_metric(host, stop);
     (response, info)
 }

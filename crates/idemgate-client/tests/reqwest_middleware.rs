@@ -379,3 +379,77 @@ async fn streamed_bodies_are_buffered_to_the_cap_or_sent_once() {
     );
     assert_eq!(server.seen()[0].body, "part one, part two");
 }
+
+#[tokio::test]
+async fn upstream_failed_is_not_resent_and_names_the_key() {
+    // Review S1.
+    let server = Server::start(|n| {
+        if n == 0 {
+            Act::Answer(
+                502,
+                vec![("content-type", "application/problem+json")],
+                r#"{"type":"urn:idemgate:problem:upstream-failed","cause":"timeout"}"#,
+            )
+        } else {
+            answer(201)
+        }
+    })
+    .await;
+    let err = client(fast())
+        .post(server.url("/orders"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap_err();
+    let e = client_error(&err).expect("the client's error");
+    let Error::OutcomeUnknown {
+        key,
+        unprotected: true,
+        info,
+        ..
+    } = e
+    else {
+        panic!("{e:?}")
+    };
+    assert_eq!(Some(key.as_str()), server.seen()[0].key.as_deref());
+    assert_eq!(info.attempts, 1);
+    assert_eq!(server.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn an_oversized_problem_answer_is_final_by_status_and_intact() {
+    // Review m6: a problem+json body over 64 KiB, sent chunked (no Content-Length).
+    let big: &'static str = Box::leak(
+        format!(
+            r#"{{"type":"urn:example:gone","detail":"{}"}}"#,
+            "y".repeat(100 * 1024)
+        )
+        .into_boxed_str(),
+    );
+    let server = Server::start(move |n| {
+        if n == 0 {
+            Act::Answer(
+                410,
+                vec![
+                    ("content-type", "application/problem+json"),
+                    ("transfer-encoding", "chunked"),
+                ],
+                big,
+            )
+        } else {
+            answer(201)
+        }
+    })
+    .await;
+    let res = client(fast())
+        .post(server.url("/orders"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 410);
+    assert!(res.headers().get("content-length").is_none(), "chunked");
+    assert_eq!(info(&res).attempts, 1);
+    assert_eq!(res.text().await.unwrap(), big);
+    assert_eq!(server.seen().len(), 1);
+}

@@ -275,9 +275,16 @@ async fn outcome_unknown_is_never_retried_and_carries_the_key() {
     let policy = quick().build().unwrap();
     let err = send(&policy, &server, post("{}")).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::OutcomeUnknown);
-    let Error::OutcomeUnknown { key, detail, info } = &err else {
+    let Error::OutcomeUnknown {
+        key,
+        detail,
+        unprotected,
+        info,
+    } = &err
+    else {
         panic!("{err:?}")
     };
+    assert!(!unprotected);
     assert_eq!(Some(key.as_str()), server.seen()[0].key.as_deref());
     assert_eq!(detail.as_deref(), Some("may or may not"));
     assert_eq!(info.attempts, 1);
@@ -843,17 +850,144 @@ async fn the_breaker_opens_fails_fast_then_probes_and_closes() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_breaker_opening_between_attempts_returns_what_the_operation_has() {
-    let server = Server::new(|_| reply(503));
+async fn a_breaker_opening_between_attempts_returns_what_the_operation_has_and_refunds_the_retry() {
+    // Operation A is told to wait 5 s; meanwhile operation B ends in failure and opens the
+    // breaker. A's retry is refused: A returns its 503, and the tokens it took for the retry
+    // it never sent go back (review m7).
+    let server = Server::new(|n| {
+        if n == 0 {
+            Reply::With(503, vec![("retry-after", "5".into())], "")
+        } else {
+            Reply::With(503, vec![("retry-after", "100".into())], "")
+        }
+    });
     let policy = quick()
-        .breaker(BreakerConfig::default().consecutive_failures(2))
+        .retry_after_cap(Duration::from_secs(60))
+        .breaker(BreakerConfig::default().consecutive_failures(1))
         .build()
         .unwrap();
+    let host = "http://shop.test:80";
+    let a = tokio::spawn({
+        let (policy, server) = (policy.clone(), server.clone());
+        async move { send(&policy, &server, post("{}")).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(policy.host(host).unwrap().budget_tokens, Some(495.0));
+    let (_, b, _) = send(&policy, &server, post("{}")).await.unwrap();
+    assert_eq!(b.stop, Stop::RetryAfterTooLong);
+    assert_eq!(policy.host(host).unwrap().breaker, Some(State::Open));
+    let (status, info, _) = a.await.unwrap().unwrap();
+    assert_eq!(
+        (status.as_u16(), info.attempts, info.stop),
+        (503, 1, Stop::CircuitOpen)
+    );
+    assert_eq!(server.calls(), 2);
+    assert_eq!(policy.host(host).unwrap().budget_tokens, Some(500.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_breaker_counts_operations_not_attempts() {
+    // Review M2: every operation fails twice, then succeeds (fail_first=2 behind idemgate).
+    // With the default breaker and policy, none is refused: failures cured by a retry do not
+    // count.
+    let server = Server::new(|n| reply(if n % 3 < 2 { 503 } else { 201 }));
+    let policy = quick().build().unwrap();
+    let host = "http://shop.test:80";
+    for _ in 0..30 {
+        let (status, info, _) = send(&policy, &server, post("{}")).await.unwrap();
+        assert_eq!((status.as_u16(), info.attempts), (201, 3));
+    }
+    assert_eq!(policy.host(host).unwrap().breaker, Some(State::Closed));
+    assert_eq!(server.calls(), 90);
+    // Operations that fail for good do count, one outcome each: 5 in a row open it.
+    let down = Server::new(|_| reply(503));
+    for _ in 0..4 {
+        let (_, info, _) = send(&policy, &down, post("{}")).await.unwrap();
+        assert_eq!((info.attempts, info.stop), (3, Stop::AttemptsExhausted));
+    }
+    assert_eq!(policy.host(host).unwrap().breaker, Some(State::Closed));
+    send(&policy, &down, post("{}")).await.unwrap();
+    assert_eq!(policy.host(host).unwrap().breaker, Some(State::Open));
+    assert_eq!(down.calls(), 15);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_reopens_at_once_and_its_retry_is_refused() {
+    let server = Server::new(|_| reply(503));
+    let policy = quick()
+        .breaker(
+            BreakerConfig::default()
+                .consecutive_failures(1)
+                .open_for(Duration::from_secs(10)),
+        )
+        .no_budget()
+        .build()
+        .unwrap();
+    send(&policy, &server, post("{}")).await.unwrap();
+    assert_eq!(server.calls(), 3);
+    tokio::time::advance(Duration::from_secs(10)).await;
     let (status, info, _) = send(&policy, &server, post("{}")).await.unwrap();
     assert_eq!(
         (status.as_u16(), info.attempts, info.stop),
-        (503, 2, Stop::CircuitOpen)
+        (503, 1, Stop::CircuitOpen)
     );
+    assert_eq!(server.calls(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_probe_does_not_keep_the_breaker_half_open_forever() {
+    // Review M1: the probe's server accepts and never answers (no attempt timeout is set).
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h = hang.clone();
+    let server = Server::new(move |_| {
+        if h.load(std::sync::atomic::Ordering::SeqCst) {
+            Reply::Sleep(Duration::from_secs(1_000_000), 201)
+        } else {
+            reply(201)
+        }
+    });
+    let failing = Server::new(|_| reply(503));
+    let policy = quick()
+        .max_attempts(1)
+        .breaker(
+            BreakerConfig::default()
+                .consecutive_failures(1)
+                .half_open_probes(1)
+                .open_for(Duration::from_secs(10)),
+        )
+        .build()
+        .unwrap();
+    let host = "http://shop.test:80";
+    send(&policy, &failing, post("{}")).await.unwrap();
+    assert_eq!(policy.host(host).unwrap().breaker, Some(State::Open));
+    tokio::time::advance(Duration::from_secs(10)).await;
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let probe = tokio::spawn({
+        let (policy, server) = (policy.clone(), server.clone());
+        async move { send(&policy, &server, post("{}")).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(server.calls(), 1);
+    assert_eq!(policy.host(host).unwrap().breaker, Some(State::HalfOpen));
+    // While the probe is out (less than open_for): others fail fast.
+    let err = send(&policy, &server, post("{}")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::CircuitOpen);
+    // Out for open_for: counted as failed, the breaker reopens for open_for.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let err = send(&policy, &server, post("{}")).await.unwrap_err();
+    let Error::CircuitOpen { retry_in, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(*retry_in, Some(Duration::from_secs(10)));
+    assert_eq!(policy.host(host).unwrap().breaker, Some(State::Open));
+    // Then a new probe goes, and (the server answering again) closes it.
+    hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (status, info, _) = send(&policy, &server, post("{}")).await.unwrap();
+    assert_eq!((status.as_u16(), info.attempts), (201, 1));
+    assert_eq!(policy.host(host).unwrap().breaker, Some(State::Closed));
+    assert_eq!(server.calls(), 2);
+    probe.abort();
 }
 
 #[tokio::test(start_paused = true)]
@@ -931,4 +1065,307 @@ async fn infallible_inner_services_and_errors_of_the_inner_service_classified_by
     let res = layer.layer(svc).oneshot(post("{}")).await.unwrap();
     assert_eq!(res.extensions().get::<RetryInfo>().unwrap().attempts, 2);
     let _: Result<(), Infallible> = Ok(());
+}
+
+// ---------------------------------------------------------------- review of issue 12
+
+fn problem(status: u16, kind: &'static str) -> Reply {
+    let body: &'static str = match kind {
+        "upstream-failed" => {
+            r#"{"type":"urn:idemgate:problem:upstream-failed","cause":"connection-reset"}"#
+        }
+        _ => r#"{"type":"urn:idemgate:problem:request-in-flight"}"#,
+    };
+    Reply::With(
+        status,
+        vec![("content-type", "application/problem+json".into())],
+        body,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn upstream_failed_is_never_resent_for_a_post_and_carries_the_key() {
+    // Review S1: idemgate forwarded the request unprotected and got no complete answer.
+    let server = Server::new(|n| {
+        if n == 0 {
+            problem(502, "upstream-failed")
+        } else {
+            reply(201)
+        }
+    });
+    let err = send(&quick().build().unwrap(), &server, post("{}"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutcomeUnknown);
+    let Error::OutcomeUnknown {
+        key,
+        unprotected,
+        info,
+        ..
+    } = &err
+    else {
+        panic!("{err:?}")
+    };
+    assert!(unprotected);
+    assert_eq!(Some(key.as_str()), server.seen()[0].key.as_deref());
+    assert_eq!((info.attempts, info.stop), (1, Stop::OutcomeUnknown));
+    assert_eq!(server.calls(), 1);
+    assert!(err.to_string().contains("unprotected"), "{err}");
+    // An idempotent method may be resent.
+    let server = Server::new(|n| {
+        if n == 0 {
+            problem(502, "upstream-failed")
+        } else {
+            reply(200)
+        }
+    });
+    let put = Request::put("http://shop.test/orders/1")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let (status, info, _) = send(&quick().build().unwrap(), &server, put).await.unwrap();
+    assert_eq!((status.as_u16(), info.attempts), (200, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_makes_resends_safe_only_to_hosts_that_honour_it() {
+    // Review M3. Default: every host is taken to honour the key (the client sits in front
+    // of idemgate): a reset keyed POST is resent.
+    let resets_once = || {
+        Server::new(|n| {
+            if n == 0 {
+                Reply::Fail(std::io::ErrorKind::ConnectionReset)
+            } else {
+                reply(201)
+            }
+        })
+    };
+    let server = resets_once();
+    let (_, info, _) = send(&quick().build().unwrap(), &server, post("{}"))
+        .await
+        .unwrap();
+    assert_eq!(info.attempts, 2);
+    // Only idemgate.test is known to honour keys: to shop.test, a POST that may have been
+    // sent is not resent, even though it carries a (generated) key.
+    let policy = quick().key_hosts(["idemgate.test"]).build().unwrap();
+    let server = resets_once();
+    let err = send(&policy, &server, post("{}")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotSafeToRetry);
+    assert_eq!(server.calls(), 1);
+    assert!(server.seen()[0].key.is_some(), "the key is still sent");
+    let server = Server::new(|_| reply(503));
+    let (status, info, _) = send(&policy, &server, post("{}")).await.unwrap();
+    assert_eq!(
+        (status.as_u16(), info.attempts, info.stop),
+        (503, 1, Stop::NotSafeToRetry)
+    );
+    // A refused connection (provably not sent) is still retried.
+    let server = Server::new(|n| {
+        if n == 0 {
+            Reply::Fail(std::io::ErrorKind::ConnectionRefused)
+        } else {
+            reply(201)
+        }
+    });
+    let (_, info, _) = send(&policy, &server, post("{}")).await.unwrap();
+    assert_eq!(info.attempts, 2);
+    // To the listed host: resent.
+    let server = resets_once();
+    let req = Request::post("http://idemgate.test/orders")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let (_, info, _) = send(&policy, &server, req).await.unwrap();
+    assert_eq!(info.attempts, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unkeyed_post_is_not_resent_on_a_409_in_flight() {
+    // Review m1: asking again after a 409 is a resend.
+    let server = Server::new(|n| {
+        if n == 0 {
+            Reply::With(409, vec![("retry-after", "1".into())], "")
+        } else {
+            reply(201)
+        }
+    });
+    let unkeyed = quick().key_methods([]).build().unwrap();
+    let (status, info, _) = send(&unkeyed, &server, post("{}")).await.unwrap();
+    assert_eq!(
+        (status.as_u16(), info.attempts, info.stop),
+        (409, 1, Stop::NotSafeToRetry)
+    );
+    // The same to a host outside key_hosts.
+    let server = Server::new(|n| {
+        if n == 0 {
+            problem(409, "request-in-flight")
+        } else {
+            reply(201)
+        }
+    });
+    let elsewhere = quick().key_hosts(["idemgate.test"]).build().unwrap();
+    let (status, info, _) = send(&elsewhere, &server, post("{}")).await.unwrap();
+    assert_eq!((status.as_u16(), info.stop), (409, Stop::NotSafeToRetry));
+    assert_eq!(server.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn absurd_retry_after_values_and_durations_do_not_panic() {
+    // Review m2: durations past 24 h are refused up front...
+    for b in [
+        quick().retry_after_cap(Duration::MAX),
+        quick().deadline(Duration::MAX),
+        quick().max_delay(Duration::MAX),
+        quick().breaker(BreakerConfig::default().open_for(Duration::MAX)),
+    ] {
+        assert!(b.build().is_err());
+    }
+    // ...and the largest accepted cap meets the largest Retry-After: the answer is returned.
+    let day = Duration::from_secs(24 * 3600);
+    let policy = quick()
+        .retry_after_cap(day)
+        .deadline(day)
+        .max_delay(day)
+        .build()
+        .unwrap();
+    for (status, value) in [
+        (503, "18446744073709551615"),
+        (429, "99999999999999999999999999"),
+        (503, "Fri, 31 Dec 9999 23:59:59 GMT"),
+        (409, "18446744073709551615"),
+    ] {
+        let server =
+            Server::new(move |_| Reply::With(status, vec![("retry-after", value.into())], ""));
+        let (got, info, _) = send(&policy, &server, post("{}")).await.unwrap();
+        assert_eq!(
+            (got.as_u16(), info.attempts, info.stop),
+            (status, 1, Stop::RetryAfterTooLong),
+            "{value}"
+        );
+    }
+}
+
+/// A wall clock an hour ahead of the server's.
+#[derive(Debug)]
+struct SkewedWall(SystemTime);
+
+impl Clock for SkewedWall {
+    fn now(&self) -> Instant {
+        TokioClock.now()
+    }
+    fn wall(&self) -> SystemTime {
+        self.0
+    }
+    fn sleep(&self, d: Duration) -> Sleep {
+        TokioClock.sleep(d)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_date_is_measured_from_the_answers_date_header() {
+    // Review m3: the server says Date: T, Retry-After: T + 7 s; the client's clock is an hour
+    // ahead (it would wait 0) — or behind (it would wait an hour and stop over the cap).
+    let server_now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    for skew in [3600i64, -3600] {
+        let local = if skew > 0 {
+            server_now + Duration::from_secs(3600)
+        } else {
+            server_now - Duration::from_secs(3600)
+        };
+        let date = httpdate::fmt_http_date(server_now);
+        let at = httpdate::fmt_http_date(server_now + Duration::from_secs(7));
+        let server = Server::new(move |n| {
+            if n == 0 {
+                Reply::With(
+                    503,
+                    vec![("date", date.clone()), ("retry-after", at.clone())],
+                    "",
+                )
+            } else {
+                reply(201)
+            }
+        });
+        let policy = quick().clock(Arc::new(SkewedWall(local))).build().unwrap();
+        let (status, info, _) = send(&policy, &server, post("{}")).await.unwrap();
+        assert_eq!(status, 201, "{skew}");
+        let d = info.log[1].delay;
+        assert!(
+            d >= Duration::from_secs(7) && d < Duration::from_millis(8400),
+            "{skew}: {d:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_covers_reading_the_request_body() {
+    // Review m5: a request body that never ends.
+    let server = Server::new(|_| reply(201));
+    let policy = quick().deadline(Duration::from_secs(2)).build().unwrap();
+    let stalled = futures_util::StreamExt::chain(
+        futures_util::stream::iter([Ok::<_, std::io::Error>(http_body::Frame::data(
+            Bytes::from_static(b"{"),
+        ))]),
+        futures_util::stream::pending(),
+    );
+    let req = Request::post("http://shop.test/orders")
+        .body(StreamBody::new(stalled))
+        .unwrap();
+    let t0 = tokio::time::Instant::now();
+    let call = RetryLayer::new(policy.clone())
+        .layer(server.clone())
+        .oneshot(req);
+    let err = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("the deadline ends the call")
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(err.attempts(), 0);
+    assert!(err.key().is_some());
+    assert_eq!(t0.elapsed(), Duration::from_secs(2));
+    assert_eq!(server.calls(), 0);
+    // A body that takes 1.5 s leaves the attempt 0.5 s of the 2 s.
+    let slow = Server::new(|_| Reply::Sleep(Duration::from_secs(1), 201));
+    let late = futures_util::stream::once(async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from_static(b"{}")))
+    });
+    let req = Request::post("http://shop.test/orders")
+        .body(StreamBody::new(late))
+        .unwrap();
+    let t0 = tokio::time::Instant::now();
+    let err = RetryLayer::new(policy)
+        .layer(slow.clone())
+        .oneshot(req)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(t0.elapsed(), Duration::from_secs(2));
+    assert_eq!(slow.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oversized_problem_body_is_classified_by_status_and_returned_whole() {
+    // Review m6: a problem+json answer over the 64 KiB read for classification.
+    let big: &'static str = Box::leak(
+        format!(
+            r#"{{"type":"urn:example:gone","detail":"{}"}}"#,
+            "x".repeat(70 * 1024)
+        )
+        .into_boxed_str(),
+    );
+    let server = Server::new(move |n| {
+        if n == 0 {
+            Reply::With(
+                410,
+                vec![("content-type", "application/problem+json".into())],
+                big,
+            )
+        } else {
+            reply(201)
+        }
+    });
+    let (status, info, body) = send(&quick().build().unwrap(), &server, post("{}"))
+        .await
+        .unwrap();
+    assert_eq!((status.as_u16(), info.attempts), (410, 1));
+    assert_eq!(body, big.as_bytes());
+    assert_eq!(server.calls(), 1);
 }

@@ -244,3 +244,65 @@ fn counters_for_attempts_retries_budget_and_breaker() {
         1
     );
 }
+
+#[test]
+fn rejections_by_an_open_breaker_between_attempts_and_body_errors_are_counted() {
+    // Review m8.
+    let ((), counters, _) = run(async {
+        let fragile = policy(
+            Policy::builder().no_budget().breaker(
+                BreakerConfig::default()
+                    .consecutive_failures(1)
+                    .open_for(std::time::Duration::from_secs(10)),
+            ),
+        );
+        // Three attempts, then the failed operation opens the breaker.
+        op(&fragile, &[503]).await.unwrap();
+        tokio::time::advance(std::time::Duration::from_secs(10)).await;
+        // The probe fails and reopens it: its retry is refused by the breaker.
+        let info = op(&fragile, &[503]).await.unwrap();
+        assert_eq!(
+            (info.attempts, info.stop),
+            (1, idemgate_client::Stop::CircuitOpen)
+        );
+        // A request body that cannot be read: the operation ends before any attempt.
+        let broken = http_body_util::StreamBody::new(futures_util::stream::iter([Err::<
+            http_body::Frame<Bytes>,
+            std::io::Error,
+        >(
+            std::io::Error::other("the caller's body broke"),
+        )]));
+        let svc = tower::service_fn(|_req: Request<RequestBody>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        });
+        let err = RetryLayer::new(fragile.clone())
+            .layer(svc)
+            .oneshot(
+                Request::post("http://shop.test/orders")
+                    .body(broken)
+                    .unwrap(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), idemgate_client::ErrorKind::RequestBody);
+    });
+    let host = ("host", "http://shop.test:80");
+    assert_eq!(
+        counters.get("idemgate_client_circuit_rejections_total", &[host]),
+        1
+    );
+    assert_eq!(
+        counters.get(
+            "idemgate_client_operations_total",
+            &[host, ("stop", "circuit_open")]
+        ),
+        1
+    );
+    assert_eq!(
+        counters.get(
+            "idemgate_client_operations_total",
+            &[host, ("stop", "request_body")]
+        ),
+        1
+    );
+}

@@ -105,14 +105,12 @@ fn print_log(what: &str, done: &Done) {
 async fn every_operation_succeeds_once_when_the_upstream_fails_its_first_attempts() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), "memory://", &[]);
-    // No breaker in these scenarios: each makes a large share of attempts fail by construction,
-    // which (rightly) opens it. They are about keys and retries; the breaker is proven by
-    // client_amplification.rs and idemgate-client's own tests.
+    // The default breaker stays on: it counts operations, not attempts, so two failed attempts
+    // cured by the third (two thirds of all attempts fail here) never open it.
     let client = client(
         Policy::builder()
             .base_delay(Duration::from_millis(5))
-            .max_attempts(4)
-            .no_breaker(),
+            .max_attempts(4),
     );
     let results = run_all(&client, &proxy.url("/orders?fail_first=2"), OPS).await;
     let mut keys = HashSet::new();
@@ -226,12 +224,8 @@ async fn a_connection_broken_after_the_effect_is_resent_and_replayed() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), "memory://", &[]);
     let front = BreakingFront::start(proxy.addr).await;
-    // Every first attempt fails here (50 % of attempts): the breaker would rightly open.
-    let client = client(
-        Policy::builder()
-            .base_delay(Duration::from_millis(5))
-            .no_breaker(),
-    );
+    // Default breaker: every first attempt fails here, but every operation succeeds.
+    let client = client(Policy::builder().base_delay(Duration::from_millis(5)));
     let results = run_all(&client, &front.url("/orders"), OPS).await;
     for r in &results {
         let done = r.as_ref().unwrap();
@@ -259,7 +253,9 @@ async fn a_connection_broken_after_the_effect_is_resent_and_replayed() {
 async fn an_upstream_that_breaks_after_the_effect_gives_outcome_unknown_with_the_key() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), "memory://", &[]);
-    // Every attempt ends outcome-unknown here, a server-side failure: the breaker would open.
+    // Breaker off, on purpose: every operation here ends outcome-unknown, a server-side failure
+    // (100 % of operations), so the default breaker would rightly open after 5 of them and fail
+    // the rest fast with CircuitOpen — this test is about each one's key and effect.
     let client = client(
         Policy::builder()
             .base_delay(Duration::from_millis(5))
@@ -325,9 +321,9 @@ async fn a_slow_upstream_is_waited_out_and_replayed() {
         Policy::builder()
             .base_delay(Duration::from_millis(50))
             .attempt_timeout(Duration::from_millis(300))
-            .max_attempts(10)
-            // Every first attempt times out here: the breaker would rightly open.
-            .no_breaker(),
+            // Default breaker: every first attempt times out here, but every operation ends
+            // with the replay (a success).
+            .max_attempts(10),
     );
     let results = run_all(&client, &proxy.url("/orders?delay_ms=1000"), 2).await;
     let mut waited = 0;

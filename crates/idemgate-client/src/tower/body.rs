@@ -76,7 +76,8 @@ impl Body for RequestBody {
 
 pin_project_lite::pin_project! {
     /// The response body the caller receives: the inner service's, or — when the layer read a
-    /// problem+json answer to classify it — those bytes.
+    /// problem+json answer to classify it — those bytes (or, for a problem body over 64 KiB,
+    /// the first 64 KiB or so that were read, then the rest of the inner body).
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]
@@ -90,6 +91,7 @@ pin_project_lite::pin_project! {
     enum Inner<B> {
         Passed { #[pin] body: B },
         Buffered { bytes: Option<Bytes> },
+        Prefixed { body: Prefixed<Pin<Box<B>>> },
     }
 }
 
@@ -105,6 +107,12 @@ impl<B> ResponseBody<B> {
             kind: Inner::Buffered {
                 bytes: (!bytes.is_empty()).then_some(bytes),
             },
+        }
+    }
+
+    pub(crate) fn prefixed(body: Prefixed<Pin<Box<B>>>) -> Self {
+        Self {
+            kind: Inner::Prefixed { body },
         }
     }
 
@@ -129,6 +137,7 @@ where
         match self.project().kind.project() {
             InnerProj::Passed { body } => body.poll_frame(cx).map_err(Into::into),
             InnerProj::Buffered { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            InnerProj::Prefixed { body } => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
     }
 
@@ -136,6 +145,7 @@ where
         match &self.kind {
             Inner::Passed { body } => body.is_end_stream(),
             Inner::Buffered { bytes } => bytes.is_none(),
+            Inner::Prefixed { body } => body.is_end_stream(),
         }
     }
 
@@ -145,6 +155,7 @@ where
             Inner::Buffered { bytes } => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
+            Inner::Prefixed { body } => body.size_hint(),
         }
     }
 }

@@ -6,8 +6,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
+use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Limited};
 use tower_service::Service;
 
 use crate::Policy;
@@ -108,6 +108,8 @@ where
     ResB::Error: Into<BoxError>,
 {
     let cfg = &policy.inner.config;
+    // The deadline counts from here: buffering the body is part of the operation.
+    let start = policy.inner.clock.now();
     let (mut parts, body) = req.into_parts();
     let key = key::resolve(
         &mut parts.headers,
@@ -122,16 +124,17 @@ where
         .map_frame(|f| f.map_data(Into::into))
         .map_err(Into::into)
         .boxed_unsync();
-    let source = match body::buffer(boxed, cfg.body_limit).await {
-        Ok(Buffered::Complete(bytes)) => Source::Reusable(bytes),
-        Ok(Buffered::OverLimit(rest)) => Source::Once(Some(rest)),
-        Err(source) => return Err(Error::RequestBody { source }),
+    let read = body::buffer(boxed, cfg.body_limit);
+    let source = match run::read_body(&policy, &host, key.as_ref(), start, read).await? {
+        Buffered::Complete(bytes) => Source::Reusable(bytes),
+        Buffered::OverLimit(rest) => Source::Once(Some(rest)),
     };
     let spec = OpSpec {
         host,
         key,
         idempotent_method,
         body_retryable: matches!(source, Source::Reusable(_)),
+        start,
     };
     let mut transport = TowerTransport {
         svc,
@@ -190,19 +193,24 @@ where
                 facts,
             };
         }
-        match Limited::new(body, classify::PROBLEM_BODY_LIMIT)
-            .collect()
-            .await
-        {
-            Ok(collected) => {
-                let bytes = collected.to_bytes();
+        match body::buffer(Box::pin(body), classify::PROBLEM_BODY_LIMIT).await {
+            Ok(Buffered::Complete(bytes)) => {
                 let facts = Facts::new(parts.status, &parts.headers, Some(&bytes));
                 Attempted::Answer {
                     response: Response::from_parts(parts, ResponseBody::buffered(bytes)),
                     facts,
                 }
             }
-            // The answer broke off (or was larger than announced): no complete answer.
+            // Over the limit: classified by its status alone, the answer kept whole (what was
+            // read, then the rest of the stream).
+            Ok(Buffered::OverLimit(rest)) => {
+                let facts = Facts::new(parts.status, &parts.headers, None);
+                Attempted::Answer {
+                    response: Response::from_parts(parts, ResponseBody::prefixed(rest)),
+                    facts,
+                }
+            }
+            // The answer broke off: no complete answer.
             Err(error) => Attempted::Failed {
                 error,
                 failure: TransportFailure::Interrupted,
