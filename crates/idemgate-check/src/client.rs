@@ -32,20 +32,22 @@ impl Target {
     pub(crate) fn parse(url: &str) -> Result<Self, Error> {
         let usage = |m: String| Error::Config { message: m };
         // Credentials in the URL would end up in the Host header and in every report: refused,
-        // without echoing the URL.
-        let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-        let authority = after_scheme
-            .split(['/', '?', '#'])
-            .next()
-            .unwrap_or_default();
-        if authority.contains('@') {
+        // without echoing the URL. Any '@' is refused: a password holding '/' or '?' hides the
+        // userinfo from a look at the authority (`http://user:pa/ss@host`), and a base URL has
+        // no need of one.
+        if url.contains('@') {
             return Err(usage(
-                "--target must not carry credentials (user:password@): send them with --header 'Authorization: …', which reports redact".to_owned(),
+                "--target must not contain '@' (credentials, user:password@, are never taken from the URL: send them with --header 'Authorization: …', which reports redact)".to_owned(),
             ));
         }
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e| usage(format!("--target {url:?} is not a URL ({e})")))?;
+        // Not echoed: a URL that does not parse may hold credentials the check above could not
+        // see (`http://user:pa/ss@host`).
+        let uri: http::Uri = url.parse().map_err(|e| {
+            usage(format!(
+                "--target is not a URL ({e}; {} bytes), e.g. http://127.0.0.1:8080",
+                url.len()
+            ))
+        })?;
         match uri.scheme_str() {
             Some("http") => {}
             Some("https") => {

@@ -15,9 +15,9 @@
 //!   request is sent, for `open_for`.
 //! - **Half-open**: after `open_for`, up to `half_open_probes` attempts go through as probes
 //!   (others still fail fast). One probe failure opens the breaker again; `half_open_probes`
-//!   successes close it with an empty window. A probe that has been out for `open_for` without
-//!   an outcome (a server that accepts connections and never answers, with no attempt timeout
-//!   set) counts as failed at that moment: the breaker reopens for `open_for` from then, so a
+//!   successes close it with an empty window. A probe that has been out for the probe timeout
+//!   (by default the longer of `open_for` and the attempt timeout) without an outcome (a server
+//!   that accepts connections and never answers) counts as failed at that moment: the breaker reopens for `open_for` from then, so a
 //!   hung probe cannot keep the breaker half-open (and every request failing fast) forever.
 //!
 //! Only transient failures count: transport failures and `500`, `502`, `503`, `504` (and
@@ -53,6 +53,7 @@ pub struct BreakerConfig {
     failure_rate: f64,
     consecutive_failures: u32,
     open_for: Duration,
+    probe_timeout: Option<Duration>,
     half_open_probes: u32,
 }
 
@@ -66,6 +67,7 @@ impl Default for BreakerConfig {
             failure_rate: 0.5,
             consecutive_failures: 5,
             open_for: Duration::from_secs(10),
+            probe_timeout: None,
             half_open_probes: 3,
         }
     }
@@ -96,11 +98,35 @@ impl BreakerConfig {
         self
     }
 
-    /// How long the breaker stays open before probing, and how long a half-open probe may be out
-    /// before it counts as failed (1 ms to 24 h, checked by
+    /// How long the breaker stays open before probing (1 ms to 24 h, checked by
     /// [`PolicyBuilder::build`](crate::PolicyBuilder::build)).
     pub fn open_for(mut self, d: Duration) -> Self {
         self.open_for = d;
+        self
+    }
+
+    /// How long a half-open probe may be out without an outcome before it counts as failed
+    /// (1 ms to 24 h). Default: the longer of `open_for` and the policy's `attempt_timeout`
+    /// (`open_for` without one). Set it to at least your slowest legitimate request when that
+    /// is longer and no attempt timeout is set: a probe declared hung reopens the breaker, so
+    /// a shorter setting keeps it open while the host is healthy but slow.
+    pub fn probe_timeout(mut self, d: Duration) -> Self {
+        self.probe_timeout = Some(d);
+        self
+    }
+
+    /// The probe timeout in force.
+    pub(crate) fn probe_limit(&self) -> Duration {
+        self.probe_timeout.unwrap_or(self.open_for)
+    }
+
+    /// Without an explicit probe timeout, a probe may be out as long as an attempt may last.
+    pub(crate) fn with_attempt_timeout(mut self, attempt: Option<Duration>) -> Self {
+        if self.probe_timeout.is_none()
+            && let Some(t) = attempt
+        {
+            self.probe_timeout = Some(t.max(self.open_for));
+        }
         self
     }
 
@@ -136,6 +162,13 @@ impl BreakerConfig {
             return Err(format!(
                 "breaker open_for must be 1 ms to 24 h, not {:?}",
                 self.open_for
+            ));
+        }
+        if let Some(p) = self.probe_timeout
+            && (p < Duration::from_millis(1) || p > crate::policy::MAX_DURATION)
+        {
+            return Err(format!(
+                "breaker probe_timeout must be 1 ms to 24 h, not {p:?}"
             ));
         }
         Ok(())
@@ -267,6 +300,7 @@ impl Breaker {
     /// half-open → open when a probe has been out for `open_for`).
     pub fn admit_traced(&mut self, now: Instant) -> (Result<Permit, Rejected>, Option<Transition>) {
         let open_for = self.config.open_for;
+        let probe_limit = self.config.probe_limit();
         match &mut self.state {
             Inner::Closed { .. } => (Ok(self.permit(None)), None),
             Inner::Open { until } => {
@@ -289,13 +323,13 @@ impl Breaker {
                 admitted,
                 successes,
             } => {
-                // A probe out for `open_for` without an outcome failed when that period ended:
-                // open again for `open_for` from then.
+                // A probe out for the probe timeout without an outcome failed when that period
+                // ended: open again for `open_for` from then.
                 let hung = out
                     .iter()
                     .map(|(_, at)| *at)
                     .min()
-                    .and_then(|at| at.checked_add(open_for))
+                    .and_then(|at| at.checked_add(probe_limit))
                     .filter(|expired| *expired <= now);
                 if let Some(expired) = hung {
                     let until = later(expired, open_for);
@@ -555,6 +589,34 @@ mod tests {
         );
         assert!(b.admit(t(20_499)).is_err());
         assert!(b.admit(t(20_500)).is_ok());
+    }
+
+    #[test]
+    fn a_slow_probe_within_the_probe_timeout_is_not_hung() {
+        let cfg = BreakerConfig::default()
+            .consecutive_failures(1)
+            .open_for(Duration::from_secs(10))
+            .half_open_probes(1)
+            .probe_timeout(Duration::from_secs(30));
+        let mut b = Breaker::new(cfg);
+        run(&mut b, &[Call::Failure], t(0));
+        let slow = b.admit(t(10_000)).expect("probe");
+        // 12 s later (past open_for, within the probe timeout): still half-open, not reopened.
+        assert_eq!(b.admit(t(22_000)), Err(Rejected { retry_in: None }));
+        assert_eq!(b.state(), State::HalfOpen);
+        assert_eq!(
+            b.record(slow, Call::Success, t(22_500)),
+            Some((State::HalfOpen, State::Closed))
+        );
+        // An attempt timeout longer than open_for becomes the probe timeout by default.
+        let from_attempt = BreakerConfig::default()
+            .open_for(Duration::from_secs(10))
+            .with_attempt_timeout(Some(Duration::from_secs(60)));
+        assert_eq!(from_attempt.probe_limit(), Duration::from_secs(60));
+        let shorter = BreakerConfig::default()
+            .open_for(Duration::from_secs(10))
+            .with_attempt_timeout(Some(Duration::from_secs(2)));
+        assert_eq!(shorter.probe_limit(), Duration::from_secs(10));
     }
 
     #[test]

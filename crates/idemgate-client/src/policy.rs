@@ -284,7 +284,7 @@ impl PolicyBuilder {
     }
 
     /// Checks the settings and builds the policy.
-    pub fn build(self) -> Result<Policy, ConfigError> {
+    pub fn build(mut self) -> Result<Policy, ConfigError> {
         let c = &self.config;
         let err = |m: String| Err(ConfigError(m));
         if !(1..=100).contains(&c.max_attempts) {
@@ -344,6 +344,8 @@ impl PolicyBuilder {
         if let Some(b) = &c.breaker {
             b.validate().map_err(ConfigError)?;
         }
+        let attempt = self.config.attempt_timeout;
+        self.config.breaker = self.config.breaker.map(|b| b.with_attempt_timeout(attempt));
         Ok(self.build_unchecked())
     }
 }

@@ -35,6 +35,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// Request counts and the measured clock skew, shared by the store and its interceptor.
 #[derive(Debug)]
 pub(crate) struct Counters {
+    /// The table, as the label of the skew gauge.
+    pub table: String,
     /// HTTP requests sent (every attempt, retries included).
     pub requests: AtomicU64,
     /// What the answers' `Date` headers prove about DynamoDB's clock minus ours.
@@ -42,8 +44,9 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(table: &str) -> Self {
         Self {
+            table: table.to_owned(),
             requests: AtomicU64::new(0),
             skew: Mutex::new(SkewWindow::default()),
         }
@@ -86,10 +89,9 @@ impl SkewWindow {
         let merged = match self.current {
             Some((a, b)) if !stale && lo.max(a) <= hi.min(b) => (lo.max(a), hi.min(b)),
             _ => {
-                // A new window (or the clocks stepped: the intervals no longer meet).
-                if stale {
-                    self.previous = self.current;
-                }
+                // A new window; or the clocks stepped (the intervals no longer meet), which
+                // makes the previous window's interval stale too.
+                self.previous = if stale { self.current } else { None };
                 self.started = Some(now);
                 (lo, hi)
             }
@@ -184,7 +186,7 @@ impl Intercept for Observe {
                 Ok(mut window) => {
                     let warning = window.add(lo, hi, Instant::now());
                     if let Some((lo, hi)) = window.bounds() {
-                        metrics::gauge!("idemgate_dynamodb_clock_skew_seconds")
+                        metrics::gauge!("idemgate_dynamodb_clock_skew_seconds", "table" => self.0.table.clone())
                             .set(lo.saturating_add(hi) as f64 / 2_000.0);
                     }
                     warning
@@ -192,7 +194,7 @@ impl Intercept for Observe {
                 Err(_) => None,
             };
             if let Some(skew) = warning {
-                tracing::warn!(skew_ms = skew,
+                tracing::warn!(table = %self.0.table, skew_ms = skew,
                     "this instance's clock differs from DynamoDB's by at least {skew} ms: leases \
                      and expiry are judged by the instances' clocks, which must agree within \
                      the lease margin (lease − 2·lease/3 − store timeout; see \

@@ -52,6 +52,26 @@ fn credentials_error<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a Credenti
     None
 }
 
+/// The kind of a credential provider's failure.
+fn credential_kind(e: Option<&CredentialsError>) -> (ErrorKind, String) {
+    match e {
+        Some(
+            CredentialsError::ProviderTimedOut(_)
+            | CredentialsError::ProviderError(_)
+            | CredentialsError::Unhandled(_),
+        ) => (
+            ErrorKind::Unavailable,
+            "the credential provider failed (IMDS, STS or web identity)".to_owned(),
+        ),
+        _ => (
+            ErrorKind::Config,
+            "no usable AWS credentials (the credential chain found none, or its configuration \
+             is invalid)"
+                .to_owned(),
+        ),
+    }
+}
+
 /// Whether `e`'s source chain is a refused TLS certificate (rustls says "invalid peer
 /// certificate"; an unknown issuer, an expired or mismatched certificate).
 fn mentions_certificate(e: &(dyn StdError + 'static)) -> bool {
@@ -76,28 +96,25 @@ where
         SdkError::DispatchFailure(d) if d.is_timeout() => {
             (ErrorKind::Timeout, "no answer in time".to_owned())
         }
+        // The credential provider runs inside the attempt: its failures arrive as dispatch
+        // failures. A transient one (IMDS, STS or web identity slow or failing) is an outage; a
+        // missing or invalid configuration is a misconfiguration.
+        SdkError::DispatchFailure(_) if credentials_error(&e).is_some() => {
+            credential_kind(credentials_error(&e))
+        }
         SdkError::DispatchFailure(_) if mentions_certificate(&e) => (
             ErrorKind::Config,
             "TLS: the endpoint's certificate was refused (trust roots, host name)".to_owned(),
         ),
         SdkError::DispatchFailure(_) => (ErrorKind::Unavailable, "not reachable".to_owned()),
         SdkError::ResponseError(_) => (ErrorKind::Unavailable, "unreadable answer".to_owned()),
-        SdkError::ConstructionFailure(_) => match credentials_error(&e) {
-            // The credential provider (IMDS, STS, web identity) failed or was slow this time:
-            // an outage of the identity service, not a misconfiguration.
-            Some(
-                CredentialsError::ProviderTimedOut(_)
-                | CredentialsError::ProviderError(_)
-                | CredentialsError::Unhandled(_),
-            ) => (
-                ErrorKind::Unavailable,
-                "the credential provider failed (IMDS, STS or web identity)".to_owned(),
-            ),
-            _ => (
-                ErrorKind::Config,
-                "the request could not be built (region, credentials or endpoint)".to_owned(),
-            ),
-        },
+        SdkError::ConstructionFailure(_) if credentials_error(&e).is_some() => {
+            credential_kind(credentials_error(&e))
+        }
+        SdkError::ConstructionFailure(_) => (
+            ErrorKind::Config,
+            "the request could not be built (region, credentials or endpoint)".to_owned(),
+        ),
         SdkError::ServiceError(service) => {
             let err = service.err();
             let code = err.code().unwrap_or("");
@@ -120,6 +137,30 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dispatch(source: CredentialsError) -> StoreError {
+        use aws_smithy_runtime_api::client::result::ConnectorError;
+        let e: SdkError<aws_sdk_dynamodb::operation::get_item::GetItemError, ()> =
+            SdkError::dispatch_failure(ConnectorError::other(Box::new(source), None));
+        sdk("GetItem", e)
+    }
+
+    #[test]
+    fn credential_provider_failures_are_told_from_misconfiguration() {
+        let transient = dispatch(CredentialsError::provider_error("IMDS said 500"));
+        assert_eq!(transient.kind(), ErrorKind::Unavailable, "{transient}");
+        let timed_out = dispatch(CredentialsError::provider_timed_out(
+            std::time::Duration::from_secs(5),
+        ));
+        assert_eq!(timed_out.kind(), ErrorKind::Unavailable, "{timed_out}");
+        let missing = dispatch(CredentialsError::not_loaded("no provider found"));
+        assert_eq!(missing.kind(), ErrorKind::Config, "{missing}");
+        // Even when the provider's message mentions a certificate.
+        let cert = dispatch(CredentialsError::provider_error(
+            "STS: invalid peer certificate",
+        ));
+        assert_eq!(cert.kind(), ErrorKind::Unavailable, "{cert}");
+    }
 
     #[test]
     fn service_codes_map_to_stable_kinds() {

@@ -168,9 +168,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
-use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 use idemgate_core::clock::{Clock, Timestamp, WallClock};
 use idemgate_core::error::{ErrorKind, StoreError};
@@ -251,10 +251,15 @@ impl DynamoStoreBuilder {
     /// An extra SDK interceptor (feature `testkit`): fault injection in tests, e.g. losing an
     /// answer so that the SDK resends a write that landed.
     #[cfg(feature = "testkit")]
-    pub fn interceptor(mut self, interceptor: impl aws_sdk_dynamodb::config::Intercept + 'static) -> Self {
+    pub fn interceptor(
+        mut self,
+        interceptor: impl aws_sdk_dynamodb::config::Intercept + 'static,
+    ) -> Self {
         self.conn
             .interceptors
-            .push(aws_sdk_dynamodb::config::SharedInterceptor::new(interceptor));
+            .push(aws_sdk_dynamodb::config::SharedInterceptor::new(
+                interceptor,
+            ));
         self
     }
 
@@ -288,11 +293,13 @@ impl DynamoStoreBuilder {
 
     /// Connects and checks the table: it must exist with the key schema idemgate writes (a
     /// missing table is a `Config` error that says how to create it — never created silently).
-    /// Logs a warning when TTL is not enabled on `ttl` and when this instance's clock differs from
-    /// DynamoDB's by more than [`SKEW_WARNING`].
+    /// Logs a warning when TTL is not enabled on `ttl`. Clock skew is measured from every answer
+    /// (see [`DynamoStore::clock_skew_bounds`]): the table check's few answers prove only a skew
+    /// of more than about a second, so a smaller one past [`SKEW_WARNING`] is warned about once
+    /// traffic has narrowed the interval.
     pub async fn connect(self) -> Result<DynamoStore, StoreError> {
         validate_table_name(&self.table)?;
-        let counters = Arc::new(Counters::new());
+        let counters = Arc::new(Counters::new(&self.table));
         let client = client::client(&self.conn, counters.clone()).await?;
         let info = table::check(&client, &self.table).await?;
         for note in &info.notes {
@@ -322,7 +329,7 @@ impl DynamoStoreBuilder {
     /// `UpdateTimeToLive`, which the running proxy does not.
     pub async fn create_table(&self) -> Result<TableSetup, StoreError> {
         validate_table_name(&self.table)?;
-        let client = client::client(&self.conn, Arc::new(Counters::new())).await?;
+        let client = client::client(&self.conn, Arc::new(Counters::new(&self.table))).await?;
         table::create(&client, &self.table).await
     }
 }
@@ -1243,11 +1250,9 @@ const MAX_PARTITION_KEY: usize = 2_048;
 /// A list cursor for the last scanned item: the hex of its raw partition key.
 fn cursor_of(last: &HashMap<String, AttributeValue>) -> Result<String, StoreError> {
     match last.get(PARTITION_KEY) {
-        Some(AttributeValue::B(raw)) => Ok(raw
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()),
+        Some(AttributeValue::B(raw)) => {
+            Ok(raw.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+        }
         _ => Err(StoreError::new(
             ErrorKind::Internal,
             "dynamodb Scan: the last evaluated key has no binary pk",
@@ -1258,7 +1263,8 @@ fn cursor_of(last: &HashMap<String, AttributeValue>) -> Result<String, StoreErro
 /// The raw partition key of a list cursor made by [`cursor_of`].
 fn cursor_bytes(cursor: &str) -> Result<Vec<u8>, StoreError> {
     let invalid = || StoreError::new(ErrorKind::Internal, "invalid list cursor");
-    if cursor.is_empty() || cursor.len() % 2 != 0 || cursor.len() > 2 * MAX_PARTITION_KEY {
+    if cursor.is_empty() || !cursor.len().is_multiple_of(2) || cursor.len() > 2 * MAX_PARTITION_KEY
+    {
         return Err(invalid());
     }
     (0..cursor.len())

@@ -114,9 +114,12 @@ pub(crate) async fn check(client: &Client, table: &str) -> Result<TableInfo, Sto
 /// Creates `table` if it does not exist (on-demand billing, key `pk` binary), waits until it is
 /// active, and enables TTL on `ttl` if it is not enabled.
 pub(crate) async fn create(client: &Client, table: &str) -> Result<TableSetup, StoreError> {
-    let exists = match client.describe_table().table_name(table).send().await {
-        Ok(_) => true,
-        Err(e) if e.code() == Some("ResourceNotFoundException") => false,
+    let (exists, creating) = match client.describe_table().table_name(table).send().await {
+        Ok(out) => (
+            true,
+            out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Creating),
+        ),
+        Err(e) if e.code() == Some("ResourceNotFoundException") => (false, false),
         Err(e) => return Err(sdk("DescribeTable", e)),
     };
     let mut created = false;
@@ -146,9 +149,12 @@ pub(crate) async fn create(client: &Client, table: &str) -> Result<TableSetup, S
             Err(e) => return Err(sdk("CreateTable", e)),
         }
     }
-    // Whether we or another process created it (moments ago: still CREATING) or it existed:
-    // its TTL can only be set once it is active.
-    wait_active(client, table).await?;
+    // Created now, by us or by another process moments ago (still CREATING): its TTL can only
+    // be set once it is active. An existing table that is UPDATING (a replica or an index being
+    // added, for hours) is not waited for.
+    if !exists || creating {
+        wait_active(client, table).await?;
+    }
     // The key schema must be ours (an existing table of someone else's is refused).
     let info = check(client, table).await?;
     let ttl = client

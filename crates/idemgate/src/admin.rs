@@ -63,7 +63,10 @@ fn store_error(e: StoreError) -> Response {
     tracing::warn!(error = %e, "admin: store error");
     problem(
         StatusCode::SERVICE_UNAVAILABLE,
-        format!("store error ({}); the instance's log has the detail", e.kind()),
+        format!(
+            "store error ({}); the instance's log has the detail",
+            e.kind()
+        ),
     )
 }
 

@@ -428,6 +428,24 @@ async fn with_a_key_first(cx: &mut Cx<'_>) -> Result<(), Stop> {
     cx.expect_success("first (with a valid key)", &answer)
 }
 
+/// How long the total effect count may keep moving before a check gives up on it.
+const SETTLE_PROBE_FOR: Duration = Duration::from_secs(5);
+/// How far apart two reads of the total effect count must agree.
+const SETTLE_PROBE_EVERY: Duration = Duration::from_millis(200);
+
+/// Whether `answer` is a problem saying the request is still in flight (IETF draft, idemgate's
+/// `request-in-flight`).
+fn in_flight_problem(answer: &Answer) -> bool {
+    answer
+        .json()
+        .and_then(|doc| {
+            doc.get("type")
+                .and_then(|t| t.as_str())
+                .map(|t| t.ends_with("request-in-flight") || t.ends_with("in-flight"))
+        })
+        .unwrap_or(false)
+}
+
 /// Why a check ended without a verdict of its own.
 #[derive(Debug)]
 pub(crate) enum Stop {
@@ -727,7 +745,12 @@ impl Cx<'_> {
         mut answer: Answer,
     ) -> Result<Answer, Stop> {
         let deadline = Instant::now() + self.config.timeout;
-        while answer.status == StatusCode::CONFLICT && Instant::now() < deadline {
+        // Only a 409 that says "in progress, come back" is waited out (`Retry-After`, or the
+        // problem type of a request in flight); any other 409 is the answer.
+        while answer.status == StatusCode::CONFLICT
+            && (retry_after(&answer).is_some() || in_flight_problem(&answer))
+            && Instant::now() < deadline
+        {
             let wait = retry_after(&answer)
                 .unwrap_or(Duration::from_millis(100))
                 .clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -792,7 +815,28 @@ impl Cx<'_> {
             self.note("the effect probe counts per key: it cannot see whether a request without a valid key ran");
             return Ok(None);
         }
-        self.count(g).await
+        // An earlier request's effect (the valid-key request sent just before, or a check's
+        // abandoned one) may show late on an API that applies effects asynchronously: wait
+        // until two reads agree, so that it is not blamed on the requests that follow.
+        let deadline = Instant::now() + SETTLE_PROBE_FOR;
+        let mut last = self.count(g).await?;
+        if last.is_none() {
+            return Ok(None);
+        }
+        loop {
+            tokio::time::sleep(SETTLE_PROBE_EVERY).await;
+            let now = self.count(g).await?;
+            if now == last {
+                return Ok(now);
+            }
+            if Instant::now() >= deadline {
+                return Err(Stop::Error(format!(
+                    "the effect probe's total count kept moving for {SETTLE_PROBE_FOR:?} \
+                     (other traffic on the target?): a refused request's effect cannot be told"
+                )));
+            }
+            last = now;
+        }
     }
 
     /// Effects of group `g` since `before` (`None` without a probe).
