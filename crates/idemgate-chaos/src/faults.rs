@@ -455,7 +455,7 @@ impl World {
                         };
                         (done, format!("pid {pid:?}"))
                     }
-                    None => (false, "no running, unpaused instance".into()),
+                    None => (false, NO_RUNNING.into()),
                 }
             }
             Action::Restart { instance } => self.restart(*instance).await,
@@ -464,7 +464,7 @@ impl World {
                     *instance = i.index();
                     (i.pause().await, format!("pid {:?}", i.pid()))
                 }
-                None => (false, "no running, unpaused instance".into()),
+                None => (false, NO_RUNNING.into()),
             },
             Action::Resume { instance } => match self.instances.get(*instance as usize) {
                 Some(i) => (i.lock().await.resume().await, String::new()),
@@ -500,12 +500,39 @@ impl World {
                 None => (false, "no private store".into()),
             },
         };
+        if !applied && note == NO_RUNNING {
+            // Nothing to hit: everything is down (a restart that failed on a loaded machine, a
+            // store that did not come back in time). Bring back what is down instead, so that a
+            // soak never idles for the rest of its window.
+            if let Some(rec) = Box::pin(self.recover_down()).await {
+                return rec;
+            }
+        }
         FaultRecord {
             at_us: self.now_us(),
             action,
             applied,
             note,
         }
+    }
+
+    /// Restarts the private store if it is down, else the first instance that is down (not
+    /// paused, not being restarted right now); `None` when nothing is down.
+    async fn recover_down(&self) -> Option<FaultRecord> {
+        if let Some(store) = &self.store
+            && store.try_lock().is_ok_and(|s| s.pid().is_none())
+        {
+            return Some(self.apply(&Action::StoreRestart).await);
+        }
+        for n in 0..self.instances.len() {
+            let down = self.instances[n]
+                .try_lock()
+                .is_ok_and(|i| !i.is_up() && !i.is_paused());
+            if down {
+                return Some(self.apply(&Action::Restart { instance: n as u32 }).await);
+            }
+        }
+        None
     }
 
     /// Undoes every fault: relays healed, the store and every instance running and resumed.
@@ -548,6 +575,9 @@ impl World {
         out
     }
 }
+
+/// The note of a kill, termination or pause that found nothing to hit.
+const NO_RUNNING: &str = "no running, unpaused instance";
 
 fn partition(net: &Net, instance: Option<u32>, fault: LinkFault) -> (bool, String) {
     let cut = match fault {

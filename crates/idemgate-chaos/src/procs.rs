@@ -43,8 +43,27 @@ pub fn idemgate_bin() -> Result<PathBuf, String> {
     )
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, chosen below Linux's ephemeral range
+/// (32768–60999 by default): while an instance or the store is down, its port is free, and a
+/// port the kernel hands out to any other process's `bind(0)` (a test server, a client socket)
+/// could be taken meanwhile — the clients would then talk to a stranger.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Start at a place of this process's own, then walk.
+    let seed = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + (seed + k) % SPAN;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -127,6 +146,9 @@ pub struct Instance {
 
 /// How long an instance may take to say it listens.
 const START_BOUND: Duration = Duration::from_secs(30);
+/// How long a private PostgreSQL may take to accept sessions after a crash: its WAL replay of
+/// a soak's database takes long on a loaded machine, and killing it half-way only starts over.
+const PG_START_BOUND: Duration = Duration::from_secs(180);
 
 enum Started {
     Ready,
@@ -570,7 +592,7 @@ impl PrivatePostgres {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()?;
-        let deadline = tokio::time::Instant::now() + START_BOUND;
+        let deadline = tokio::time::Instant::now() + PG_START_BOUND;
         loop {
             // Accepting connections, not just listening: after a crash, the server listens
             // while it replays its WAL and refuses sessions ("the database system is starting
