@@ -75,11 +75,13 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
          # TYPE idemgate_consume_takeovers_total counter\nidemgate_consume_takeovers_total {}\n\
          # TYPE idemgate_consume_ready gauge\nidemgate_consume_ready {}\n\
          # HELP idemgate_consume_messages_held Messages taken from the broker, not yet acked or handed back.\n\
-         # TYPE idemgate_consume_messages_held gauge\nidemgate_consume_messages_held {}\n",
+         # TYPE idemgate_consume_messages_held gauge\nidemgate_consume_messages_held {}\n\
+         # TYPE idemgate_consume_acked_total counter\nidemgate_consume_acked_total {}\n",
         engine.in_flight.load(std::sync::atomic::Ordering::Relaxed),
         engine.takeovers.load(std::sync::atomic::Ordering::Relaxed),
         u8::from(state.shared.ready()),
         state.shared.held(),
+        state.shared.acked_total(),
     ));
     if let Some(handle) = prometheus() {
         out.push_str(&handle.render());

@@ -110,11 +110,15 @@ pub(crate) async fn run(
         let queue = src.queue.clone();
         let stop_rx = stop.clone();
         let held = shared.hold();
+        let shared = shared.clone();
         tasks.spawn(async move {
-            handle(
+            if handle(
                 delivery, &bridge, &config, &publisher, &counts, &queue, stop_rx,
             )
-            .await;
+            .await
+            {
+                shared.acked();
+            }
             drop((permit, held));
         });
     }
@@ -212,7 +216,7 @@ async fn handle(
     counts: &Mutex<HashMap<String, u32>>,
     queue: &str,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+) -> bool {
     let props = &delivery.properties;
     let id = props.message_id().as_ref().map(|s| s.as_str().to_owned());
     let delivered = delivery_count(&delivery, id.as_deref(), counts);
@@ -224,6 +228,7 @@ async fn handle(
         delivered,
     };
     let decision = bridge.handle(&incoming).await;
+    let acked = decision == Decision::Ack;
     let result = match decision {
         Decision::Ack => {
             if let Some(id) = &id {
@@ -275,7 +280,9 @@ async fn handle(
     };
     if let Err(e) = result {
         tracing::warn!(error = %e, "acknowledgement to RabbitMQ failed; the message will come back");
+        return false;
     }
+    acked
 }
 
 async fn publish_dead_letter(

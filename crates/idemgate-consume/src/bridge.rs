@@ -110,6 +110,9 @@ impl Bridge {
             subject: msg.subject.clone(),
             delivered: msg.delivered,
         };
+        if self.config.no_dedup {
+            return self.without_dedup(target, call, msg.delivered).await;
+        }
         let processed = self
             .dedup
             .process_once(&self.consumer, &id, move |dispatch| async move {
@@ -139,6 +142,25 @@ impl Bridge {
             tracing::warn!(key = %id, reason, delivered = msg.delivered, "dead-lettering a message");
         }
         decision
+    }
+}
+
+impl Bridge {
+    /// The same POST and classification, without the engine (`Config::no_dedup`): for
+    /// measuring what dedup costs.
+    async fn without_dedup(&self, target: Arc<Target>, call: Call, delivered: u32) -> Decision {
+        let dispatch = Dispatch {
+            epoch: 1,
+            start_by: tokio::time::Instant::now() + self.config.response_timeout,
+        };
+        match target.post(call, dispatch).await {
+            Handled::Done(_) => Decision::Ack,
+            Handled::Retry if delivered >= self.config.max_deliver => {
+                Decision::DeadLetter("max-deliver")
+            }
+            Handled::Retry => Decision::Nack(self.backoff(delivered)),
+            Handled::Unknown => Decision::DeadLetter("unknown"),
+        }
     }
 }
 

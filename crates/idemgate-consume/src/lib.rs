@@ -153,6 +153,9 @@ pub struct Config {
     pub retry_max: Duration,
     /// Longest wait for in-flight messages at shutdown (default 30 s).
     pub drain_timeout: Duration,
+    /// No dedup at all: every delivery is POSTed (at-least-once, like a plain consumer). Only
+    /// for measuring what dedup costs; default `false`.
+    pub no_dedup: bool,
 }
 
 impl Config {
@@ -180,6 +183,7 @@ impl Config {
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
+            no_dedup: false,
         }
     }
 
@@ -237,6 +241,8 @@ pub(crate) struct Shared {
     ready: AtomicBool,
     /// Messages taken from the broker and not yet acked, nacked or dead-lettered.
     held: std::sync::atomic::AtomicUsize,
+    /// Messages acked (processed or duplicate).
+    acked: std::sync::atomic::AtomicU64,
 }
 
 /// Counts a message as held until dropped.
@@ -254,6 +260,12 @@ impl Shared {
     }
     fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+    fn acked(&self) {
+        self.acked.fetch_add(1, Ordering::Relaxed);
+    }
+    fn acked_total(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
     }
     fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)

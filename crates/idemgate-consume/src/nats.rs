@@ -109,8 +109,11 @@ pub(crate) async fn run(
         let (bridge, js, config) = (bridge.clone(), js.clone(), config.clone());
         let ack_wait = src.ack_wait;
         let held = shared.hold();
+        let shared = shared.clone();
         tasks.spawn(async move {
-            handle(msg, &bridge, &js, &config, ack_wait).await;
+            if handle(msg, &bridge, &js, &config, ack_wait).await {
+                shared.acked();
+            }
             drop((permit, held));
         });
     }
@@ -130,7 +133,7 @@ async fn handle(
     js: &jetstream::Context,
     config: &Config,
     ack_wait: Duration,
-) {
+) -> bool {
     let delivered = msg
         .info()
         .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
@@ -169,6 +172,7 @@ async fn handle(
             }
         }
     };
+    let acked = decision == Decision::Ack;
     let result = match decision {
         Decision::Ack => msg.ack().await,
         Decision::Nack(delay) => msg.ack_with(AckKind::Nak(Some(delay))).await,
@@ -187,7 +191,9 @@ async fn handle(
     if let Err(e) = result {
         // A lost ack means a redelivery, which gets the recorded outcome.
         tracing::warn!(error = %e, "acknowledgement to JetStream failed");
+        return false;
     }
+    acked
 }
 
 /// Publishes the message to `--dead-letter` (waiting for JetStream's ack when a stream captures

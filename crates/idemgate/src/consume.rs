@@ -78,6 +78,9 @@ pub struct ConsumeArgs {
     /// Namespace of the records.
     #[arg(long, default_value = "messages")]
     namespace: String,
+    /// Benchmarking only: no dedup at all (every delivery is POSTed; at-least-once).
+    #[arg(long, hide = true)]
+    no_dedup: bool,
     /// Logs as JSON lines.
     #[arg(long)]
     pub json_logs: bool,
@@ -130,6 +133,7 @@ pub fn config(args: ConsumeArgs) -> Result<Config> {
     config.response_timeout = Duration::from_secs(args.response_timeout_secs.max(1));
     config.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
     config.namespace = args.namespace;
+    config.no_dedup = args.no_dedup;
     Ok(config)
 }
 

@@ -303,21 +303,32 @@ async fn nats_sigkill_proof() {
         );
         with_url(&mut a, &url);
         let started = std::time::Instant::now();
-        // Publish in the background: distinct messages, and every fifth one again after
-        // JetStream's duplicate window.
+        // Publish in the background: distinct messages, and for every fifth one an earlier id
+        // again once JetStream's duplicate window (100 ms) has passed for it.
         let publisher = {
             let js = js.clone();
             let subject = subject.clone();
             tokio::spawn(async move {
                 let mut published = 0;
+                let mut due = std::collections::VecDeque::new();
                 for i in 0..messages {
                     publish(&js, &subject, &format!("m-{i}"), &format!("{{\"n\":{i}}}")).await;
                     published += 1;
                     if i % 5 == 4 {
-                        tokio::time::sleep(Duration::from_millis(101)).await;
-                        publish(&js, &subject, &format!("m-{}", i - 2), "{\"dup\":true}").await;
+                        let at = tokio::time::Instant::now() + Duration::from_millis(150);
+                        due.push_back((at, i - 2));
+                    }
+                    while due.front().is_some_and(|(at, _)| *at <= tokio::time::Instant::now()) {
+                        let (_, id) = due.pop_front().unwrap();
+                        publish(&js, &subject, &format!("m-{id}"), "{\"dup\":true}").await;
                         published += 1;
                     }
+                }
+                // The rest, each once JetStream's window for its original has passed.
+                while let Some((at, id)) = due.pop_front() {
+                    tokio::time::sleep_until(at).await;
+                    publish(&js, &subject, &format!("m-{id}"), "{\"dup\":true}").await;
+                    published += 1;
                 }
                 published
             })

@@ -6,7 +6,7 @@
 //! message-consumer consume --nats URL --stream S --subject SUBJ --durable D --mode inbox --postgres URL --effects TABLE
 //! message-consumer consume ... --mode library --store URL        # the effect: a row in memory, counted
 //! message-consumer consume ... --mode plain                      # no dedup
-//! message-consumer publish --nats URL --stream S --subject SUBJ --count N [--dup-every K]
+//! message-consumer publish --nats URL --subject SUBJ --count N [--dup-every K] [--create-stream S]
 //! ```
 //!
 //! `consume` prints `consuming` once bound, and with `--exit-after N` exits after N acks,
@@ -59,23 +59,49 @@ async fn main() {
 async fn publish(map: &HashMap<String, String>) -> Result<(), Error> {
     let js = jetstream::new(async_nats::connect(get(map, "nats")?).await?);
     let subject = get(map, "subject")?.to_owned();
+    if let Some(stream) = map.get("create-stream") {
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await?;
+    }
     let count: u64 = get(map, "count")?.parse()?;
     let dup_every: u64 = map.get("dup-every").map_or(Ok(0), |v| v.parse())?;
     let started = Instant::now();
     let mut acks = futures_util::stream::FuturesUnordered::new();
     let mut published = 0u64;
-    for i in 0..count {
-        let mut ids = vec![i];
-        if dup_every > 0 && i % dup_every == dup_every - 1 && i >= 2 {
-            ids.push(i - 2);
+    // Re-published ids wait until JetStream's duplicate window (at least 100 ms) has passed
+    // for their original, so that they reach the stream as real duplicates.
+    let mut due: std::collections::VecDeque<(Instant, u64)> = Default::default();
+    let window = Duration::from_millis(map.get("dup-delay-ms").map_or(Ok(300), |v| v.parse())?);
+    for i in 0..count + 1 {
+        let mut ids = Vec::new();
+        if i < count {
+            ids.push(i);
+            if dup_every > 0 && i % dup_every == dup_every - 1 && i >= 2 {
+                due.push_back((Instant::now() + window, i - 2));
+            }
+        }
+        if i == count {
+            // The end: every pending duplicate, once its time has come.
+            if let Some((at, _)) = due.back() {
+                tokio::time::sleep_until((*at).into()).await;
+            }
+        }
+        while due.front().is_some_and(|(at, _)| *at <= Instant::now()) {
+            if let Some((_, id)) = due.pop_front() {
+                ids.push(id);
+            }
         }
         for id in ids {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", format!("m-{id}").as_str());
-            acks.push(
+            acks.push(std::future::IntoFuture::into_future(
                 js.publish_with_headers(subject.clone(), headers, format!("{id}").into())
                     .await?,
-            );
+            ));
             published += 1;
             // At most 256 unconfirmed publishes in flight.
             while acks.len() >= 256 {

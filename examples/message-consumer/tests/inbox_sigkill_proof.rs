@@ -61,12 +61,12 @@ async fn inbox_effects_equal_distinct_messages_across_sigkills() {
     let (name, durable) = (format!("INBOX_{tag}"), format!("inbox_{tag}"));
     let subject = format!("{name}.in");
     let js = jetstream::new(async_nats::connect(&nats).await.unwrap());
-    // The publisher's stream, with a duplicate window of 1 ms: re-publishing an id is a real
-    // duplicate for the consumer.
+    // The publisher's stream, with the shortest duplicate window JetStream takes (100 ms); the
+    // publisher re-publishes ids 150 ms later: real duplicates for the consumer.
     js.create_stream(stream::Config {
         name: name.clone(),
         subjects: vec![subject.clone()],
-        duplicate_window: Duration::from_millis(1),
+        duplicate_window: Duration::from_millis(100),
         ..Default::default()
     })
     .await
