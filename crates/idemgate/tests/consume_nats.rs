@@ -318,7 +318,10 @@ async fn nats_sigkill_proof() {
                         let at = tokio::time::Instant::now() + Duration::from_millis(150);
                         due.push_back((at, i - 2));
                     }
-                    while due.front().is_some_and(|(at, _)| *at <= tokio::time::Instant::now()) {
+                    while due
+                        .front()
+                        .is_some_and(|(at, _)| *at <= tokio::time::Instant::now())
+                    {
                         let (_, id) = due.pop_front().unwrap();
                         publish(&js, &subject, &format!("m-{id}"), "{\"dup\":true}").await;
                         published += 1;

@@ -123,7 +123,7 @@ async fn publish(map: &HashMap<String, String>) -> Result<(), Error> {
 
 enum Mode {
     Inbox {
-        client: tokio::sync::Mutex<tokio_postgres::Client>,
+        client: Box<tokio::sync::Mutex<tokio_postgres::Client>>,
         inbox: PgInbox,
         insert: String,
     },
@@ -162,7 +162,7 @@ async fn consume(map: &HashMap<String, String>) -> Result<(), Error> {
                 ))
                 .await?;
             Mode::Inbox {
-                client: tokio::sync::Mutex::new(client),
+                client: Box::new(tokio::sync::Mutex::new(client)),
                 inbox,
                 insert: format!("INSERT INTO {effects} (message_id) VALUES ($1)"),
             }
