@@ -50,9 +50,11 @@ bridge() { # label, args...
     --durable "bridge_$RANDOM$RANDOM" --target "http://127.0.0.1:$up/bench" --concurrency 32 \
     --admin-listen "127.0.0.1:$admin" --namespace "bench-$$" "$@" 2>"$work/consume.log" &
   local pid=$!
+  pids+=("$pid")
   while :; do
     local acked
-    acked=$(curl -s "http://127.0.0.1:$admin/metrics" | awk '/^idemgate_consume_acked_total /{print $2}')
+    # (Refused until the admin listener is up.)
+    acked=$({ curl -s "http://127.0.0.1:$admin/metrics" || true; } | awk '/^idemgate_consume_acked_total /{print $2}')
     [ "${acked:-0}" -ge "$N" ] && break
     kill -0 "$pid" 2>/dev/null || { cat "$work/consume.log" >&2; exit 1; }
     sleep 0.02
