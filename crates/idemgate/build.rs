@@ -9,5 +9,7 @@ fn main() {
         ("IDEMGATE_TEST_REDIS_CLUSTER_URLS", "no_redis_cluster"),
         ("IDEMGATE_TEST_POSTGRES_URL", "no_postgres"),
         ("IDEMGATE_TEST_DYNAMODB_URL", "no_dynamodb"),
+        ("IDEMGATE_TEST_NATS_URL", "no_nats"),
+        ("IDEMGATE_TEST_AMQP_URL", "no_amqp"),
     ]);
 }

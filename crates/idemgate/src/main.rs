@@ -6,10 +6,13 @@
 //!   demand (`serve` never creates one).
 //! - `idemgate check --target URL --spec FILE` — checks that any HTTP API behaves idempotently
 //!   (see `docs/check.md`); exit 0 pass, 1 violation, 2 usage error or unreachable target.
+//! - `idemgate consume --source nats://…|amqp://… --target URL` — queue messages to an HTTP
+//!   handler, once per message id and epoch (the `idemgate-consume` crate).
 
 mod admin;
 mod check;
 mod config;
+mod consume;
 mod edge;
 mod keys;
 mod serve;
@@ -57,6 +60,10 @@ enum Command {
     /// Check that an HTTP API behaves idempotently (for CI): exit 0 when every check passed, 1
     /// on a violation, 2 on a usage error, an invalid spec or an unreachable target.
     Check(Box<check::CheckArgs>),
+    /// Consume from NATS JetStream or RabbitMQ and POST each message, once per message id and
+    /// epoch, to an HTTP handler (with Idempotency-Key and Idempotency-Epoch); ack only once the
+    /// outcome is recorded.
+    Consume(Box<consume::ConsumeArgs>),
 }
 
 fn init_logs(json: bool) {
@@ -124,6 +131,11 @@ fn main() -> Result<()> {
                 })?;
             println!("{done}");
             Ok(())
+        }
+        Command::Consume(args) => {
+            init_logs(args.json_logs);
+            let config = consume::config(*args)?;
+            runtime.block_on(consume::run(config))
         }
         Command::Check(args) => {
             // A burst of --concurrency connections needs descriptors like a proxy does.

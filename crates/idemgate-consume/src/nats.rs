@@ -1,0 +1,226 @@
+//! NATS JetStream: a durable pull consumer on an existing (or, when told, created) stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use futures_util::StreamExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::bridge::{Bridge, Decision, Incoming};
+use crate::{Config, ConsumeError, Shared};
+
+/// The settings of the NATS source.
+#[derive(Clone, Debug)]
+pub struct NatsSource {
+    /// `nats://HOST:PORT`.
+    pub url: String,
+    /// The stream (must exist unless `create`).
+    pub stream: String,
+    /// The subject filter of the consumer.
+    pub subject: String,
+    /// The durable consumer's name (created when missing; an existing one is used as it is).
+    pub durable: String,
+    /// How long JetStream waits for an ack before redelivering (default 30 s); progress acks
+    /// are sent every third of it while the handler runs.
+    pub ack_wait: Duration,
+}
+
+pub(crate) async fn run(
+    src: &NatsSource,
+    config: Arc<Config>,
+    bridge: Bridge,
+    shared: Arc<Shared>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ConsumeError> {
+    let client = async_nats::connect(&src.url)
+        .await
+        .map_err(|e| ConsumeError::source("connecting to NATS", e))?;
+    let js = jetstream::new(client.clone());
+    let stream = if config.create {
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: src.stream.clone(),
+            subjects: vec![src.subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ConsumeError::source("creating the stream", e))?
+    } else {
+        js.get_stream(&src.stream).await.map_err(|e| {
+            ConsumeError::source("opening the stream (it must exist; --create makes it)", e)
+        })?
+    };
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &src.durable,
+            pull::Config {
+                durable_name: Some(src.durable.clone()),
+                filter_subject: src.subject.clone(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: src.ack_wait,
+                // Dead-lettering is ours (JetStream only stops redelivering at its own limit).
+                max_deliver: -1,
+                max_ack_pending: i64::try_from(config.concurrency.saturating_mul(2))
+                    .unwrap_or(i64::MAX),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| ConsumeError::source("creating or binding the durable consumer", e))?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(config.concurrency)
+        .messages()
+        .await
+        .map_err(|e| ConsumeError::source("pulling messages", e))?;
+    shared.set_ready(true);
+    tracing::info!(stream = %src.stream, subject = %src.subject, durable = %src.durable,
+        "consuming from NATS JetStream");
+
+    let permits = Arc::new(Semaphore::new(config.concurrency));
+    let mut tasks = JoinSet::new();
+    loop {
+        // A permit first: at most `concurrency` messages are being handled at once.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        let next = tokio::select! {
+            m = messages.next() => m,
+            _ = shutdown.changed() => break,
+        };
+        while tasks.try_join_next().is_some() {}
+        let msg = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "pulling from JetStream failed; retrying");
+                continue;
+            }
+            None => {
+                shared.set_ready(false);
+                return Err(ConsumeError::Source {
+                    what: "the JetStream message stream ended",
+                    source: "closed".into(),
+                });
+            }
+        };
+        let (bridge, js, config) = (bridge.clone(), js.clone(), config.clone());
+        let ack_wait = src.ack_wait;
+        let held = shared.hold();
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            if handle(msg, &bridge, &js, &config, ack_wait).await {
+                shared.acked();
+            }
+            drop((permit, held));
+        });
+    }
+    shared.set_ready(false);
+    drop(messages);
+    crate::drain(&mut tasks, config.drain_timeout).await;
+    // Acks are buffered by the client: send them before the process exits.
+    if let Err(e) = client.flush().await {
+        tracing::warn!(error = %e, "could not flush the last acks; those messages come back");
+    }
+    Ok(())
+}
+
+async fn handle(
+    msg: jetstream::Message,
+    bridge: &Bridge,
+    js: &jetstream::Context,
+    config: &Config,
+    ack_wait: Duration,
+) -> bool {
+    let delivered = msg
+        .info()
+        .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
+        .unwrap_or(1);
+    // By name, case-insensitively: the client keeps well-known names (`Nats-Msg-Id`) as
+    // constants that a lookup by string does not find.
+    let header = |name: &str| {
+        msg.headers.as_ref().and_then(|h| {
+            h.iter()
+                .find(|(n, _)| AsRef::<str>::as_ref(n).eq_ignore_ascii_case(name))
+                .and_then(|(_, values)| values.first())
+                .map(|v| v.as_str().to_owned())
+        })
+    };
+    let incoming = Incoming {
+        id: header("Nats-Msg-Id"),
+        payload: msg.payload.clone(),
+        content_type: header("Content-Type"),
+        subject: msg.subject.to_string(),
+        delivered,
+    };
+    // While the handler runs, tell JetStream every third of AckWait that work goes on.
+    let decision = {
+        let work = bridge.handle(&incoming);
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval(ack_wait / 3);
+        tick.tick().await; // the first tick is immediate
+        loop {
+            tokio::select! {
+                d = &mut work => break d,
+                _ = tick.tick() => {
+                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %e, "progress ack failed");
+                    }
+                }
+            }
+        }
+    };
+    let acked = decision == Decision::Ack;
+    let result = match decision {
+        Decision::Ack => msg.ack().await,
+        Decision::Nack(delay) => msg.ack_with(AckKind::Nak(Some(delay))).await,
+        Decision::DeadLetter(reason) => match dead_letter(js, config, &incoming, reason).await {
+            Ok(()) => {
+                bridge.dedup.dead_lettered();
+                msg.ack_with(AckKind::Term).await
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not publish the dead letter; message handed back");
+                msg.ack_with(AckKind::Nak(Some(bridge.backoff(delivered))))
+                    .await
+            }
+        },
+    };
+    if let Err(e) = result {
+        // A lost ack means a redelivery, which gets the recorded outcome.
+        tracing::warn!(error = %e, "acknowledgement to JetStream failed");
+        return false;
+    }
+    acked
+}
+
+/// Publishes the message to `--dead-letter` (waiting for JetStream's ack when a stream captures
+/// the subject, else a plain publish); without one, nothing (the message is terminated).
+async fn dead_letter(
+    js: &jetstream::Context,
+    config: &Config,
+    msg: &Incoming,
+    reason: &str,
+) -> Result<(), String> {
+    let Some(subject) = &config.dead_letter else {
+        return Ok(());
+    };
+    let mut headers = HeaderMap::new();
+    if let Some(id) = &msg.id {
+        headers.insert("Nats-Msg-Id", format!("dead:{id}").as_str());
+        headers.insert("Idemgate-Message-Id", id.as_str());
+    }
+    if let Some(ct) = &msg.content_type {
+        headers.insert("Content-Type", ct.as_str());
+    }
+    headers.insert("Idemgate-Subject", msg.subject.as_str());
+    headers.insert("Idemgate-Reason", reason);
+    headers.insert("Idemgate-Delivered", msg.delivered.to_string().as_str());
+    let ack = js
+        .publish_with_headers(subject.clone(), headers, msg.payload.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map(|_| ()).map_err(|e| e.to_string())
+}
