@@ -4,9 +4,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use lapin::Confirmation;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -52,6 +53,32 @@ pub(crate) async fn run(
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
         .map_err(|e| ConsumeError::source("setting the prefetch", e))?;
+    if let Some(exchange) = &config.dead_letter {
+        // It must exist (a publish to a missing exchange closes the channel for good, and every
+        // later dead letter would fail): checked on a channel of its own, which a refusal closes.
+        let probe = conn
+            .create_channel()
+            .await
+            .map_err(|e| ConsumeError::source("opening a channel", e))?;
+        probe
+            .exchange_declare(
+                ShortString::from(exchange.as_str()),
+                lapin::ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|_| {
+                ConsumeError::Config(format!(
+                    "the dead-letter exchange {exchange:?} does not exist on this virtual host \
+                     (declare it, bound to a queue, before starting)"
+                ))
+            })?;
+        let _ = probe.close(200, "checked".into()).await;
+    }
     let publisher = conn
         .create_channel()
         .await
@@ -307,11 +334,16 @@ async fn publish_dead_letter(
         AMQPValue::LongString(queue.into()),
     );
     let props: BasicProperties = delivery.properties.clone().with_headers(headers);
+    // Mandatory: a dead letter the exchange routes nowhere comes back (RabbitMQ still confirms
+    // an unroutable message with an ack), and the original is then not acked.
     let confirm = publisher
         .basic_publish(
             exchange.into(),
             delivery.routing_key.clone(),
-            BasicPublishOptions::default(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
             &delivery.data,
             props,
         )
@@ -319,8 +351,19 @@ async fn publish_dead_letter(
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| e.to_string())?;
-    if confirm.is_nack() {
-        return Err("the broker refused the dead letter (nack)".into());
+    match confirm {
+        Confirmation::Ack(None) => {}
+        Confirmation::Ack(Some(_)) => {
+            return Err(
+                "the dead-letter exchange routed the dead letter to no queue (bind a queue)".into(),
+            );
+        }
+        Confirmation::Nack(_) => {
+            return Err("the broker refused the dead letter (nack)".into());
+        }
+        Confirmation::NotRequested => {
+            return Err("the broker did not confirm the dead letter".into());
+        }
     }
     Ok(())
 }

@@ -52,6 +52,9 @@ pub(crate) async fn run(
             ConsumeError::source("opening the stream (it must exist; --create makes it)", e)
         })?
     };
+    if let Some(dead) = &config.dead_letter {
+        check_dead_letter_subject(dead, &src.subject, &stream.cached_info().config.subjects)?;
+    }
     let consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
             &src.durable,
@@ -194,6 +197,77 @@ async fn handle(
         return false;
     }
     acked
+}
+
+/// Refuses a dead-letter subject that would bring dead letters back: one with wildcards, one
+/// the consumer's filter matches, or one the consumed stream captures (a dead letter is a new
+/// message there, POSTed again — and again, `dead:dead:…`).
+fn check_dead_letter_subject(
+    dead: &str,
+    filter: &str,
+    stream_subjects: &[String],
+) -> Result<(), ConsumeError> {
+    if dead
+        .split('.')
+        .any(|t| t == "*" || t == ">" || t.is_empty())
+    {
+        return Err(ConsumeError::Config(format!(
+            "--dead-letter {dead:?} must be a plain subject (no wildcards, no empty tokens)"
+        )));
+    }
+    if subject_matches(filter, dead) {
+        return Err(ConsumeError::Config(format!(
+            "--dead-letter {dead:?} is matched by --subject {filter:?}: dead letters would be \
+             consumed again; use a subject outside it (and a stream of its own)"
+        )));
+    }
+    if let Some(captured) = stream_subjects.iter().find(|p| subject_matches(p, dead)) {
+        return Err(ConsumeError::Config(format!(
+            "--dead-letter {dead:?} is captured by the consumed stream (its subject {captured:?}): \
+             use a subject that a stream of its own captures"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether NATS subject `subject` matches `pattern` (`*` one token, `>` one or more at the end).
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut subject = subject.split('.');
+    for p in pattern.split('.') {
+        match (p, subject.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(s)) if p == s => {}
+            _ => return false,
+        }
+    }
+    subject.next().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_match_like_nats() {
+        assert!(subject_matches("orders.>", "orders.dead"));
+        assert!(subject_matches("orders.*", "orders.dead"));
+        assert!(subject_matches("orders.dead", "orders.dead"));
+        assert!(!subject_matches("orders.*", "orders.dead.letters"));
+        assert!(subject_matches("orders.>", "orders.dead.letters"));
+        assert!(!subject_matches("orders.>", "orders"));
+        assert!(!subject_matches("orders.new", "dead.orders"));
+        assert!(!subject_matches("orders", "orders.dead"));
+    }
+
+    #[test]
+    fn dead_letter_subjects_that_come_back_are_refused() {
+        let stream = vec!["orders.>".to_owned()];
+        assert!(check_dead_letter_subject("orders.dead", "orders.>", &stream).is_err());
+        assert!(check_dead_letter_subject("orders.dead", "orders.new", &stream).is_err());
+        assert!(check_dead_letter_subject("dead.*", "orders.new", &stream).is_err());
+        assert!(check_dead_letter_subject("dead.orders", "orders.new", &stream).is_ok());
+    }
 }
 
 /// Publishes the message to `--dead-letter` (waiting for JetStream's ack when a stream captures

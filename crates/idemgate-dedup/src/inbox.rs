@@ -214,6 +214,14 @@ impl PgInbox {
         tx.batch_execute("SET LOCAL lock_timeout = 0").await?;
         match handler(&tx).await {
             Ok(value) => {
+                // A handler that swallowed a failed statement returns Ok on an aborted
+                // transaction, whose COMMIT PostgreSQL answers with ROLLBACK (no error, and
+                // tokio-postgres does not read the tag): nothing would be committed and the
+                // caller would ack. A statement first fails in an aborted transaction (25P02).
+                if let Err(e) = tx.batch_execute("SELECT 1").await {
+                    let _ = tx.rollback().await;
+                    return Err(e.into());
+                }
                 tx.commit().await?;
                 Ok(InboxOutcome::Processed(value))
             }

@@ -197,6 +197,51 @@ async fn handler_error_rolls_back_the_dedup_row() {
     assert_eq!(rows(&client, &table, &effects, "m-err").await, (0, 0));
 }
 
+/// A handler that swallows a failed statement returns `Ok` on an aborted transaction, whose
+/// COMMIT PostgreSQL answers with ROLLBACK: the inbox must report an error (the caller nacks),
+/// never `Processed` with nothing committed (the caller would ack a lost message).
+#[tokio::test]
+#[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
+async fn a_handler_that_swallows_a_failed_statement_is_not_processed() {
+    let (inbox, effects) = tables("swallow").await;
+    let table = inbox.table().to_owned();
+    let mut client = connect().await;
+    let id = MessageId::new("m-swallow").unwrap();
+    let out = inbox
+        .process_once(&mut client, "c", &id, async |tx| {
+            tx.execute(
+                &format!("INSERT INTO {effects} (message_id) VALUES ($1)"),
+                &[&"m-swallow"],
+            )
+            .await
+            .unwrap();
+            // Fails, aborting the transaction; the handler ignores it.
+            let _ = tx.execute("SELECT 1/0", &[]).await;
+            Ok::<(), &str>(())
+        })
+        .await;
+    assert!(
+        out.is_err(),
+        "an aborted transaction was reported as processed: {out:?}"
+    );
+    assert_eq!(rows(&client, &table, &effects, "m-swallow").await, (0, 0));
+    // The redelivery runs it (nothing was recorded).
+    let again = inbox
+        .process_once(&mut client, "c", &id, async |tx| {
+            tx.execute(
+                &format!("INSERT INTO {effects} (message_id) VALUES ($1)"),
+                &[&"m-swallow"],
+            )
+            .await
+            .unwrap();
+            Ok::<(), &str>(())
+        })
+        .await
+        .unwrap();
+    assert!(matches!(again, InboxOutcome::Processed(())), "{again:?}");
+    assert_eq!(rows(&client, &table, &effects, "m-swallow").await, (1, 1));
+}
+
 /// Eight consumers, each on its own connection, receive every one of 200 messages (each
 /// message delivered 8 times, concurrently): every effect happens exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
