@@ -244,32 +244,6 @@ fn subject_matches(pattern: &str, subject: &str) -> bool {
     subject.next().is_none()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subjects_match_like_nats() {
-        assert!(subject_matches("orders.>", "orders.dead"));
-        assert!(subject_matches("orders.*", "orders.dead"));
-        assert!(subject_matches("orders.dead", "orders.dead"));
-        assert!(!subject_matches("orders.*", "orders.dead.letters"));
-        assert!(subject_matches("orders.>", "orders.dead.letters"));
-        assert!(!subject_matches("orders.>", "orders"));
-        assert!(!subject_matches("orders.new", "dead.orders"));
-        assert!(!subject_matches("orders", "orders.dead"));
-    }
-
-    #[test]
-    fn dead_letter_subjects_that_come_back_are_refused() {
-        let stream = vec!["orders.>".to_owned()];
-        assert!(check_dead_letter_subject("orders.dead", "orders.>", &stream).is_err());
-        assert!(check_dead_letter_subject("orders.dead", "orders.new", &stream).is_err());
-        assert!(check_dead_letter_subject("dead.*", "orders.new", &stream).is_err());
-        assert!(check_dead_letter_subject("dead.orders", "orders.new", &stream).is_ok());
-    }
-}
-
 /// Publishes the message to `--dead-letter` (waiting for JetStream's ack when a stream captures
 /// the subject, else a plain publish); without one, nothing (the message is terminated).
 async fn dead_letter(
@@ -297,4 +271,30 @@ async fn dead_letter(
         .await
         .map_err(|e| e.to_string())?;
     ack.await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_match_like_nats() {
+        assert!(subject_matches("orders.>", "orders.dead"));
+        assert!(subject_matches("orders.*", "orders.dead"));
+        assert!(subject_matches("orders.dead", "orders.dead"));
+        assert!(!subject_matches("orders.*", "orders.dead.letters"));
+        assert!(subject_matches("orders.>", "orders.dead.letters"));
+        assert!(!subject_matches("orders.>", "orders"));
+        assert!(!subject_matches("orders.new", "dead.orders"));
+        assert!(!subject_matches("orders", "orders.dead"));
+    }
+
+    #[test]
+    fn dead_letter_subjects_that_come_back_are_refused() {
+        let stream = vec!["orders.>".to_owned()];
+        assert!(check_dead_letter_subject("orders.dead", "orders.>", &stream).is_err());
+        assert!(check_dead_letter_subject("orders.dead", "orders.new", &stream).is_err());
+        assert!(check_dead_letter_subject("dead.*", "orders.new", &stream).is_err());
+        assert!(check_dead_letter_subject("dead.orders", "orders.new", &stream).is_ok());
+    }
 }
