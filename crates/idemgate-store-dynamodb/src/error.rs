@@ -40,26 +40,24 @@ pub(crate) fn is_item_too_large(message: &str) -> bool {
     message.contains("Item size") && message.contains("exceeded the maximum allowed size")
 }
 
+/// `e` and its sources, outermost first.
+fn chain<'a>(
+    e: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(e), |&err| err.source())
+}
+
 /// The credential provider's error in `e`'s source chain, if any.
 fn credentials_error<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a CredentialsError> {
-    let mut next = e.source();
-    while let Some(err) = next {
-        if let Some(found) = err.downcast_ref::<CredentialsError>() {
-            return Some(found);
-        }
-        next = err.source();
-    }
-    None
+    chain(e).find_map(|err| err.downcast_ref::<CredentialsError>())
 }
 
 /// The kind of a credential provider's failure.
-fn credential_kind(e: Option<&CredentialsError>) -> (ErrorKind, String) {
+fn credential_kind(e: &CredentialsError) -> (ErrorKind, String) {
     match e {
-        Some(
-            CredentialsError::ProviderTimedOut(_)
-            | CredentialsError::ProviderError(_)
-            | CredentialsError::Unhandled(_),
-        ) => (
+        CredentialsError::ProviderTimedOut(_)
+        | CredentialsError::ProviderError(_)
+        | CredentialsError::Unhandled(_) => (
             ErrorKind::Unavailable,
             "the credential provider failed (IMDS, STS or web identity)".to_owned(),
         ),
@@ -75,14 +73,7 @@ fn credential_kind(e: Option<&CredentialsError>) -> (ErrorKind, String) {
 /// Whether `e`'s source chain is a refused TLS certificate (rustls says "invalid peer
 /// certificate"; an unknown issuer, an expired or mismatched certificate).
 fn mentions_certificate(e: &(dyn StdError + 'static)) -> bool {
-    let mut next: Option<&(dyn StdError + 'static)> = Some(e);
-    while let Some(err) = next {
-        if err.to_string().to_ascii_lowercase().contains("certificate") {
-            return true;
-        }
-        next = err.source();
-    }
-    false
+    chain(e).any(|err| err.to_string().to_ascii_lowercase().contains("certificate"))
 }
 
 /// Maps an SDK error of operation `op`.
@@ -91,31 +82,29 @@ where
     E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let (kind, detail) = match &e {
-        SdkError::TimeoutError(_) => (ErrorKind::Timeout, "no answer in time".to_owned()),
-        SdkError::DispatchFailure(d) if d.is_timeout() => {
+    // The credential provider runs inside the attempt (its failures arrive as dispatch
+    // failures) or before it (construction failures). A transient one (IMDS, STS or web
+    // identity slow or failing) is an outage; a missing or invalid configuration is a
+    // misconfiguration.
+    let (kind, detail) = match (&e, credentials_error(&e)) {
+        (SdkError::TimeoutError(_), _) => (ErrorKind::Timeout, "no answer in time".to_owned()),
+        (SdkError::DispatchFailure(d), _) if d.is_timeout() => {
             (ErrorKind::Timeout, "no answer in time".to_owned())
         }
-        // The credential provider runs inside the attempt: its failures arrive as dispatch
-        // failures. A transient one (IMDS, STS or web identity slow or failing) is an outage; a
-        // missing or invalid configuration is a misconfiguration.
-        SdkError::DispatchFailure(_) if credentials_error(&e).is_some() => {
-            credential_kind(credentials_error(&e))
+        (SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_), Some(credentials)) => {
+            credential_kind(credentials)
         }
-        SdkError::DispatchFailure(_) if mentions_certificate(&e) => (
+        (SdkError::DispatchFailure(_), _) if mentions_certificate(&e) => (
             ErrorKind::Config,
             "TLS: the endpoint's certificate was refused (trust roots, host name)".to_owned(),
         ),
-        SdkError::DispatchFailure(_) => (ErrorKind::Unavailable, "not reachable".to_owned()),
-        SdkError::ResponseError(_) => (ErrorKind::Unavailable, "unreadable answer".to_owned()),
-        SdkError::ConstructionFailure(_) if credentials_error(&e).is_some() => {
-            credential_kind(credentials_error(&e))
-        }
-        SdkError::ConstructionFailure(_) => (
+        (SdkError::DispatchFailure(_), _) => (ErrorKind::Unavailable, "not reachable".to_owned()),
+        (SdkError::ResponseError(_), _) => (ErrorKind::Unavailable, "unreadable answer".to_owned()),
+        (SdkError::ConstructionFailure(_), _) => (
             ErrorKind::Config,
             "the request could not be built (region, credentials or endpoint)".to_owned(),
         ),
-        SdkError::ServiceError(service) => {
+        (SdkError::ServiceError(service), _) => {
             let err = service.err();
             let code = err.code().unwrap_or("");
             let message = err.message().unwrap_or("");
@@ -129,7 +118,7 @@ where
                 format!("{code}: {message}"),
             )
         }
-        _ => (ErrorKind::Internal, "unexpected SDK error".to_owned()),
+        (_, _) => (ErrorKind::Internal, "unexpected SDK error".to_owned()),
     };
     StoreError::new(kind, format!("dynamodb {op}: {detail}")).with_source(e)
 }
