@@ -48,7 +48,7 @@ bridge() { # label, args...
   local start; start=$(date +%s.%N)
   "$BIN/idemgate" consume --source "$NATS" --stream "$stream" --subject "$subject" \
     --durable "bridge_$RANDOM$RANDOM" --target "http://127.0.0.1:$up/bench" --concurrency 32 \
-    --admin-listen "127.0.0.1:$admin" --namespace "bench-$$" "$@" 2>"$work/consume.log" &
+    --admin-listen "127.0.0.1:$admin" --namespace "bench-$$" --no-dead-letter "$@" 2>"$work/consume.log" &
   local pid=$!
   pids+=("$pid")
   while :; do

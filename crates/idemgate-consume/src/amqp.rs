@@ -1,6 +1,5 @@
 //! RabbitMQ (AMQP 0-9-1): a consumer on an existing (or, when told, created) durable queue.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -11,7 +10,6 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -27,11 +25,37 @@ pub struct AmqpSource {
     pub queue: String,
 }
 
-/// Most message ids whose delivery counts are tracked in this process (for queues that do not
-/// count deliveries themselves, i.e. classic queues). At the bound the table is cleared: counts
-/// start again from the broker's `redelivered` flag, so max-deliver is reached later, never
-/// sooner.
-const MAX_TRACKED: usize = 100_000;
+/// The virtual host a URL names, percent-decoded (`/` when it names none): the scope of
+/// [`Config::consumer`](crate::Config::consumer).
+pub(crate) fn vhost(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let path = rest.split_once('/').map_or("", |(_, p)| p);
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    if path.is_empty() {
+        return "/".into();
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
 
 pub(crate) async fn run(
     src: &AmqpSource,
@@ -100,10 +124,10 @@ pub(crate) async fn run(
     shared.set_ready(true);
     tracing::info!(queue = %src.queue, "consuming from RabbitMQ");
 
-    let counts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut tasks = JoinSet::new();
     let stop = shutdown.clone();
+    let mut ended = None;
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -116,34 +140,27 @@ pub(crate) async fn run(
         while tasks.try_join_next().is_some() {}
         let delivery = match next {
             Some(Ok(d)) => d,
+            // The in-flight messages still finish (their acks may yet get through, or the
+            // broker hands them out again) before the error is returned.
             Some(Err(e)) => {
-                shared.set_ready(false);
-                return Err(ConsumeError::source("the RabbitMQ consumer failed", e));
+                ended = Some(ConsumeError::source("the RabbitMQ consumer failed", e));
+                break;
             }
             None => {
-                shared.set_ready(false);
-                return Err(ConsumeError::Source {
+                ended = Some(ConsumeError::Source {
                     what: "the RabbitMQ consumer was cancelled",
                     source: "closed".into(),
                 });
+                break;
             }
         };
-        let (bridge, config, publisher, counts) = (
-            bridge.clone(),
-            config.clone(),
-            publisher.clone(),
-            counts.clone(),
-        );
+        let (bridge, config, publisher) = (bridge.clone(), config.clone(), publisher.clone());
         let queue = src.queue.clone();
         let stop_rx = stop.clone();
         let held = shared.hold();
         let shared = shared.clone();
         tasks.spawn(async move {
-            if handle(
-                delivery, &bridge, &config, &publisher, &counts, &queue, stop_rx,
-            )
-            .await
-            {
+            if handle(delivery, &bridge, &config, &publisher, &queue, stop_rx).await {
                 shared.acked();
             }
             drop((permit, held));
@@ -160,7 +177,10 @@ pub(crate) async fn run(
         .await;
     crate::drain(&mut tasks, config.drain_timeout).await;
     let _ = conn.close(200, "shutting down".into()).await;
-    Ok(())
+    match ended {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Checks that the queue exists (a passive declare: it never changes a queue's arguments); when
@@ -206,33 +226,17 @@ async fn ensure_queue(conn: &Connection, queue: &str, create: bool) -> Result<()
     }
 }
 
-fn delivery_count(
-    delivery: &lapin::message::Delivery,
-    id: Option<&str>,
-    counts: &Mutex<HashMap<String, u32>>,
-) -> u32 {
-    // Quorum queues count deliveries themselves (`x-delivery-count`, 0 for the first).
-    if let Some(headers) = delivery.properties.headers() {
-        let n = match headers.inner().get("x-delivery-count") {
-            Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).ok(),
-            Some(AMQPValue::LongInt(n)) => u32::try_from(*n).ok(),
-            Some(AMQPValue::LongUInt(n)) => Some(*n),
-            _ => None,
-        };
-        if let Some(n) = n {
-            return n.saturating_add(1);
-        }
-    }
-    let Some(id) = id else {
-        return if delivery.redelivered { 2 } else { 1 };
-    };
-    let mut counts = counts.lock();
-    if counts.len() >= MAX_TRACKED {
-        counts.clear();
-    }
-    let seen = counts.entry(id.to_owned()).or_insert(0);
-    *seen = (*seen).max(u32::from(delivery.redelivered)) + 1;
-    *seen
+/// The broker's delivery count: quorum queues count deliveries themselves
+/// (`x-delivery-count`, 0 for the first); classic queues do not (`None`).
+fn delivery_count(delivery: &lapin::message::Delivery) -> Option<u32> {
+    let headers = delivery.properties.headers().as_ref()?;
+    let n = match headers.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).ok(),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).ok(),
+        Some(AMQPValue::LongUInt(n)) => Some(*n),
+        _ => None,
+    }?;
+    Some(n.saturating_add(1))
 }
 
 async fn handle(
@@ -240,15 +244,15 @@ async fn handle(
     bridge: &Bridge,
     config: &Config,
     publisher: &Channel,
-    counts: &Mutex<HashMap<String, u32>>,
     queue: &str,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> bool {
     let props = &delivery.properties;
     let id = props.message_id().as_ref().map(|s| s.as_str().to_owned());
-    let delivered = delivery_count(&delivery, id.as_deref(), counts);
+    let delivered = delivery_count(&delivery);
     let incoming = Incoming {
         id: id.clone(),
+        broker_id: None,
         payload: bytes::Bytes::from(delivery.data.clone()),
         content_type: props.content_type().as_ref().map(|s| s.as_str().to_owned()),
         subject: delivery.routing_key.as_str().to_owned(),
@@ -257,13 +261,8 @@ async fn handle(
     let decision = bridge.handle(&incoming).await;
     let acked = decision == Decision::Ack;
     let result = match decision {
-        Decision::Ack => {
-            if let Some(id) = &id {
-                counts.lock().remove(id);
-            }
-            delivery.ack(BasicAckOptions::default()).await
-        }
-        Decision::Nack(delay) => {
+        Decision::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Decision::Nack(delay) | Decision::Busy(delay) => {
             // RabbitMQ has no delayed requeue: hold the message (it keeps a prefetch slot)
             // for the delay, or until shutdown, then requeue it.
             tokio::select! {
@@ -273,9 +272,6 @@ async fn handle(
             delivery.reject(BasicRejectOptions { requeue: true }).await
         }
         Decision::DeadLetter(reason) => {
-            if let Some(id) = &id {
-                counts.lock().remove(id);
-            }
             match &config.dead_letter {
                 // Our own dead-letter exchange: publish (confirmed), then ack.
                 Some(exchange) => match publish_dead_letter(
@@ -290,14 +286,14 @@ async fn handle(
                     Err(e) => {
                         tracing::error!(error = %e, "could not publish the dead letter; message requeued");
                         tokio::select! {
-                            _ = tokio::time::sleep(bridge.backoff(delivered)) => {}
+                            _ = tokio::time::sleep(bridge.backoff(delivered.unwrap_or(1))) => {}
                             _ = stop.changed() => {}
                         }
                         delivery.reject(BasicRejectOptions { requeue: true }).await
                     }
                 },
-                // The queue's own dead-letter exchange (x-dead-letter-exchange, by argument or
-                // policy), if it has one; else RabbitMQ drops the message.
+                // --no-dead-letter: the queue's own dead-letter exchange (x-dead-letter-exchange,
+                // by argument or policy), if it has one; else RabbitMQ drops the message.
                 None => {
                     bridge.dedup.dead_lettered();
                     delivery.reject(BasicRejectOptions { requeue: false }).await
@@ -317,7 +313,7 @@ async fn publish_dead_letter(
     exchange: &str,
     delivery: &lapin::message::Delivery,
     reason: &str,
-    delivered: u32,
+    delivered: Option<u32>,
     queue: &str,
 ) -> Result<(), String> {
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
@@ -325,10 +321,12 @@ async fn publish_dead_letter(
         "x-idemgate-reason".into(),
         AMQPValue::LongString(reason.into()),
     );
-    headers.insert(
-        "x-idemgate-delivered".into(),
-        AMQPValue::LongLongInt(i64::from(delivered)),
-    );
+    if let Some(n) = delivered {
+        headers.insert(
+            "x-idemgate-delivered".into(),
+            AMQPValue::LongLongInt(i64::from(n)),
+        );
+    }
     headers.insert(
         "x-idemgate-queue".into(),
         AMQPValue::LongString(queue.into()),
@@ -366,4 +364,20 @@ async fn publish_dead_letter(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vhost;
+
+    #[test]
+    fn vhosts_are_decoded_and_default_to_slash() {
+        assert_eq!(vhost("amqp://guest:guest@127.0.0.1:5672/%2f"), "/");
+        assert_eq!(vhost("amqp://guest:guest@127.0.0.1:5672/%2F"), "/");
+        assert_eq!(vhost("amqp://127.0.0.1:5672"), "/");
+        assert_eq!(vhost("amqp://127.0.0.1:5672/"), "/");
+        assert_eq!(vhost("amqp://h/billing?heartbeat=10"), "billing");
+        assert_eq!(vhost("amqp://h/a%3Ab"), "a:b");
+        assert_eq!(vhost("amqp://h/bad%zz"), "bad%zz");
+    }
 }

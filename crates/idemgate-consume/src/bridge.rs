@@ -1,6 +1,7 @@
 //! The broker-independent part of `consume`: one message in, one decision out (ack, nack with a
 //! delay, dead-letter), with the HTTP call run through the [`Deduplicator`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,20 +21,53 @@ use crate::Config;
 pub(crate) struct Incoming {
     /// `Nats-Msg-Id` or AMQP `message_id`.
     pub id: Option<String>,
+    /// The broker's own identity of this message, the same on every redelivery (JetStream:
+    /// the stream's creation time and the message's stream sequence): the key of a message
+    /// without `id` when payload hashing is off.
+    pub broker_id: Option<String>,
     pub payload: Bytes,
     pub content_type: Option<String>,
     /// NATS subject or AMQP routing key.
     pub subject: String,
-    /// Which delivery this is (1 for the first), as far as the broker tells.
-    pub delivered: u32,
+    /// Which delivery this is (1 for the first), when the broker counts deliveries (JetStream,
+    /// RabbitMQ quorum queues).
+    pub delivered: Option<u32>,
 }
 
 /// What the source must do with the message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Decision {
     Ack,
+    /// An attempt that did not succeed (counted against max-deliver): redeliver after the
+    /// delay.
     Nack(Duration),
+    /// Not an attempt (another consumer runs it; the store failed or lost the outcome):
+    /// redeliver after the delay, never counted against max-deliver.
+    Busy(Duration),
     DeadLetter(&'static str),
+}
+
+/// The decision for what the deduplicator made of a delivery (`name` is
+/// [`idemgate_dedup::Processed::name`]). Only an attempt that ran and was released (a transient
+/// status, an unreachable target) counts towards `max-deliver`: an outcome the store failed to
+/// record is nacked whatever the count (dead-lettering it would hand an operator a message
+/// that may have succeeded, under a record still held).
+pub(crate) fn decide(
+    action: Action,
+    name: &'static str,
+    at_limit: bool,
+    backoff: Duration,
+    max: Duration,
+) -> Decision {
+    match action {
+        Action::Ack => Decision::Ack,
+        // Running elsewhere: never counted against max-deliver.
+        Action::Nack { delay: Some(d) } => Decision::Busy(d.min(max)),
+        Action::Nack { delay: None } if name == "unrecorded" => Decision::Busy(backoff),
+        Action::Nack { delay: None } if at_limit => Decision::DeadLetter("max-deliver"),
+        Action::Nack { delay: None } => Decision::Nack(backoff),
+        Action::DeadLetter => Decision::DeadLetter(name),
+    }
 }
 
 /// The deduplicator and the HTTP target.
@@ -41,6 +75,7 @@ pub(crate) enum Decision {
 pub(crate) struct Bridge {
     pub dedup: Deduplicator<SharedStore>,
     consumer: Arc<str>,
+    attempts: Arc<Attempts>,
     target: Arc<Target>,
     config: Arc<Config>,
 }
@@ -73,6 +108,7 @@ impl Bridge {
         Self {
             dedup,
             consumer: Arc::from(consumer),
+            attempts: Arc::default(),
             target: Arc::new(Target {
                 uri: config.target.clone(),
                 client,
@@ -94,58 +130,128 @@ impl Bridge {
     /// Processes one delivery and says what to do with it. The outcome is recorded before this
     /// returns `Ack`.
     pub(crate) async fn handle(&self, msg: &Incoming) -> Decision {
-        let Some(id) = MessageId::from_message(
-            msg.id.as_deref(),
-            &msg.payload,
-            self.config.hash_when_missing,
-        ) else {
+        let Some(id) = self.key_of(msg) else {
             tracing::warn!(subject = %msg.subject, "message without an id (and --hash-missing-ids is off): dead-lettered");
             return Decision::DeadLetter("no-message-id");
         };
+        let attempt = self.attempts.number(id.as_str(), msg.delivered);
         let target = self.target.clone();
         let call = Call {
             key: id.as_str().to_owned(),
             payload: msg.payload.clone(),
             content_type: msg.content_type.clone(),
             subject: msg.subject.clone(),
-            delivered: msg.delivered,
+            delivered: msg.delivered.unwrap_or(attempt),
         };
-        if self.config.no_dedup {
-            return self.without_dedup(target, call, msg.delivered).await;
-        }
-        let processed = self
-            .dedup
-            .process_once(&self.consumer, &id, move |dispatch| async move {
-                target.post(call, dispatch).await
-            })
-            .await;
-        let at_limit = msg.delivered >= self.config.max_deliver;
-        let decision = match processed {
-            Err(e) => {
-                // The store said nothing usable: not the message's fault, never dead-lettered.
-                tracing::warn!(key = %id, error = %e, "store failed; message handed back");
-                Decision::Nack(self.backoff(msg.delivered))
-            }
-            Ok(p) => {
-                tracing::debug!(key = %id, outcome = p.name(), delivered = msg.delivered, "message");
-                match p.action() {
-                    Action::Ack => Decision::Ack,
-                    // Running elsewhere: never counted against max-deliver.
-                    Action::Nack { delay: Some(d) } => Decision::Nack(d.min(self.config.retry_max)),
-                    Action::Nack { delay: None } if at_limit => Decision::DeadLetter("max-deliver"),
-                    Action::Nack { delay: None } => Decision::Nack(self.backoff(msg.delivered)),
-                    Action::DeadLetter => Decision::DeadLetter(p.name()),
+        let decision = if self.config.no_dedup {
+            self.without_dedup(target, call, attempt).await
+        } else {
+            let processed = self
+                .dedup
+                .process_once(&self.consumer, &id, move |dispatch| async move {
+                    target.post(call, dispatch).await
+                })
+                .await;
+            let at_limit = attempt >= self.config.max_deliver;
+            match processed {
+                Err(e) => {
+                    // The store said nothing usable: not the message's fault, never
+                    // dead-lettered.
+                    tracing::warn!(key = %id, error = %e, "store failed; message handed back");
+                    Decision::Busy(self.backoff(attempt))
+                }
+                Ok(p) => {
+                    tracing::debug!(key = %id, outcome = p.name(), attempt, "message");
+                    if p.name() == "unrecorded" {
+                        tracing::warn!(key = %id, attempt,
+                            "the outcome could not be recorded; message handed back (not counted as an attempt)");
+                    }
+                    decide(
+                        p.action(),
+                        p.name(),
+                        at_limit,
+                        self.backoff(attempt),
+                        self.config.retry_max,
+                    )
                 }
             }
         };
+        match &decision {
+            Decision::Nack(_) => self.attempts.failed(id.as_str(), attempt),
+            Decision::Busy(_) => self.attempts.busy(id.as_str()),
+            Decision::Ack | Decision::DeadLetter(_) => self.attempts.forget(id.as_str()),
+        }
         if let Decision::DeadLetter(reason) = &decision {
-            tracing::warn!(key = %id, reason, delivered = msg.delivered, "dead-lettering a message");
+            tracing::warn!(key = %id, reason, attempt, "dead-lettering a message");
         }
         decision
     }
 }
 
+/// Most message keys whose attempts are tracked in this process. At the bound the table is
+/// cleared: counting starts again, so max-deliver is reached later, never sooner (for a broker
+/// that counts deliveries, the nacks that were not attempts are then counted, so sooner).
+const MAX_TRACKED: usize = 100_000;
+
+/// What this process saw of each message that came back: the attempts that did not succeed,
+/// and the deliveries nacked without an attempt (in progress elsewhere, store failures).
+#[derive(Debug, Default)]
+pub(crate) struct Attempts(parking_lot::Mutex<HashMap<String, Seen>>);
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Seen {
+    failed: u32,
+    busy: u32,
+}
+
+impl Attempts {
+    /// The number of this attempt. With the broker's delivery count (JetStream, RabbitMQ
+    /// quorum queues): that count less the deliveries this process nacked without an attempt.
+    /// Without it (RabbitMQ classic queues): one more than the attempts that failed here.
+    pub(crate) fn number(&self, key: &str, broker_delivered: Option<u32>) -> u32 {
+        let seen = self.0.lock().get(key).copied().unwrap_or_default();
+        match broker_delivered {
+            Some(n) => n.saturating_sub(seen.busy).max(1),
+            None => seen.failed.saturating_add(1),
+        }
+    }
+
+    fn entry(&self, key: &str, f: impl FnOnce(&mut Seen)) {
+        let mut map = self.0.lock();
+        if map.len() >= MAX_TRACKED && !map.contains_key(key) {
+            map.clear();
+        }
+        f(map.entry(key.to_owned()).or_default());
+    }
+
+    /// Attempt number `attempt` failed.
+    pub(crate) fn failed(&self, key: &str, attempt: u32) {
+        self.entry(key, |s| s.failed = s.failed.max(attempt));
+    }
+
+    /// A delivery was nacked without an attempt.
+    pub(crate) fn busy(&self, key: &str) {
+        self.entry(key, |s| s.busy = s.busy.saturating_add(1));
+    }
+
+    /// The message is done with (acked or dead-lettered).
+    pub(crate) fn forget(&self, key: &str) {
+        self.0.lock().remove(key);
+    }
+}
+
 impl Bridge {
+    /// The dedup key of a message: its id; else the payload hash when asked for; else the
+    /// broker's own identity of it; else none.
+    pub(crate) fn key_of(&self, msg: &Incoming) -> Option<MessageId> {
+        MessageId::from_message(
+            msg.id.as_deref(),
+            &msg.payload,
+            self.config.hash_when_missing,
+        )
+        .or_else(|| msg.broker_id.as_deref().and_then(MessageId::new))
+    }
+
     /// The same POST and classification, without the engine (`Config::no_dedup`): for
     /// measuring what dedup costs.
     async fn without_dedup(&self, target: Arc<Target>, call: Call, delivered: u32) -> Decision {
@@ -247,5 +353,74 @@ impl Target {
             .map(|v| vec![("content-type".to_owned(), v)])
             .unwrap_or_default();
         Handled::Done(StoredResponse::new(status, headers, body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn only_released_attempts_reach_max_deliver() {
+        let retry = Action::Nack { delay: None };
+        assert_eq!(
+            decide(retry, "retry", true, B, MAX),
+            Decision::DeadLetter("max-deliver")
+        );
+        assert_eq!(decide(retry, "retry", false, B, MAX), Decision::Nack(B));
+        // An outcome the store did not record: handed back, even at the limit.
+        assert_eq!(decide(retry, "unrecorded", true, B, MAX), Decision::Busy(B));
+        // Running elsewhere: handed back after the holder's lease, at most `MAX`, never
+        // dead-lettered.
+        let busy = Action::Nack {
+            delay: Some(Duration::from_secs(99)),
+        };
+        assert_eq!(
+            decide(busy, "in_progress", true, B, MAX),
+            Decision::Busy(MAX)
+        );
+        assert_eq!(
+            decide(Action::DeadLetter, "unknown", false, B, MAX),
+            Decision::DeadLetter("unknown")
+        );
+        assert_eq!(
+            decide(Action::Ack, "duplicate", true, B, MAX),
+            Decision::Ack
+        );
+    }
+
+    #[test]
+    fn attempts_leave_out_deliveries_that_were_not_attempts() {
+        let a = Attempts::default();
+        // A broker that counts: its count less this process's busy nacks.
+        assert_eq!(a.number("k", Some(1)), 1);
+        a.busy("k");
+        a.busy("k");
+        assert_eq!(a.number("k", Some(4)), 2);
+        // Never below 1, whatever the counts.
+        assert_eq!(a.number("k", Some(1)), 1);
+        // A broker that does not count: one more than the failed attempts here.
+        assert_eq!(a.number("c", None), 1);
+        a.failed("c", 1);
+        a.busy("c");
+        assert_eq!(a.number("c", None), 2);
+        a.failed("c", 2);
+        assert_eq!(a.number("c", None), 3);
+        a.forget("c");
+        assert_eq!(a.number("c", None), 1);
+    }
+
+    #[test]
+    fn attempts_are_bounded() {
+        let a = Attempts::default();
+        for i in 0..MAX_TRACKED + 10 {
+            a.failed(&format!("k{i}"), 1);
+        }
+        assert!(a.0.lock().len() <= MAX_TRACKED);
+        // Cleared at the bound: counting starts again (later, never sooner).
+        assert_eq!(a.number("k0", None), 1);
     }
 }

@@ -8,9 +8,14 @@
 //!
 //! ## Overview
 //!
-//! - The key is the `Nats-Msg-Id` header or the AMQP `message_id` property (a hash of the
-//!   payload when the message has none, with [`Config::hash_when_missing`]; else such a message
-//!   is dead-lettered).
+//! - The key is the `Nats-Msg-Id` header or the AMQP `message_id` property. A message without
+//!   one is keyed by a hash of its payload with [`Config::hash_when_missing`]; otherwise a
+//!   JetStream message is keyed by its place in the stream (`jetstream:<stream created>:<stream
+//!   sequence>`: redeliveries are deduplicated, a re-publish is a new message), and a RabbitMQ
+//!   message, which has no such identity, is dead-lettered.
+//! - Records are scoped by the consumer: `nats:<stream>:<durable>` or `amqp:<vhost>:<queue>`.
+//!   Two durables (or queues) each get every message once; the same id in two streams is two
+//!   messages.
 //! - The POST body is the payload; `Content-Type` is the message's content type
 //!   (`application/octet-stream` without one); the subject (NATS) or routing key (AMQP) is in
 //!   `x-idemgate-subject`, the broker's delivery count in `x-idemgate-delivery`.
@@ -23,18 +28,32 @@
 //!   outcome-unknown: never re-sent, dead-lettered.
 //! - While a slow handler runs, JetStream gets "in progress" acks every third of `AckWait`, and
 //!   the engine renews the lease every third of the lease.
-//! - After [`Config::max_deliver`] deliveries that did not succeed, the message is
-//!   dead-lettered: NATS publishes it to `--dead-letter SUBJECT` (a stream must capture that
-//!   subject) and terminates it; RabbitMQ publishes it to `--dead-letter EXCHANGE` with
-//!   publisher confirms and acks it, or without that flag rejects it without requeue, so that
-//!   the queue's own dead-letter exchange (argument or policy) gets it.
+//! - After [`Config::max_deliver`] attempts that did not succeed (a transient status, an
+//!   unreachable target; a message nacked because another consumer runs it is not an attempt,
+//!   nor is one whose outcome the store failed to record), the message is dead-lettered: NATS
+//!   publishes it to `--dead-letter SUBJECT` (a stream must capture that subject) and
+//!   terminates it; RabbitMQ publishes it to `--dead-letter EXCHANGE` with publisher confirms
+//!   and acks it. A dead-letter destination is required: without one, `run` refuses to start
+//!   unless [`Config::discard_dead_letters`] says that such messages may be terminated (NATS
+//!   `TERM`) or rejected without requeue (RabbitMQ: the queue's own dead-letter exchange gets
+//!   them if it has one, otherwise RabbitMQ drops them).
 //! - The stream or queue may exist already: `consume` binds its own durable consumer
 //!   (JetStream) or consumes from the queue after a *passive* declare (RabbitMQ: never
-//!   redeclared with other arguments); with [`Config::create`] it creates what is missing.
+//!   redeclared with other arguments); with [`Config::create`] it creates what is missing. An
+//!   existing durable is used only if it fits: explicit acks, the same filter subject, and a
+//!   JetStream `max_deliver` that is unlimited or above [`Config::max_deliver`] (else JetStream
+//!   would stop redelivering before `consume` dead-letters); its own `AckWait` paces the
+//!   progress acks.
 //! - `--admin-listen`: `/metrics` (Prometheus), `/healthz`, `/readyz` (200 once consuming).
 //! - Graceful shutdown: stop pulling, let in-flight messages finish within the drain timeout;
 //!   messages still unfinished are not acked (the broker hands them out again, and their
-//!   leases expire into a takeover).
+//!   leases expire into a takeover). When the broker connection ends (the JetStream message
+//!   stream closes, the RabbitMQ consumer is cancelled or fails), `run` drains the same way
+//!   and then returns the error: `idemgate consume` exits non-zero for its supervisor to
+//!   restart it (it does not reconnect by itself).
+//! - The store must outlive the process: `memory://` is refused (a restart would forget every
+//!   processed message, and redeliveries would run again), and strict recovery refuses a store
+//!   that may lose acknowledged writes, as `idemgate serve` does.
 //!
 //! ## Example
 //!
@@ -42,7 +61,7 @@
 //! # async fn demo() -> Result<(), idemgate_consume::ConsumeError> {
 //! use idemgate_consume::{Config, NatsSource, Source};
 //!
-//! let config = Config::new(
+//! let mut config = Config::new(
 //!     Source::Nats(NatsSource {
 //!         url: "nats://127.0.0.1:4222".into(),
 //!         stream: "ORDERS".into(),
@@ -52,6 +71,9 @@
 //!     }),
 //!     "http://127.0.0.1:8000/orders".parse().expect("a URL"),
 //! );
+//! // A subject outside the consumed stream, captured by a stream of its own.
+//! config.dead_letter = Some("dead.orders".into());
+//! assert_eq!(config.consumer(), "nats:ORDERS:billing");
 //! let (stop, stopped) = tokio::sync::watch::channel(false);
 //! let report = idemgate_consume::run(config, stopped).await?;
 //! drop(stop);
@@ -64,7 +86,8 @@
 //! Those of [`idemgate_dedup::Deduplicator`] on the store given: per `(consumer, message id)`
 //! within the record's TTL, at most one POST per epoch; a new epoch only after the previous
 //! holder's lease expired (it was killed mid-request); every delivered message acked only once
-//! its outcome is recorded. The consumer name is the durable (NATS) or the queue (AMQP).
+//! its outcome is recorded. The scope is [`Config::consumer`]: stream and durable (NATS), or
+//! virtual host and queue (AMQP).
 //!
 //! ## Bounds
 //!
@@ -122,8 +145,14 @@ pub struct Config {
     /// Deliveries after which a message that still did not succeed is dead-lettered
     /// (default 5).
     pub max_deliver: u32,
-    /// Dead-letter subject (NATS) or exchange (RabbitMQ).
+    /// Dead-letter subject (NATS) or exchange (RabbitMQ). Required unless
+    /// `discard_dead_letters`.
     pub dead_letter: Option<String>,
+    /// Without `dead_letter`: terminate (NATS `TERM`) or reject without requeue (RabbitMQ: the
+    /// queue's own dead-letter exchange, if any) the messages that cannot be processed. Default
+    /// `false`: `run` refuses to start without a dead-letter destination, so that no message is
+    /// dropped silently.
+    pub discard_dead_letters: bool,
     /// Admin listener (`/metrics`, `/healthz`, `/readyz`).
     pub admin_listen: Option<SocketAddr>,
     /// Create the stream or queue when missing (default: refuse to start).
@@ -169,6 +198,7 @@ impl Config {
             concurrency: 16,
             max_deliver: 5,
             dead_letter: None,
+            discard_dead_letters: false,
             admin_listen: None,
             create: false,
             hash_when_missing: false,
@@ -187,12 +217,52 @@ impl Config {
         }
     }
 
-    /// The dedup consumer name: the durable (NATS) or the queue (AMQP).
-    pub fn consumer(&self) -> &str {
+    /// The dedup consumer name, the scope of the records: `nats:<stream>:<durable>` or
+    /// `amqp:<vhost>:<queue>` (the virtual host percent-decoded, `/` when the URL names none).
+    pub fn consumer(&self) -> String {
         match &self.source {
-            Source::Nats(n) => &n.durable,
-            Source::Amqp(a) => &a.queue,
+            Source::Nats(n) => format!("nats:{}:{}", n.stream, n.durable),
+            Source::Amqp(a) => format!("amqp:{}:{}", amqp::vhost(&a.url), a.queue),
         }
+    }
+
+    /// The checks [`run`] makes before it opens anything.
+    fn validate(&self) -> Result<(), ConsumeError> {
+        if self.target.scheme_str() != Some("http") {
+            // Not echoed: a URL may carry credentials.
+            return Err(ConsumeError::Config(
+                "--target must be an http:// URL".into(),
+            ));
+        }
+        if self.concurrency == 0 || self.max_deliver == 0 {
+            return Err(ConsumeError::Config(
+                "--concurrency and --max-deliver must be at least 1".into(),
+            ));
+        }
+        if self.dead_letter.is_none() && !self.discard_dead_letters {
+            return Err(ConsumeError::Config(
+                "a dead-letter destination is required: --dead-letter SUBJECT (NATS; a stream \
+                 must capture it) or EXCHANGE (RabbitMQ); or --no-dead-letter to terminate \
+                 (NATS) or reject without requeue (RabbitMQ: the queue's own dead-letter \
+                 exchange, if any) the messages that cannot be processed"
+                    .into(),
+            ));
+        }
+        if self.dead_letter.is_some() && self.discard_dead_letters {
+            return Err(ConsumeError::Config(
+                "--dead-letter and --no-dead-letter exclude each other".into(),
+            ));
+        }
+        let scheme = self.store.split(':').next().unwrap_or_default();
+        if scheme == "memory" && !self.no_dedup {
+            return Err(ConsumeError::Config(
+                "--store memory:// forgets every processed message when the process stops, and \
+                 their redeliveries would run again: use file:DIR (one consumer process) or a \
+                 shared store (redis://, postgres://, dynamodb://)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -281,21 +351,18 @@ pub async fn run(
     config: Config,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Report, ConsumeError> {
-    if config.target.scheme_str() != Some("http") {
-        return Err(ConsumeError::Config(format!(
-            "--target must be an http:// URL (got {})",
-            config.target
-        )));
-    }
-    if config.concurrency == 0 || config.max_deliver == 0 {
-        return Err(ConsumeError::Config(
-            "--concurrency and --max-deliver must be at least 1".into(),
-        ));
-    }
+    config.validate()?;
     let config = Arc::new(config);
     let opened = idemgate_stores::open(&config.store).await?;
     for w in &opened.warnings {
         tracing::warn!(store = %idemgate_stores::redact(&config.store), "{w}; duplicates become possible (PRODUCT G1)");
+    }
+    if config.recovery == Recovery::Strict && !opened.warnings.is_empty() {
+        return Err(ConsumeError::Config(format!(
+            "refusing to start: --recovery strict needs a store that keeps acknowledged writes, \
+             and this one may not: {}",
+            opened.warnings.join("; ")
+        )));
     }
     let (store, feed) = opened.stack(&idemgate_stores::StackOptions {
         deadline: config.store_timeout,
@@ -325,7 +392,7 @@ pub async fn run(
         Some(addr) => Some(admin::spawn(addr, dedup.clone(), shared.clone()).await?),
         None => None,
     };
-    let bridge = bridge::Bridge::new(dedup.clone(), config.consumer(), config.clone());
+    let bridge = bridge::Bridge::new(dedup.clone(), &config.consumer(), config.clone());
     // A dropped sender means "stop" too.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let watcher = tokio::spawn(async move {

@@ -55,7 +55,10 @@ pub(crate) async fn run(
     if let Some(dead) = &config.dead_letter {
         check_dead_letter_subject(dead, &src.subject, &stream.cached_info().config.subjects)?;
     }
-    let consumer: jetstream::consumer::PullConsumer = stream
+    // The stream's creation time tells two streams of the same name apart (a deleted and
+    // re-created stream numbers its messages from 1 again): part of the key of id-less messages.
+    let created = stream.cached_info().created.unix_timestamp_nanos();
+    let mut consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
             &src.durable,
             pull::Config {
@@ -72,6 +75,17 @@ pub(crate) async fn run(
         )
         .await
         .map_err(|e| ConsumeError::source("creating or binding the durable consumer", e))?;
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| ConsumeError::source("reading the durable consumer's settings", e))?;
+    check_durable(&info.config, src, config.max_deliver)?;
+    // An existing durable keeps its own AckWait: progress acks follow it.
+    let ack_wait = if info.config.ack_wait.is_zero() {
+        src.ack_wait
+    } else {
+        info.config.ack_wait
+    };
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(config.concurrency)
@@ -84,6 +98,7 @@ pub(crate) async fn run(
 
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut tasks = JoinSet::new();
+    let mut ended = None;
     loop {
         // A permit first: at most `concurrency` messages are being handled at once.
         let permit = tokio::select! {
@@ -102,19 +117,20 @@ pub(crate) async fn run(
                 continue;
             }
             None => {
-                shared.set_ready(false);
-                return Err(ConsumeError::Source {
+                // The in-flight messages still finish (their acks may yet get through, or the
+                // broker hands them out again) before the error is returned.
+                ended = Some(ConsumeError::Source {
                     what: "the JetStream message stream ended",
                     source: "closed".into(),
                 });
+                break;
             }
         };
         let (bridge, js, config) = (bridge.clone(), js.clone(), config.clone());
-        let ack_wait = src.ack_wait;
         let held = shared.hold();
         let shared = shared.clone();
         tasks.spawn(async move {
-            if handle(msg, &bridge, &js, &config, ack_wait).await {
+            if handle(msg, &bridge, &js, &config, ack_wait, created).await {
                 shared.acked();
             }
             drop((permit, held));
@@ -127,6 +143,45 @@ pub(crate) async fn run(
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "could not flush the last acks; those messages come back");
     }
+    match ended {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Refuses an existing durable whose settings would break `consume`'s guarantees: acks that
+/// are not explicit (JetStream would drop messages `consume` has not recorded), another filter
+/// (other messages, or none), or a `max_deliver` that stops redelivery before `consume`
+/// dead-letters (a message would stay unprocessed and never reach the dead-letter destination).
+fn check_durable(
+    existing: &jetstream::consumer::Config,
+    src: &NatsSource,
+    max_deliver: u32,
+) -> Result<(), ConsumeError> {
+    let durable = &src.durable;
+    if existing.ack_policy != jetstream::consumer::AckPolicy::Explicit {
+        return Err(ConsumeError::Config(format!(
+            "the durable consumer {durable:?} exists with ack policy {:?}: consume needs \
+             explicit acks (delete it, or pick another --durable)",
+            existing.ack_policy
+        )));
+    }
+    // (A consumer with several filters shows an empty `filter_subject` here: refused too.)
+    if existing.filter_subject != src.subject {
+        return Err(ConsumeError::Config(format!(
+            "the durable consumer {durable:?} exists with filter {:?}, not --subject {:?} \
+             (delete it, or pick another --durable)",
+            existing.filter_subject, src.subject
+        )));
+    }
+    if existing.max_deliver > 0 && existing.max_deliver <= i64::from(max_deliver) {
+        return Err(ConsumeError::Config(format!(
+            "the durable consumer {durable:?} exists with max_deliver {}: JetStream would stop \
+             redelivering before --max-deliver {max_deliver} dead-letters (set it to -1 or \
+             above --max-deliver, or lower --max-deliver)",
+            existing.max_deliver
+        )));
+    }
     Ok(())
 }
 
@@ -136,11 +191,15 @@ async fn handle(
     js: &jetstream::Context,
     config: &Config,
     ack_wait: Duration,
+    created: i128,
 ) -> bool {
-    let delivered = msg
-        .info()
-        .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
-        .unwrap_or(1);
+    let info = msg.info().ok();
+    let delivered = info
+        .as_ref()
+        .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
+    let broker_id = info
+        .as_ref()
+        .map(|i| format!("jetstream:{created}:{}", i.stream_sequence));
     // By name, case-insensitively: the client keeps well-known names (`Nats-Msg-Id`) as
     // constants that a lookup by string does not find.
     let header = |name: &str| {
@@ -153,6 +212,7 @@ async fn handle(
     };
     let incoming = Incoming {
         id: header("Nats-Msg-Id"),
+        broker_id,
         payload: msg.payload.clone(),
         content_type: header("Content-Type"),
         subject: msg.subject.to_string(),
@@ -178,7 +238,9 @@ async fn handle(
     let acked = decision == Decision::Ack;
     let result = match decision {
         Decision::Ack => msg.ack().await,
-        Decision::Nack(delay) => msg.ack_with(AckKind::Nak(Some(delay))).await,
+        Decision::Nack(delay) | Decision::Busy(delay) => {
+            msg.ack_with(AckKind::Nak(Some(delay))).await
+        }
         Decision::DeadLetter(reason) => match dead_letter(js, config, &incoming, reason).await {
             Ok(()) => {
                 bridge.dedup.dead_lettered();
@@ -186,7 +248,7 @@ async fn handle(
             }
             Err(e) => {
                 tracing::error!(error = %e, "could not publish the dead letter; message handed back");
-                msg.ack_with(AckKind::Nak(Some(bridge.backoff(delivered))))
+                msg.ack_with(AckKind::Nak(Some(bridge.backoff(delivered.unwrap_or(1)))))
                     .await
             }
         },
@@ -244,8 +306,8 @@ fn subject_matches(pattern: &str, subject: &str) -> bool {
     subject.next().is_none()
 }
 
-/// Publishes the message to `--dead-letter` (waiting for JetStream's ack when a stream captures
-/// the subject, else a plain publish); without one, nothing (the message is terminated).
+/// Publishes the message to `--dead-letter` and waits for JetStream's ack (a stream must
+/// capture the subject); without one (`--no-dead-letter`), nothing: the message is terminated.
 async fn dead_letter(
     js: &jetstream::Context,
     config: &Config,
@@ -265,7 +327,9 @@ async fn dead_letter(
     }
     headers.insert("Idemgate-Subject", msg.subject.as_str());
     headers.insert("Idemgate-Reason", reason);
-    headers.insert("Idemgate-Delivered", msg.delivered.to_string().as_str());
+    if let Some(n) = msg.delivered {
+        headers.insert("Idemgate-Delivered", n.to_string().as_str());
+    }
     let ack = js
         .publish_with_headers(subject.clone(), headers, msg.payload.clone())
         .await
@@ -287,6 +351,50 @@ mod tests {
         assert!(!subject_matches("orders.>", "orders"));
         assert!(!subject_matches("orders.new", "dead.orders"));
         assert!(!subject_matches("orders", "orders.dead"));
+    }
+
+    #[test]
+    fn durables_that_break_the_guarantees_are_refused() {
+        let src = NatsSource {
+            url: String::new(),
+            stream: "S".into(),
+            subject: "orders.>".into(),
+            durable: "d".into(),
+            ack_wait: Duration::from_secs(30),
+        };
+        let good = jetstream::consumer::Config {
+            durable_name: Some("d".into()),
+            filter_subject: "orders.>".into(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_deliver: -1,
+            ..Default::default()
+        };
+        assert!(check_durable(&good, &src, 5).is_ok());
+        let above = jetstream::consumer::Config {
+            max_deliver: 6,
+            ..good.clone()
+        };
+        assert!(check_durable(&above, &src, 5).is_ok());
+        let at = jetstream::consumer::Config {
+            max_deliver: 5,
+            ..good.clone()
+        };
+        assert!(check_durable(&at, &src, 5).is_err());
+        let none = jetstream::consumer::Config {
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..good.clone()
+        };
+        assert!(check_durable(&none, &src, 5).is_err());
+        let other = jetstream::consumer::Config {
+            filter_subject: "orders.new".into(),
+            ..good.clone()
+        };
+        assert!(check_durable(&other, &src, 5).is_err());
+        let several = jetstream::consumer::Config {
+            filter_subject: String::new(),
+            ..good
+        };
+        assert!(check_durable(&several, &src, 5).is_err());
     }
 
     #[test]

@@ -29,7 +29,8 @@ pub struct ConsumeArgs {
     /// The HTTP handler each message is POSTed to.
     #[arg(long, env = "IDEMGATE_TARGET")]
     target: String,
-    /// Store URL (memory://, file:DIR, redis://…, postgres://…).
+    /// Store URL (file:DIR, redis://…, redis+cluster://…, postgres://…, dynamodb://…; not
+    /// memory://, which forgets processed messages when the process stops).
     #[arg(
         long,
         env = "IDEMGATE_STORE",
@@ -42,18 +43,26 @@ pub struct ConsumeArgs {
     /// Deliveries after which a message that did not succeed is dead-lettered.
     #[arg(long, default_value_t = 5)]
     max_deliver: u32,
-    /// Dead-letter subject (NATS; a stream must capture it) or exchange (RabbitMQ; without it,
-    /// the queue's own dead-letter exchange gets rejected messages).
-    #[arg(long)]
+    /// Dead-letter subject (NATS; a stream other than the consumed one must capture it) or
+    /// exchange (RabbitMQ; it must exist and route to a queue). Required unless
+    /// --no-dead-letter.
+    #[arg(long, env = "IDEMGATE_DEAD_LETTER")]
     dead_letter: Option<String>,
+    /// No dead-letter destination: messages that cannot be processed (max-deliver reached,
+    /// outcome unknown, no id) are terminated (NATS TERM) or rejected without requeue
+    /// (RabbitMQ: the queue's own dead-letter exchange gets them if it has one, otherwise
+    /// RabbitMQ drops them).
+    #[arg(long, conflicts_with = "dead_letter")]
+    no_dead_letter: bool,
     /// Admin listener: /metrics, /healthz, /readyz.
     #[arg(long, env = "IDEMGATE_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
     /// Create the stream (NATS) or the durable queue without arguments (RabbitMQ) when missing.
     #[arg(long)]
     create: bool,
-    /// Deduplicate messages without an id by a BLAKE3 hash of their payload (default:
-    /// dead-letter them).
+    /// Deduplicate messages without an id by a BLAKE3 hash of their payload (default: by their
+    /// JetStream stream sequence, which covers redeliveries but not re-publishes; RabbitMQ
+    /// messages without an id are dead-lettered).
     #[arg(long)]
     hash_missing_ids: bool,
     /// JetStream AckWait of the durable consumer when it is created, in seconds.
@@ -114,12 +123,14 @@ pub fn config(args: ConsumeArgs) -> Result<Config> {
     let target = args
         .target
         .parse()
-        .with_context(|| format!("--target {:?} is not a URL", args.target))?;
+        // Not echoed: a URL may carry credentials.
+        .context("--target is not a URL (expected http://HOST:PORT/PATH)")?;
     let mut config = Config::new(source, target);
     config.store = args.store;
     config.concurrency = args.concurrency;
     config.max_deliver = args.max_deliver;
     config.dead_letter = args.dead_letter;
+    config.discard_dead_letters = args.no_dead_letter;
     config.admin_listen = args.admin_listen;
     config.create = args.create;
     config.hash_when_missing = args.hash_missing_ids;

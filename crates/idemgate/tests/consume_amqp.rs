@@ -98,7 +98,42 @@ fn args<'a>(
         "--source", url, "--queue", queue, "--target", handler, "--store", store,
     ];
     v.extend_from_slice(extra);
+    // A dead-letter destination is required: tests that do not name one opt out.
+    if !extra.contains(&"--dead-letter") {
+        v.push("--no-dead-letter");
+    }
     v
+}
+
+/// A fanout dead-letter exchange bound to a queue of its own: `(exchange, queue)`.
+async fn dead_letter_exchange(ch: &lapin::Channel) -> (String, String) {
+    let exchange = unique("dlx");
+    let dlq = unique("dlq");
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        dlq.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        dlq.as_str().into(),
+        exchange.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    (exchange, dlq)
 }
 
 /// Each message reaches the handler once with its key (message_id), epoch 1, content type and
@@ -157,13 +192,30 @@ async fn amqp_each_message_posted_once_with_headers() {
     let missing = unique("missing");
     let bin = std::env::var("IDEMGATE_TEST_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_idemgate").to_owned());
-    let out = std::process::Command::new(bin)
+    let out = std::process::Command::new(&bin)
         .arg("consume")
         .args(args(&url, &missing, &handler_url, &store, &[]))
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--create"));
+    // No dead-letter destination named, and none refused: refused at start.
+    let out = std::process::Command::new(bin)
+        .arg("consume")
+        .args([
+            "--source",
+            &url,
+            "--queue",
+            &queue,
+            "--target",
+            &handler_url,
+            "--store",
+            &store,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-dead-letter"));
     cleanup(&ch, &[&queue]).await;
 }
 
@@ -176,32 +228,7 @@ async fn amqp_transient_retries_then_dead_letter_exchange() {
     let handler = Handler::start().await;
     let queue = unique("q");
     let (_conn, ch) = publisher(&queue).await;
-    let exchange = unique("dlx");
-    let dlq = unique("dlq");
-    ch.exchange_declare(
-        exchange.as_str().into(),
-        ExchangeKind::Fanout,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        dlq.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        dlq.as_str().into(),
-        exchange.as_str().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let (exchange, dlq) = dead_letter_exchange(&ch).await;
     publish(&ch, &queue, Some("once"), "status:503:1").await;
     publish(&ch, &queue, Some("never"), "status:503:99").await;
     publish(&ch, &queue, None, "no id").await;
@@ -276,12 +303,21 @@ async fn amqp_sigkill_proof() {
         let queue = unique("proof");
         let (_conn, ch) = publisher(&queue).await;
         let handler_url = handler.url();
+        // Dead letters are captured, and there must be none.
+        let (exchange, dlq) = dead_letter_exchange(&ch).await;
         let a = args(
             &url,
             &queue,
             &handler_url,
             &store,
-            &["--lease-secs", "2", "--concurrency", "32"],
+            &[
+                "--lease-secs",
+                "2",
+                "--concurrency",
+                "32",
+                "--dead-letter",
+                &exchange,
+            ],
         );
         let started = std::time::Instant::now();
         let publisher = {
@@ -327,6 +363,7 @@ async fn amqp_sigkill_proof() {
         }
         assert!(consumer.sigterm_and_wait());
         assert_eq!(ready(&ch, &queue).await, 0, "nothing left after the drain");
+        assert_eq!(ready(&ch, &dlq).await, 0, "nothing dead-lettered");
         let t = tally(&handler.seen());
         eprintln!(
             "PROOF amqp store={} messages={messages} published={published} kills={kills} \

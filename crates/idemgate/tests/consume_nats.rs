@@ -78,6 +78,10 @@ fn args<'a>(
         store,
     ];
     v.extend_from_slice(extra);
+    // A dead-letter destination is required: tests that do not name one opt out.
+    if !extra.contains(&"--dead-letter") {
+        v.push("--no-dead-letter");
+    }
     v
 }
 
@@ -150,7 +154,7 @@ async fn nats_each_message_posted_once_with_headers() {
 
 /// A transient status releases the key and nacks with backoff: the next delivery POSTs again,
 /// at the next epoch. A message that never succeeds is dead-lettered after --max-deliver.
-/// A message without an id is dead-lettered at once.
+/// A message without an id is keyed by its place in the stream and POSTed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(no_nats, ignore = "IDEMGATE_TEST_NATS_URL is not set")]
 async fn nats_transient_retries_then_dead_letter() {
@@ -188,13 +192,16 @@ async fn nats_transient_retries_then_dead_letter() {
     );
     with_url(&mut a, &url);
     let mut consumer = Consumer::start(&a);
-    // Dead letters: "never" after 3 deliveries, the id-less message at once.
+    // The dead letter: "never" after 3 deliveries.
     let mut dead_stream = js.get_stream(&dlq).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while dead_stream.info().await.unwrap().state.messages < 2 {
+    while dead_stream.info().await.unwrap().state.messages < 1 {
         assert!(tokio::time::Instant::now() < deadline, "no dead letters");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    consumer
+        .until_counters(&[("processed", 2), ("dead_lettered", 1)], 30)
+        .await;
     let seen = handler.seen();
     let epochs = |key: &str| -> Vec<u64> {
         seen.iter()
@@ -204,23 +211,137 @@ async fn nats_transient_retries_then_dead_letter() {
     };
     assert_eq!(epochs("once"), vec![1, 2]);
     assert_eq!(epochs("never"), vec![1, 2, 3]);
-    assert_eq!(seen.len(), 5, "the id-less message is never POSTed");
+    // The id-less message: its key is the stream's creation time and its sequence (3).
+    let idless: Vec<_> = seen.iter().filter(|s| s.body == "no id").collect();
+    assert_eq!(idless.len(), 1, "the id-less message is POSTed once");
+    assert!(
+        idless[0].key.starts_with("jetstream:") && idless[0].key.ends_with(":3"),
+        "{}",
+        idless[0].key
+    );
+    assert_eq!(seen.len(), 6);
     let first = dead_stream.get_raw_message(1).await.unwrap();
-    let second = dead_stream.get_raw_message(2).await.unwrap();
-    let reasons: Vec<String> = [first, second]
-        .iter()
-        .map(|m| {
-            m.headers
-                .get("Idemgate-Reason")
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default()
-        })
-        .collect();
-    assert!(reasons.contains(&"max-deliver".to_owned()), "{reasons:?}");
-    assert!(reasons.contains(&"no-message-id".to_owned()), "{reasons:?}");
-    assert_eq!(consumer.counter("dead_lettered").await, 2);
+    let reason = first
+        .headers
+        .get("Idemgate-Reason")
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert_eq!(reason, "max-deliver");
+    assert_eq!(dead_stream.info().await.unwrap().state.messages, 1);
     assert!(consumer.sigterm_and_wait());
     assert_eq!(pending(&js, &name, &durable).await, (0, 0));
+}
+
+/// Runs `idemgate consume ARGS` expecting a refusal at start; returns its stderr.
+fn refused(args: &[&str]) -> String {
+    let bin = std::env::var("IDEMGATE_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_idemgate").to_owned());
+    let out = std::process::Command::new(bin)
+        .arg("consume")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "expected a refusal: {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Records are scoped by stream and durable: the same message id in two streams, consumed by
+/// durables of the same name into one store, is two messages. Settings that would drop
+/// messages are refused at start: no dead-letter destination, a memory store, an existing
+/// durable whose JetStream max_deliver stops redelivery first, or whose acks are not explicit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_nats, ignore = "IDEMGATE_TEST_NATS_URL is not set")]
+async fn nats_scope_and_refused_settings() {
+    let url = nats_url();
+    let handler = Handler::start().await;
+    let handler_url = handler.url();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file:{}", dir.path().display());
+    let durable = unique("d");
+    for (round, name) in [unique("A"), unique("B")].iter().enumerate() {
+        let subject = format!("{name}.in");
+        let js = publisher_stream(name, &subject).await;
+        publish(&js, &subject, "same-id", "{}").await;
+        let mut a = args(&handler_url, name, &subject, &durable, &store, &[]);
+        with_url(&mut a, &url);
+        let mut consumer = Consumer::start(&a);
+        consumer.until_counters(&[("processed", 1)], 30).await;
+        assert!(consumer.sigterm_and_wait());
+        assert_eq!(handler.seen().len(), round + 1, "one POST per stream");
+    }
+
+    let name = unique("R");
+    let subject = format!("{name}.in");
+    let js = publisher_stream(&name, &subject).await;
+    let base = |durable: &'static str| -> Vec<String> {
+        [
+            "--source",
+            url.as_str(),
+            "--stream",
+            name.as_str(),
+            "--subject",
+            subject.as_str(),
+            "--durable",
+            durable,
+            "--target",
+            handler_url.as_str(),
+            "--store",
+            store.as_str(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    let with = |mut v: Vec<String>, extra: &[&str]| {
+        v.extend(extra.iter().map(|s| (*s).to_owned()));
+        v
+    };
+    let run = |v: Vec<String>| refused(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(run(base("fresh")).contains("--no-dead-letter"));
+    let memory = with(base("fresh"), &["--no-dead-letter"])
+        .into_iter()
+        .map(|a| {
+            if a == store {
+                "memory://".to_owned()
+            } else {
+                a
+            }
+        })
+        .collect();
+    assert!(run(memory).contains("memory://"));
+    let stream = js.get_stream(&name).await.unwrap();
+    for (durable, policy, max_deliver, want) in [
+        (
+            "tight",
+            jetstream::consumer::AckPolicy::Explicit,
+            3,
+            "max_deliver",
+        ),
+        (
+            "acknone",
+            jetstream::consumer::AckPolicy::None,
+            -1,
+            "ack policy",
+        ),
+    ] {
+        stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some(durable.to_owned()),
+                filter_subject: subject.clone(),
+                ack_policy: policy,
+                max_deliver,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let err = run(with(
+            base(durable),
+            &["--no-dead-letter", "--max-deliver", "5"],
+        ));
+        assert!(err.contains(want), "{err}");
+    }
+    assert_eq!(handler.seen().len(), 2, "nothing POSTed by refused runs");
 }
 
 /// A handler slower than AckWait: "in progress" acks keep JetStream from redelivering (no
@@ -285,6 +406,15 @@ async fn nats_sigkill_proof() {
         let (name, durable) = (unique("P"), unique("d"));
         let subject = format!("{name}.in");
         let js = publisher_stream(&name, &subject).await;
+        // Dead letters are captured, and there must be none.
+        let dead = format!("{name}.dead");
+        js.create_stream(stream::Config {
+            name: format!("{name}_DLQ"),
+            subjects: vec![dead.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let handler_url = handler.url();
         let mut a = args(
             &handler_url,
@@ -299,6 +429,8 @@ async fn nats_sigkill_proof() {
                 "2",
                 "--concurrency",
                 "32",
+                "--dead-letter",
+                &dead,
             ],
         );
         with_url(&mut a, &url);
@@ -356,6 +488,16 @@ async fn nats_sigkill_proof() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(consumer.sigterm_and_wait());
+        let dead_letters = js
+            .get_stream(format!("{name}_DLQ"))
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages;
+        assert_eq!(dead_letters, 0, "nothing dead-lettered");
         let t = tally(&handler.seen());
         eprintln!(
             "PROOF nats store={} messages={messages} published={published} kills={kills} \
