@@ -353,30 +353,32 @@ pub async fn run(
 ) -> Result<Report, ConsumeError> {
     config.validate()?;
     let config = Arc::new(config);
-    let opened = idemgate_stores::open(&config.store).await?;
-    for w in &opened.warnings {
+    let owner = format!(
+        "idemgate-consume:{}:{}",
+        std::process::id(),
+        config.consumer()
+    );
+    let lease_ttl = config.lease_ttl;
+    let connected = idemgate_stores::connect(
+        &config.store,
+        &idemgate_stores::StackOptions {
+            deadline: config.store_timeout,
+            replay_cache_entries: 100_000,
+        },
+        |b| b.lease_ttl(lease_ttl).owner(owner),
+    )
+    .await?;
+    for w in &connected.warnings {
         tracing::warn!(store = %idemgate_stores::redact(&config.store), "{w}; duplicates become possible (PRODUCT G1)");
     }
-    if config.recovery == Recovery::Strict && !opened.warnings.is_empty() {
+    if config.recovery == Recovery::Strict && !connected.warnings.is_empty() {
         return Err(ConsumeError::Config(format!(
             "refusing to start: --recovery strict needs a store that keeps acknowledged writes, \
              and this one may not: {}",
-            opened.warnings.join("; ")
+            connected.warnings.join("; ")
         )));
     }
-    let (store, feed) = opened.stack(&idemgate_stores::StackOptions {
-        deadline: config.store_timeout,
-        replay_cache_entries: 100_000,
-    });
-    let engine = idemgate_core::Engine::builder(store)
-        .lease_ttl(config.lease_ttl)
-        .owner(format!(
-            "idemgate-consume:{}:{}",
-            std::process::id(),
-            config.consumer()
-        ))
-        .build();
-    let follower = tokio::spawn(idemgate_stores::follow(feed, engine.clone()));
+    let engine = connected.engine.clone();
     let sweeper = idemgate_core::sweeper::spawn_sweeper(
         engine.store().clone(),
         Duration::from_secs(30),
@@ -410,7 +412,7 @@ pub async fn run(
         Source::Amqp(src) => amqp::run(src, config.clone(), bridge, shared, stop_rx).await,
     };
     watcher.abort();
-    follower.abort();
+    drop(connected); // stops the completion feed's follower
     sweeper.abort();
     if let Some(admin) = admin {
         admin.abort();

@@ -16,6 +16,8 @@
 //!   counter) and, for a shared store, the replay cache in front of it: the store an
 //!   [`Engine`](idemgate_core::Engine) should run on.
 //! - [`follow`] wakes an engine's waiters when another instance finishes a key.
+//! - [`connect`] does all of it in one call: an engine on a URL, with the follower running
+//!   (what a tower or dedup user on Redis or PostgreSQL wants).
 //!
 //! ## Example
 //!
@@ -339,6 +341,72 @@ async fn open_postgres(url: &str) -> Result<Opened, StoreError> {
 #[cfg(not(feature = "postgres"))]
 async fn open_postgres(_url: &str) -> Result<Opened, StoreError> {
     Err(missing_feature("postgres"))
+}
+
+/// An [`Engine`](idemgate_core::Engine) on a store URL, wired as `idemgate serve` wires its
+/// own ([`connect`]): deadline and metrics on every store operation, the replay cache in front
+/// of a shared store, and the follower of its completion feed (cross-instance wake-ups), which
+/// stops when this value is dropped.
+#[derive(Debug)]
+pub struct Connected {
+    /// The engine: give it to `IdempotencyLayer::new` (idemgate-tower) or a `Deduplicator`
+    /// (idemgate-dedup). Clones share it.
+    pub engine: idemgate_core::Engine<SharedStore>,
+    /// Whether instances share the store (Redis, PostgreSQL, DynamoDB).
+    pub shared: bool,
+    /// Reasons the store may lose acknowledged writes (log them; see [`Opened::warnings`]).
+    pub warnings: Vec<String>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+/// Opens the store at `url` ([`open`]), stacks it ([`Opened::stack`]), builds an engine on it
+/// (`configure` sets its lease, waiters, owner…; pass `|b| b` for the defaults) and spawns the
+/// follower of its completion feed ([`follow`]) on the current tokio runtime.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use idemgate_stores::{StackOptions, connect};
+///
+/// // "redis://127.0.0.1:6379" or "postgres://app@db/app" in production.
+/// let options = StackOptions { deadline: Duration::from_secs(3), replay_cache_entries: 100_000 };
+/// let connected = connect("memory://", &options, |b| b.lease_ttl(Duration::from_secs(30))).await?;
+/// for w in &connected.warnings {
+///     eprintln!("store warning: {w}");
+/// }
+/// let engine = connected.engine.clone(); // keep `connected` alive: it owns the follower
+/// # let _ = engine;
+/// # Ok::<(), idemgate_core::StoreError>(())
+/// # }).unwrap();
+/// ```
+///
+/// # Errors
+///
+/// Those of [`open`].
+pub async fn connect(
+    url: &str,
+    options: &StackOptions,
+    configure: impl FnOnce(
+        idemgate_core::engine::EngineBuilder<SharedStore>,
+    ) -> idemgate_core::engine::EngineBuilder<SharedStore>,
+) -> Result<Connected, StoreError> {
+    let opened = open(url).await?;
+    let (shared, warnings) = (opened.shared, opened.warnings.clone());
+    let (store, feed) = opened.stack(options);
+    let engine = configure(idemgate_core::Engine::builder(store)).build();
+    let follower = tokio::spawn(follow(feed, engine.clone()));
+    Ok(Connected {
+        engine,
+        shared,
+        warnings,
+        follower,
+    })
 }
 
 /// Wakes `engine`'s waiters whenever another instance finishes a key, reconnecting (after 1 s)

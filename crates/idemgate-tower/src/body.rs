@@ -11,6 +11,39 @@ use http_body_util::{BodyExt, Full};
 /// Errors crossing the layer.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Why a client's request body failed, for a request body type that tells (the `idemgate`
+/// binary's does): the layer answers [`RequestBodyError::Timeout`] with `408`, and any other
+/// failure reading a request body with `400` (both with `Connection: close`, since the rest of the
+/// body was not read).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RequestBodyError {
+    /// The whole body did not arrive within this read timeout.
+    Timeout(std::time::Duration),
+    /// Reading it failed (bad framing, or the client went away).
+    Read(BoxError),
+}
+
+impl std::fmt::Display for RequestBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestBodyError::Timeout(t) => {
+                write!(f, "the request body did not arrive within {t:?}")
+            }
+            RequestBodyError::Read(e) => write!(f, "reading the request body failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RequestBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RequestBodyError::Timeout(_) => None,
+            RequestBodyError::Read(e) => Some(e.as_ref()),
+        }
+    }
+}
+
 /// The body type of requests handed to the inner service and of responses returned: any body,
 /// boxed.
 ///

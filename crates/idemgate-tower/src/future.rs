@@ -1,5 +1,6 @@
 //! [`ResponseFuture`]: an immediate answer (no allocation), a pass-through, or a protected call.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -10,8 +11,8 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 
 use crate::body::{BoxError, IdemBody, boxed, drain};
-use crate::problem::ProblemKind;
-use crate::upstream::UpstreamError;
+use crate::problem::{ProblemKind, answer_error};
+use crate::protect::BodyFailed;
 
 pub(crate) type BoxFuture =
     Pin<Box<dyn Future<Output = Result<Response<IdemBody>, BoxError>> + Send>>;
@@ -82,24 +83,32 @@ where
     B::Error: Into<BoxError>,
     E: Into<BoxError>,
 {
-    type Output = Result<Response<IdemBody>, BoxError>;
+    type Output = Result<Response<IdemBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Every error is answered ([`answer_error`]): a failed request body 408/400, an upstream
+        // failure of a passed-through request 502 naming only its cause class, any other
+        // inner-service error 502.
         match self.project().kind.project() {
-            Proj::Ready { response } => match response.take() {
-                Some(r) => Poll::Ready(Ok(r)),
-                None => Poll::Ready(Err("ResponseFuture polled after completion".into())),
-            },
-            // An upstream failure of a passed-through request is answered too (502, naming only
-            // the cause class); other inner-service errors stay errors.
-            Proj::PassThrough { future } => future.poll(cx).map(|r| match r {
-                Ok(res) => Ok(res.map(boxed)),
-                Err(e) => match e.into().downcast::<UpstreamError>() {
-                    Ok(u) => Ok(ProblemKind::upstream(&u, ProblemKind::UpstreamFailed)),
-                    Err(other) => Err(other),
-                },
+            Proj::Ready { response } => Poll::Ready(Ok(response.take().unwrap_or_else(|| {
+                tracing::error!("ResponseFuture polled after completion");
+                ProblemKind::UpstreamFailed.response("the request failed")
+            }))),
+            Proj::PassThrough { future } => future.poll(cx).map(|r| {
+                Ok(match r {
+                    Ok(res) => res.map(boxed),
+                    Err(e) => {
+                        let e: BoxError = e.into();
+                        answer_error(e.as_ref(), false)
+                    }
+                })
             }),
-            Proj::Protected { future } => future.as_mut().poll(cx),
+            Proj::Protected { future } => future.as_mut().poll(cx).map(|r| {
+                Ok(r.unwrap_or_else(|e| {
+                    let body = e.is::<BodyFailed>();
+                    answer_error(e.as_ref(), body)
+                }))
+            }),
         }
     }
 }

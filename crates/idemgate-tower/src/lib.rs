@@ -55,6 +55,60 @@
 //! # }).unwrap();
 //! ```
 //!
+//! ## With axum
+//!
+//! Put the layer on the router; no `HandleErrorLayer` is needed:
+//!
+//! ```
+//! # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+//! use axum::{Router, routing::post};
+//! use idemgate_core::{Engine, MemoryStore};
+//! use idemgate_tower::{IdempotencyLayer, policy::{RoutePolicy, Routes}};
+//! use tower::ServiceExt;
+//!
+//! let engine = Engine::builder(MemoryStore::default()).build();
+//! let routes = Routes::new(vec![RoutePolicy::new("payments", "/payments").required(true)]);
+//! let app = Router::new()
+//!     .route("/payments", post(|| async { "charged" }))
+//!     .layer(IdempotencyLayer::new(engine, routes));
+//!
+//! let req = || http::Request::post("/payments").header("idempotency-key", "k-1")
+//!     .body(axum::body::Body::empty()).unwrap();
+//! let first = app.clone().oneshot(req()).await?;
+//! let retry = app.clone().oneshot(req()).await?;
+//! assert_eq!(first.status(), 200);
+//! assert_eq!(retry.headers()["idempotent-replayed"], "true");
+//! // `axum::serve(listener, app)` serves it.
+//! # Ok::<(), std::convert::Infallible>(())
+//! # }).unwrap();
+//! ```
+//!
+//! ## On Redis, PostgreSQL or DynamoDB
+//!
+//! Several instances of a service share keys through a shared store. Build the engine with
+//! `idemgate_stores::connect` (crate `idemgate-stores`, features `redis`, `postgres`,
+//! `dynamodb`): it is wired as `idemgate serve` wires its own — a deadline and metrics on every
+//! store operation, a local replay cache of completed records (replays cost no round trip), and
+//! the follower of the store's completion feed, which wakes a request waiting here as soon as
+//! another instance finishes its key:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use idemgate_stores::{StackOptions, connect};
+//! use idemgate_tower::{IdempotencyLayer, policy::Routes};
+//!
+//! let options = StackOptions { deadline: Duration::from_secs(3), replay_cache_entries: 100_000 };
+//! // Keep `store` alive as long as the service runs: it owns the follower.
+//! let store = connect("redis://127.0.0.1:6379", &options, |b| b).await?;
+//! let layer = IdempotencyLayer::new(store.engine.clone(), Routes::catch_all(true));
+//! # let _ = layer;
+//! # Ok(()) }
+//! ```
+//!
+//! `examples/axum-payments` does both (its `main.rs` reads the store URL from `IDEMGATE_STORE`),
+//! and its `tests/shared_store.rs` runs two instances on real Redis and PostgreSQL.
+//!
 //! ## Guarantees
 //!
 //! Those of the engine (PRODUCT §4), plus: covered requests whose body is over the limit get `413`
@@ -69,11 +123,13 @@
 //!
 //! ## Errors
 //!
-//! The service's error is [`body::BoxError`]: only failures reading the client's request body,
-//! and inner-service errors on pass-through requests that are not an
-//! [`upstream::UpstreamError`] (those are answered `502`, naming only their
-//! [`upstream::Cause`]). Everything idemgate decides itself is a response (see
-//! [`problem::ProblemKind`]).
+//! None: the service's error type is [`Infallible`](std::convert::Infallible), so the layer goes
+//! straight onto `axum::Router::layer` or a hyper server. Everything is answered, with RFC 9457
+//! problem+json (see [`problem::ProblemKind`]): what idemgate decides itself; a client's request
+//! body that fails (`408` for a [`body::RequestBodyError::Timeout`], `400` otherwise); an
+//! inner-service error on a passed-through request (`502`, naming only its
+//! [`upstream::Cause`] for an [`upstream::UpstreamError`], logged at WARN otherwise); and an
+//! inner service that fails to become ready (`502`, nothing sent, for the next request).
 //!
 //! ## Limits
 //!

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
-use crate::body::{IdemBody, box_full};
-use crate::upstream::UpstreamError;
+use crate::body::{IdemBody, RequestBodyError, box_full};
+use crate::upstream::{Chain, UpstreamError};
 
 /// The cases idemgate answers itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -195,4 +195,63 @@ impl ProblemKind {
         );
         res
     }
+}
+
+/// The answer to an error that reached the layer: a failed request body (`408` after a
+/// [`RequestBodyError::Timeout`], else `400`, with `Connection: close`), an
+/// [`UpstreamError`] of a passed-through request (`502`, naming only its cause class), or any
+/// other inner-service error (`502`, logged at WARN). `body_failed` says that the error came
+/// from reading the client's request body (any body type's error).
+pub(crate) fn answer_error(
+    e: &(dyn std::error::Error + 'static),
+    body_failed: bool,
+) -> Response<IdemBody> {
+    let mut next = Some(e);
+    let mut timeout = None;
+    let mut upstream = None;
+    while let Some(err) = next {
+        if let Some(RequestBodyError::Timeout(t)) = err.downcast_ref::<RequestBodyError>() {
+            timeout = Some(*t);
+            break;
+        }
+        if err.is::<RequestBodyError>() {
+            return body_error(None, e);
+        }
+        if upstream.is_none() {
+            upstream = err.downcast_ref::<UpstreamError>();
+        }
+        next = err.source();
+    }
+    if timeout.is_some() || body_failed {
+        return body_error(timeout, e);
+    }
+    if let Some(u) = upstream {
+        return ProblemKind::upstream(u, ProblemKind::UpstreamFailed);
+    }
+    tracing::warn!(error = %Chain(e), "request failed");
+    ProblemKind::UpstreamFailed.response("the request failed")
+}
+
+fn body_error(
+    timeout: Option<std::time::Duration>,
+    e: &(dyn std::error::Error + 'static),
+) -> Response<IdemBody> {
+    let mut res = match timeout {
+        Some(t) => {
+            crate::service::limit_rejection("body_read_timeout");
+            ProblemKind::RequestTimeout.response(format!(
+                "the request body did not arrive within {t:?}; nothing was forwarded for a \
+                 protected request"
+            ))
+        }
+        None => {
+            tracing::debug!(error = %Chain(e), "reading a request body failed");
+            ProblemKind::InvalidRequestBody
+                .response("the request body could not be read completely")
+        }
+    };
+    // The rest of the body was not read: the connection cannot be reused.
+    res.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    res
 }

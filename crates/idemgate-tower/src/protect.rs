@@ -139,7 +139,10 @@ where
     // The reservation accounts for the body's memory for as long as a copy of the request may be
     // sent (it moves into `request_for` below).
     let (body, reservation) = match &shared.limits.body_budget {
-        None => match collect_limited(boxed(body), route.max_request_body).await? {
+        None => match collect_limited(boxed(body), route.max_request_body)
+            .await
+            .map_err(BodyFailed)?
+        {
             Collected::Complete(b) => (b, None),
             Collected::Oversized { rest, .. } => {
                 drain(rest).await;
@@ -147,7 +150,10 @@ where
             }
         },
         Some(budget) => {
-            match collect_budgeted(boxed(body), route.max_request_body, budget).await? {
+            match collect_budgeted(boxed(body), route.max_request_body, budget)
+                .await
+                .map_err(BodyFailed)?
+            {
                 Budgeted::Complete(b, r) => (b, Some(r)),
                 Budgeted::Oversized(rest) => {
                     drain(rest).await;
@@ -282,5 +288,22 @@ fn unscoped(route: &RoutePolicy) {
         tracing::warn!(route = %route.name, scope_headers = ?route.scope_headers,
             "a protected request carries none of the scope headers: such requests share one \
              scope (list the header your API authenticates by in scope_headers)");
+    }
+}
+
+/// A failure reading the client's request body (whatever its body type), told apart from
+/// inner-service errors when the layer answers it ([`crate::problem::answer_error`]).
+#[derive(Debug)]
+pub(crate) struct BodyFailed(pub(crate) BoxError);
+
+impl std::fmt::Display for BodyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BodyFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
     }
 }

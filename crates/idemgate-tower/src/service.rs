@@ -2,6 +2,7 @@
 //! required flag, declared length, concurrency slot) that answers, passes through, or hands the
 //! request to [`protect`](crate::protect).
 
+use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -27,11 +28,18 @@ use crate::respond::Answer;
 pub struct Idempotency<I, S> {
     inner: I,
     shared: Arc<Shared<S>>,
+    /// The inner service failed to become ready: the next request is answered `502` (nothing
+    /// sent) without calling it.
+    not_ready: bool,
 }
 
 impl<I, S> Idempotency<I, S> {
     pub(crate) fn new(inner: I, shared: Arc<Shared<S>>) -> Self {
-        Self { inner, shared }
+        Self {
+            inner,
+            shared,
+            not_ready: false,
+        }
     }
 
     /// The inner service.
@@ -55,6 +63,7 @@ impl<I: Clone, S> Clone for Idempotency<I, S> {
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            not_ready: false,
         }
     }
 }
@@ -90,14 +99,34 @@ where
     S: Store,
 {
     type Response = Response<IdemBody>;
-    type Error = BoxError;
+    // Every failure is answered (problem+json), so that the layer goes straight onto
+    // `axum::Router::layer` and `hyper` servers.
+    type Error = Infallible;
     type Future = ResponseFuture<I::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // An inner service that cannot become ready is answered per request: the next `call`
+        // answers `502` without calling it.
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => {
+                let e: BoxError = e.into();
+                tracing::warn!(error = %e, "the inner service failed to become ready");
+                self.not_ready = true;
+                Poll::Ready(Ok(()))
+            }
+        }
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        if std::mem::take(&mut self.not_ready) {
+            return ResponseFuture::refuse(
+                req,
+                ProblemKind::UpstreamUnavailable
+                    .response("the service behind idemgate is not ready; nothing was sent"),
+            );
+        }
         // The clone that was polled ready serves this request; the fresh clone stays for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);

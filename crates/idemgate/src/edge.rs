@@ -19,13 +19,11 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, HeaderValue};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use idemgate_tower::body::{BoxError, IdemBody};
+use idemgate_tower::body::IdemBody;
 use idemgate_tower::problem::ProblemKind;
-use idemgate_tower::upstream::{Chain, UpstreamError};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -236,34 +234,9 @@ pub fn is_header_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Why a client's request body failed.
-#[derive(Debug)]
-pub enum ClientBodyError {
-    /// The whole body did not arrive within the body read timeout.
-    Timeout(Duration),
-    /// Reading it failed (bad framing, or the client went away).
-    Read(hyper::Error),
-}
-
-impl std::fmt::Display for ClientBodyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ClientBodyError::Timeout(t) => {
-                write!(f, "the request body did not arrive within {t:?}")
-            }
-            ClientBodyError::Read(e) => write!(f, "reading the request body failed: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for ClientBodyError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ClientBodyError::Timeout(_) => None,
-            ClientBodyError::Read(e) => Some(e),
-        }
-    }
-}
+/// Why a client's request body failed: the tower layer's type, which it answers (`408` for a
+/// timeout, `400` otherwise).
+pub use idemgate_tower::body::RequestBodyError as ClientBodyError;
 
 /// A client's request body that must arrive whole before a deadline. The timer is only set up
 /// when the body is not already complete and has to be waited for.
@@ -303,9 +276,11 @@ impl Body for ClientBody {
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(Some(Err(e))) => {
                 this.failed = true;
-                Poll::Ready(Some(Err(ClientBodyError::Read(e))))
+                Poll::Ready(Some(Err(ClientBodyError::Read(Box::new(e)))))
             }
-            Poll::Ready(other) => Poll::Ready(other.map(|f| f.map_err(ClientBodyError::Read))),
+            Poll::Ready(other) => {
+                Poll::Ready(other.map(|f| f.map_err(|e| ClientBodyError::Read(Box::new(e)))))
+            }
             Poll::Pending => {
                 let deadline = this.deadline;
                 let sleep = this
@@ -327,8 +302,8 @@ impl Body for ClientBody {
     }
 }
 
-/// The outermost service: bounds the request body's arrival and answers every error with a
-/// problem+json response.
+/// The outermost service: bounds the request body's arrival (the layer answers every error,
+/// a late body included, with a problem+json response).
 #[derive(Clone)]
 pub struct Edge<S> {
     inner: S,
@@ -347,20 +322,21 @@ impl<S> Edge<S> {
 
 impl<S> tower::Service<Request<Incoming>> for Edge<S>
 where
-    S: tower::Service<Request<ClientBody>, Response = Response<IdemBody>, Error = BoxError>
-        + Clone
+    S: tower::Service<
+            Request<ClientBody>,
+            Response = Response<IdemBody>,
+            Error = std::convert::Infallible,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send + Unpin + 'static,
 {
     type Response = Response<IdemBody>;
     type Error = std::convert::Infallible;
-    type Future = Answered<S::Future>;
+    type Future = S::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The layer and the upstream are always ready; an error there is answered per request.
-        let _ = ready!(self.inner.poll_ready(cx));
-        Poll::Ready(Ok(()))
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
@@ -368,54 +344,6 @@ where
         let req = req.map(|b| ClientBody::new(b, timeout));
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Answered(inner.call(req))
+        inner.call(req)
     }
-}
-
-/// The future of [`Edge`]: the inner answer, or an answer made from the inner error.
-pub struct Answered<F>(F);
-
-impl<F> Future for Answered<F>
-where
-    F: Future<Output = Result<Response<IdemBody>, BoxError>> + Unpin,
-{
-    type Output = Result<Response<IdemBody>, std::convert::Infallible>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let result = ready!(Pin::new(&mut self.0).poll(cx));
-        Poll::Ready(Ok(result.unwrap_or_else(|e| answer_error(e.as_ref()))))
-    }
-}
-
-/// The answer to an error that reached the edge.
-fn answer_error(e: &(dyn std::error::Error + 'static)) -> Response<IdemBody> {
-    let mut next = Some(e);
-    while let Some(err) = next {
-        if let Some(body) = err.downcast_ref::<ClientBodyError>() {
-            let mut res = match body {
-                ClientBodyError::Timeout(t) => {
-                    limit_rejection("body_read_timeout");
-                    ProblemKind::RequestTimeout.response(format!(
-                        "the request body did not arrive within {t:?}; nothing was forwarded for \
-                         a protected request"
-                    ))
-                }
-                ClientBodyError::Read(_) => {
-                    tracing::debug!(error = %Chain(e), "reading a request body failed");
-                    ProblemKind::InvalidRequestBody
-                        .response("the request body could not be read completely")
-                }
-            };
-            // The rest of the body was not read: the connection cannot be reused.
-            res.headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-            return res;
-        }
-        if let Some(u) = err.downcast_ref::<UpstreamError>() {
-            return ProblemKind::upstream(u, ProblemKind::UpstreamFailed);
-        }
-        next = err.source();
-    }
-    tracing::warn!(error = %Chain(e), "request failed");
-    ProblemKind::UpstreamFailed.response("the request failed")
 }

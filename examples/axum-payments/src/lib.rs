@@ -1,8 +1,9 @@
 //! An axum payments API made safe to retry in-process with `idemgate-tower`.
 //!
-//! [`app`] builds the service: an axum `Router` wrapped in [`IdempotencyLayer`] (the layer goes
-//! around the whole router, so it sees every request before routing), with errors turned into
-//! responses so that `axum::serve` can run it.
+//! [`app`] builds the service: an axum `Router` with [`IdempotencyLayer`] put on it by
+//! `Router::layer` (the layer answers its own failures, so `axum::serve` runs it as it is).
+//! [`app_on`] takes the engine, e.g. one on a shared Redis or PostgreSQL store with the
+//! cross-instance wake-ups and the replay cache (`idemgate_stores::connect`; see `main.rs`).
 //!
 //! Two resources:
 //!
@@ -19,24 +20,20 @@
 //! `idemgate-check.toml` beside this crate is the spec `idemgate check` passes it with.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::body::Body;
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Path, State};
 use axum::http::header::{ETAG, IF_MATCH};
-use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use idemgate_core::{Engine, MemoryStore};
+use idemgate_core::{Engine, MemoryStore, Store};
 use idemgate_tower::IdempotencyLayer;
-use idemgate_tower::body::{BoxError, IdemBody};
 use idemgate_tower::policy::{RoutePolicy, Routes};
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 /// Counts charges, to show that retries do not charge twice.
 #[derive(Clone, Default)]
@@ -138,36 +135,29 @@ async fn write_account(
 }
 
 /// The service: `POST /payments` and `PUT /accounts/{id}` require an `Idempotency-Key`.
-pub fn app(
-    ledger: Ledger,
-) -> impl tower::Service<
-    Request<Body>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
-> + Clone
-+ Send
-+ 'static {
+///
+/// The layer goes straight onto the router (`Router::layer`): it answers every failure itself
+/// (problem+json), so no `HandleErrorLayer` is needed.
+pub fn app(ledger: Ledger) -> axum::Router {
+    let engine = Engine::builder(MemoryStore::default()).build();
+    app_on(ledger, engine)
+}
+
+/// [`app`] on an engine of your choice: e.g. one from `idemgate_stores::connect` on Redis or
+/// PostgreSQL, shared by every instance (see `main.rs`).
+pub fn app_on<S: Store>(ledger: Ledger, engine: Engine<S>) -> axum::Router {
     let accounts = axum::Router::new()
         .route("/accounts/{id}", get(read_account).put(write_account))
         .with_state(Accounts::default());
-    let router = axum::Router::new()
-        .route("/payments", post(charge))
-        .with_state(ledger)
-        .merge(accounts);
-    let engine = Engine::builder(MemoryStore::default()).build();
     let routes = Routes::new(vec![
         RoutePolicy::new("payments", "/payments").required(true),
         RoutePolicy::new("accounts", "/accounts/*")
             .methods([Method::PUT])
             .required(true),
     ]);
-    tower::ServiceBuilder::new()
-        // Only failures reading the client's request body become errors; answer them.
-        .layer(HandleErrorLayer::new(|e: BoxError| async move {
-            (StatusCode::BAD_REQUEST, e.to_string())
-        }))
-        .map_request(|req: Request<Body>| req.map(idemgate_tower::body::boxed))
+    axum::Router::new()
+        .route("/payments", post(charge))
+        .with_state(ledger)
+        .merge(accounts)
         .layer(IdempotencyLayer::new(engine, routes))
-        .service(router.map_request(|req: Request<IdemBody>| req.map(Body::new)))
 }
