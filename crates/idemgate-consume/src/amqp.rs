@@ -5,8 +5,9 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use lapin::Confirmation;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -17,12 +18,21 @@ use crate::bridge::{Bridge, Decision, Incoming};
 use crate::{Config, ConsumeError, Shared};
 
 /// The settings of the RabbitMQ source.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AmqpSource {
     /// `amqp://USER:PASS@HOST:PORT/VHOST`.
     pub url: String,
     /// The queue (must exist unless `create`; never redeclared with arguments).
     pub queue: String,
+}
+
+impl std::fmt::Debug for AmqpSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSource")
+            .field("url", &idemgate_stores::redact(&self.url))
+            .field("queue", &self.queue)
+            .finish()
+    }
 }
 
 /// The virtual host a URL names, percent-decoded (`/` when it names none): the scope of
@@ -103,7 +113,13 @@ pub(crate) async fn run(
             })?;
         let _ = probe.close(200, "checked".into()).await;
     }
-    let publisher = conn
+    // Dead letters go out on a connection of their own: RabbitMQ blocks a publishing
+    // connection under a memory or disk alarm, and the acks of every other message must still
+    // get through.
+    let publishing = Connection::connect(&src.url, ConnectionProperties::default())
+        .await
+        .map_err(|e| ConsumeError::source("connecting to RabbitMQ (dead letters)", e))?;
+    let publisher = publishing
         .create_channel()
         .await
         .map_err(|e| ConsumeError::source("opening a channel", e))?;
@@ -176,7 +192,14 @@ pub(crate) async fn run(
         )
         .await;
     crate::drain(&mut tasks, config.drain_timeout).await;
-    let _ = conn.close(200, "shutting down".into()).await;
+    for c in [&conn, &publishing] {
+        if tokio::time::timeout(CLOSE_TIMEOUT, c.close(200, "shutting down".into()))
+            .await
+            .is_err()
+        {
+            tracing::warn!("RabbitMQ did not confirm closing the connection in time");
+        }
+    }
     match ended {
         Some(e) => Err(e),
         None => Ok(()),
@@ -262,14 +285,22 @@ async fn handle(
     let acked = decision == Decision::Ack;
     let result = match decision {
         Decision::Ack => delivery.ack(BasicAckOptions::default()).await,
-        Decision::Nack(delay) | Decision::Busy(delay) => {
+        Decision::Nack(delay) => {
             // RabbitMQ has no delayed requeue: hold the message (it keeps a prefetch slot)
             // for the delay, or until shutdown, then requeue it.
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.changed() => {}
-            }
+            hold(delay, &mut stop).await;
             delivery.reject(BasicRejectOptions { requeue: true }).await
+        }
+        Decision::Busy(delay) => {
+            // Not an attempt: handed back with `basic.nack`, which RabbitMQ 4.3+ quorum queues
+            // do not count toward their delivery-limit (a reject does).
+            hold(delay, &mut stop).await;
+            delivery
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await
         }
         Decision::DeadLetter(reason) => {
             match &config.dead_letter {
@@ -285,10 +316,7 @@ async fn handle(
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "could not publish the dead letter; message requeued");
-                        tokio::select! {
-                            _ = tokio::time::sleep(bridge.backoff(delivered.unwrap_or(1))) => {}
-                            _ = stop.changed() => {}
-                        }
+                        hold(bridge.backoff(delivered.unwrap_or(1)), &mut stop).await;
                         delivery.reject(BasicRejectOptions { requeue: true }).await
                     }
                 },
@@ -306,6 +334,56 @@ async fn handle(
         return false;
     }
     acked
+}
+
+/// Holds a message for `delay`, or until shutdown.
+async fn hold(delay: std::time::Duration, stop: &mut tokio::sync::watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = stop.changed() => {}
+    }
+}
+
+/// Longest wait for a dead letter's publisher confirm (past it: not confirmed, the original is
+/// requeued).
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest wait for RabbitMQ to confirm closing a connection at shutdown.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The properties of a dead letter: the original's, but its per-message TTL (`expiration`: the
+/// dead letter would expire in the dead-letter queue, as RabbitMQ's own dead-lettering avoids),
+/// `user-id` (RabbitMQ refuses a message whose user-id is not the publishing connection's) and
+/// `reply-to`; with `headers`.
+fn dead_letter_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut p = BasicProperties::default().with_headers(headers);
+    if let Some(v) = original.content_type() {
+        p = p.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        p = p.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.delivery_mode() {
+        p = p.with_delivery_mode(*v);
+    }
+    if let Some(v) = original.priority() {
+        p = p.with_priority(*v);
+    }
+    if let Some(v) = original.correlation_id() {
+        p = p.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        p = p.with_message_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        p = p.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        p = p.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        p = p.with_app_id(v.clone());
+    }
+    p
 }
 
 async fn publish_dead_letter(
@@ -331,7 +409,7 @@ async fn publish_dead_letter(
         "x-idemgate-queue".into(),
         AMQPValue::LongString(queue.into()),
     );
-    let props: BasicProperties = delivery.properties.clone().with_headers(headers);
+    let props = dead_letter_properties(&delivery.properties, headers);
     // Mandatory: a dead letter the exchange routes nowhere comes back (RabbitMQ still confirms
     // an unroutable message with an ack), and the original is then not acked.
     let confirm = publisher
@@ -346,8 +424,10 @@ async fn publish_dead_letter(
             props,
         )
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
         .await
+        .map_err(|_| format!("no publisher confirm within {CONFIRM_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())?;
     match confirm {
         Confirmation::Ack(None) => {}

@@ -88,6 +88,9 @@ struct Target {
     transient: Vec<u16>,
 }
 
+/// How long an idle connection to the target is kept for reuse.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// The header that carries the NATS subject or the AMQP routing key.
 pub const SUBJECT_HEADER: &str = "x-idemgate-subject";
 /// The header that carries the delivery count the broker reported.
@@ -104,6 +107,10 @@ impl Bridge {
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(config.concurrency)
+            // Short, as `idemgate serve`'s upstream pool: a handler's server that closes an idle
+            // connection just as a message is written to it would make that message
+            // outcome-unknown (sent, no answer), and so a dead letter the handler never saw.
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(connector);
         Self {
             dedup,
@@ -130,6 +137,11 @@ impl Bridge {
     /// Processes one delivery and says what to do with it. The outcome is recorded before this
     /// returns `Ack`.
     pub(crate) async fn handle(&self, msg: &Incoming) -> Decision {
+        if msg.payload.len() > self.config.max_payload {
+            tracing::warn!(subject = %msg.subject, bytes = msg.payload.len(),
+                max = self.config.max_payload, "message over --max-payload: dead-lettered");
+            return Decision::DeadLetter("too-large");
+        }
         let Some(id) = self.key_of(msg) else {
             tracing::warn!(subject = %msg.subject, "message without an id (and --hash-missing-ids is off): dead-lettered");
             return Decision::DeadLetter("no-message-id");
@@ -156,9 +168,11 @@ impl Bridge {
             match processed {
                 Err(e) => {
                     // The store said nothing usable: not the message's fault, never
-                    // dead-lettered.
+                    // dead-lettered. The delay grows with the hand-backs, so that an outage
+                    // costs few redeliveries (brokers count them: JetStream's max_deliver, a
+                    // quorum queue's delivery-limit).
                     tracing::warn!(key = %id, error = %e, "store failed; message handed back");
-                    Decision::Busy(self.backoff(attempt))
+                    Decision::Busy(self.backoff(self.attempts.busy_count(id.as_str()) + 1))
                 }
                 Ok(p) => {
                     tracing::debug!(key = %id, outcome = p.name(), attempt, "message");
@@ -166,13 +180,20 @@ impl Bridge {
                         tracing::warn!(key = %id, attempt,
                             "the outcome could not be recorded; message handed back (not counted as an attempt)");
                     }
-                    decide(
+                    let busy = self.attempts.busy_count(id.as_str()) + 1;
+                    match decide(
                         p.action(),
                         p.name(),
                         at_limit,
                         self.backoff(attempt),
                         self.config.retry_max,
-                    )
+                    ) {
+                        // Not an attempt: the delay grows with the hand-backs (see above).
+                        Decision::Busy(d) if p.name() == "unrecorded" => {
+                            Decision::Busy(d.max(self.backoff(busy)))
+                        }
+                        other => other,
+                    }
                 }
             }
         };
@@ -229,6 +250,11 @@ impl Attempts {
         self.entry(key, |s| s.failed = s.failed.max(attempt));
     }
 
+    /// The deliveries of `key` nacked here without an attempt.
+    pub(crate) fn busy_count(&self, key: &str) -> u32 {
+        self.0.lock().get(key).map_or(0, |s| s.busy)
+    }
+
     /// A delivery was nacked without an attempt.
     pub(crate) fn busy(&self, key: &str) {
         self.entry(key, |s| s.busy = s.busy.saturating_add(1));
@@ -249,7 +275,7 @@ impl Bridge {
             &msg.payload,
             self.config.hash_when_missing,
         )
-        .or_else(|| msg.broker_id.as_deref().and_then(MessageId::new))
+        .or_else(|| msg.broker_id.as_deref().and_then(MessageId::from_broker))
     }
 
     /// The same POST and classification, without the engine (`Config::no_dedup`): for

@@ -30,7 +30,9 @@
 //!   the engine renews the lease every third of the lease.
 //! - After [`Config::max_deliver`] attempts that did not succeed (a transient status, an
 //!   unreachable target; a message nacked because another consumer runs it is not an attempt,
-//!   nor is one whose outcome the store failed to record), the message is dead-lettered: NATS
+//!   nor is one whose outcome the store failed to record — as far as this process saw: the
+//!   brokers' own delivery counts include hand-backs another process made, so a message may
+//!   reach the limit sooner after a restart), the message is dead-lettered: NATS
 //!   publishes it to `--dead-letter SUBJECT` (a stream must capture that subject) and
 //!   terminates it; RabbitMQ publishes it to `--dead-letter EXCHANGE` with publisher confirms
 //!   and acks it. A dead-letter destination is required: without one, `run` refuses to start
@@ -50,7 +52,8 @@
 //!   leases expire into a takeover). When the broker connection ends (the JetStream message
 //!   stream closes, the RabbitMQ consumer is cancelled or fails), `run` drains the same way
 //!   and then returns the error: `idemgate consume` exits non-zero for its supervisor to
-//!   restart it (it does not reconnect by itself).
+//!   restart it. (The NATS client reconnects by itself after a network failure; `/readyz`
+//!   answers 503 while it is disconnected.)
 //! - The store must outlive the process: `memory://` is refused (a restart would forget every
 //!   processed message, and redeliveries would run again), and strict recovery refuses a store
 //!   that may lose acknowledged writes, as `idemgate serve` does.
@@ -130,7 +133,7 @@ pub enum Source {
 }
 
 /// Everything [`run`] needs; [`Config::new`] has the defaults.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Config {
     /// The broker.
     pub source: Source,
@@ -142,8 +145,8 @@ pub struct Config {
     pub namespace: String,
     /// Messages handled at once (default 16).
     pub concurrency: usize,
-    /// Deliveries after which a message that still did not succeed is dead-lettered
-    /// (default 5).
+    /// Failed attempts after which a message is dead-lettered (default 5); see the crate docs
+    /// for what counts as an attempt.
     pub max_deliver: u32,
     /// Dead-letter subject (NATS) or exchange (RabbitMQ). Required unless
     /// `discard_dead_letters`.
@@ -176,6 +179,10 @@ pub struct Config {
     pub transient_statuses: Vec<u16>,
     /// Bytes of a response body kept (default 1 MiB).
     pub max_response_body: usize,
+    /// Largest message payload handled (default 16 MiB); a larger one is dead-lettered
+    /// (`too-large`) without a POST. (NATS servers cap payloads at 1 MiB by default; RabbitMQ
+    /// allows up to 128 MiB.) At most `concurrency` payloads are held at once.
+    pub max_payload: usize,
     /// First retry delay (default 500 ms), doubled per delivery up to `retry_max` (30 s).
     pub retry_base: Duration,
     /// Longest retry delay.
@@ -210,6 +217,7 @@ impl Config {
             response_timeout: Duration::from_secs(30),
             transient_statuses: vec![408, 425, 429, 502, 503, 504],
             max_response_body: 1 << 20,
+            max_payload: 16 << 20,
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
@@ -219,10 +227,22 @@ impl Config {
 
     /// The dedup consumer name, the scope of the records: `nats:<stream>:<durable>` or
     /// `amqp:<vhost>:<queue>` (the virtual host percent-decoded, `/` when the URL names none).
+    ///
+    /// `%` and `:` inside a name are percent-encoded, so that two different pairs never give
+    /// the same scope (vhost `a`, queue `b:c` is `amqp:a:b%3Ac`).
     pub fn consumer(&self) -> String {
         match &self.source {
-            Source::Nats(n) => format!("nats:{}:{}", n.stream, n.durable),
-            Source::Amqp(a) => format!("amqp:{}:{}", amqp::vhost(&a.url), a.queue),
+            Source::Nats(n) => format!("nats:{}:{}", escape(&n.stream), escape(&n.durable)),
+            Source::Amqp(a) => {
+                format!("amqp:{}:{}", escape(&amqp::vhost(&a.url)), escape(&a.queue))
+            }
+        }
+    }
+
+    fn ack_wait(&self) -> Duration {
+        match &self.source {
+            Source::Nats(n) => n.ack_wait,
+            Source::Amqp(_) => Duration::ZERO,
         }
     }
 
@@ -237,6 +257,36 @@ impl Config {
         if self.concurrency == 0 || self.max_deliver == 0 {
             return Err(ConsumeError::Config(
                 "--concurrency and --max-deliver must be at least 1".into(),
+            ));
+        }
+        if self.concurrency > MAX_CONCURRENCY {
+            return Err(ConsumeError::Config(format!(
+                "--concurrency must be at most {MAX_CONCURRENCY}"
+            )));
+        }
+        let day = Duration::from_secs(86_400);
+        for (flag, value, max) in [
+            ("--lease-secs", self.lease_ttl, Duration::from_secs(3_600)),
+            ("--ttl-secs", self.ttl, 365 * day),
+            ("--response-timeout-secs", self.response_timeout, day),
+            ("--drain-timeout-secs", self.drain_timeout, day),
+            ("--ack-wait-secs", self.ack_wait(), day),
+        ] {
+            if value > max {
+                return Err(ConsumeError::Config(format!(
+                    "{flag} must be at most {} s",
+                    max.as_secs()
+                )));
+            }
+        }
+        if let Source::Amqp(a) = &self.source
+            && a.url.contains("://[")
+        {
+            // amq-protocol-uri reads an IPv6 literal as `localhost`: refused rather than
+            // consuming from the wrong broker.
+            return Err(ConsumeError::Config(
+                "amqp:// URLs with an IPv6 address literal are not supported; use a host name"
+                    .into(),
             ));
         }
         if self.dead_letter.is_none() && !self.discard_dead_letters {
@@ -265,6 +315,31 @@ impl Config {
         Ok(())
     }
 }
+
+impl std::fmt::Debug for Config {
+    // URLs may carry credentials: the store URL is redacted (the sources redact theirs).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("source", &self.source)
+            .field("target", &idemgate_stores::redact(&self.target.to_string()))
+            .field("store", &idemgate_stores::redact(&self.store))
+            .field("namespace", &self.namespace)
+            .field("concurrency", &self.concurrency)
+            .field("max_deliver", &self.max_deliver)
+            .field("dead_letter", &self.dead_letter)
+            .field("discard_dead_letters", &self.discard_dead_letters)
+            .field("recovery", &self.recovery)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `name` with `%` and `:` percent-encoded (a component of [`Config::consumer`]).
+fn escape(name: &str) -> String {
+    name.replace('%', "%25").replace(':', "%3A")
+}
+
+/// Most messages handled at once (`--concurrency`).
+pub const MAX_CONCURRENCY: usize = 10_000;
 
 /// Why [`run`] stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -363,7 +438,9 @@ pub async fn run(
         &config.store,
         &idemgate_stores::StackOptions {
             deadline: config.store_timeout,
-            replay_cache_entries: 100_000,
+            // No replay cache: a duplicate needs only the record's state, and cached bodies (up
+            // to `max_response_body` each) would be memory for nothing.
+            replay_cache_entries: 0,
         },
         |b| b.lease_ttl(lease_ttl).owner(owner),
     )

@@ -13,7 +13,7 @@ use crate::bridge::{Bridge, Decision, Incoming};
 use crate::{Config, ConsumeError, Shared};
 
 /// The settings of the NATS source.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NatsSource {
     /// `nats://HOST:PORT`.
     pub url: String,
@@ -27,6 +27,21 @@ pub struct NatsSource {
     /// are sent every third of it while the handler runs.
     pub ack_wait: Duration,
 }
+
+impl std::fmt::Debug for NatsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSource")
+            .field("url", &idemgate_stores::redact(&self.url))
+            .field("stream", &self.stream)
+            .field("subject", &self.subject)
+            .field("durable", &self.durable)
+            .field("ack_wait", &self.ack_wait)
+            .finish()
+    }
+}
+
+/// Longest wait for the last acks to reach NATS at shutdown.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run(
     src: &NatsSource,
@@ -55,9 +70,6 @@ pub(crate) async fn run(
     if let Some(dead) = &config.dead_letter {
         check_dead_letter_subject(dead, &src.subject, &stream.cached_info().config.subjects)?;
     }
-    // The stream's creation time tells two streams of the same name apart (a deleted and
-    // re-created stream numbers its messages from 1 again): part of the key of id-less messages.
-    let created = stream.cached_info().created.unix_timestamp_nanos();
     let mut consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
             &src.durable,
@@ -79,7 +91,7 @@ pub(crate) async fn run(
         .info()
         .await
         .map_err(|e| ConsumeError::source("reading the durable consumer's settings", e))?;
-    check_durable(&info.config, src, config.max_deliver)?;
+    check_durable(&info.config, src, config.concurrency)?;
     // An existing durable keeps its own AckWait: progress acks follow it.
     let ack_wait = if info.config.ack_wait.is_zero() {
         src.ack_wait
@@ -95,6 +107,22 @@ pub(crate) async fn run(
     shared.set_ready(true);
     tracing::info!(stream = %src.stream, subject = %src.subject, durable = %src.durable,
         "consuming from NATS JetStream");
+    // The client reconnects by itself: /readyz follows its connection state meanwhile.
+    let readiness = {
+        let (client, shared) = (client.clone(), shared.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let connected =
+                    client.connection_state() == async_nats::connection::State::Connected;
+                if connected != shared.ready() {
+                    tracing::warn!(connected, "NATS connection state changed");
+                }
+                shared.set_ready(connected);
+            }
+        })
+    };
 
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut tasks = JoinSet::new();
@@ -130,18 +158,27 @@ pub(crate) async fn run(
         let held = shared.hold();
         let shared = shared.clone();
         tasks.spawn(async move {
-            if handle(msg, &bridge, &js, &config, ack_wait, created).await {
+            if handle(msg, &bridge, &js, &config, ack_wait).await {
                 shared.acked();
             }
             drop((permit, held));
         });
     }
+    readiness.abort();
     shared.set_ready(false);
     drop(messages);
     crate::drain(&mut tasks, config.drain_timeout).await;
     // Acks are buffered by the client: send them before the process exits.
-    if let Err(e) = client.flush().await {
-        tracing::warn!(error = %e, "could not flush the last acks; those messages come back");
+    // Bounded: while NATS is unreachable the client would wait for a reconnection forever.
+    match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not flush the last acks; those messages come back")
+        }
+        Err(_) => tracing::warn!(
+            timeout = ?FLUSH_TIMEOUT,
+            "NATS unreachable: the last acks were not flushed; those messages come back"
+        ),
     }
     match ended {
         Some(e) => Err(e),
@@ -151,36 +188,51 @@ pub(crate) async fn run(
 
 /// Refuses an existing durable whose settings would break `consume`'s guarantees: acks that
 /// are not explicit (JetStream would drop messages `consume` has not recorded), another filter
-/// (other messages, or none), or a `max_deliver` that stops redelivery before `consume`
-/// dead-letters (a message would stay unprocessed and never reach the dead-letter destination).
+/// (other messages, or none), a finite `max_deliver` (JetStream counts every delivery,
+/// hand-backs during a store outage included, and would stop redelivering a message that was
+/// neither processed nor dead-lettered), headers only (the payload would never be POSTed), or
+/// a `max_batch` below `--concurrency` (the server would refuse the pull requests).
 fn check_durable(
     existing: &jetstream::consumer::Config,
     src: &NatsSource,
-    max_deliver: u32,
+    concurrency: usize,
 ) -> Result<(), ConsumeError> {
     let durable = &src.durable;
+    let refuse = |what: String| {
+        Err(ConsumeError::Config(format!(
+            "the durable consumer {durable:?} exists with {what} (delete it, or pick another \
+             --durable: consume creates its own)"
+        )))
+    };
     if existing.ack_policy != jetstream::consumer::AckPolicy::Explicit {
-        return Err(ConsumeError::Config(format!(
-            "the durable consumer {durable:?} exists with ack policy {:?}: consume needs \
-             explicit acks (delete it, or pick another --durable)",
+        return refuse(format!(
+            "ack policy {:?}: consume needs explicit acks",
             existing.ack_policy
-        )));
+        ));
     }
     // (A consumer with several filters shows an empty `filter_subject` here: refused too.)
     if existing.filter_subject != src.subject {
-        return Err(ConsumeError::Config(format!(
-            "the durable consumer {durable:?} exists with filter {:?}, not --subject {:?} \
-             (delete it, or pick another --durable)",
+        return refuse(format!(
+            "filter {:?}, not --subject {:?}",
             existing.filter_subject, src.subject
-        )));
+        ));
     }
-    if existing.max_deliver > 0 && existing.max_deliver <= i64::from(max_deliver) {
-        return Err(ConsumeError::Config(format!(
-            "the durable consumer {durable:?} exists with max_deliver {}: JetStream would stop \
-             redelivering before --max-deliver {max_deliver} dead-letters (set it to -1 or \
-             above --max-deliver, or lower --max-deliver)",
+    if existing.max_deliver > 0 {
+        return refuse(format!(
+            "max_deliver {}: JetStream would stop redelivering messages that were neither \
+             processed nor dead-lettered; consume needs -1 (it dead-letters after \
+             --max-deliver attempts itself)",
             existing.max_deliver
-        )));
+        ));
+    }
+    if existing.headers_only {
+        return refuse("headers_only: the payloads would never reach the target".into());
+    }
+    if existing.max_batch > 0 && usize::try_from(existing.max_batch).unwrap_or(0) < concurrency {
+        return refuse(format!(
+            "max_batch {}, below --concurrency {concurrency}",
+            existing.max_batch
+        ));
     }
     Ok(())
 }
@@ -191,15 +243,22 @@ async fn handle(
     js: &jetstream::Context,
     config: &Config,
     ack_wait: Duration,
-    created: i128,
 ) -> bool {
     let info = msg.info().ok();
     let delivered = info
         .as_ref()
         .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
-    let broker_id = info
-        .as_ref()
-        .map(|i| format!("jetstream:{created}:{}", i.stream_sequence));
+    // The message's own publication time (stored with it, the same on every redelivery and on
+    // every replica) tells two streams of the same name apart (a deleted and re-created stream
+    // numbers its messages from 1 again).
+    let broker_id = info.as_ref().map(|i| {
+        format!(
+            "jetstream:{}:{}",
+            i.published.unix_timestamp_nanos(),
+            i.stream_sequence
+        )
+    });
+    let sequence = info.as_ref().map(|i| i.stream_sequence);
     // By name, case-insensitively: the client keeps well-known names (`Nats-Msg-Id`) as
     // constants that a lookup by string does not find.
     let header = |name: &str| {
@@ -222,7 +281,7 @@ async fn handle(
     let decision = {
         let work = bridge.handle(&incoming);
         tokio::pin!(work);
-        let mut tick = tokio::time::interval(ack_wait / 3);
+        let mut tick = tokio::time::interval((ack_wait / 3).max(Duration::from_millis(10)));
         tick.tick().await; // the first tick is immediate
         loop {
             tokio::select! {
@@ -241,17 +300,19 @@ async fn handle(
         Decision::Nack(delay) | Decision::Busy(delay) => {
             msg.ack_with(AckKind::Nak(Some(delay))).await
         }
-        Decision::DeadLetter(reason) => match dead_letter(js, config, &incoming, reason).await {
-            Ok(()) => {
-                bridge.dedup.dead_lettered();
-                msg.ack_with(AckKind::Term).await
+        Decision::DeadLetter(reason) => {
+            match dead_letter(js, config, &msg, &incoming, reason, sequence).await {
+                Ok(()) => {
+                    bridge.dedup.dead_lettered();
+                    msg.ack_with(AckKind::Term).await
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not publish the dead letter; message handed back");
+                    msg.ack_with(AckKind::Nak(Some(bridge.backoff(delivered.unwrap_or(1)))))
+                        .await
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "could not publish the dead letter; message handed back");
-                msg.ack_with(AckKind::Nak(Some(bridge.backoff(delivered.unwrap_or(1)))))
-                    .await
-            }
-        },
+        }
     };
     if let Err(e) = result {
         // A lost ack means a redelivery, which gets the recorded outcome.
@@ -308,23 +369,50 @@ fn subject_matches(pattern: &str, subject: &str) -> bool {
 
 /// Publishes the message to `--dead-letter` and waits for JetStream's ack (a stream must
 /// capture the subject); without one (`--no-dead-letter`), nothing: the message is terminated.
+///
+/// The dead letter keeps the original's headers (but JetStream's own `Nats-*` ones) and says
+/// where it came from (`Idemgate-Stream`, `-Durable`, `-Sequence`, `-Subject`) and why
+/// (`Idemgate-Reason`, `-Delivered`). Its `Nats-Msg-Id` is `dead:<stream>:<durable>:<stream
+/// sequence>`: one per message and consumer, so that JetStream's duplicate window drops only a
+/// second dead letter of the same message (whose original was then never terminated).
 async fn dead_letter(
     js: &jetstream::Context,
     config: &Config,
+    original: &jetstream::Message,
     msg: &Incoming,
     reason: &str,
+    sequence: Option<u64>,
 ) -> Result<(), String> {
     let Some(subject) = &config.dead_letter else {
         return Ok(());
     };
+    let (stream, durable) = match &config.source {
+        crate::Source::Nats(n) => (n.stream.as_str(), n.durable.as_str()),
+        crate::Source::Amqp(_) => ("", ""),
+    };
     let mut headers = HeaderMap::new();
+    if let Some(original) = &original.headers {
+        for (name, values) in original.iter() {
+            let name: &str = name.as_ref();
+            if name.len() >= 5 && name[..5].eq_ignore_ascii_case("nats-") {
+                continue;
+            }
+            for v in values {
+                headers.append(name, v.as_str());
+            }
+        }
+    }
+    let seq = sequence.map(|n| n.to_string()).unwrap_or_default();
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("dead:{stream}:{durable}:{seq}").as_str(),
+    );
     if let Some(id) = &msg.id {
-        headers.insert("Nats-Msg-Id", format!("dead:{id}").as_str());
         headers.insert("Idemgate-Message-Id", id.as_str());
     }
-    if let Some(ct) = &msg.content_type {
-        headers.insert("Content-Type", ct.as_str());
-    }
+    headers.insert("Idemgate-Stream", stream);
+    headers.insert("Idemgate-Durable", durable);
+    headers.insert("Idemgate-Sequence", seq.as_str());
     headers.insert("Idemgate-Subject", msg.subject.as_str());
     headers.insert("Idemgate-Reason", reason);
     if let Some(n) = msg.delivered {
@@ -333,8 +421,14 @@ async fn dead_letter(
     let ack = js
         .publish_with_headers(subject.clone(), headers, msg.payload.clone())
         .await
+        .map_err(|e| e.to_string())?
+        .await
         .map_err(|e| e.to_string())?;
-    ack.await.map(|_| ()).map_err(|e| e.to_string())
+    if ack.duplicate {
+        tracing::info!(stream, durable, sequence = %seq,
+            "this message was dead-lettered before (its original was not terminated then)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -369,32 +463,38 @@ mod tests {
             max_deliver: -1,
             ..Default::default()
         };
-        assert!(check_durable(&good, &src, 5).is_ok());
-        let above = jetstream::consumer::Config {
-            max_deliver: 6,
+        assert!(check_durable(&good, &src, 16).is_ok());
+        let finite = jetstream::consumer::Config {
+            max_deliver: 100,
             ..good.clone()
         };
-        assert!(check_durable(&above, &src, 5).is_ok());
-        let at = jetstream::consumer::Config {
-            max_deliver: 5,
+        assert!(check_durable(&finite, &src, 16).is_err());
+        let headers_only = jetstream::consumer::Config {
+            headers_only: true,
             ..good.clone()
         };
-        assert!(check_durable(&at, &src, 5).is_err());
+        assert!(check_durable(&headers_only, &src, 16).is_err());
+        let small_batch = jetstream::consumer::Config {
+            max_batch: 8,
+            ..good.clone()
+        };
+        assert!(check_durable(&small_batch, &src, 16).is_err());
+        assert!(check_durable(&small_batch, &src, 8).is_ok());
         let none = jetstream::consumer::Config {
             ack_policy: jetstream::consumer::AckPolicy::None,
             ..good.clone()
         };
-        assert!(check_durable(&none, &src, 5).is_err());
+        assert!(check_durable(&none, &src, 16).is_err());
         let other = jetstream::consumer::Config {
             filter_subject: "orders.new".into(),
             ..good.clone()
         };
-        assert!(check_durable(&other, &src, 5).is_err());
+        assert!(check_durable(&other, &src, 16).is_err());
         let several = jetstream::consumer::Config {
             filter_subject: String::new(),
             ..good
         };
-        assert!(check_durable(&several, &src, 5).is_err());
+        assert!(check_durable(&several, &src, 16).is_err());
     }
 
     #[test]

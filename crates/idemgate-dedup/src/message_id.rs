@@ -22,9 +22,35 @@ impl MessageId {
         }
         match IdempotencyKey::parse(id) {
             // A quoted spelling would be unquoted by the parser: keep such ids apart by hashing
-            // them, so that `"a"` and `a` stay two messages.
-            Ok(key) if key.as_str() == id => Some(Self(key)),
+            // them, so that `"a"` and `a` stay two messages. An id that looks like a key this
+            // type makes itself is hashed too, so that a publisher cannot take the key of
+            // another message.
+            Ok(key) if key.as_str() == id && !Self::is_reserved(id) => Some(Self(key)),
             _ => Some(Self::hashed("id-blake3:", id.as_bytes())),
+        }
+    }
+
+    /// The prefixes of the keys this type makes itself ([`MessageId::content_hash`], hashed
+    /// ids, [`MessageId::from_broker`] with a `jetstream:` identity): publisher ids that start
+    /// with one are hashed by [`MessageId::new`].
+    pub const RESERVED_PREFIXES: [&'static str; 3] = ["blake3:", "id-blake3:", "jetstream:"];
+
+    fn is_reserved(id: &str) -> bool {
+        Self::RESERVED_PREFIXES.iter().any(|p| id.starts_with(p))
+    }
+
+    /// The key for an identity the broker itself gave the message, the same on every
+    /// redelivery (`idemgate consume` uses `jetstream:<published>:<stream sequence>` for a
+    /// JetStream message without `Nats-Msg-Id`): kept as it is when it is a valid key (no
+    /// publisher id can take it, see [`MessageId::RESERVED_PREFIXES`]), hashed otherwise;
+    /// `None` when empty.
+    pub fn from_broker(identity: &str) -> Option<Self> {
+        if identity.is_empty() {
+            return None;
+        }
+        match IdempotencyKey::parse(identity) {
+            Ok(key) if key.as_str() == identity => Some(Self(key)),
+            _ => Some(Self::hashed("id-blake3:", identity.as_bytes())),
         }
     }
 
@@ -89,6 +115,18 @@ mod tests {
         assert_eq!(MessageId::new(&long).map(|m| m.as_str().len()), Some(74));
         // A quoted spelling is not the same message as the bare one.
         assert_ne!(MessageId::new("\"a\""), MessageId::new("a"));
+    }
+
+    #[test]
+    fn publisher_ids_never_take_keys_of_our_own() {
+        let broker = MessageId::from_broker("jetstream:17:3").expect("non-empty");
+        assert_eq!(broker.as_str(), "jetstream:17:3");
+        let posing = MessageId::new("jetstream:17:3").expect("non-empty");
+        assert_ne!(posing, broker);
+        assert!(posing.as_str().starts_with("id-blake3:"));
+        let hash = MessageId::content_hash(b"p");
+        assert_ne!(MessageId::new(hash.as_str()), Some(hash));
+        assert_eq!(MessageId::from_broker(""), None);
     }
 
     #[test]

@@ -37,10 +37,11 @@ pub struct ConsumeArgs {
         default_value = "file:./idemgate-consume-data"
     )]
     store: String,
-    /// Messages handled at once.
+    /// Messages handled at once (at most 10000).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
-    /// Deliveries after which a message that did not succeed is dead-lettered.
+    /// Failed attempts (a transient status, an unreachable target) after which a message is
+    /// dead-lettered; hand-backs while another consumer runs it or the store fails do not count.
     #[arg(long, default_value_t = 5)]
     max_deliver: u32,
     /// Dead-letter subject (NATS; a stream other than the consumed one must capture it) or
@@ -84,6 +85,10 @@ pub struct ConsumeArgs {
     /// Longest wait for in-flight messages at shutdown, in seconds.
     #[arg(long, default_value_t = 30)]
     drain_timeout_secs: u64,
+    /// Largest message payload, in bytes; a larger message is dead-lettered (reason
+    /// `too-large`) without a POST.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_payload: usize,
     /// Namespace of the records.
     #[arg(long, default_value = "messages")]
     namespace: String,
@@ -144,6 +149,7 @@ pub fn config(args: ConsumeArgs) -> Result<Config> {
     config.response_timeout = Duration::from_secs(args.response_timeout_secs.max(1));
     config.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
     config.namespace = args.namespace;
+    config.max_payload = args.max_payload;
     config.no_dedup = args.no_dedup;
     Ok(config)
 }

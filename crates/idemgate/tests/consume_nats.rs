@@ -178,6 +178,7 @@ async fn nats_transient_retries_then_dead_letter() {
         .unwrap()
         .await
         .unwrap();
+    publish(&js, &subject, "big", &"x".repeat(100)).await;
     let dir = tempfile::tempdir().unwrap();
     let store = format!("file:{}", dir.path().display());
     let handler_url = handler.url();
@@ -188,19 +189,26 @@ async fn nats_transient_retries_then_dead_letter() {
         &subject,
         &durable,
         &store,
-        &["--max-deliver", "3", "--dead-letter", &dead],
+        &[
+            "--max-deliver",
+            "3",
+            "--dead-letter",
+            &dead,
+            "--max-payload",
+            "64",
+        ],
     );
     with_url(&mut a, &url);
     let mut consumer = Consumer::start(&a);
-    // The dead letter: "never" after 3 deliveries.
+    // The dead letters: "big" at once (over --max-payload), "never" after 3 deliveries.
     let mut dead_stream = js.get_stream(&dlq).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while dead_stream.info().await.unwrap().state.messages < 1 {
+    while dead_stream.info().await.unwrap().state.messages < 2 {
         assert!(tokio::time::Instant::now() < deadline, "no dead letters");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     consumer
-        .until_counters(&[("processed", 2), ("dead_lettered", 1)], 30)
+        .until_counters(&[("processed", 2), ("dead_lettered", 2)], 30)
         .await;
     let seen = handler.seen();
     let epochs = |key: &str| -> Vec<u64> {
@@ -220,14 +228,45 @@ async fn nats_transient_retries_then_dead_letter() {
         idless[0].key
     );
     assert_eq!(seen.len(), 6);
-    let first = dead_stream.get_raw_message(1).await.unwrap();
-    let reason = first
-        .headers
-        .get("Idemgate-Reason")
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default();
-    assert_eq!(reason, "max-deliver");
-    assert_eq!(dead_stream.info().await.unwrap().state.messages, 1);
+    let mut dead_letters = Vec::new();
+    for seq in [1, 2] {
+        let m = dead_stream.get_raw_message(seq).await.unwrap();
+        // By name, case-insensitively (the client keeps well-known names as constants).
+        let h = |name: &str| {
+            m.headers
+                .iter()
+                .find(|(n, _)| AsRef::<str>::as_ref(n).eq_ignore_ascii_case(name))
+                .and_then(|(_, v)| v.first())
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        // Where it came from: the stream, the durable and the original's sequence.
+        assert_eq!(h("Idemgate-Stream"), name);
+        assert_eq!(h("Idemgate-Durable"), durable);
+        assert_eq!(
+            h("Content-Type"),
+            "application/json",
+            "original headers kept"
+        );
+        assert_eq!(
+            h("Nats-Msg-Id"),
+            format!("dead:{name}:{durable}:{}", h("Idemgate-Sequence"))
+        );
+        dead_letters.push((
+            h("Idemgate-Message-Id"),
+            h("Idemgate-Reason"),
+            h("Idemgate-Sequence"),
+        ));
+    }
+    dead_letters.sort();
+    assert_eq!(
+        dead_letters,
+        vec![
+            ("big".to_owned(), "too-large".to_owned(), "4".to_owned()),
+            ("never".to_owned(), "max-deliver".to_owned(), "2".to_owned()),
+        ]
+    );
+    assert_eq!(dead_stream.info().await.unwrap().state.messages, 2);
     assert!(consumer.sigterm_and_wait());
     assert_eq!(pending(&js, &name, &durable).await, (0, 0));
 }
