@@ -1,8 +1,5 @@
-//! Marks the DynamoDB tests ignored when their server's variable is unset (see the included
-//! file).
-
-include!("../../build-support/service_cfgs.rs");
+//! Marks the DynamoDB tests ignored when their server's variable is unset (see `idemgate-build-support`).
 
 fn main() {
-    service_cfgs(&[("IDEMGATE_TEST_DYNAMODB_URL", "no_dynamodb")]);
+    idemgate_build_support::service_cfgs(&[("IDEMGATE_TEST_DYNAMODB_URL", "no_dynamodb")]);
 }

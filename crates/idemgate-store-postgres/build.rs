@@ -1,8 +1,5 @@
-//! Marks the PostgreSQL tests ignored when their server's variable is unset (see the included
-//! file).
-
-include!("../../build-support/service_cfgs.rs");
+//! Marks the PostgreSQL tests ignored when their server's variable is unset (see `idemgate-build-support`).
 
 fn main() {
-    service_cfgs(&[("IDEMGATE_TEST_POSTGRES_URL", "no_postgres")]);
+    idemgate_build_support::service_cfgs(&[("IDEMGATE_TEST_POSTGRES_URL", "no_postgres")]);
 }

@@ -1,10 +1,7 @@
-//! Marks the tests that need a server ignored when its variable is unset (see the included
-//! file).
-
-include!("../../build-support/service_cfgs.rs");
+//! Marks the tests that need a server ignored when its variable is unset (see `idemgate-build-support`).
 
 fn main() {
-    service_cfgs(&[
+    idemgate_build_support::service_cfgs(&[
         ("IDEMGATE_TEST_NATS_URL", "no_nats"),
         ("IDEMGATE_TEST_POSTGRES_URL", "no_postgres"),
     ]);
