@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use idemgate_core::hook::{Hooked, Operation, StoreHook};
 use idemgate_core::{ErrorKind, SharedStore, StoreError};
+use tracing::Instrument;
 
 /// A store with every operation bounded by a deadline (so a slow or partitioned store is an
 /// error within it, never a hang: `503` for a request, a retry for a renewal) and timed into
@@ -47,8 +48,17 @@ impl StoreHook for Instrumentation {
         T: Send,
         F: Future<Output = Result<T, StoreError>> + Send,
     {
+        // A child of the request's span, timing this round trip, when tracing asks for it
+        // (`idemgate serve --otel`); disabled, it costs a level comparison and a branch per poll.
+        let span = tracing::debug_span!("store",
+            otel.name = %format_args!("store {}", op.as_str()),
+            idemgate.store.operation = op.as_str(),
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
         let start = Instant::now();
-        let out = match tokio::time::timeout(self.deadline, call).await {
+        let timed = tokio::time::timeout(self.deadline, call).instrument(span.clone());
+        let out = match timed.await {
             Ok(out) => out,
             Err(_) => Err(StoreError::new(
                 ErrorKind::Timeout,
@@ -61,6 +71,10 @@ impl StoreHook for Instrumentation {
         };
         self.latency[op as usize].record(start.elapsed().as_secs_f64());
         if let Err(e) = &out {
+            if !span.is_disabled() {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", e.kind().as_str());
+            }
             metrics::counter!(
                 "idemgate_store_errors_total",
                 "op" => op.as_str(),

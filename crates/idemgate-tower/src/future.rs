@@ -23,6 +23,8 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         kind: Kind<F>,
+        // The request's span (usually disabled): entered while polling, and given the status.
+        span: tracing::Span,
     }
 }
 
@@ -36,16 +38,21 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn ready(response: Response<IdemBody>) -> Self {
+    pub(crate) fn ready(response: Response<IdemBody>, span: tracing::Span) -> Self {
         Self {
             kind: Kind::Ready {
                 response: Some(response),
             },
+            span,
         }
     }
     /// An answer given before the request body was read: the body is drained first (unless it
     /// is empty, or the client waits for `100 Continue` and so will not send it).
-    pub(crate) fn refuse<B>(req: Request<B>, response: Response<IdemBody>) -> Self
+    pub(crate) fn refuse<B>(
+        req: Request<B>,
+        response: Response<IdemBody>,
+        span: tracing::Span,
+    ) -> Self
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -56,22 +63,27 @@ impl<F> ResponseFuture<F> {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let body = req.into_body();
         if expects || body.is_end_stream() {
-            return Self::ready(response);
+            return Self::ready(response, span);
         }
-        Self::protected(Box::pin(async move {
-            drain(boxed(body)).await;
-            Ok(response)
-        }))
+        Self::protected(
+            Box::pin(async move {
+                drain(boxed(body)).await;
+                Ok(response)
+            }),
+            span,
+        )
     }
 
-    pub(crate) fn pass(future: F) -> Self {
+    pub(crate) fn pass(future: F, span: tracing::Span) -> Self {
         Self {
             kind: Kind::PassThrough { future },
+            span,
         }
     }
-    pub(crate) fn protected(future: BoxFuture) -> Self {
+    pub(crate) fn protected(future: BoxFuture, span: tracing::Span) -> Self {
         Self {
             kind: Kind::Protected { future },
+            span,
         }
     }
 }
@@ -89,7 +101,9 @@ where
         // Every error is answered ([`answer_error`]): a failed request body 408/400, an upstream
         // failure of a passed-through request 502 naming only its cause class, any other
         // inner-service error 502.
-        match self.project().kind.project() {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let answered = match this.kind.project() {
             Proj::Ready { response } => Poll::Ready(Ok(response.take().unwrap_or_else(|| {
                 tracing::error!("ResponseFuture polled after completion");
                 ProblemKind::UpstreamFailed.response("the request failed")
@@ -109,6 +123,16 @@ where
                     answer_error(e.as_ref(), body)
                 }))
             }),
+        };
+        if let Poll::Ready(Ok(res)) = &answered
+            && !this.span.is_disabled()
+        {
+            let status = res.status().as_u16();
+            this.span.record("http.response.status_code", status);
+            if status >= 500 {
+                this.span.record("otel.status_code", "ERROR");
+            }
         }
+        answered
     }
 }

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Request, Response};
 use http_body::Body;
-use idemgate_core::engine::Disposition;
-use idemgate_core::record::{Outcome, StoredResponse};
+use idemgate_core::engine::{Disposition, EngineError, Execution};
+use idemgate_core::record::{Outcome, RecordState, StoredResponse};
 use idemgate_core::{IdempotencyKey, Scope, ScopedKey, Store};
 use tower_service::Service;
 
@@ -22,7 +22,7 @@ use crate::layer::Shared;
 use crate::policy::{FailMode, RoutePolicy};
 use crate::problem::ProblemKind;
 use crate::respond::{Answer, Responded, respond};
-use crate::service::{count, limit_rejection, too_large};
+use crate::service::{count, limit_rejection, record_outcome, too_large};
 use crate::upstream::{Cause, UpstreamError};
 
 /// What the dispatched operation hands back to the engine.
@@ -118,6 +118,7 @@ pub(crate) async fn protect<I, S, ReqB, ResB>(
     inner: I,
     req: Request<ReqB>,
     key: IdempotencyKey,
+    span: tracing::Span,
 ) -> Result<Response<IdemBody>, BoxError>
 where
     I: Service<Request<IdemBody>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -131,7 +132,7 @@ where
 {
     let finish = |answer: Answer, res: Response<IdemBody>| {
         count(answer, &route.name);
-        tracing::Span::current().record("outcome", answer.as_str());
+        record_outcome(&span, answer);
         tracing::debug!(status = res.status().as_u16(), "answered");
         Ok(res)
     };
@@ -263,6 +264,11 @@ where
             },
         )
         .await;
+    if !span.is_disabled()
+        && let Some(epoch) = epoch_of(&result)
+    {
+        span.record("idemgate.epoch", epoch);
+    }
     match respond(result, &route, &scoped) {
         Responded::Answer(answer, response) => finish(answer, response),
         Responded::ForwardUnprotected => {
@@ -274,6 +280,25 @@ where
             finish(Answer::StoreError, res.map(boxed))
         }
     }
+}
+
+/// The epoch the engine's answer is about: the one this request ran under, or the stored
+/// record's (replays, mismatches, outcome-unknown answers); `None` when there is no record.
+fn epoch_of<T>(result: &Result<Execution<T>, EngineError>) -> Option<u64> {
+    let record = match result {
+        Ok(Execution::Executed { epoch, .. }) => return Some(*epoch),
+        Ok(
+            Execution::Replayed { record, .. }
+            | Execution::Mismatch { record }
+            | Execution::Unknown { record },
+        ) => record,
+        Ok(Execution::InFlight { .. }) | Err(_) => return None,
+    };
+    Some(match &record.state {
+        RecordState::InFlight { fencing, .. } => fencing.epoch,
+        RecordState::Completed { epoch, .. } | RecordState::Unknown { epoch, .. } => *epoch,
+        _ => return None,
+    })
 }
 
 /// A protected request that carries none of its route's scope headers: it shares one anonymous

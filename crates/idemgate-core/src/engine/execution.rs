@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use parking_lot::Mutex;
+use tracing::Instrument;
 
 use super::{Classify, Dispatch, Disposition, Engine, EngineError, Execution, Policy, Recorded};
 use crate::key::StoreKey;
@@ -52,7 +53,10 @@ impl<S: Store> Engine<S> {
         let fut = operation(Dispatch { epoch, start_by });
         let engine = self.clone();
         let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
+        // The task goes on in the caller's span (a request's, when tracing is on): the operation,
+        // its store writes and its upstream call are that request's children. A disabled span
+        // (the usual case) costs a branch per poll.
+        let task = async move {
             let stats = &engine.inner.stats;
             stats.in_flight.fetch_add(1, Ordering::Relaxed);
             let running = engine.inner.running.track(key, fencing, &policy);
@@ -86,7 +90,8 @@ impl<S: Store> Engine<S> {
             engine.inner.running.done(running);
             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             engine.inner.waiters.notify(&key);
-        });
+        };
+        tokio::spawn(task.in_current_span());
         match answer_rx.await {
             Ok((Ok(value), recorded)) => Ok(Execution::Executed {
                 value,
