@@ -143,6 +143,9 @@ pub struct ServeArgs {
     /// under lease_ttl/3].
     #[arg(long, env = "IDEMGATE_STORE_TIMEOUT")]
     pub store_timeout: Option<String>,
+    /// OpenTelemetry traces (`--otel`).
+    #[command(flatten)]
+    pub otel: crate::telemetry::OtelArgs,
 
     // --- HTTP edge: limits and timeouts (README "Limits and timeouts") ---
     /// Longest time an idle upstream connection is kept for reuse; kept below the upstreams'

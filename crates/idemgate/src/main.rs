@@ -16,6 +16,7 @@ mod consume;
 mod edge;
 mod keys;
 mod serve;
+mod telemetry;
 mod upstream;
 mod workers;
 
@@ -66,11 +67,14 @@ enum Command {
     Consume(Box<consume::ConsumeArgs>),
 }
 
-fn init_logs(json: bool) {
+fn init_logs(json: bool, otel: Option<telemetry::Layer>) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IDEMGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if let Some(otel) = otel {
+        return telemetry::init_logs(filter, ansi, json, otel);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -113,14 +117,19 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let settings = config::resolve(&args)?;
-            init_logs(settings.json_logs);
+            let (telemetry, otel) = telemetry::Telemetry::start(&args.otel)?;
+            init_logs(settings.json_logs, otel);
             raise_fd_limit();
             settings.warn_at_start_up();
-            runtime.block_on(serve::run(settings))
+            telemetry.log_start(&args.otel);
+            let served = runtime.block_on(serve::run(settings));
+            // After the drain: the spans of the last requests are exported before exiting.
+            telemetry.shutdown();
+            served
         }
         Command::Keys { admin, command } => runtime.block_on(keys::run(&admin, command)),
         Command::CreateTable { store } => {
-            init_logs(false);
+            init_logs(false, None);
             let done = runtime
                 .block_on(idemgate_stores::create_table(&store))
                 .map_err(|e| {
@@ -133,7 +142,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Consume(args) => {
-            init_logs(args.json_logs);
+            init_logs(args.json_logs, None);
             let config = consume::config(*args)?;
             runtime.block_on(consume::run(config))
         }
