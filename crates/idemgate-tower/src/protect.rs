@@ -118,7 +118,6 @@ pub(crate) async fn protect<I, S, ReqB, ResB>(
     inner: I,
     req: Request<ReqB>,
     key: IdempotencyKey,
-    span: tracing::Span,
 ) -> Result<Response<IdemBody>, BoxError>
 where
     I: Service<Request<IdemBody>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -132,7 +131,9 @@ where
 {
     let finish = |answer: Answer, res: Response<IdemBody>| {
         count(answer, &route.name);
-        record_outcome(&span, answer);
+        if let Some(span) = request_span() {
+            record_outcome(&span, answer);
+        }
         tracing::debug!(status = res.status().as_u16(), "answered");
         Ok(res)
     };
@@ -264,12 +265,7 @@ where
             },
         )
         .await;
-    if !span.is_disabled()
-        && let Some(epoch) = epoch_of(&result)
-    {
-        span.record("idemgate.epoch", epoch);
-    }
-    match respond(result, &route, &scoped) {
+    match respond(record_epoch(result), &route, &scoped) {
         Responded::Answer(answer, response) => finish(answer, response),
         Responded::ForwardUnprotected => {
             let mut inner = fallback.ok_or("fail-open answer without a fallback")?;
@@ -280,6 +276,28 @@ where
             finish(Answer::StoreError, res.map(boxed))
         }
     }
+}
+
+/// The request's span (entered by the response future while it polls this one), when spans may
+/// be on. Looked up where it is needed rather than held: this future is boxed per request, and
+/// a larger box costs more than the lookup.
+fn request_span() -> Option<tracing::Span> {
+    if !tracing::level_enabled!(tracing::Level::DEBUG) {
+        return None;
+    }
+    Some(tracing::Span::current()).filter(|s| !s.is_disabled())
+}
+
+/// Records the epoch of the engine's answer in the request's span (when spans may be on), and
+/// hands the answer back. (A function of its own: borrowed in `protect`, the answer would be kept
+/// in its future across the fail-open awaits.)
+fn record_epoch<T>(result: Result<Execution<T>, EngineError>) -> Result<Execution<T>, EngineError> {
+    if let Some(span) = request_span()
+        && let Some(epoch) = epoch_of(&result)
+    {
+        span.record("idemgate.epoch", epoch);
+    }
+    result
 }
 
 /// The epoch the engine's answer is about: the one this request ran under, or the stored

@@ -158,7 +158,7 @@ where
                     span.record("idemgate.key", tracing::field::display(&key));
                 }
                 let shared = self.shared.clone();
-                let fut = protect(shared, route, inner, req, key, span.clone());
+                let fut = protect(shared, route, inner, req, key);
                 ResponseFuture::protected(Box::pin(fut), span)
             }
         }
