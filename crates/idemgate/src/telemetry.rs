@@ -58,6 +58,8 @@ pub struct Telemetry {
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
     /// Where spans go, for the start-up log line.
     endpoint: Option<String>,
+    /// Settings read but not honoured, warned about once the logs are up.
+    ignored: Vec<String>,
 }
 
 impl Telemetry {
@@ -79,6 +81,7 @@ impl Telemetry {
                 Self {
                     provider: Some(provider),
                     endpoint: Some(endpoint),
+                    ignored: otel::ignored(),
                 },
                 Some(layer),
             ))
@@ -94,10 +97,15 @@ impl Telemetry {
     /// Logs whether traces are exported, and where to (after the subscriber is installed).
     pub fn log_start(&self, args: &OtelArgs) {
         match &self.endpoint {
-            Some(endpoint) => tracing::info!(
-                endpoint = %endpoint,
-                "exporting traces over OTLP/HTTP (batched; flushed at shutdown)"
-            ),
+            Some(endpoint) => {
+                tracing::info!(
+                    endpoint = %endpoint,
+                    "exporting traces over OTLP/HTTP (batched; flushed at shutdown)"
+                );
+                for ignored in &self.ignored {
+                    tracing::warn!("{ignored}");
+                }
+            }
             None if args.enabled => {
                 tracing::info!("OTEL_SDK_DISABLED=true: traces are not exported despite --otel")
             }
@@ -110,10 +118,10 @@ impl Telemetry {
     pub fn shutdown(self) {
         #[cfg(feature = "otel")]
         if let Some(provider) = self.provider {
-            if let Err(e) = provider.shutdown_with_timeout(std::time::Duration::from_secs(5)) {
-                tracing::warn!(error = %e, "exporting the last spans failed");
-            } else {
-                tracing::info!("traces flushed");
+            // The SDK logs failed exports itself (and the spans it dropped on a full queue).
+            match provider.shutdown_with_timeout(std::time::Duration::from_secs(5)) {
+                Ok(()) => tracing::info!("trace export stopped"),
+                Err(e) => tracing::warn!(error = %e, "stopping the trace export failed"),
             }
         }
     }
@@ -213,6 +221,7 @@ mod otel {
     /// The exporter, the subscriber layer and the endpoint (for the log line).
     pub(super) fn start() -> anyhow::Result<(SdkTracerProvider, Layer, String)> {
         check_environment()?;
+        let endpoint = endpoint()?;
         // The exporter reads OTEL_EXPORTER_OTLP_{TRACES_,}{ENDPOINT,HEADERS,TIMEOUT,COMPRESSION}.
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -259,7 +268,7 @@ mod otel {
                 .with_max_level_hint(tracing::level_filters::LevelFilter::DEBUG),
             )
             .boxed();
-        Ok((provider, layer, endpoint()))
+        Ok((provider, layer, endpoint))
     }
 
     /// Refuses settings this build cannot honour, rather than sending what the collector does
@@ -290,6 +299,54 @@ mod otel {
         Ok(())
     }
 
+    /// Settings the exporter would pass over in silence.
+    pub(super) fn ignored() -> Vec<String> {
+        let mut ignored = Vec::new();
+        for name in [
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ] {
+            if let Some(v) = env(name) {
+                if !v.trim().eq_ignore_ascii_case("none") {
+                    ignored.push(format!(
+                        "{name}={v} ignored: this build sends spans uncompressed"
+                    ));
+                }
+                break;
+            }
+        }
+        // The SDK's own warnings about these come before the logs are up: said again here.
+        if let Some(sampler) = env("OTEL_TRACES_SAMPLER") {
+            let ratio = env("OTEL_TRACES_SAMPLER_ARG").and_then(|a| a.trim().parse::<f64>().ok());
+            match sampler.as_str() {
+                "always_on" | "always_off" | "parentbased_always_on" | "parentbased_always_off" => {
+                }
+                "traceidratio" | "parentbased_traceidratio" if ratio.is_none() => {
+                    ignored.push(format!(
+                        "OTEL_TRACES_SAMPLER={sampler} without a number in \
+                         OTEL_TRACES_SAMPLER_ARG: every trace is sampled (ratio 1.0)"
+                    ));
+                }
+                "traceidratio" | "parentbased_traceidratio" => {}
+                _ => ignored.push(format!(
+                    "OTEL_TRACES_SAMPLER={sampler} is not a sampler the SDK knows \
+                     (always_on, always_off, traceidratio, parentbased_always_on, \
+                     parentbased_always_off, parentbased_traceidratio): parentbased_always_on"
+                )),
+            }
+        }
+        if let Some(v) = env("OTEL_PROPAGATORS")
+            && v.split(',')
+                .any(|p| !p.trim().eq_ignore_ascii_case("tracecontext"))
+        {
+            ignored.push(format!(
+                "OTEL_PROPAGATORS={v} ignored: idemgate reads and sends W3C traceparent and \
+                 tracestate (tracecontext) only"
+            ));
+        }
+        ignored
+    }
+
     /// `service.name` `idemgate` and `service.version` this build's, unless
     /// `OTEL_RESOURCE_ATTRIBUTES` says otherwise; `OTEL_SERVICE_NAME` over both (the
     /// specification's order); and the SDK's `telemetry.sdk.*`.
@@ -318,24 +375,37 @@ mod otel {
         builder.build()
     }
 
-    /// Where the exporter sends spans, as it resolves it (for the log line; without user
-    /// information or query, which may hold credentials).
-    fn endpoint() -> String {
-        let url = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").unwrap_or_else(|| {
-            let base = env("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or(DEFAULT_ENDPOINT.to_owned());
-            format!("{}/v1/traces", base.trim_end_matches('/'))
-        });
-        match url.parse::<http::Uri>() {
-            Ok(uri) => {
-                format!(
-                    "{}://{}{}",
-                    uri.scheme_str().unwrap_or("http"),
-                    uri.host().unwrap_or(""),
-                    uri.port().map_or(String::new(), |p| format!(":{p}"))
-                ) + uri.path()
+    /// Where the exporter sends spans, as it resolves it, for the log line (without user
+    /// information or query, which may hold credentials). Refuses `https`: this build has no TLS
+    /// client for the exporter (a collector or agent on the host or beside it forwards over TLS).
+    fn endpoint() -> anyhow::Result<String> {
+        let (name, url) = match env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+            Some(url) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url),
+            None => {
+                let base =
+                    env("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or(DEFAULT_ENDPOINT.to_owned());
+                let url = format!("{}/v1/traces", base.trim_end_matches('/'));
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", url)
             }
-            Err(_) => "(an invalid URL)".to_owned(),
+        };
+        let uri = url
+            .trim()
+            .parse::<http::Uri>()
+            .map_err(|e| anyhow::anyhow!("{name}: not a URL ({e})"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => bail!(
+                "{name}: https is not supported by this build's OTLP exporter (plain http only: \
+                 send to a collector or agent on the host, which can forward over TLS)"
+            ),
+            _ => bail!("{name}: an http:// URL is needed"),
         }
+        let port = uri.port().map_or(String::new(), |p| format!(":{p}"));
+        Ok(format!(
+            "http://{}{port}{}",
+            uri.host().unwrap_or(""),
+            uri.path()
+        ))
     }
 
     /// A request's headers, read by the W3C propagator.

@@ -66,6 +66,8 @@ struct Received {
     malformed: Vec<String>,
     /// Connections accepted.
     connections: usize,
+    /// The `x-otlp-token` header of each request (set by `OTEL_EXPORTER_OTLP_HEADERS`).
+    tokens: Vec<Option<String>>,
 }
 
 /// An OTLP/HTTP trace receiver on loopback.
@@ -160,6 +162,12 @@ async fn otlp_export(
         .unwrap_or("")
         .to_owned();
     let what = format!("{} {} {content_type}", req.method(), req.uri().path());
+    let token = req
+        .headers()
+        .get("x-otlp-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    sink.lock().unwrap().tokens.push(token);
     let ok_head = req.method() == Method::POST
         && req.uri().path() == "/v1/traces"
         && content_type == "application/x-protobuf";
@@ -314,6 +322,7 @@ async fn otel_exports_a_span_per_request_with_store_children_and_propagates_trac
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url().as_str()),
             ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-otlp-token=t0ken"),
             // No scheduled export during the test: what arrives was flushed at shutdown.
             ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
         ],
@@ -347,11 +356,18 @@ async fn otel_exports_a_span_per_request_with_store_children_and_propagates_trac
             .lock()
             .unwrap()
             .iter()
-            .any(|l| l.contains("traces flushed")),
-        "no flush logged"
+            .any(|l| l.contains("trace export stopped")),
+        "the exporter was not stopped"
     );
-    let received = receiver.received.lock().unwrap().malformed.clone();
-    assert!(received.is_empty(), "non-OTLP requests: {received:?}");
+    let (malformed, tokens) = {
+        let received = receiver.received.lock().unwrap();
+        (received.malformed.clone(), received.tokens.clone())
+    };
+    assert!(malformed.is_empty(), "non-OTLP requests: {malformed:?}");
+    assert!(
+        !tokens.is_empty() && tokens.iter().all(|t| t.as_deref() == Some("t0ken")),
+        "OTEL_EXPORTER_OTLP_HEADERS not sent: {tokens:?}"
+    );
     let spans = receiver.spans();
     assert!(!spans.is_empty(), "no span arrived");
     // Store spans belong to requests: the sweeper's purge (at start-up) makes no trace.
