@@ -250,7 +250,10 @@ mod otel {
                 .with_callsite_filter(|meta| {
                     // Our spans (whatever IDEMGATE_LOG says), and warnings and errors inside
                     // them as span events; never the SDK's own diagnostics.
-                    if meta.is_span() && meta.target().starts_with("idemgate") {
+                    if meta.is_span()
+                        && *meta.level() <= tracing::Level::DEBUG
+                        && meta.target().starts_with("idemgate")
+                    {
                         if meta.name() == "store" {
                             Interest::sometimes()
                         } else {

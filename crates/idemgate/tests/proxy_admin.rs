@@ -212,7 +212,7 @@ async fn json_logs_carry_one_span_per_request_with_its_outcome() {
             .unwrap()
             .iter()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter_map(|v| v["span"]["outcome"].as_str().map(str::to_owned))
+            .filter_map(|v| v["span"]["idemgate.outcome"].as_str().map(str::to_owned))
             .collect();
         if outcomes == ["executed", "replayed"] {
             break;
