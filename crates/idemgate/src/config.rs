@@ -145,7 +145,7 @@ pub struct ServeArgs {
     pub store_timeout: Option<String>,
     /// OpenTelemetry traces (`--otel`).
     #[command(flatten)]
-    pub otel: crate::telemetry::OtelArgs,
+    pub otel: crate::traces::OtelArgs,
 
     // --- HTTP edge: limits and timeouts (README "Limits and timeouts") ---
     /// Longest time an idle upstream connection is kept for reuse; kept below the upstreams'

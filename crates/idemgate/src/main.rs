@@ -16,7 +16,7 @@ mod consume;
 mod edge;
 mod keys;
 mod serve;
-mod telemetry;
+mod traces;
 mod upstream;
 mod workers;
 
@@ -67,13 +67,13 @@ enum Command {
     Consume(Box<consume::ConsumeArgs>),
 }
 
-fn init_logs(json: bool, otel: Option<telemetry::Layer>) {
+fn init_logs(json: bool, otel: Option<traces::Layer>) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IDEMGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     if let Some(otel) = otel {
-        return telemetry::init_logs(filter, ansi, json, otel);
+        return traces::init_logs(filter, ansi, json, otel);
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -117,14 +117,14 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let settings = config::resolve(&args)?;
-            let (telemetry, otel) = telemetry::Telemetry::start(&args.otel)?;
+            let (traces, otel) = traces::Traces::start(&args.otel)?;
             init_logs(settings.json_logs, otel);
             raise_fd_limit();
             settings.warn_at_start_up();
-            telemetry.log_start(&args.otel);
+            traces.log_start(&args.otel);
             let served = runtime.block_on(serve::run(settings));
             // After the drain: the spans of the last requests are exported before exiting.
-            telemetry.shutdown();
+            traces.shutdown();
             served
         }
         Command::Keys { admin, command } => runtime.block_on(keys::run(&admin, command)),

@@ -24,7 +24,7 @@ use idemgate_tower::IdempotencyLayer;
 use tokio::sync::{mpsc, watch};
 
 use crate::edge::{Edge, FirstBytes, Slot, is_header_timeout, limit_rejection};
-use crate::telemetry;
+use crate::traces;
 use crate::upstream::{Upstream, UpstreamConfig};
 
 /// Accepted connections a worker's queue holds before the acceptor waits.
@@ -125,9 +125,9 @@ async fn serve_connections(
 ) {
     let service = Edge::new(
         tower::ServiceBuilder::new()
-            .layer(telemetry::adopt_traceparent())
+            .layer(traces::adopt_traceparent())
             .layer(plan.layer.clone())
-            .layer(telemetry::propagate())
+            .layer(traces::propagate())
             .service(Upstream::new(plan.upstream.clone())),
         plan.body_read_timeout,
     );

@@ -10,12 +10,12 @@
 //!   span; [`PropagateLayer`] opens the `upstream` span and sends its `traceparent` upstream.
 //! - Export is batched on the SDK's own thread (queue `OTEL_BSP_MAX_QUEUE_SIZE`, 2048 spans by
 //!   default: a span ended while it is full is dropped, and the drops are counted and logged);
-//!   [`Telemetry::shutdown`] flushes what is queued at the end of a graceful shutdown.
+//!   [`Traces::shutdown`] flushes what is queued at the end of a graceful shutdown.
 
 #[cfg(feature = "otel")]
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Whether this process exports traces (set once by [`Telemetry::start`]).
+/// Whether this process exports traces (set once by [`Traces::start`]).
 #[cfg(feature = "otel")]
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -51,9 +51,9 @@ pub type Layer =
 #[cfg(not(feature = "otel"))]
 pub enum Layer {}
 
-/// The running exporter (or nothing, when traces are off); [`Telemetry::shutdown`] flushes it.
+/// The running exporter (or nothing, when traces are off); [`Traces::shutdown`] flushes it.
 #[derive(Debug, Default)]
-pub struct Telemetry {
+pub struct Traces {
     #[cfg(feature = "otel")]
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
     /// Where spans go, for the start-up log line.
@@ -62,7 +62,7 @@ pub struct Telemetry {
     ignored: Vec<String>,
 }
 
-impl Telemetry {
+impl Traces {
     /// Starts the exporter when `args` ask for it (and `OTEL_SDK_DISABLED` is not `true`), and
     /// hands back the subscriber layer to install with the logs. Fails on settings this build
     /// cannot honour (another protocol than http/protobuf, another exporter than otlp).
