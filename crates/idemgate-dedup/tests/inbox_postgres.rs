@@ -1,6 +1,6 @@
 //! The PostgreSQL inbox on tokio-postgres ([`PgInbox`](idemgate_dedup::inbox::PgInbox)) against
-//! a real server (`IDEMGATE_TEST_POSTGRES_URL`): the cases of `inbox_suite`. Ignored without the
-//! variable (CI fails instead).
+//! a real server (`IDEMGATE_TEST_POSTGRES_URL`): the cases of `inbox_suite`, which
+//! `inbox_sqlx.rs` runs on sqlx. Ignored without the variable (CI fails instead).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 

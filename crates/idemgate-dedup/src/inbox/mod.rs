@@ -1,7 +1,8 @@
 //! The PostgreSQL inbox: the dedup row and the handler's own writes commit in ONE transaction of
-//! the application's database, on tokio-postgres ([`PgInbox`], feature `postgres`; its docs show
-//! an example). The statements and the decisions live in a driver-neutral module that another
-//! driver can share.
+//! the application's database — on tokio-postgres ([`PgInbox`], feature `postgres`) or on sqlx
+//! ([`SqlxInbox`], feature `sqlx`). Both run the same statements and the same decisions (one
+//! shared implementation) and answer the same [`InboxOutcome`]; each struct's docs show an
+//! example.
 //!
 //! # How it works, and what it guarantees
 //!
@@ -46,13 +47,17 @@
 //! | an error | nothing committed (handler error, PostgreSQL, aborted transaction) | nack |
 
 mod shared;
+#[cfg(feature = "sqlx")]
+mod sqlx_pg;
 #[cfg(feature = "postgres")]
 mod tokio_pg;
 
+#[cfg(feature = "sqlx")]
+pub use sqlx_pg::{SqlxInbox, SqlxInboxError};
 #[cfg(feature = "postgres")]
 pub use tokio_pg::{InboxError, PgInbox};
 
-/// What `process_once` did.
+/// What `process_once` did ([`PgInbox`] and [`SqlxInbox`] alike).
 #[derive(Debug, PartialEq, Eq)]
 pub enum InboxOutcome<T> {
     /// The handler ran, and its writes committed together with the dedup row: ack.

@@ -1,8 +1,10 @@
-//! The behaviour an inbox driver must give, as functions over a [`Driver`]; `inbox_postgres.rs`
-//! (tokio-postgres) runs every case against a real server (`IDEMGATE_TEST_POSTGRES_URL`).
+//! The behaviour both inbox drivers must give, as functions over a [`Driver`]; `inbox_postgres.rs`
+//! (tokio-postgres) and `inbox_sqlx.rs` (sqlx) run every case against a real server
+//! (`IDEMGATE_TEST_POSTGRES_URL`).
 
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+mod sqlx_driver;
 mod tokio_pg_driver;
 
 use std::future::Future;
@@ -14,6 +16,7 @@ use idemgate_dedup::MessageId;
 use idemgate_dedup::inbox::InboxOutcome;
 use tokio::sync::{Barrier, mpsc, watch};
 
+pub use sqlx_driver::Sqlx;
 pub use tokio_pg_driver::TokioPg;
 
 pub fn url() -> String {
@@ -515,4 +518,40 @@ pub async fn the_applications_lock_timeout_is_intact_in_the_handler<D: Driver>()
         .await,
         3
     );
+}
+
+/// Both drivers run the same statements on the same table: a message processed through one is
+/// a duplicate through the other.
+pub async fn the_two_drivers_share_one_table() {
+    let (pg, effects) = tables::<TokioPg>("shared").await;
+    let sqlx = Sqlx::new(pg.table());
+    let (mut pg_conn, mut sqlx_conn) = (TokioPg::connect().await, Sqlx::connect().await);
+    let out = pg
+        .process(&mut pg_conn, "c", &id("m-a"), &effects, Handler::Effect)
+        .await
+        .unwrap();
+    assert_eq!(out, InboxOutcome::Processed(None));
+    let out = sqlx
+        .process(
+            &mut sqlx_conn,
+            "c",
+            &id("m-a"),
+            &effects,
+            Handler::MustNotRun,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, InboxOutcome::Duplicate);
+    let out = sqlx
+        .process(&mut sqlx_conn, "c", &id("m-b"), &effects, Handler::Effect)
+        .await
+        .unwrap();
+    assert_eq!(out, InboxOutcome::Processed(None));
+    let out = pg
+        .process(&mut pg_conn, "c", &id("m-b"), &effects, Handler::MustNotRun)
+        .await
+        .unwrap();
+    assert_eq!(out, InboxOutcome::Duplicate);
+    assert_eq!(rows(&mut pg_conn, &pg, &effects, "m-a").await, (1, 1));
+    assert_eq!(rows(&mut pg_conn, &pg, &effects, "m-b").await, (1, 1));
 }
