@@ -6,6 +6,7 @@ include!("../../build-support/service_cfgs.rs");
 fn main() {
     service_cfgs(&[
         ("IDEMGATE_TEST_NATS_URL", "no_nats"),
+        ("IDEMGATE_TEST_AMQP_URL", "no_amqp"),
         ("IDEMGATE_TEST_POSTGRES_URL", "no_postgres"),
     ]);
 }
