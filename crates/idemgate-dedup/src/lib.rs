@@ -77,7 +77,10 @@
 //! timeout bounds only its own insert: the application's `lock_timeout` is back in force for
 //! the handler. Shown against a real PostgreSQL (a killed connection before and after the
 //! effect, 16 deliveries of one id racing, 8 consumers × 200 messages, handler errors and
-//! aborted transactions), on both drivers.
+//! aborted transactions), on both drivers; and end to end (`examples/message-consumer`, on
+//! tokio-postgres): a consumer of NATS JetStream and one of RabbitMQ, SIGKILLed 10 times over
+//! 10,000 messages with ~20 % re-published duplicates, leave effects == distinct messages with
+//! nothing pending and nothing dead-lettered.
 //!
 //! Ack only when [`Processed::action`] says [`Action::Ack`]: then the outcome is recorded.
 //!

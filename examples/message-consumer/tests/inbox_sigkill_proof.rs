@@ -12,8 +12,10 @@
 //!   then exits), after which the queue must be empty: an unacked message would be back in it.
 //!
 //! Each consumer prints the duplicates it answers: those beyond the re-published copies are
-//! redeliveries of messages whose effect had already committed — the crash window the inbox
-//! closes — and are reported as `redelivered_after_commit`.
+//! redeliveries that arrived after the message's effect had committed — after a kill between
+//! `COMMIT` and the ack (the crash window the inbox closes), or on NATS after `AckWait` expired
+//! while the message waited in the consumer's buffer — and are reported as
+//! `redelivered_after_commit`.
 //!
 //! Small by default (1,000 messages, 3 kills each); `IDEMGATE_PROOF_MESSAGES=10000
 //! IDEMGATE_PROOF_KILLS=10` for the full run. Needs `IDEMGATE_TEST_POSTGRES_URL` and the
@@ -257,8 +259,8 @@ async fn run_with_kills(
 
 /// Every stored copy was acked at least once, and every ack but one per message answered a
 /// duplicate (printed before its ack): at least `published - messages` duplicates. Those beyond
-/// are redeliveries of messages whose effect had committed before the kill or the ack timeout
-/// (the crash window the inbox closes). Returns that excess.
+/// are redeliveries that arrived after the message's effect had committed (see the file's
+/// docs). Returns that excess.
 fn redelivered_after_commit(duplicates: usize, published: usize, messages: usize) -> usize {
     assert!(
         duplicates >= published - messages,
