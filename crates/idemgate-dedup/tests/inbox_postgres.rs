@@ -34,6 +34,12 @@ async fn a_handler_that_swallows_a_failed_statement_is_not_processed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
+async fn a_handler_that_rolls_back_itself_is_not_processed() {
+    inbox_suite::a_handler_that_rolls_back_itself_is_not_processed::<TokioPg>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
 async fn concurrent_consumers_apply_each_message_once() {
     inbox_suite::concurrent_consumers_apply_each_message_once::<TokioPg>().await;
 }

@@ -20,11 +20,6 @@ const LOCK_NOT_AVAILABLE: &str = "55P03";
 /// timeout (text, e.g. `5000ms`).
 pub(crate) const ENTER: &str = "SELECT prev, set_config('lock_timeout', $1, true) FROM current_setting('lock_timeout') AS prev";
 
-/// Run after the handler returned `Ok`: in a transaction aborted by a failed statement (that the
-/// handler swallowed), every statement fails with `25P02` — and `COMMIT` would silently become
-/// `ROLLBACK`.
-pub(crate) const PROBE: &str = "SELECT 1";
-
 /// The statements of one inbox table (validated name).
 #[derive(Clone, Debug)]
 pub(crate) struct Sql {
@@ -37,6 +32,12 @@ pub(crate) struct Sql {
     pub(crate) claim: String,
     /// `$1`: the age in seconds (float8).
     pub(crate) purge: String,
+    /// Run after the handler returned `Ok`, `$1` consumer, `$2` message id: whether the dedup
+    /// row is still there. In a transaction aborted by a failed statement (that the handler
+    /// swallowed) it fails with `25P02` — and `COMMIT` would silently become `ROLLBACK`; after a
+    /// `ROLLBACK` (or `ROLLBACK TO SAVEPOINT`) the handler issued itself, the row is gone
+    /// (false) — and `COMMIT` would commit nothing. Either way the caller must not ack.
+    pub(crate) probe: String,
 }
 
 impl Sql {
@@ -54,8 +55,13 @@ impl Sql {
         if parts.len() > 2 || !parts.iter().all(|p| plain(p)) {
             return None;
         }
+        // Each part quoted: a valid name that is a reserved word (`user`, `order`) works too
+        // (the parts are lower case, so quoting changes nothing else).
+        let quoted: Vec<String> = parts.iter().map(|p| format!("\"{p}\"")).collect();
+        let table_sql = quoted.join(".");
+        let table = table_sql.as_str();
         Some(Self {
-            table: table.to_owned(),
+            table: parts.join("."),
             create: format!(
                 "CREATE TABLE IF NOT EXISTS {table} (\
                    consumer text NOT NULL, \
@@ -71,6 +77,9 @@ impl Sql {
             purge: format!(
                 "DELETE FROM {table} WHERE processed_at < now() - make_interval(secs => $1::float8)"
             ),
+            probe: format!(
+                "SELECT EXISTS (SELECT 1 FROM {table} WHERE consumer = $1 AND message_id = $2)"
+            ),
         })
     }
 }
@@ -78,7 +87,12 @@ impl Sql {
 /// The inbox's lock timeout as a `lock_timeout` value (at least 1 ms: `0` would mean "wait
 /// forever").
 pub(crate) fn timeout_setting(timeout: Duration) -> String {
-    format!("{}ms", timeout.as_millis().max(1))
+    // At most PostgreSQL's largest value (INT_MAX ms, ~24.8 days): a larger one would make
+    // every claim fail.
+    format!(
+        "{}ms",
+        timeout.as_millis().clamp(1, i32::MAX.unsigned_abs().into())
+    )
 }
 
 /// One driver's transaction, as the algorithm needs it.
@@ -95,8 +109,13 @@ pub(crate) trait InboxTx: Sized + Send {
         message_id: &str,
         restore: &str,
     ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
-    /// Runs [`PROBE`].
-    fn probe(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Runs [`Sql::probe`]; true when the dedup row is still there.
+    fn probe(
+        &mut self,
+        sql: &str,
+        consumer: &str,
+        message_id: &str,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
     /// Commits (a savepoint: releases it).
     fn commit(self) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Rolls back (a savepoint: rolls back to it).
@@ -118,6 +137,9 @@ pub(crate) enum Claim<X, T> {
 pub(crate) enum Failure<E, D> {
     Handler(E),
     Driver(D),
+    /// The handler ended the transaction itself (a `ROLLBACK`, a rollback to the savepoint):
+    /// the dedup row is gone.
+    Ended,
 }
 
 /// The inbox's first half: set the inbox's lock timeout, insert the dedup row, restore the
@@ -158,17 +180,28 @@ pub(crate) async fn claim<X: InboxTx, T>(
 /// was aborted meanwhile), roll back on `Err`. Nothing is committed unless the result is
 /// [`InboxOutcome::Processed`].
 pub(crate) async fn finish<X: InboxTx, T, E>(
+    sql: &Sql,
     mut tx: X,
+    consumer: &str,
+    message_id: &MessageId,
     handled: Result<T, E>,
 ) -> Result<InboxOutcome<T>, Failure<E, X::Error>> {
     match handled {
         Ok(value) => {
             // A handler that swallowed a failed statement returns Ok on an aborted transaction,
             // whose COMMIT PostgreSQL answers with ROLLBACK (no error; neither driver reads the
-            // tag): nothing would be committed and the caller would ack.
-            if let Err(e) = tx.probe().await {
-                let _ = tx.rollback().await;
-                return Err(Failure::Driver(e));
+            // tag), and one that rolled back itself leaves nothing to commit: in both cases the
+            // caller would ack a message whose effects are gone.
+            match tx.probe(&sql.probe, consumer, message_id.as_str()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    let _ = tx.rollback().await;
+                    return Err(Failure::Ended);
+                }
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    return Err(Failure::Driver(e));
+                }
             }
             tx.commit().await.map_err(Failure::Driver)?;
             Ok(InboxOutcome::Processed(value))

@@ -7,7 +7,7 @@ use sqlx::postgres::{PgConnection, PgExecutor, Postgres};
 use sqlx::{Acquire, Transaction};
 
 use super::InboxOutcome;
-use super::shared::{self, Claim, ENTER, Failure, InboxTx, PROBE, Sql};
+use super::shared::{self, Claim, ENTER, Failure, InboxTx, Sql};
 use crate::MessageId;
 
 /// Why [`SqlxInbox::process_once`] failed; in every case nothing was committed.
@@ -21,6 +21,12 @@ pub enum SqlxInboxError<E> {
     /// timeout, …): rolled back, or never committed. Nack and let the redelivery run it.
     #[error("inbox: {0}")]
     Sqlx(#[from] sqlx::Error),
+    /// The handler ended the inbox's transaction itself (`ROLLBACK`, or a rollback to the
+    /// savepoint): the dedup row and whatever the handler wrote before are gone, and nothing
+    /// was committed by the inbox. Nack; the redelivery runs the handler again. (A handler must
+    /// not end the transaction it is given.)
+    #[error("the handler ended the inbox's transaction itself; nothing was committed")]
+    TransactionEnded,
     /// The table name is not a plain SQL identifier.
     #[error(
         "inbox table name {0:?} is not a plain identifier ([a-z_][a-z0-9_]*, at most 63 bytes)"
@@ -151,10 +157,13 @@ impl SqlxInbox {
             Claim::Taken(outcome) => return Ok(outcome),
         };
         let handled = handler(&mut *tx).await;
-        shared::finish(tx, handled).await.map_err(|e| match e {
-            Failure::Handler(e) => SqlxInboxError::Handler(e),
-            Failure::Driver(e) => SqlxInboxError::Sqlx(e),
-        })
+        shared::finish(&self.sql, tx, consumer, message_id, handled)
+            .await
+            .map_err(|e| match e {
+                Failure::Handler(e) => SqlxInboxError::Handler(e),
+                Failure::Driver(e) => SqlxInboxError::Sqlx(e),
+                Failure::Ended => SqlxInboxError::TransactionEnded,
+            })
     }
 }
 
@@ -184,9 +193,17 @@ impl InboxTx for Transaction<'_, Postgres> {
         Ok(row.is_some())
     }
 
-    async fn probe(&mut self) -> Result<(), Self::Error> {
-        sqlx::query(PROBE).execute(&mut **self).await?;
-        Ok(())
+    async fn probe(
+        &mut self,
+        sql: &str,
+        consumer: &str,
+        message_id: &str,
+    ) -> Result<bool, Self::Error> {
+        sqlx::query_scalar(sql)
+            .bind(consumer)
+            .bind(message_id)
+            .fetch_one(&mut **self)
+            .await
     }
 
     async fn commit(self) -> Result<(), Self::Error> {

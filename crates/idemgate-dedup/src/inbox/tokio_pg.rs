@@ -7,7 +7,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient, Transaction};
 
 use super::InboxOutcome;
-use super::shared::{self, Claim, ENTER, Failure, InboxTx, PROBE, Sql};
+use super::shared::{self, Claim, ENTER, Failure, InboxTx, Sql};
 use crate::MessageId;
 
 /// Why [`PgInbox::process_once`] failed; in every case nothing was committed.
@@ -21,6 +21,12 @@ pub enum InboxError<E> {
     /// committed. Nack and let the redelivery run it.
     #[error("inbox: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    /// The handler ended the inbox's transaction itself (`ROLLBACK`, or a rollback to the
+    /// savepoint): the dedup row and whatever the handler wrote before are gone, and nothing
+    /// was committed by the inbox. Nack; the redelivery runs the handler again. (A handler must
+    /// not end the transaction it is given.)
+    #[error("the handler ended the inbox's transaction itself; nothing was committed")]
+    TransactionEnded,
     /// The table name is not a plain SQL identifier.
     #[error(
         "inbox table name {0:?} is not a plain identifier ([a-z_][a-z0-9_]*, at most 63 bytes)"
@@ -135,10 +141,13 @@ impl PgInbox {
             Claim::Taken(outcome) => return Ok(outcome),
         };
         let handled = handler(&tx).await;
-        shared::finish(tx, handled).await.map_err(|e| match e {
-            Failure::Handler(e) => InboxError::Handler(e),
-            Failure::Driver(e) => InboxError::Postgres(e),
-        })
+        shared::finish(&self.sql, tx, consumer, message_id, handled)
+            .await
+            .map_err(|e| match e {
+                Failure::Handler(e) => InboxError::Handler(e),
+                Failure::Driver(e) => InboxError::Postgres(e),
+                Failure::Ended => InboxError::TransactionEnded,
+            })
     }
 }
 
@@ -172,8 +181,15 @@ impl InboxTx for Transaction<'_> {
         Ok(row.is_some())
     }
 
-    async fn probe(&mut self) -> Result<(), Self::Error> {
-        self.batch_execute(PROBE).await
+    async fn probe(
+        &mut self,
+        sql: &str,
+        consumer: &str,
+        message_id: &str,
+    ) -> Result<bool, Self::Error> {
+        self.query_typed_one(sql, &[(&consumer, Type::TEXT), (&message_id, Type::TEXT)])
+            .await?
+            .try_get(0)
     }
 
     async fn commit(self) -> Result<(), Self::Error> {

@@ -32,6 +32,8 @@ pub enum Handler {
     /// Inserts the effect, runs a statement that fails (aborting the transaction) and ignores
     /// its error; `Ok(None)`.
     EffectThenSwallow,
+    /// Inserts the effect, then ends the transaction itself with `ROLLBACK`; `Ok(None)`.
+    EffectThenRollback,
     /// Inserts the effect when `effect`, says so on `reached`, then waits until `go` turns true
     /// (forever when `None`); `Ok(Some("held"))`.
     Hold {
@@ -52,6 +54,8 @@ pub const REFUSED: &str = "payment provider said no";
 #[derive(Debug)]
 pub enum Failed {
     Handler(String),
+    /// The handler ended the inbox's transaction itself.
+    Ended,
     Database {
         sqlstate: Option<String>,
         message: String,
@@ -278,6 +282,37 @@ pub async fn a_handler_that_swallows_a_failed_statement_is_not_processed<D: Driv
     assert_eq!(rows(&mut conn, &inbox, &effects, "m-swallow").await, (1, 1));
 }
 
+/// A handler that ends the inbox's transaction itself (`ROLLBACK`) and returns `Ok`: the dedup
+/// row and its effect are gone, so the inbox must report an error (the caller nacks), never
+/// `Processed` (the caller would ack a lost message).
+pub async fn a_handler_that_rolls_back_itself_is_not_processed<D: Driver>() {
+    let (inbox, effects) = tables::<D>("rollback").await;
+    let mut conn = D::connect().await;
+    let out = inbox
+        .process(
+            &mut conn,
+            "c",
+            &id("m-rollback"),
+            &effects,
+            Handler::EffectThenRollback,
+        )
+        .await;
+    assert!(matches!(out, Err(Failed::Ended)), "{out:?}");
+    assert_eq!(
+        rows(&mut conn, &inbox, &effects, "m-rollback").await,
+        (0, 0)
+    );
+    let again = inbox
+        .process(&mut conn, "c", &id("m-rollback"), &effects, Handler::Effect)
+        .await
+        .unwrap();
+    assert_eq!(again, InboxOutcome::Processed(None));
+    assert_eq!(
+        rows(&mut conn, &inbox, &effects, "m-rollback").await,
+        (1, 1)
+    );
+}
+
 /// Eight consumers, each on its own connection, receive every one of 200 messages (each
 /// message delivered 8 times, concurrently): every effect happens exactly once.
 pub async fn concurrent_consumers_apply_each_message_once<D: Driver>() {
@@ -373,7 +408,7 @@ pub async fn racing_deliveries_of_one_message_run_once<D: Driver>() {
     let mut observer = D::connect().await;
     let waiting = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-         AND query LIKE 'INSERT INTO {} %'",
+         AND query LIKE 'INSERT INTO %{}%'",
         inbox.table()
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -38,6 +38,14 @@ async fn handle(
             assert!(failed.is_err(), "{FAILING_SQL} must fail");
             Ok(None)
         }
+        Handler::EffectThenRollback => {
+            effect(conn, effects, id).await?;
+            sqlx::query("ROLLBACK")
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(None)
+        }
         Handler::Hold {
             effect: write,
             reached,
@@ -67,6 +75,7 @@ async fn handle(
 fn failed(e: SqlxInboxError<String>) -> Failed {
     match e {
         SqlxInboxError::Handler(e) => Failed::Handler(e),
+        SqlxInboxError::TransactionEnded => Failed::Ended,
         SqlxInboxError::Sqlx(e) => Failed::Database {
             sqlstate: e
                 .as_database_error()

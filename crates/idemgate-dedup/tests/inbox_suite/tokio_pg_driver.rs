@@ -35,6 +35,13 @@ async fn handle(
             assert!(failed.is_err(), "{FAILING_SQL} must fail");
             Ok(None)
         }
+        Handler::EffectThenRollback => {
+            effect().await?;
+            tx.batch_execute("ROLLBACK")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(None)
+        }
         Handler::Hold {
             effect: write,
             reached,
@@ -64,6 +71,7 @@ async fn handle(
 fn failed(e: InboxError<String>) -> Failed {
     match e {
         InboxError::Handler(e) => Failed::Handler(e),
+        InboxError::TransactionEnded => Failed::Ended,
         InboxError::Postgres(e) => Failed::Database {
             sqlstate: e.code().map(|c| c.code().to_owned()),
             message: e.to_string(),
