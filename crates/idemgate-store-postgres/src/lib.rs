@@ -1,7 +1,7 @@
 //! # idemgate-store-postgres
 //!
-//! A shared [`Store`] on PostgreSQL, for several idemgate instances (and, later, for exactly-once
-//! message processing inside the application's own transaction).
+//! A shared [`Store`] on PostgreSQL, for several idemgate instances. (Exactly-once message
+//! processing inside the application's own transaction is `idemgate-dedup`'s PostgreSQL inbox.)
 //!
 //! ## Overview
 //!
