@@ -35,7 +35,7 @@ use crate::key::StoreKey;
 use crate::record::{Fencing, Outcome, Record, RecordState};
 use crate::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
-    Store, TakeOverOutcome, TakeOverRequest,
+    ResolveOutcome, Store, TakeOverOutcome, TakeOverRequest, UnknownMark,
 };
 
 const SHARDS: usize = 16;
@@ -293,6 +293,20 @@ impl<S: Store> Store for CachedStore<S> {
             key: *key,
         };
         self.inner.delete(key, mode).await
+    }
+
+    async fn complete_unknown(
+        &self,
+        key: &StoreKey,
+        expected: UnknownMark,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        // Only completed records are cached, and this one was outcome-unknown: no copy can be
+        // stale. The completed record is cached by the next read, like any other.
+        self.inner
+            .complete_unknown(key, expected, outcome, ttl)
+            .await
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {

@@ -22,7 +22,7 @@ pub struct Instrumentation {
     deadline: Duration,
     /// One histogram handle per operation, registered once (a lookup by name and labels on
     /// every call showed in profiles).
-    latency: [metrics::Histogram; 10],
+    latency: [metrics::Histogram; Operation::ALL.len()],
 }
 
 impl std::fmt::Debug for Instrumentation {

@@ -123,6 +123,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         prometheus,
         namespace: settings.namespace.clone(),
         routes: settings.routes.clone(),
+        access: std::sync::Arc::new(settings.admin_access.clone()),
     });
     let admin_task = tokio::spawn(async move {
         let stop = async {

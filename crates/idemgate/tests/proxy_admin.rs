@@ -10,9 +10,15 @@ use common::{Http, Proxy, Upstream, hold_first, metric, until};
 use http::{HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
 
+/// `idemgate keys --json ARGS` against `proxy`: success, and the JSON printed.
 fn keys_cli(proxy: &Proxy, args: &[&str]) -> (bool, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_idemgate"))
-        .args(["keys", "--admin", &format!("http://{}", proxy.admin)])
+    let out = Command::new(common::bin())
+        .args([
+            "keys",
+            "--json",
+            "--admin",
+            &format!("http://{}", proxy.admin),
+        ])
         .args(args)
         .output()
         .unwrap();
