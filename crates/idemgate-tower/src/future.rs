@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -29,8 +30,25 @@ pin_project! {
     #[project = Proj]
     enum Kind<F> {
         Ready { response: Option<Response<IdemBody>> },
-        PassThrough { #[pin] future: F },
+        PassThrough { #[pin] future: F, timing: PassTiming },
         Protected { future: BoxFuture },
+    }
+}
+
+/// Where a pass-through request's time goes: once the inner service's response head (or
+/// failure) is there, its time since the request reached the layer is recorded as both the
+/// request's and the upstream's duration (nothing else happens in between).
+pub(crate) struct PassTiming {
+    pub(crate) started: Instant,
+    pub(crate) request: metrics::Histogram,
+    pub(crate) upstream: metrics::Histogram,
+}
+
+impl PassTiming {
+    fn record(&self) {
+        let secs = self.started.elapsed().as_secs_f64();
+        self.request.record(secs);
+        self.upstream.record(secs);
     }
 }
 
@@ -63,9 +81,9 @@ impl<F> ResponseFuture<F> {
         }))
     }
 
-    pub(crate) fn pass(future: F) -> Self {
+    pub(crate) fn pass(future: F, timing: PassTiming) -> Self {
         Self {
-            kind: Kind::PassThrough { future },
+            kind: Kind::PassThrough { future, timing },
         }
     }
     pub(crate) fn protected(future: BoxFuture) -> Self {
@@ -92,12 +110,15 @@ where
             },
             // An upstream failure of a passed-through request is answered too (502, naming only
             // the cause class); other inner-service errors stay errors.
-            Proj::PassThrough { future } => future.poll(cx).map(|r| match r {
-                Ok(res) => Ok(res.map(boxed)),
-                Err(e) => match e.into().downcast::<UpstreamError>() {
-                    Ok(u) => Ok(ProblemKind::upstream(&u, ProblemKind::UpstreamFailed)),
-                    Err(other) => Err(other),
-                },
+            Proj::PassThrough { future, timing } => future.poll(cx).map(|r| {
+                timing.record();
+                match r {
+                    Ok(res) => Ok(res.map(boxed)),
+                    Err(e) => match e.into().downcast::<UpstreamError>() {
+                        Ok(u) => Ok(ProblemKind::upstream(&u, ProblemKind::UpstreamFailed)),
+                        Err(other) => Err(other),
+                    },
+                }
             }),
             Proj::Protected { future } => future.as_mut().poll(cx),
         }
