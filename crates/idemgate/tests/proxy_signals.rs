@@ -2,7 +2,7 @@
 //! there at zero before traffic, pass-through requests labelled, histograms, build info, the
 //! census of outcome-unknown records, replay-cache hits and misses), the WARN lines for
 //! outcome-unknown records and lost leases (route, client key, store key, and a resolve command
-//! that works).
+//! that works), and the operator files in `deploy/` naming only metrics a real scrape has.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -249,6 +249,62 @@ async fn every_family_is_described_and_every_series_is_there_at_zero_before_traf
             "route=\"(none)\""
         ),
         Some(1.0)
+    );
+}
+
+/// The metric names a file mentions: every `idemgate_…` word.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("idemgate_") {
+        let word: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + word.len()..];
+        names.insert(word);
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_and_the_alerts_use_exists_in_a_real_scrape() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    let mut used = BTreeSet::new();
+    for file in ["grafana/idemgate.json", "prometheus/alerts.yml"] {
+        let text = std::fs::read_to_string(deploy.join(file)).unwrap();
+        let names = metric_names(&text);
+        assert!(names.len() >= 5, "{file}: {names:?}");
+        used.extend(names);
+    }
+    // The extraction finds what the files are about.
+    for name in [
+        "idemgate_outcome_unknown_records",
+        "idemgate_store_errors_total",
+        "idemgate_takeovers_total",
+        "idemgate_leases_lost_total",
+        "idemgate_requests_total",
+        "idemgate_request_duration_seconds_bucket",
+    ] {
+        assert!(used.contains(name), "{name} not found in deploy/: {used:?}");
+    }
+
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&up.url(), "memory://", &[]);
+    let http = Http::default();
+    http.post(&proxy.url("/pay"), Some("dash-1"), b"{}").await;
+    let replay = http.post(&proxy.url("/pay"), Some("dash-1"), b"{}").await;
+    assert!(replay.replayed());
+    http.get(&proxy.url("/")).await;
+    let s = scrape_after_census(&http, &proxy).await;
+    let names = s.names();
+    let missing: Vec<_> = used
+        .iter()
+        .filter(|n| !names.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "deploy/ uses metrics a scrape does not have: {missing:?}"
     );
 }
 
