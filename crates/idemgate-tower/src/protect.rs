@@ -289,8 +289,12 @@ where
             futures_util::future::poll_fn(|cx| inner.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
-            let res = inner.call(request_for(0)).await.map_err(Into::into)?;
-            finish(Answer::StoreError, res.map(boxed))
+            let sent = Instant::now();
+            let res = inner.call(request_for(0)).await;
+            signals
+                .upstream(Some(&route.name))
+                .record(sent.elapsed().as_secs_f64());
+            finish(Answer::StoreError, res.map_err(Into::into)?.map(boxed))
         }
     }
 }
