@@ -44,6 +44,7 @@ pub(crate) async fn shutdown_signal() {
 pub async fn run(settings: Settings) -> Result<()> {
     let prometheus = telemetry::install()?;
     telemetry::describe_and_register();
+    let upkeep = telemetry::spawn_upkeep(prometheus.clone());
     let opened = idemgate_stores::open(&settings.store)
         .await
         .with_context(|| {
@@ -199,6 +200,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     if let Some(census) = census {
         census.abort();
     }
+    upkeep.abort();
     tracing::info!("stopped");
     Ok(())
 }

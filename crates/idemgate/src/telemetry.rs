@@ -80,6 +80,23 @@ pub fn install() -> Result<PrometheusHandle> {
         .context("installing the metrics recorder")
 }
 
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Folds the histograms' recorded samples into their buckets every [`UPKEEP_INTERVAL`]: the
+/// recorder keeps every sample until then (a scrape does it too), so without this an instance
+/// nobody scrapes would hold 8 bytes per sample (several per request) for ever.
+pub fn spawn_upkeep(prometheus: PrometheusHandle) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            prometheus.run_upkeep();
+        }
+    })
+}
+
 /// Describes every family and registers the series known at start at zero (after
 /// [`install`]; the layer and the store register their own when they are built).
 pub fn describe_and_register() {
