@@ -498,3 +498,24 @@ async fn replays_from_the_local_cache_are_counted_as_hits_and_store_reads_as_mis
     assert_eq!(m("idemgate_replay_cache_misses_total").await, 1.0);
     assert_eq!(m("idemgate_replay_cache_hits_total").await, 1.0);
 }
+
+#[test]
+fn an_unknown_scan_rate_out_of_bounds_stops_the_binary() {
+    let out = Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args([
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--store",
+            "memory://",
+        ])
+        .args(["--unknown-scan-rate", "1000001"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--unknown-scan-rate (IDEMGATE_UNKNOWN_SCAN_RATE) = 1000001 is out of bounds"),
+        "{err}"
+    );
+}
