@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
 use crate::body::BodyBudget;
+use crate::metrics::Signals;
 use crate::policy::Routes;
 use crate::service::Idempotency;
 
@@ -36,6 +37,7 @@ pub(crate) struct Shared<S> {
     pub(crate) namespace: String,
     pub(crate) response_timeout: Option<Duration>,
     pub(crate) limits: Limits,
+    pub(crate) signals: Signals,
 }
 
 /// The layer's resource limits (none by default).
@@ -132,11 +134,13 @@ impl<S: Store> IdempotencyLayerBuilder<S> {
         self
     }
 
-    /// Builds the layer.
+    /// Builds the layer, registering its metrics (see [`metrics`](crate::metrics): install the
+    /// recorder first).
     pub fn build(self) -> IdempotencyLayer<S> {
         IdempotencyLayer {
             shared: Arc::new(Shared {
                 engine: self.engine,
+                signals: Signals::register(&self.routes),
                 routes: self.routes,
                 namespace: self.namespace,
                 response_timeout: self.response_timeout,

@@ -190,12 +190,16 @@ impl RoutePolicy {
     ///
     /// On a path pattern [`PathPattern::parse`] refuses (e.g. `/a/**/b`).
     pub fn new(name: impl Into<String>, path: &str) -> Self {
+        let name = name.into();
         Self {
-            name: name.into(),
+            engine: Policy {
+                name: name.as_str().into(),
+                ..Policy::default()
+            },
+            name,
             methods: [Method::POST, Method::PATCH].into_iter().collect(),
             path: PathPattern::new(path),
             required: false,
-            engine: Policy::default(),
             fingerprint: FingerprintOptions::default(),
             fingerprint_headers: vec!["content-type".into()],
             scope_headers: vec!["authorization".into()],
@@ -330,9 +334,20 @@ fn lower(items: impl IntoIterator<Item = impl Into<String>>) -> Vec<String> {
 pub struct Routes(Vec<Arc<RoutePolicy>>);
 
 impl Routes {
-    /// Routes tried in the given order.
+    /// Routes tried in the given order. Each route's engine policy is named after the route
+    /// (the `route` of the engine's warnings), whatever it was named before.
     pub fn new(routes: Vec<RoutePolicy>) -> Self {
-        Self(routes.into_iter().map(Arc::new).collect())
+        Self(
+            routes
+                .into_iter()
+                .map(|mut r| {
+                    if *r.engine.name != *r.name {
+                        r.engine.name = r.name.as_str().into();
+                    }
+                    Arc::new(r)
+                })
+                .collect(),
+        )
     }
 
     /// The default of `idemgate serve` with no routes configured: POST and PATCH on every path,
@@ -388,6 +403,15 @@ mod tests {
         );
         assert_eq!(routes.find(&Method::PATCH, "/pay/x").unwrap().name, "pay");
         assert!(routes.find(&Method::PUT, "/pay/x").is_none());
+    }
+
+    #[test]
+    fn the_engine_policy_carries_the_route_name() {
+        let mut renamed = RoutePolicy::new("old", "/**");
+        renamed.name = "payments".into();
+        let routes = Routes::new(vec![RoutePolicy::new("orders", "/o/**"), renamed]);
+        let names: Vec<_> = routes.iter().map(|r| (&*r.engine.name, &*r.name)).collect();
+        assert_eq!(names, [("orders", "orders"), ("payments", "payments")]);
     }
 
     #[test]

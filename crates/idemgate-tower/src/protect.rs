@@ -2,14 +2,15 @@
 //! fingerprint, run the upstream call through the engine, and answer with [`respond`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Request, Response};
 use http_body::Body;
-use idemgate_core::engine::Disposition;
-use idemgate_core::record::{Outcome, StoredResponse};
+use idemgate_core::engine::{Disposition, Execution};
+use idemgate_core::record::{Outcome, RecordState, StoredResponse};
 use idemgate_core::{IdempotencyKey, Scope, ScopedKey, Store};
 use tower_service::Service;
 
@@ -19,10 +20,11 @@ use crate::body::{
 };
 use crate::headers::{IDEMPOTENCY_EPOCH, storable};
 use crate::layer::Shared;
+use crate::metrics::{Signals, limit_rejection};
 use crate::policy::{FailMode, RoutePolicy};
 use crate::problem::ProblemKind;
 use crate::respond::{Answer, Responded, respond};
-use crate::service::{count, limit_rejection, too_large};
+use crate::service::too_large;
 use crate::upstream::{Cause, UpstreamError};
 
 /// What the dispatched operation hands back to the engine.
@@ -68,11 +70,15 @@ fn classifier(route: Arc<RoutePolicy>) -> impl Fn(&UpstreamResult) -> Dispositio
     }
 }
 
+/// Sends `req` to the inner service and reads its response (within `limit` and `timeout`).
+/// The time to the response head (or the failure, or the timeout if no head came) is recorded
+/// in `upstream`.
 async fn forward<I, ResB>(
     mut inner: I,
     req: Request<IdemBody>,
     limit: usize,
     timeout: Option<Duration>,
+    upstream: metrics::Histogram,
 ) -> UpstreamResult
 where
     I: Service<Request<IdemBody>, Response = Response<ResB>> + Send + 'static,
@@ -81,11 +87,13 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
+    let sent = Instant::now();
+    let head_timed = AtomicBool::new(false);
     let exchange = async {
-        let res = inner
-            .call(req)
-            .await
-            .map_err(|e| UpstreamError::classify(e.into()))?;
+        let res = inner.call(req).await;
+        head_timed.store(true, Ordering::Relaxed);
+        upstream.record(sent.elapsed().as_secs_f64());
+        let res = res.map_err(|e| UpstreamError::classify(e.into()))?;
         let (parts, body) = res.into_parts();
         match collect_limited(boxed(body), limit).await {
             Ok(Collected::Complete(bytes)) => Ok(UpstreamResponse {
@@ -104,10 +112,12 @@ where
         None => exchange.await,
         Some(t) => match tokio::time::timeout(t, exchange).await {
             Ok(r) => r,
-            Err(_) => Err(UpstreamError::sent(
-                Cause::Timeout,
-                format!("no complete response within {t:?}"),
-            )),
+            Err(_) => Err({
+                if !head_timed.load(Ordering::Relaxed) {
+                    upstream.record(sent.elapsed().as_secs_f64());
+                }
+                UpstreamError::sent(Cause::Timeout, format!("no complete response within {t:?}"))
+            }),
         },
     }
 }
@@ -118,6 +128,7 @@ pub(crate) async fn protect<I, S, ReqB, ResB>(
     inner: I,
     req: Request<ReqB>,
     key: IdempotencyKey,
+    started: Instant,
 ) -> Result<Response<IdemBody>, BoxError>
 where
     I: Service<Request<IdemBody>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -129,8 +140,10 @@ where
     ReqB::Error: Into<BoxError>,
     S: Store,
 {
+    let signals = &shared.signals;
     let finish = |answer: Answer, res: Response<IdemBody>| {
-        count(answer, &route.name);
+        signals.count(Some(&route.name), answer);
+        signals.took(Some(&route.name), answer, started.elapsed());
         tracing::Span::current().record("outcome", answer.as_str());
         tracing::debug!(status = res.status().as_u16(), "answered");
         Ok(res)
@@ -199,7 +212,7 @@ where
         .map(|h| parts.headers.get(h).map_or(&b""[..], |v| v.as_bytes()))
         .collect();
     if !route.scope_headers.is_empty() && credentials.iter().all(|c| c.is_empty()) {
-        unscoped(&route);
+        unscoped(&route, signals);
     }
     let scoped = ScopedKey::new(
         shared.namespace.clone(),
@@ -234,6 +247,7 @@ where
         }
     };
     let (limit, timeout) = (route.max_response_body, shared.response_timeout);
+    let upstream_timer = signals.upstream(Some(&route.name));
     let result = shared
         .engine
         .run(
@@ -257,12 +271,23 @@ where
                                 "the lease may have lapsed before the request was sent",
                             ));
                         }
-                        forward(inner, req, limit, timeout).await
+                        forward(inner, req, limit, timeout, upstream_timer).await
                     }
                 }
             },
         )
         .await;
+    if let Ok(Execution::Unknown { record }) = &result
+        && let RecordState::Unknown { epoch, .. } = record.state
+    {
+        // Not a warning: the record's owner warned when it was marked; this names the client
+        // that is told about it, for the operator answering that client.
+        let store_key = scoped.store_key();
+        tracing::info!(route = %route.name, key = %scoped.key().for_log(), store_key = %store_key,
+            epoch, hint = %shared.engine.resolve_hint(&store_key),
+            "answered 502 outcome-unknown: an earlier request with this key may or may not have \
+             taken effect");
+    }
     match respond(result, &route, &scoped) {
         Responded::Answer(answer, response) => finish(answer, response),
         Responded::ForwardUnprotected => {
@@ -270,8 +295,12 @@ where
             futures_util::future::poll_fn(|cx| inner.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
-            let res = inner.call(request_for(0)).await.map_err(Into::into)?;
-            finish(Answer::StoreError, res.map(boxed))
+            let sent = Instant::now();
+            let res = inner.call(request_for(0)).await;
+            signals
+                .upstream(Some(&route.name))
+                .record(sent.elapsed().as_secs_f64());
+            finish(Answer::StoreError, res.map_err(Into::into)?.map(boxed))
         }
     }
 }
@@ -280,11 +309,10 @@ where
 /// scope with every other such request (a key reused by two such callers replays one's answer to
 /// the other). Counted in `idemgate_unscoped_requests_total{route}`, and warned about once per
 /// process: an API that authenticates by another header should list it in `scope_headers`.
-fn unscoped(route: &RoutePolicy) {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    metrics::counter!("idemgate_unscoped_requests_total", "route" => route.name.clone())
-        .increment(1);
-    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+fn unscoped(route: &RoutePolicy, signals: &Signals) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    signals.unscoped(&route.name);
+    if !WARNED.swap(true, Ordering::Relaxed) {
         tracing::warn!(route = %route.name, scope_headers = ?route.scope_headers,
             "a protected request carries none of the scope headers: such requests share one \
              scope (list the header your API authenticates by in scope_headers)");

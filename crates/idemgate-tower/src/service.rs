@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
@@ -16,7 +17,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::body::{BoxError, IdemBody, boxed};
-use crate::future::ResponseFuture;
+use crate::future::{PassTiming, ResponseFuture};
 use crate::headers::IDEMPOTENCY_KEY;
 use crate::layer::Shared;
 use crate::policy::RoutePolicy;
@@ -76,17 +77,6 @@ impl<I: fmt::Debug, S> fmt::Debug for Idempotency<I, S> {
     }
 }
 
-/// Counts a request in `idemgate_requests_total{outcome, route}`.
-pub(crate) fn count(answer: Answer, route: &str) {
-    metrics::counter!("idemgate_requests_total", "outcome" => answer.as_str(), "route" => route.to_owned())
-        .increment(1);
-}
-
-/// Counts a request or connection refused at a limit, by the name of the setting.
-pub(crate) fn limit_rejection(reason: &'static str) {
-    metrics::counter!("idemgate_limit_rejections_total", "reason" => reason).increment(1);
-}
-
 impl<I, S, ReqB, ResB> Service<Request<ReqB>> for Idempotency<I, S>
 where
     I: Service<Request<IdemBody>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -127,23 +117,29 @@ where
                     .response("the service behind idemgate is not ready; nothing was sent"),
             );
         }
+        let started = Instant::now();
         // The clone that was polled ready serves this request; the fresh clone stays for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let signals = &self.shared.signals;
         match admit(&self.shared, &req) {
             Admission::Pass { route } => {
-                count(
-                    Answer::Passthrough,
-                    route.as_deref().map_or("", |r| &r.name),
-                );
-                ResponseFuture::pass(inner.call(req.map(boxed)))
+                let route = route.as_deref().map(|r| r.name.as_str());
+                signals.count(route, Answer::Passthrough);
+                let timing = PassTiming {
+                    started,
+                    request: signals.took_handle(route, Answer::Passthrough),
+                    upstream: signals.upstream(route),
+                };
+                ResponseFuture::pass(inner.call(req.map(boxed)), timing)
             }
             Admission::Refuse {
                 route,
                 answer,
                 response,
             } => {
-                count(answer, &route.name);
+                signals.count(Some(&route.name), answer);
+                signals.took(Some(&route.name), answer, started.elapsed());
                 ResponseFuture::refuse(req, response)
             }
             Admission::Protect { route, key } => {
@@ -154,7 +150,7 @@ where
                     route = %route.name, method = %req.method(), path = %req.uri().path(),
                     key = %key, outcome = tracing::field::Empty);
                 let shared = self.shared.clone();
-                let fut = protect(shared, route, inner, req, key).instrument(span);
+                let fut = protect(shared, route, inner, req, key, started).instrument(span);
                 ResponseFuture::protected(Box::pin(fut))
             }
         }

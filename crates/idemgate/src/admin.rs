@@ -16,7 +16,6 @@
 //!   listener (and not the proxy port).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
@@ -299,19 +298,9 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    let st = s.engine.stats();
-    metrics::gauge!("idemgate_in_flight").set(st.in_flight.load(Ordering::Relaxed) as f64);
-    metrics::gauge!("idemgate_waiters").set(st.waiting.load(Ordering::Relaxed) as f64);
-    metrics::counter!("idemgate_lease_renewals_total")
-        .absolute(st.renewals.load(Ordering::Relaxed));
-    metrics::counter!("idemgate_lease_renewal_errors_total")
-        .absolute(st.renewal_errors.load(Ordering::Relaxed));
-    metrics::counter!("idemgate_leases_lost_total")
-        .absolute(st.leases_lost.load(Ordering::Relaxed));
-    metrics::counter!("idemgate_takeovers_total").absolute(st.takeovers.load(Ordering::Relaxed));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.prometheus.render(),
+        crate::telemetry::render(&s.engine, &s.prometheus),
     )
         .into_response()
 }

@@ -161,6 +161,11 @@ pub struct ServeArgs {
     /// made through another instance is seen within 30 s); at most 10000000 [default: 100000].
     #[arg(long, env = "IDEMGATE_REPLAY_CACHE_ENTRIES")]
     pub replay_cache_entries: Option<String>,
+    /// Records read per second by the scan that counts the store's outcome-unknown records (the
+    /// idemgate_outcome_unknown_records gauge; see docs/operations.md); 0 turns it off; at most
+    /// 1000000 [default: 1000].
+    #[arg(long, env = "IDEMGATE_UNKNOWN_SCAN_RATE")]
+    pub unknown_scan_rate: Option<String>,
     /// First pause between a waiter's store polls (doubling up to --waiter-poll-max); 1ms to 1h,
     /// not above --waiter-poll-max [default: 50ms].
     #[arg(long, env = "IDEMGATE_WAITER_POLL_MIN")]
@@ -287,6 +292,7 @@ pub struct FileConfig {
     ignore_json_fields: Option<Vec<String>>,
     max_waiters: Option<usize>,
     replay_cache_entries: Option<usize>,
+    unknown_scan_rate: Option<usize>,
     #[serde(default, deserialize_with = "text_or_number")]
     waiter_poll_max: Option<String>,
     #[serde(default, deserialize_with = "text_or_number")]
@@ -340,6 +346,9 @@ pub struct Settings {
     pub max_waiters: usize,
     /// Replay cache size in front of a shared store, within [`REPLAY_CACHE_ENTRIES`].
     pub replay_cache_entries: usize,
+    /// Records read per second by the outcome-unknown census (0: off), within
+    /// [`UNKNOWN_SCAN_RATE`].
+    pub unknown_scan_rate: usize,
     /// First waiter poll pause, within [`WAITER_POLL`], at most `waiter_poll_max`.
     pub waiter_poll_min: Duration,
     /// Longest waiter poll pause, within [`WAITER_POLL`].
@@ -430,6 +439,7 @@ impl Settings {
             "replay_cache_entries".into(),
             count(self.replay_cache_entries),
         );
+        top.insert("unknown_scan_rate".into(), count(self.unknown_scan_rate));
         top.insert("waiter_poll_min".into(), dur(self.waiter_poll_min));
         top.insert("waiter_poll_max".into(), dur(self.waiter_poll_max));
         top.insert("workers".into(), count(self.workers));
@@ -655,6 +665,8 @@ pub const BODY_LIMIT_MAX: usize = 1 << 30;
 pub const MAX_WAITERS: std::ops::RangeInclusive<usize> = 1..=1_000_000;
 /// `replay_cache_entries`: 0 disables the cache; each entry holds a whole response.
 pub const REPLAY_CACHE_ENTRIES: std::ops::RangeInclusive<usize> = 0..=10_000_000;
+/// `unknown_scan_rate`: records read per second by the outcome-unknown census; 0 turns it off.
+pub const UNKNOWN_SCAN_RATE: std::ops::RangeInclusive<usize> = 0..=1_000_000;
 /// `workers`: one thread each.
 pub const WORKERS: std::ops::RangeInclusive<usize> = 1..=1024;
 /// `transient_statuses`: HTTP status codes.
@@ -1517,6 +1529,9 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
         replay_cache_entries: layers
             .count(given!(replay_cache_entries), &REPLAY_CACHE_ENTRIES)?
             .unwrap_or(100_000),
+        unknown_scan_rate: layers
+            .count(given!(unknown_scan_rate), &UNKNOWN_SCAN_RATE)?
+            .unwrap_or(1_000),
         workers: match layers.count(given!(workers), &WORKERS)? {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, usize::from),

@@ -18,6 +18,7 @@ mod consume;
 mod edge;
 mod keys;
 mod serve;
+mod telemetry;
 mod upstream;
 mod workers;
 
