@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
 use crate::body::BodyBudget;
+use crate::observe::Observer;
 use crate::policy::Routes;
 use crate::service::Idempotency;
 
@@ -36,6 +37,7 @@ pub(crate) struct Shared<S> {
     pub(crate) namespace: String,
     pub(crate) response_timeout: Option<Duration>,
     pub(crate) limits: Limits,
+    pub(crate) observer: Option<Arc<dyn Observer>>,
 }
 
 /// The layer's resource limits (none by default).
@@ -78,6 +80,7 @@ impl<S: Store> IdempotencyLayer<S> {
             namespace: "default".into(),
             response_timeout: None,
             limits: Limits::default(),
+            observer: None,
         }
     }
 
@@ -88,13 +91,26 @@ impl<S: Store> IdempotencyLayer<S> {
 }
 
 /// Builds an [`IdempotencyLayer`].
-#[derive(Debug)]
 pub struct IdempotencyLayerBuilder<S> {
     engine: Engine<S>,
     routes: Routes,
     namespace: String,
     response_timeout: Option<Duration>,
     limits: Limits,
+    observer: Option<Arc<dyn Observer>>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for IdempotencyLayerBuilder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayerBuilder")
+            .field("engine", &self.engine)
+            .field("routes", &self.routes)
+            .field("namespace", &self.namespace)
+            .field("response_timeout", &self.response_timeout)
+            .field("limits", &self.limits)
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
 }
 
 impl<S: Store> IdempotencyLayerBuilder<S> {
@@ -132,6 +148,13 @@ impl<S: Store> IdempotencyLayerBuilder<S> {
         self
     }
 
+    /// Calls `observer` once per protected request when it is answered (see
+    /// [`crate::observe`]; default: none).
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     /// Builds the layer.
     pub fn build(self) -> IdempotencyLayer<S> {
         IdempotencyLayer {
@@ -141,6 +164,7 @@ impl<S: Store> IdempotencyLayerBuilder<S> {
                 namespace: self.namespace,
                 response_timeout: self.response_timeout,
                 limits: self.limits,
+                observer: self.observer,
             }),
         }
     }

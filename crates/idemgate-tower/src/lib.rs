@@ -142,6 +142,7 @@ pub mod body;
 mod future;
 pub mod headers;
 mod layer;
+pub mod observe;
 pub mod policy;
 pub mod problem;
 mod protect;

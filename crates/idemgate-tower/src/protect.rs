@@ -10,7 +10,7 @@ use http::{Request, Response};
 use http_body::Body;
 use idemgate_core::engine::Disposition;
 use idemgate_core::record::{Outcome, StoredResponse};
-use idemgate_core::{IdempotencyKey, Scope, ScopedKey, Store};
+use idemgate_core::{IdempotencyKey, Scope, ScopedKey, Store, StoreKey};
 use tower_service::Service;
 
 use crate::body::{
@@ -19,6 +19,7 @@ use crate::body::{
 };
 use crate::headers::{IDEMPOTENCY_EPOCH, storable};
 use crate::layer::Shared;
+use crate::observe::Observation;
 use crate::policy::{FailMode, RoutePolicy};
 use crate::problem::ProblemKind;
 use crate::respond::{Answer, Responded, respond};
@@ -129,12 +130,33 @@ where
     ReqB::Error: Into<BoxError>,
     S: Store,
 {
-    let finish = |answer: Answer, res: Response<IdemBody>| {
+    let started = std::time::Instant::now();
+    // Copied only for an observer (zero cost unset): the key moves into the scoped key below.
+    let seen = shared
+        .observer
+        .as_ref()
+        .map(|_| (req.method().clone(), key.as_str().to_owned()));
+    let observe = |answer: Answer, res: &Response<IdemBody>, store_key: Option<&StoreKey>| {
+        if let (Some(observer), Some((method, key))) = (&shared.observer, &seen) {
+            observer.observe(&Observation {
+                route: &route.name,
+                method,
+                key,
+                store_key,
+                answer,
+                status: res.status().as_u16(),
+                elapsed: started.elapsed(),
+            });
+        }
+    };
+    let finish_keyed = |answer: Answer, res: Response<IdemBody>, store_key: Option<&StoreKey>| {
+        observe(answer, &res, store_key);
         count(answer, &route.name);
         tracing::Span::current().record("outcome", answer.as_str());
         tracing::debug!(status = res.status().as_u16(), "answered");
         Ok(res)
     };
+    let finish = |answer: Answer, res: Response<IdemBody>| finish_keyed(answer, res, None);
     let (parts, body) = req.into_parts();
     // The reservation accounts for the body's memory for as long as a copy of the request may be
     // sent (it moves into `request_for` below).
@@ -263,15 +285,16 @@ where
             },
         )
         .await;
+    let store_key = seen.as_ref().map(|_| scoped.store_key());
     match respond(result, &route, &scoped) {
-        Responded::Answer(answer, response) => finish(answer, response),
+        Responded::Answer(answer, response) => finish_keyed(answer, response, store_key.as_ref()),
         Responded::ForwardUnprotected => {
             let mut inner = fallback.ok_or("fail-open answer without a fallback")?;
             futures_util::future::poll_fn(|cx| inner.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
             let res = inner.call(request_for(0)).await.map_err(Into::into)?;
-            finish(Answer::StoreError, res.map(boxed))
+            finish_keyed(Answer::StoreError, res.map(boxed), store_key.as_ref())
         }
     }
 }

@@ -95,7 +95,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         .build();
     let sweeper = spawn_sweeper(store.clone(), Duration::from_secs(30), 1_000);
     let follower = tokio::spawn(idemgate_stores::follow(feed, engine.clone()));
+    let activity = crate::activity::Activity::default();
+    let sampler = activity.spawn_sampler();
     let layer = IdempotencyLayer::builder(engine.clone())
+        .observer(std::sync::Arc::new(activity.clone()))
         .routes(settings.routes.clone())
         .namespace(settings.namespace.clone())
         .response_timeout(settings.response_timeout)
@@ -123,7 +126,14 @@ pub async fn run(settings: Settings) -> Result<()> {
         prometheus,
         namespace: settings.namespace.clone(),
         routes: settings.routes.clone(),
-    });
+    })
+    .merge(crate::dash_api::router(crate::dash_api::DashState {
+        activity,
+        engine: engine.clone(),
+        store_kind: crate::dash_api::store_kind(&settings.store),
+        namespace: settings.namespace.clone(),
+        routes: settings.routes.clone(),
+    }));
     let admin_task = tokio::spawn(async move {
         let stop = async {
             let _ = admin_stop_rx.await;
@@ -199,6 +209,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let _ = admin_stop_tx.send(());
     let _ = admin_task.await;
     sweeper.abort();
+    sampler.abort();
     follower.abort();
     tracing::info!("stopped");
     Ok(())
