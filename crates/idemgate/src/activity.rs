@@ -319,10 +319,19 @@ mod tests {
         for i in 0..(SERIES_BUCKETS as u64 + 20) {
             a.tick(25_000 + i * 5_000);
         }
+        let last = 25_000 + (SERIES_BUCKETS as u64 + 19) * 5_000;
+        a.record(entry(last + 1, "pay", "executed", 1.0));
         let s = a.series();
         let t = s["routes"]["pay"]["t"].as_array().map_or(0, Vec::len);
-        // Finished buckets plus the current one.
+        // Finished buckets plus the current one; the first ones (10 s to 20 s) were dropped.
         assert_eq!(t, SERIES_BUCKETS + 1);
+        assert_eq!(s["routes"]["pay"]["t"][SERIES_BUCKETS], last);
+        assert_eq!(
+            s["routes"]["pay"]["counts"]["replayed"],
+            serde_json::Value::Null
+        );
+        // A route with nothing in the last 15 minutes is no longer listed.
+        assert!(s["routes"].get("refund").is_none());
     }
 
     #[test]
