@@ -149,12 +149,10 @@ async fn the_dashboard_shows_routes_recent_activity_unknown_records_and_search()
     for outcome in ["executed", "replayed", "mismatch", "unknown"] {
         let attr = format!("data-outcome=\"{outcome}\"");
         assert!(
-            dom.split("<polyline").skip(1).any(|tag| tag
-                .split('>')
-                .next()
-                .unwrap()
-                .contains(&attr)),
-            "no {outcome} line:\n{dom}"
+            dom.split("<rect")
+                .skip(1)
+                .any(|tag| tag.split('>').next().unwrap().contains(&attr)),
+            "no {outcome} column:\n{dom}"
         );
     }
     // Recent activity, newest first.
