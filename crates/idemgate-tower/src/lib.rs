@@ -145,6 +145,7 @@ mod future;
 pub mod headers;
 mod layer;
 pub mod metrics;
+pub mod observe;
 pub mod policy;
 pub mod problem;
 mod protect;

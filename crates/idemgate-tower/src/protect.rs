@@ -11,7 +11,7 @@ use http::{Request, Response};
 use http_body::Body;
 use idemgate_core::engine::{Disposition, Execution};
 use idemgate_core::record::{Outcome, RecordState, StoredResponse};
-use idemgate_core::{IdempotencyKey, Scope, ScopedKey, Store};
+use idemgate_core::{IdempotencyKey, Scope, ScopedKey, Store, StoreKey};
 use tower_service::Service;
 
 use crate::body::{
@@ -21,6 +21,7 @@ use crate::body::{
 use crate::headers::{IDEMPOTENCY_EPOCH, storable};
 use crate::layer::Shared;
 use crate::metrics::{Signals, limit_rejection};
+use crate::observe::Observation;
 use crate::policy::{FailMode, RoutePolicy};
 use crate::problem::ProblemKind;
 use crate::respond::{Answer, Responded, respond};
@@ -141,13 +142,33 @@ where
     S: Store,
 {
     let signals = &shared.signals;
-    let finish = |answer: Answer, res: Response<IdemBody>| {
+    // Copied only for an observer (zero cost unset): the key moves into the scoped key below.
+    let seen = shared
+        .observer
+        .as_ref()
+        .map(|_| (req.method().clone(), key.as_str().to_owned()));
+    let observe = |answer: Answer, res: &Response<IdemBody>, store_key: Option<&StoreKey>| {
+        if let (Some(observer), Some((method, key))) = (&shared.observer, &seen) {
+            observer.observe(&Observation {
+                route: &route.name,
+                method,
+                key,
+                store_key,
+                answer,
+                status: res.status().as_u16(),
+                elapsed: started.elapsed(),
+            });
+        }
+    };
+    let finish_keyed = |answer: Answer, res: Response<IdemBody>, store_key: Option<&StoreKey>| {
+        observe(answer, &res, store_key);
         signals.count(Some(&route.name), answer);
         signals.took(Some(&route.name), answer, started.elapsed());
         tracing::Span::current().record("outcome", answer.as_str());
         tracing::debug!(status = res.status().as_u16(), "answered");
         Ok(res)
     };
+    let finish = |answer: Answer, res: Response<IdemBody>| finish_keyed(answer, res, None);
     let (parts, body) = req.into_parts();
     // The reservation accounts for the body's memory for as long as a copy of the request may be
     // sent (it moves into `request_for` below).
@@ -288,8 +309,9 @@ where
             "answered 502 outcome-unknown: an earlier request with this key may or may not have \
              taken effect");
     }
+    let store_key = seen.as_ref().map(|_| scoped.store_key());
     match respond(result, &route, &scoped) {
-        Responded::Answer(answer, response) => finish(answer, response),
+        Responded::Answer(answer, response) => finish_keyed(answer, response, store_key.as_ref()),
         Responded::ForwardUnprotected => {
             let mut inner = fallback.ok_or("fail-open answer without a fallback")?;
             futures_util::future::poll_fn(|cx| inner.poll_ready(cx))
@@ -300,7 +322,11 @@ where
             signals
                 .upstream(Some(&route.name))
                 .record(sent.elapsed().as_secs_f64());
-            finish(Answer::StoreError, res.map_err(Into::into)?.map(boxed))
+            finish_keyed(
+                Answer::StoreError,
+                res.map_err(Into::into)?.map(boxed),
+                store_key.as_ref(),
+            )
         }
     }
 }

@@ -54,7 +54,9 @@ pub struct AdminState {
 }
 
 /// The admin router, behind the access guard.
-pub fn router(state: AdminState) -> Router {
+/// `extra` (the dashboard's JSON API) is merged in before the access guard, so that it is
+/// guarded like every other route.
+pub fn router(state: AdminState, extra: Router) -> Router {
     let access = state.access.clone();
     match (&access.token, access.public_metrics) {
         (Some(_), false) => tracing::info!(
@@ -75,6 +77,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/keys/{store_key}", get(get_key).delete(delete_key))
         .route("/api/keys/{store_key}/resolve", post(resolve))
         .with_state(state)
+        .merge(extra)
         .layer(axum::middleware::from_fn_with_state(access, guard))
 }
 
@@ -273,15 +276,10 @@ pub fn record_json(key: &StoreKey, r: &Record) -> Value {
     v
 }
 
-/// Asks for the admin token when the API answers `401`, keeps it in the tab's `sessionStorage`
-/// and sends it as `Authorization: Bearer` (never in a URL); injected into the dashboard page.
-const TOKEN_PROMPT: &str = include_str!("admin_token_prompt.html");
-
+/// The dashboard page. It asks for the admin token itself when the API answers `401`, keeps it
+/// in the tab's `sessionStorage` and sends it as `Authorization: Bearer` (never in a URL).
 async fn dashboard() -> Html<&'static str> {
-    static PAGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        include_str!("dashboard.html").replacen("</head>", &format!("{TOKEN_PROMPT}</head>"), 1)
-    });
-    Html(PAGE.as_str())
+    Html(include_str!("dashboard.html"))
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {

@@ -11,10 +11,12 @@
 //! - `idemgate consume --source nats://…|amqp://… --target URL` — queue messages to an HTTP
 //!   handler, once per message id and epoch (the `idemgate-consume` crate).
 
+mod activity;
 mod admin;
 mod check;
 mod config;
 mod consume;
+mod dash_api;
 mod edge;
 mod keys;
 mod serve;

@@ -92,7 +92,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         settings.unknown_scan_rate,
     );
     let follower = tokio::spawn(idemgate_stores::follow(feed, engine.clone()));
+    let activity = crate::activity::Activity::default();
+    let sampler = activity.spawn_sampler();
     let layer = IdempotencyLayer::builder(engine.clone())
+        .observer(std::sync::Arc::new(activity.clone()))
         .routes(settings.routes.clone())
         .namespace(settings.namespace.clone())
         .response_timeout(settings.response_timeout)
@@ -115,13 +118,23 @@ pub async fn run(settings: Settings) -> Result<()> {
     check_fd_limit(settings.max_connections);
 
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let admin_app = admin::router(AdminState {
-        engine: engine.clone(),
-        prometheus,
-        namespace: settings.namespace.clone(),
-        routes: settings.routes.clone(),
-        access: std::sync::Arc::new(settings.admin_access.clone()),
-    });
+    let admin_app = admin::router(
+        AdminState {
+            engine: engine.clone(),
+            prometheus,
+            namespace: settings.namespace.clone(),
+            routes: settings.routes.clone(),
+            access: std::sync::Arc::new(settings.admin_access.clone()),
+        },
+        // The dashboard's JSON API, behind the same access guard.
+        crate::dash_api::router(crate::dash_api::DashState {
+            activity,
+            engine: engine.clone(),
+            store_kind: crate::dash_api::store_kind(&settings.store),
+            namespace: settings.namespace.clone(),
+            routes: settings.routes.clone(),
+        }),
+    );
     let admin_task = tokio::spawn(async move {
         let stop = async {
             let _ = admin_stop_rx.await;
@@ -197,6 +210,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let _ = admin_stop_tx.send(());
     let _ = admin_task.await;
     sweeper.abort();
+    sampler.abort();
     follower.abort();
     if let Some(census) = census {
         census.abort();

@@ -65,7 +65,15 @@ async fn with_a_token_every_endpoint_but_health_and_the_page_needs_it() {
         &["--admin-token-file", file.as_str()],
     );
     let http = Http::default();
-    for path in ["/api/keys", "/metrics", "/api/keys/nothex"] {
+    for path in [
+        "/api/keys",
+        "/metrics",
+        "/api/keys/nothex",
+        "/api/activity",
+        "/api/series",
+        "/api/unknown",
+        "/api/overview",
+    ] {
         let missing = http.get(&proxy.admin_url(path)).await;
         assert_eq!(missing.status, StatusCode::UNAUTHORIZED, "{path}");
         assert_eq!(missing.problem_type(), "urn:idemgate:problem:admin-401");

@@ -335,7 +335,12 @@ async fn wait_for_warning(proxy: &Proxy, message: &str) -> Value {
 /// `idemgate keys ARGS` against the proxy's admin API: its JSON answer.
 fn keys_cli(proxy: &Proxy, args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_idemgate"))
-        .args(["keys", "--json", "--admin", &format!("http://{}", proxy.admin)])
+        .args([
+            "keys",
+            "--json",
+            "--admin",
+            &format!("http://{}", proxy.admin),
+        ])
         .args(args)
         .output()
         .unwrap();
