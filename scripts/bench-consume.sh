@@ -17,11 +17,12 @@ N=${1:-20000}
 NATS=${IDEMGATE_TEST_NATS_URL:-nats://127.0.0.1:4222}
 TARGET=${CARGO_TARGET_DIR:-target}
 PROFILE=${PROFILE:-debug}
-if [ "$PROFILE" = release ]; then
-  cargo build -q --release -p idemgate --bin idemgate -p idemgate-demo-upstream -p message-consumer
-else
-  cargo build -q -p idemgate --bin idemgate -p idemgate-demo-upstream -p message-consumer
-fi
+release=()
+[ "$PROFILE" = release ] && release=(--release)
+# One package at a time: a target selection (`--bin`) applies to every `-p` given.
+cargo build -q "${release[@]}" -p idemgate --bin idemgate
+cargo build -q "${release[@]}" -p idemgate-demo-upstream --bins
+cargo build -q "${release[@]}" -p message-consumer --bins
 BIN=$TARGET/$PROFILE
 work=$(mktemp -d)
 pids=()
@@ -69,9 +70,11 @@ bridge() { # label, args...
   done
   local start; start=$(date +%s.%N)
   local first; first=$(acked_now "$admin"); first=${first:-0}
+  local deadline=$((SECONDS + 600))
   while :; do
     local acked; acked=$(acked_now "$admin")
     [ "${acked:-0}" -ge "$N" ] && break
+    [ "$SECONDS" -lt "$deadline" ] || { echo "bench-consume: $label did not ack $N messages in 600 s" >&2; exit 1; }
     kill -0 "$pid" 2>/dev/null || { cat "$work/consume.log" >&2; exit 1; }
     sleep 0.02
   done

@@ -147,8 +147,9 @@ pub(crate) enum Failure<E, D> {
 /// stays in the driver's own code: a closure wrapping the handler here would tie its type to
 /// the transaction's lifetime, and the caller's future would no longer prove `Send`).
 ///
-/// On an error, dropping `tx` rolls it back (both drivers do so on drop; the server does when
-/// the connection goes).
+/// On an error, dropping `tx` rolls it back (tokio-postgres sends the `ROLLBACK` on drop; sqlx
+/// queues it for the connection's next use, which a pooled connection makes before it returns
+/// to the pool; the server rolls back when the connection goes).
 pub(crate) async fn claim<X: InboxTx, T>(
     sql: &Sql,
     timeout: &str,

@@ -10,7 +10,9 @@ use super::InboxOutcome;
 use super::shared::{self, Claim, ENTER, Failure, InboxTx, Sql};
 use crate::MessageId;
 
-/// Why [`SqlxInbox::process_once`] failed; in every case nothing was committed.
+/// Why [`SqlxInbox::process_once`] failed: nothing was committed — except, for `Sqlx`, when the
+/// answer to `COMMIT` itself was lost (then it may have been: nack anyway; the redelivery finds
+/// the row and is a duplicate).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SqlxInboxError<E> {
@@ -121,6 +123,17 @@ impl SqlxInbox {
     /// message_id)`, runs `handler` on that same transaction and commits both — or, when the
     /// row exists, runs nothing. The handler gets the transaction's connection: run its
     /// queries with `.execute(&mut *conn)`. See the [module docs](super).
+    ///
+    /// **Given a `&mut Transaction`**, the inbox works in a savepoint of it, and
+    /// [`InboxOutcome::Processed`] only means the savepoint was released into that outer
+    /// transaction: nothing is durable until the caller commits it — ack only after that
+    /// commit.
+    ///
+    /// **Cancellation.** A call dropped mid-way (a timeout around it) rolls back: on a pooled
+    /// connection before it returns to the pool; on a bare `&mut PgConnection` only when that
+    /// connection is next used (sqlx queues the `ROLLBACK`), and until then the dedup row stays
+    /// locked (other deliveries of the message answer [`InboxOutcome::InProgress`]). Prefer a
+    /// pool, or use the connection again at once.
     pub async fn process_once<'c, A, T, E, F>(
         &self,
         conn: A,

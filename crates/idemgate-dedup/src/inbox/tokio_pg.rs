@@ -10,7 +10,9 @@ use super::InboxOutcome;
 use super::shared::{self, Claim, ENTER, Failure, InboxTx, Sql};
 use crate::MessageId;
 
-/// Why [`PgInbox::process_once`] failed; in every case nothing was committed.
+/// Why [`PgInbox::process_once`] failed: nothing was committed — except, for `Postgres`, when
+/// the answer to `COMMIT` itself was lost (then it may have been: nack anyway; the redelivery
+/// finds the row and is a duplicate).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum InboxError<E> {
