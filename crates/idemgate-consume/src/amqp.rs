@@ -317,7 +317,14 @@ async fn handle(
                     Err(e) => {
                         tracing::error!(error = %e, "could not publish the dead letter; message requeued");
                         hold(bridge.backoff(delivered.unwrap_or(1)), &mut stop).await;
-                        delivery.reject(BasicRejectOptions { requeue: true }).await
+                        // Not the message's fault: a nack, which RabbitMQ 4.3+ quorum queues do
+                        // not count toward their delivery-limit.
+                        delivery
+                            .nack(BasicNackOptions {
+                                multiple: false,
+                                requeue: true,
+                            })
+                            .await
                     }
                 },
                 // --no-dead-letter: the queue's own dead-letter exchange (x-dead-letter-exchange,

@@ -22,7 +22,7 @@ pub(crate) struct Incoming {
     /// `Nats-Msg-Id` or AMQP `message_id`.
     pub id: Option<String>,
     /// The broker's own identity of this message, the same on every redelivery (JetStream:
-    /// the stream's creation time and the message's stream sequence): the key of a message
+    /// the message's publication time and its stream sequence): the key of a message
     /// without `id` when payload hashing is off.
     pub broker_id: Option<String>,
     pub payload: Bytes,

@@ -10,7 +10,7 @@
 //!
 //! - The key is the `Nats-Msg-Id` header or the AMQP `message_id` property. A message without
 //!   one is keyed by a hash of its payload with [`Config::hash_when_missing`]; otherwise a
-//!   JetStream message is keyed by its place in the stream (`jetstream:<stream created>:<stream
+//!   JetStream message is keyed by its place in the stream (`jetstream:<publication time>:<stream
 //!   sequence>`: redeliveries are deduplicated, a re-publish is a new message), and a RabbitMQ
 //!   message, which has no such identity, is dead-lettered.
 //! - Records are scoped by the consumer: `nats:<stream>:<durable>` or `amqp:<vhost>:<queue>`.
@@ -42,11 +42,13 @@
 //! - The stream or queue may exist already: `consume` binds its own durable consumer
 //!   (JetStream) or consumes from the queue after a *passive* declare (RabbitMQ: never
 //!   redeclared with other arguments); with [`Config::create`] it creates what is missing. An
-//!   existing durable is used only if it fits: explicit acks, the same filter subject, and a
-//!   JetStream `max_deliver` that is unlimited or above [`Config::max_deliver`] (else JetStream
-//!   would stop redelivering before `consume` dead-letters); its own `AckWait` paces the
-//!   progress acks.
-//! - `--admin-listen`: `/metrics` (Prometheus), `/healthz`, `/readyz` (200 once consuming).
+//!   existing durable is used only if it fits: explicit acks, the same filter subject, an
+//!   unlimited JetStream `max_deliver` (JetStream counts every hand-back and would stop
+//!   redelivering a message neither processed nor dead-lettered), not headers-only, and pull
+//!   limits (`max_batch`, `max_bytes`, `max_expires`) that let `consume` pull; its own
+//!   `AckWait` paces the progress acks.
+//! - `--admin-listen`: `/metrics` (Prometheus), `/healthz`, `/readyz` (200 while consuming;
+//!   for NATS, while the client is connected).
 //! - Graceful shutdown: stop pulling, let in-flight messages finish within the drain timeout;
 //!   messages still unfinished are not acked (the broker hands them out again, and their
 //!   leases expire into a takeover). When the broker connection ends (the JetStream message
@@ -280,7 +282,7 @@ impl Config {
             }
         }
         if let Source::Amqp(a) = &self.source
-            && a.url.contains("://[")
+            && a.url.contains('[')
         {
             // amq-protocol-uri reads an IPv6 literal as `localhost`: refused rather than
             // consuming from the wrong broker.
@@ -334,7 +336,7 @@ impl std::fmt::Debug for Config {
 }
 
 /// `name` with `%` and `:` percent-encoded (a component of [`Config::consumer`]).
-fn escape(name: &str) -> String {
+pub(crate) fn escape(name: &str) -> String {
     name.replace('%', "%25").replace(':', "%3A")
 }
 

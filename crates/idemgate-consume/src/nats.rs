@@ -69,6 +69,14 @@ pub(crate) async fn run(
     };
     if let Some(dead) = &config.dead_letter {
         check_dead_letter_subject(dead, &src.subject, &stream.cached_info().config.subjects)?;
+        // A stream must keep the dead letters: without one, every publish fails and the
+        // message comes back, again and again.
+        js.stream_by_subject(dead.clone()).await.map_err(|_| {
+            ConsumeError::Config(format!(
+                "no JetStream stream captures --dead-letter {dead:?}: create one (a stream of \
+                 its own) before starting"
+            ))
+        })?;
     }
     let mut consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
@@ -124,13 +132,18 @@ pub(crate) async fn run(
         })
     };
 
-    let permits = Arc::new(Semaphore::new(config.concurrency));
+    // Messages are taken off the client's buffer at once (up to twice `concurrency`, as many as
+    // the durable we create lets be unacknowledged), each into a task that sends "in progress"
+    // acks from the start: a message waiting for a turn never runs out its AckWait (it would be
+    // redelivered, and JetStream would count a delivery that was no attempt). At most
+    // `concurrency` of them run at once.
+    let holding = Arc::new(Semaphore::new(config.concurrency.saturating_mul(2)));
+    let running = Arc::new(Semaphore::new(config.concurrency));
     let mut tasks = JoinSet::new();
     let mut ended = None;
     loop {
-        // A permit first: at most `concurrency` messages are being handled at once.
         let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            p = holding.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = shutdown.changed() => break,
         };
         let next = tokio::select! {
@@ -157,8 +170,9 @@ pub(crate) async fn run(
         let (bridge, js, config) = (bridge.clone(), js.clone(), config.clone());
         let held = shared.hold();
         let shared = shared.clone();
+        let (running, stop) = (running.clone(), shutdown.clone());
         tasks.spawn(async move {
-            if handle(msg, &bridge, &js, &config, ack_wait).await {
+            if handle(msg, &bridge, &js, &config, ack_wait, running, stop).await {
                 shared.acked();
             }
             drop((permit, held));
@@ -225,6 +239,18 @@ fn check_durable(
             existing.max_deliver
         ));
     }
+    if existing.max_bytes > 0 {
+        return refuse(format!(
+            "max_bytes {}: the server would refuse pull requests for more",
+            existing.max_bytes
+        ));
+    }
+    if !existing.max_expires.is_zero() && existing.max_expires < Duration::from_secs(30) {
+        return refuse(format!(
+            "max_expires {:?}, below the 30 s pull requests consume makes",
+            existing.max_expires
+        ));
+    }
     if existing.headers_only {
         return refuse("headers_only: the payloads would never reach the target".into());
     }
@@ -243,6 +269,8 @@ async fn handle(
     js: &jetstream::Context,
     config: &Config,
     ack_wait: Duration,
+    running: Arc<Semaphore>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> bool {
     let info = msg.info().ok();
     let delivered = info
@@ -259,6 +287,7 @@ async fn handle(
         )
     });
     let sequence = info.as_ref().map(|i| i.stream_sequence);
+    let published = info.as_ref().map(|i| i.published.unix_timestamp_nanos());
     // By name, case-insensitively: the client keeps well-known names (`Nats-Msg-Id`) as
     // constants that a lookup by string does not find.
     let header = |name: &str| {
@@ -277,9 +306,20 @@ async fn handle(
         subject: msg.subject.to_string(),
         delivered,
     };
-    // While the handler runs, tell JetStream every third of AckWait that work goes on.
+    // While the message waits for its turn and while the handler runs, tell JetStream every
+    // third of AckWait that work goes on.
     let decision = {
-        let work = bridge.handle(&incoming);
+        let work = async {
+            let turn = tokio::select! {
+                p = running.acquire_owned() => p.ok(),
+                _ = stop.wait_for(|stop| *stop) => None,
+            };
+            match turn {
+                Some(_turn) => bridge.handle(&incoming).await,
+                // Stopping before its turn: handed back at once (not an attempt).
+                None => Decision::Busy(Duration::ZERO),
+            }
+        };
         tokio::pin!(work);
         let mut tick = tokio::time::interval((ack_wait / 3).max(Duration::from_millis(10)));
         tick.tick().await; // the first tick is immediate
@@ -301,7 +341,7 @@ async fn handle(
             msg.ack_with(AckKind::Nak(Some(delay))).await
         }
         Decision::DeadLetter(reason) => {
-            match dead_letter(js, config, &msg, &incoming, reason, sequence).await {
+            match dead_letter(js, config, &msg, &incoming, reason, sequence, published).await {
                 Ok(()) => {
                     bridge.dedup.dead_lettered();
                     msg.ack_with(AckKind::Term).await
@@ -372,9 +412,10 @@ fn subject_matches(pattern: &str, subject: &str) -> bool {
 ///
 /// The dead letter keeps the original's headers (but JetStream's own `Nats-*` ones) and says
 /// where it came from (`Idemgate-Stream`, `-Durable`, `-Sequence`, `-Subject`) and why
-/// (`Idemgate-Reason`, `-Delivered`). Its `Nats-Msg-Id` is `dead:<stream>:<durable>:<stream
-/// sequence>`: one per message and consumer, so that JetStream's duplicate window drops only a
-/// second dead letter of the same message (whose original was then never terminated).
+/// (`Idemgate-Reason`, `-Delivered`). Its `Nats-Msg-Id` is `dead:<stream>:<durable>:<
+/// published>:<sequence>` (names escaped as in the dedup scope): one per message and consumer,
+/// so that JetStream's duplicate window drops only a second dead letter of the same message
+/// (whose original was then never terminated).
 async fn dead_letter(
     js: &jetstream::Context,
     config: &Config,
@@ -382,6 +423,7 @@ async fn dead_letter(
     msg: &Incoming,
     reason: &str,
     sequence: Option<u64>,
+    published: Option<i128>,
 ) -> Result<(), String> {
     let Some(subject) = &config.dead_letter else {
         return Ok(());
@@ -403,10 +445,20 @@ async fn dead_letter(
         }
     }
     let seq = sequence.map(|n| n.to_string()).unwrap_or_default();
-    headers.insert(
-        "Nats-Msg-Id",
-        format!("dead:{stream}:{durable}:{seq}").as_str(),
-    );
+    // One per message and consumer: the message's publication time tells a re-created stream's
+    // sequence numbers apart; names escaped as in the dedup scope. Without the message's
+    // identity (no metadata), no `Nats-Msg-Id`: JetStream must not take it for another's.
+    if let (Some(seq), Some(published)) = (sequence, published) {
+        headers.insert(
+            "Nats-Msg-Id",
+            format!(
+                "dead:{}:{}:{published}:{seq}",
+                crate::escape(stream),
+                crate::escape(durable)
+            )
+            .as_str(),
+        );
+    }
     if let Some(id) = &msg.id {
         headers.insert("Idemgate-Message-Id", id.as_str());
     }

@@ -35,10 +35,34 @@ use crate::key::StoreKey;
 use crate::record::{Fencing, Outcome, Record, RecordState};
 use crate::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
-    Store, TakeOverOutcome, TakeOverRequest,
+    ResolveOutcome, Store, TakeOverOutcome, TakeOverRequest, UnknownMark,
 };
 
 const SHARDS: usize = 16;
+
+/// What a [`CachedStore`] tells the function given to [`CachedStoreBuilder::observe`], once per
+/// `claim` or `get` that met a completed record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Lookup {
+    /// Answered from the local copy: no store round trip.
+    Hit,
+    /// The store answered with a completed record the cache did not hold (a replay that cost a
+    /// round trip; the record is usually cached from then on). Reads that found no record, or
+    /// one still in flight or outcome-unknown, are neither hits nor misses: the cache only ever
+    /// holds completed records.
+    Miss,
+}
+
+/// The function told about lookups.
+#[derive(Clone)]
+struct Observer(Arc<dyn Fn(Lookup) + Send + Sync>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
+}
 
 /// Builds a [`CachedStore`].
 #[derive(Debug)]
@@ -47,6 +71,7 @@ pub struct CachedStoreBuilder<S> {
     capacity: usize,
     max_age: Duration,
     clock: Arc<dyn Clock>,
+    observer: Option<Observer>,
 }
 
 impl<S: Store> CachedStoreBuilder<S> {
@@ -72,6 +97,13 @@ impl<S: Store> CachedStoreBuilder<S> {
         self
     }
 
+    /// Calls `observe` on every hit and miss (see [`Lookup`]), e.g. to count them in metrics.
+    /// It runs on the request path, outside the cache's locks: keep it cheap.
+    pub fn observe(mut self, observe: impl Fn(Lookup) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Observer(Arc::new(observe)));
+        self
+    }
+
     /// Builds the wrapper.
     pub fn build(self) -> CachedStore<S> {
         CachedStore {
@@ -81,6 +113,7 @@ impl<S: Store> CachedStoreBuilder<S> {
                 per_shard: self.capacity.div_ceil(SHARDS),
                 max_age: self.max_age,
                 clock: self.clock,
+                observer: self.observer,
             }),
         }
     }
@@ -105,6 +138,7 @@ struct Shared {
     per_shard: usize,
     max_age: Duration,
     clock: Arc<dyn Clock>,
+    observer: Option<Observer>,
 }
 
 impl Shared {
@@ -148,6 +182,7 @@ impl<S: Store> CachedStore<S> {
             capacity: 100_000,
             max_age: Duration::from_secs(30),
             clock: Arc::new(SystemClock),
+            observer: None,
         }
     }
 
@@ -180,9 +215,20 @@ impl<S: Store> CachedStore<S> {
         }
     }
 
-    /// Caches `record` if it is completed and no delete ran in its shard since `generation`.
+    fn tell(&self, lookup: Lookup) {
+        if let Some(Observer(observe)) = &self.shared.observer {
+            observe(lookup);
+        }
+    }
+
+    /// Caches `record` if it is completed and no delete ran in its shard since `generation`
+    /// (and counts a completed record read from the store as a miss).
     fn remember(&self, key: &StoreKey, record: &Record, generation: u64) {
-        if self.shared.per_shard == 0 || !matches!(record.state, RecordState::Completed { .. }) {
+        if !matches!(record.state, RecordState::Completed { .. }) {
+            return;
+        }
+        self.tell(Lookup::Miss);
+        if self.shared.per_shard == 0 {
             return;
         }
         let now = self.shared.clock.now();
@@ -222,7 +268,10 @@ impl<S: Store> CachedStore<S> {
 impl<S: Store> Store for CachedStore<S> {
     async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         let generation = match self.lookup(key) {
-            Ok((record, now)) => return Ok(ClaimOutcome::Existing { record, now }),
+            Ok((record, now)) => {
+                self.tell(Lookup::Hit);
+                return Ok(ClaimOutcome::Existing { record, now });
+            }
             Err(generation) => generation,
         };
         let out = self.inner.claim(key, req).await?;
@@ -274,7 +323,10 @@ impl<S: Store> Store for CachedStore<S> {
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
         let generation = match self.lookup(key) {
-            Ok((record, _)) => return Ok(Some(record)),
+            Ok((record, _)) => {
+                self.tell(Lookup::Hit);
+                return Ok(Some(record));
+            }
             Err(generation) => generation,
         };
         let out = self.inner.get(key).await?;
@@ -293,6 +345,20 @@ impl<S: Store> Store for CachedStore<S> {
             key: *key,
         };
         self.inner.delete(key, mode).await
+    }
+
+    async fn complete_unknown(
+        &self,
+        key: &StoreKey,
+        expected: UnknownMark,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        // Only completed records are cached, and this one was outcome-unknown: no copy can be
+        // stale. The completed record is cached by the next read, like any other.
+        self.inner
+            .complete_unknown(key, expected, outcome, ttl)
+            .await
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {

@@ -31,6 +31,16 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind (for metrics registered before any error).
+    pub const ALL: [ErrorKind; 6] = [
+        ErrorKind::Unavailable,
+        ErrorKind::Timeout,
+        ErrorKind::Corrupt,
+        ErrorKind::Capacity,
+        ErrorKind::Config,
+        ErrorKind::Internal,
+    ];
+
     /// A stable snake-case name for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -124,5 +134,29 @@ impl StdError for StoreError {
 impl From<DecodeError> for StoreError {
     fn from(e: DecodeError) -> Self {
         StoreError::new(ErrorKind::Corrupt, "stored record does not decode").with_source(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_is_listed_once_with_its_own_name() {
+        // A new variant must be listed in ALL: this match stops compiling without it.
+        let position = |k: ErrorKind| match k {
+            ErrorKind::Unavailable => 0,
+            ErrorKind::Timeout => 1,
+            ErrorKind::Corrupt => 2,
+            ErrorKind::Capacity => 3,
+            ErrorKind::Config => 4,
+            ErrorKind::Internal => 5,
+        };
+        for (i, k) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(position(*k), i, "{k:?}");
+        }
+        let names: std::collections::BTreeSet<_> =
+            ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), ErrorKind::ALL.len());
     }
 }

@@ -89,6 +89,16 @@ impl FingerprintOptions {
         self
     }
 
+    /// The hash function chosen.
+    pub fn hash_algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// How bodies are read.
+    pub fn json_mode(&self) -> &JsonMode {
+        &self.json
+    }
+
     /// Starts a fingerprint of one request.
     pub fn builder(&self) -> FingerprintBuilder<'_> {
         FingerprintBuilder {

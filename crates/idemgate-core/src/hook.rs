@@ -40,7 +40,7 @@ use crate::key::StoreKey;
 use crate::record::{Fencing, Outcome, Record};
 use crate::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
-    Store, TakeOverOutcome, TakeOverRequest,
+    ResolveOutcome, Store, TakeOverOutcome, TakeOverRequest, UnknownMark,
 };
 
 /// The [`Store`] methods, by name: what a [`StoreHook`] is told, and a metrics label.
@@ -62,6 +62,8 @@ pub enum Operation {
     Get,
     /// [`Store::delete`].
     Delete,
+    /// [`Store::complete_unknown`].
+    CompleteUnknown,
     /// [`Store::list`].
     List,
     /// [`Store::purge_expired`].
@@ -70,7 +72,7 @@ pub enum Operation {
 
 impl Operation {
     /// Every operation, in declaration order (`op as usize` indexes it).
-    pub const ALL: [Operation; 10] = [
+    pub const ALL: [Operation; 11] = [
         Operation::Claim,
         Operation::Renew,
         Operation::Complete,
@@ -79,6 +81,7 @@ impl Operation {
         Operation::TakeOver,
         Operation::Get,
         Operation::Delete,
+        Operation::CompleteUnknown,
         Operation::List,
         Operation::PurgeExpired,
     ];
@@ -94,6 +97,7 @@ impl Operation {
             Operation::TakeOver => "take_over",
             Operation::Get => "get",
             Operation::Delete => "delete",
+            Operation::CompleteUnknown => "complete_unknown",
             Operation::List => "list",
             Operation::PurgeExpired => "purge_expired",
         }
@@ -204,6 +208,20 @@ impl<S: Store, H: StoreHook> Store for Hooked<S, H> {
     async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
         self.hook
             .around(Operation::Delete, self.inner.delete(key, mode))
+            .await
+    }
+    async fn complete_unknown(
+        &self,
+        key: &StoreKey,
+        expected: UnknownMark,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        self.hook
+            .around(
+                Operation::CompleteUnknown,
+                self.inner.complete_unknown(key, expected, outcome, ttl),
+            )
             .await
     }
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {

@@ -15,10 +15,13 @@
 //! # Ok::<(), idemgate_core::key::KeyError>(())
 //! ```
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 /// The longest accepted key, in bytes, after removing sf-string quoting.
 pub const MAX_KEY_LEN: usize = 255;
+
+/// The most bytes of a client's text [`ForLog`] writes before cutting it short.
+pub const MAX_LOGGED_LEN: usize = 128;
 
 /// Why a client-supplied idempotency key was refused.
 ///
@@ -94,6 +97,54 @@ impl IdempotencyKey {
     /// The key as the client meant it (quotes removed).
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The key as written to logs: see [`ForLog`]. (A valid key holds only visible ASCII, so in
+    /// practice this only caps its length.)
+    pub fn for_log(&self) -> ForLog<'_> {
+        ForLog(&self.0)
+    }
+}
+
+/// Text a client chose (an idempotency key), made safe for one log line: every character
+/// outside visible ASCII (control characters, spaces, line breaks, non-ASCII) is written as a
+/// `\u{..}` escape, so a key can never forge or split a log line, and at most
+/// [`MAX_LOGGED_LEN`] bytes of it are written, followed by `…(+NB)` when it was longer (N more
+/// bytes; no space, so that it stays one word in a text log).
+///
+/// ```
+/// use idemgate_core::key::ForLog;
+///
+/// assert_eq!(ForLog::new("order-42").to_string(), "order-42");
+/// assert_eq!(ForLog::new("a\nb c").to_string(), "a\\u{a}b\\u{20}c");
+/// let long = "k".repeat(200);
+/// assert_eq!(ForLog::new(&long).to_string(), format!("{}…(+72B)", "k".repeat(128)));
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct ForLog<'a>(&'a str);
+
+impl<'a> ForLog<'a> {
+    /// Wraps any client text.
+    pub fn new(text: &'a str) -> Self {
+        Self(text)
+    }
+}
+
+impl fmt::Display for ForLog<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut written = 0;
+        for (at, c) in self.0.char_indices() {
+            if written >= MAX_LOGGED_LEN {
+                return write!(f, "…(+{}B)", self.0.len() - at);
+            }
+            if c.is_ascii_graphic() {
+                f.write_char(c)?;
+            } else {
+                write!(f, "\\u{{{:x}}}", u32::from(c))?;
+            }
+            written += c.len_utf8();
+        }
+        Ok(())
     }
 }
 
@@ -388,6 +439,29 @@ mod tests {
         );
         assert_eq!(StoreKey::from_hex(&base.to_hex()), Some(base));
         assert_eq!(StoreKey::from_hex("zz"), None);
+    }
+
+    #[test]
+    fn logged_keys_are_escaped_and_capped() {
+        // Nothing a client sends can start a new log line or pass for another field.
+        let hostile = "k\r\nlevel=ERROR \u{1b}[31m\0é";
+        let logged = ForLog::new(hostile).to_string();
+        assert!(
+            logged.chars().all(|c| c.is_ascii_graphic() || c == '…'),
+            "{logged}"
+        );
+        assert_eq!(logged, r"k\u{d}\u{a}level=ERROR\u{20}\u{1b}[31m\u{0}\u{e9}");
+        // Capped at MAX_LOGGED_LEN bytes of the key, saying how much was left out.
+        let key = IdempotencyKey::parse(&"x".repeat(MAX_KEY_LEN)).unwrap();
+        let logged = key.for_log().to_string();
+        assert_eq!(logged, format!("{}…(+127B)", "x".repeat(MAX_LOGGED_LEN)));
+        assert_eq!(
+            IdempotencyKey::parse("pay-1")
+                .unwrap()
+                .for_log()
+                .to_string(),
+            "pay-1"
+        );
     }
 
     #[test]

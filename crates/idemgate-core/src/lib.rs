@@ -16,7 +16,8 @@
 //!   which outcomes to keep).
 //! - [`hook`]: [`hook::Hooked`], the one delegation point for store wrappers (faults, deadlines,
 //!   metrics are hooks).
-//! - [`memory`]: [`MemoryStore`], a bounded sharded in-memory store; [`sweeper`] purges expiry.
+//! - [`memory`]: [`MemoryStore`], a bounded sharded in-memory store; [`sweeper`] purges expiry;
+//!   [`census`] counts the outcome-unknown records a store holds.
 //! - `testkit` (feature): the conformance suite and the model-based property test every store runs.
 //!
 //! ## Example
@@ -81,6 +82,7 @@
 //! See `docs/performance.md` in the repository for measured figures and the machine they come from.
 
 pub mod cache;
+pub mod census;
 pub mod clock;
 pub mod engine;
 pub mod error;

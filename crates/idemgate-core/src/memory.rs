@@ -60,7 +60,7 @@ use crate::protocol::{self, Write};
 use crate::record::{Fencing, Outcome, Record, RecordState};
 use crate::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
-    Store, TakeOverOutcome, TakeOverRequest,
+    ResolveOutcome, Store, TakeOverOutcome, TakeOverRequest, UnknownMark,
 };
 
 const SHARD_BITS: u32 = 6;
@@ -476,6 +476,19 @@ impl Store for MemoryStore {
 
     async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
         self.step(key, |c, now| Ok(protocol::delete(c, now, mode)))
+    }
+
+    async fn complete_unknown(
+        &self,
+        key: &StoreKey,
+        expected: UnknownMark,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        protocol::check_outcome(outcome)?;
+        self.step(key, |c, now| {
+            Ok(protocol::complete_unknown(c, now, expected, outcome, ttl))
+        })
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {

@@ -31,8 +31,8 @@ use crate::clock::Timestamp;
 use crate::error::StoreError;
 use crate::record::{Fencing, MAX_BODY_LEN, Outcome, Record, RecordState};
 use crate::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, TakeOverOutcome,
-    TakeOverRequest,
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ResolveOutcome,
+    TakeOverOutcome, TakeOverRequest, UnknownMark,
 };
 
 /// What the store must do to the stored record.
@@ -304,6 +304,41 @@ pub fn delete(
         (RecordState::Completed { .. }, DeleteMode::Unknown) => refused(),
         _ => (Write::Delete, DeleteOutcome::Deleted),
     }
+}
+
+/// See [`Store::complete_unknown`](crate::Store::complete_unknown). Call [`check_outcome`]
+/// first.
+pub fn complete_unknown(
+    current: Option<&Record>,
+    now: Timestamp,
+    expected: UnknownMark,
+    outcome: &Outcome,
+    ttl: Duration,
+) -> (Write, ResolveOutcome) {
+    let Some(record) = live(current, now) else {
+        let write = if current.is_some() {
+            Write::Delete
+        } else {
+            Write::Unchanged
+        };
+        return (write, ResolveOutcome::Absent);
+    };
+    if UnknownMark::of(record) != Some(expected) {
+        return (
+            Write::Unchanged,
+            ResolveOutcome::Refused {
+                current: Box::new(record.clone()),
+            },
+        );
+    }
+    let mut next = record.clone();
+    next.state = RecordState::Completed {
+        epoch: expected.epoch,
+        completed_at: now,
+        outcome: outcome.clone(),
+    };
+    next.expires_at = now.after(ttl);
+    (Write::Put(next), ResolveOutcome::Completed)
 }
 
 /// The owner name a revoked in-flight record carries.

@@ -14,7 +14,9 @@
 //!   `release` are compare-and-set on the whole [`Fencing`] (epoch *and* token) of an in-flight record:
 //!   any mismatch (another epoch, another state, an absent record) returns
 //!   [`CasOutcome::Lost`] and changes nothing. So a stale holder can never overwrite a newer outcome
-//!   (PRODUCT G4), and a completed record never changes.
+//!   (PRODUCT G4), and a completed record never changes. The administrators' operations
+//!   ([`delete`](Store::delete), [`complete_unknown`](Store::complete_unknown)) are
+//!   compare-and-set on the record's state (and, for `complete_unknown`, on its [`UnknownMark`]).
 //! - **Errors.** `Err` means the store could not answer; see [`ErrorKind`](crate::ErrorKind). For
 //!   writes, `Unavailable`/`Timeout` mean "may or may not have applied": callers must not assume
 //!   either. Outcomes such as "exists", "lost" or "refused" are `Ok` values.
@@ -176,6 +178,46 @@ pub enum DeleteOutcome {
     },
 }
 
+/// Which outcome-unknown record [`Store::complete_unknown`] may complete: its epoch and the
+/// instant it was marked (both as read from the record, [`RecordState::Unknown`]). Together they
+/// name one marking: a record that expired and was claimed and marked again meanwhile carries
+/// another `since` (and usually another epoch), so an operator's decision about the first is
+/// never applied to the second.
+///
+/// [`RecordState::Unknown`]: crate::record::RecordState::Unknown
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnknownMark {
+    /// The epoch that could not tell.
+    pub epoch: u64,
+    /// When it was marked outcome-unknown (store clock).
+    pub since: Timestamp,
+}
+
+impl UnknownMark {
+    /// The mark of `record`, if it is outcome-unknown.
+    pub fn of(record: &Record) -> Option<Self> {
+        match record.state {
+            crate::record::RecordState::Unknown { epoch, since } => Some(Self { epoch, since }),
+            _ => None,
+        }
+    }
+}
+
+/// Result of [`Store::complete_unknown`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResolveOutcome {
+    /// The outcome-unknown record is completed now (at its epoch) with the given outcome.
+    Completed,
+    /// There was no live record (an expired one may have been removed).
+    Absent,
+    /// The record is not outcome-unknown with that mark (another state, another epoch or
+    /// marking); nothing changed.
+    Refused {
+        /// The record as it is.
+        current: Box<Record>,
+    },
+}
+
 /// A page request for [`Store::list`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ListRequest {
@@ -287,6 +329,23 @@ pub trait Store: Send + Sync + 'static {
         mode: DeleteMode,
     ) -> impl Future<Output = Result<DeleteOutcome, StoreError>> + Send;
 
+    /// Administrators' "it did happen, and this was its answer", in one atomic step: if the record
+    /// is outcome-unknown with exactly `expected` (epoch and marking instant), it becomes
+    /// completed at that epoch with `outcome`, completed now and expiring at now + `ttl`; its
+    /// fingerprint and creation time are kept. Any other live record is left unchanged and
+    /// returned ([`ResolveOutcome::Refused`]); no live record is [`ResolveOutcome::Absent`]. So a
+    /// racing administrator, a takeover or a new claim after expiry is never overwritten, and
+    /// only an outcome-unknown record ever becomes completed this way (a completed record still
+    /// never changes). Bodies over [`MAX_BODY_LEN`](crate::record::MAX_BODY_LEN) are refused
+    /// with `Capacity`.
+    fn complete_unknown(
+        &self,
+        key: &StoreKey,
+        expected: UnknownMark,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<ResolveOutcome, StoreError>> + Send;
+
     /// One page of unexpired records, in an order the backend defines. Every record that exists for
     /// the whole listing appears in at least one page; records created or deleted meanwhile may or
     /// may not appear.
@@ -351,6 +410,13 @@ pub trait DynStore: Send + Sync + 'static {
         key: &'a StoreKey,
         mode: DeleteMode,
     ) -> BoxFuture<'a, Result<DeleteOutcome, StoreError>>;
+    fn dyn_complete_unknown<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        expected: UnknownMark,
+        outcome: &'a Outcome,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<ResolveOutcome, StoreError>>;
     fn dyn_list<'a>(&'a self, req: &'a ListRequest) -> BoxFuture<'a, Result<ListPage, StoreError>>;
     fn dyn_purge_expired(&self, limit: usize) -> BoxFuture<'_, Result<usize, StoreError>>;
 }
@@ -414,6 +480,15 @@ impl<S: Store> DynStore for S {
         mode: DeleteMode,
     ) -> BoxFuture<'a, Result<DeleteOutcome, StoreError>> {
         Box::pin(self.delete(key, mode))
+    }
+    fn dyn_complete_unknown<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        expected: UnknownMark,
+        outcome: &'a Outcome,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<ResolveOutcome, StoreError>> {
+        Box::pin(self.complete_unknown(key, expected, outcome, ttl))
     }
     fn dyn_list<'a>(&'a self, req: &'a ListRequest) -> BoxFuture<'a, Result<ListPage, StoreError>> {
         Box::pin(self.list(req))
@@ -488,6 +563,17 @@ impl Store for SharedStore {
     async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
         self.0.dyn_delete(key, mode).await
     }
+    async fn complete_unknown(
+        &self,
+        key: &StoreKey,
+        expected: UnknownMark,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        self.0
+            .dyn_complete_unknown(key, expected, outcome, ttl)
+            .await
+    }
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
         self.0.dyn_list(req).await
     }
@@ -540,6 +626,15 @@ impl<S: Store> Store for Arc<S> {
     }
     async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
         (**self).delete(key, mode).await
+    }
+    async fn complete_unknown(
+        &self,
+        key: &StoreKey,
+        expected: UnknownMark,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        (**self).complete_unknown(key, expected, outcome, ttl).await
     }
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
         (**self).list(req).await

@@ -141,3 +141,41 @@ async fn a_read_overlapping_a_delete_does_not_resurrect_the_record() {
         "the deleted record came back from the cache"
     );
 }
+
+/// The observer hears a miss when a completed record came from the store and a hit when the
+/// copy answered; a new key, or a record still in flight, is neither.
+#[tokio::test]
+async fn hits_and_misses_are_reported_for_completed_records_only() {
+    use std::sync::{Arc, Mutex};
+
+    use idemgate_core::cache::Lookup;
+
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let sink = heard.clone();
+    let store = CachedStore::builder(MemoryStore::default())
+        .observe(move |l| sink.lock().unwrap().push(l))
+        .build();
+    let key = fresh_key("observed");
+    let req = claim_request(Duration::from_secs(10), Duration::from_secs(3600), 1);
+    let ClaimOutcome::Acquired { fencing } = store.claim(&key, &req).await.unwrap() else {
+        panic!()
+    };
+    // In flight: read from the store, not cacheable, not counted.
+    assert!(matches!(
+        store.claim(&key, &req).await.unwrap(),
+        ClaimOutcome::Existing { .. }
+    ));
+    assert!(heard.lock().unwrap().is_empty());
+    let done = Outcome::Response(StoredResponse::new(200, vec![], "ok"));
+    store
+        .complete(&key, fencing, &done, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    store.claim(&key, &req).await.unwrap(); // from the store: a miss, cached
+    store.claim(&key, &req).await.unwrap(); // from the copy: a hit
+    store.get(&key).await.unwrap(); // from the copy: a hit
+    assert_eq!(
+        *heard.lock().unwrap(),
+        [Lookup::Miss, Lookup::Hit, Lookup::Hit]
+    );
+}

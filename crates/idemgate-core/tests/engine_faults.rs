@@ -313,6 +313,7 @@ fn an_abandoned_operation_is_marked_unknown() {
         .unwrap();
     main.block_on(async {
         assert_eq!(engine.abandon_running().await, 1);
+        assert_eq!(engine.stats().marked_unknown.load(Ordering::Relaxed), 1);
         let record = store
             .get(&key("abandoned").store_key())
             .await
@@ -438,6 +439,7 @@ async fn a_panicking_classifier_marks_the_outcome_unknown() {
         .unwrap();
     assert!(matches!(record.state, RecordState::Unknown { .. }));
     assert_eq!(engine.stats().in_flight.load(Ordering::Relaxed), 0);
+    assert_eq!(engine.stats().marked_unknown.load(Ordering::Relaxed), 1);
 }
 
 /// The give-back of a claim whose caller left works at any epoch: a free key is claimed at its

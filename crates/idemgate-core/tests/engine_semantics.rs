@@ -368,6 +368,7 @@ async fn strict_recovery_marks_a_dead_holders_key_unknown() {
         .await
         .unwrap();
     assert!(matches!(again, Execution::Unknown { .. }));
+    assert_eq!(engine.stats().marked_unknown.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -477,6 +478,9 @@ async fn classification_decides_release_and_unknown() {
         .await
         .unwrap();
     assert!(matches!(out, Execution::Unknown { .. }));
+    // Counted once, when it was marked (a retry that finds it is not a new one).
+    let marked = &engine.stats().marked_unknown;
+    assert_eq!(marked.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test]

@@ -22,7 +22,10 @@
 //! fourth runs one instance's local replay cache (`idemgate_core::cache`, as an algorithm: copy,
 //! delete generation, reads that remember only if the generation held) with operators' deletes
 //! through it racing its reads: once a delete returned, no replay comes from a copy of what it
-//! deleted. (Breaking the generation check makes the checker find the counterexample.)
+//! deleted. (Breaking the generation check makes the checker find the counterexample.) A fifth
+//! has an operator complete outcome-unknown records ("it did happen, here is its answer") from a
+//! marking read at any earlier moment, beside expiry, reclaims and takeovers: the completion lands
+//! only on the marking the operator read, and a completed record still never changes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::ptr_arg)]
 
@@ -33,8 +36,8 @@ use idemgate_core::fingerprint::{Algorithm, Fingerprint};
 use idemgate_core::protocol::{self, Write};
 use idemgate_core::record::{Fencing, Outcome, Record, RecordState, StoredResponse};
 use idemgate_core::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, TakeOverOutcome,
-    TakeOverRequest,
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ResolveOutcome,
+    TakeOverOutcome, TakeOverRequest, UnknownMark,
 };
 use stateright::{Checker, Model, Property};
 
@@ -77,6 +80,12 @@ struct State {
     saw_unheard: bool,
     /// The replay cache of one instance (`with_cache`).
     cache: CacheModel,
+    /// The outcome-unknown marking an operator read, with the incarnation it belonged to.
+    resolve_seen: Option<(UnknownMark, u32)>,
+    /// Set if an operator's completion landed on another incarnation than the one it read.
+    resolve_wrong: bool,
+    saw_resolved: bool,
+    saw_resolve_refused: bool,
 }
 
 /// A read that asked the store: (generation at its start, the completion it read, if any).
@@ -131,6 +140,10 @@ enum Action {
     CacheDeleteBegin,
     CacheDeleteStore(DeleteMode),
     CacheDeleteEnd,
+    /// An operator reads the record's outcome-unknown marking.
+    ResolveSee,
+    /// The operator completes the record it read (possibly long after reading it).
+    ResolveComplete,
 }
 
 struct Protocol {
@@ -144,6 +157,8 @@ struct Protocol {
     with_unheard: bool,
     /// Readers of one instance's replay cache, and operators' deletes through it (at most 2).
     cache_readers: usize,
+    /// An operator completes outcome-unknown records (`Store::complete_unknown`).
+    with_resolve: bool,
 }
 
 const MAX_CACHE_DELETES: u8 = 2;
@@ -213,6 +228,10 @@ impl Model for Protocol {
                 reads: vec![None; self.cache_readers],
                 ..CacheModel::default()
             },
+            resolve_seen: None,
+            resolve_wrong: false,
+            saw_resolved: false,
+            saw_resolve_refused: false,
         }]
     }
 
@@ -227,6 +246,13 @@ impl Model for Protocol {
         }
         if self.ttl_ticks.is_some() && s.record.is_some() {
             actions.push(Action::Purge);
+        }
+        if self.with_resolve {
+            if s.resolve_seen.is_some() {
+                actions.push(Action::ResolveComplete);
+            } else if s.record.as_ref().and_then(UnknownMark::of).is_some() {
+                actions.push(Action::ResolveSee);
+            }
         }
         if self.cache_readers > 0 {
             for (r, read) in s.cache.reads.iter().enumerate() {
@@ -473,6 +499,30 @@ impl Model for Protocol {
                     DeleteOutcome::Deleted | DeleteOutcome::Absent => {}
                 }
             }
+            Action::ResolveSee => {
+                let mark = protocol::live(s.record.as_ref(), now).and_then(UnknownMark::of)?;
+                s.resolve_seen = Some((mark, s.incarnation));
+            }
+            Action::ResolveComplete => {
+                let (mark, inc) = s.resolve_seen.take()?;
+                let outcome = Outcome::Response(StoredResponse::new(200, vec![], vec![77]));
+                let (write, out) =
+                    protocol::complete_unknown(s.record.as_ref(), now, mark, &outcome, ttl);
+                apply(&mut s.record, write);
+                match out {
+                    ResolveOutcome::Completed => {
+                        s.saw_resolved = true;
+                        s.resolve_wrong |= inc != s.incarnation;
+                        if !s.completions.iter().any(|c| c.0 == s.incarnation) {
+                            s.completions.push((s.incarnation, mark.epoch, 77));
+                        }
+                    }
+                    ResolveOutcome::Refused { .. } => {
+                        s.saw_resolve_refused |= inc != s.incarnation;
+                    }
+                    ResolveOutcome::Absent => {}
+                }
+            }
             Action::Purge => {
                 // What every store's purge does: remove the record only if it has expired.
                 if s.record.is_none() || protocol::live(s.record.as_ref(), now).is_some() {
@@ -552,6 +602,20 @@ impl Model for Protocol {
                 |_, s: &State| s.cache.saw_uncached_overlap,
             ));
         }
+        if self.with_resolve {
+            properties.push(Property::always(
+                "an operator's completion lands only on the marking it read",
+                |_, s: &State| !s.resolve_wrong,
+            ));
+            properties.push(Property::sometimes(
+                "an operator completes an outcome-unknown record",
+                |_, s: &State| s.saw_resolved,
+            ));
+            properties.push(Property::sometimes(
+                "an operator's completion of an older marking is refused",
+                |_, s: &State| s.saw_resolve_refused,
+            ));
+        }
         if self.ttl_ticks.is_some() {
             properties.push(Property::sometimes(
                 "an expired record is purged",
@@ -580,6 +644,7 @@ fn protocol_is_safe_with_crashes_and_arbitrary_delays() {
         ttl_ticks: None,
         with_unheard: false,
         cache_readers: 0,
+        with_resolve: false,
     });
     assert!(states > 10_000, "explored {states}");
 }
@@ -594,6 +659,7 @@ fn protocol_is_safe_with_releases_and_reclaims() {
         ttl_ticks: None,
         with_unheard: false,
         cache_readers: 0,
+        with_resolve: false,
     });
 }
 
@@ -607,6 +673,7 @@ fn protocol_is_safe_with_operators_deleting_and_revoking_at_any_moment() {
         ttl_ticks: None,
         with_unheard: false,
         cache_readers: 0,
+        with_resolve: false,
     });
 }
 
@@ -620,6 +687,7 @@ fn protocol_is_safe_with_expiring_records_and_a_sweeper_at_any_moment() {
         ttl_ticks: Some(3),
         with_unheard: false,
         cache_readers: 0,
+        with_resolve: false,
     });
 }
 
@@ -636,6 +704,7 @@ fn protocol_is_safe_with_recording_retries_after_unheard_completions() {
         ttl_ticks: None,
         with_unheard: true,
         cache_readers: 0,
+        with_resolve: false,
     });
 }
 
@@ -652,5 +721,23 @@ fn protocol_is_safe_with_a_replay_cache_and_deletes_racing_its_reads() {
         ttl_ticks: None,
         with_unheard: false,
         cache_readers: 1,
+        with_resolve: false,
+    });
+}
+
+/// An operator completes outcome-unknown records from a marking read at any earlier moment,
+/// beside expiry (and a sweeper), reclaims, releases and takeovers: the completion lands only on
+/// the marking read (never on a later incarnation's), and a completed record never changes.
+#[test]
+fn protocol_is_safe_with_operators_completing_outcome_unknown_records() {
+    check(Protocol {
+        holders: 2,
+        max_ticks: 7,
+        with_release: true,
+        with_admin: false,
+        ttl_ticks: Some(2),
+        with_unheard: false,
+        cache_readers: 0,
+        with_resolve: true,
     });
 }

@@ -15,8 +15,11 @@
 //!   next delivery runs the handler at epoch + 1 (its late writes are fenced off). Each
 //!   outcome says what to tell the broker: [`Processed::action`].
 //! - [`MessageId`]: the message's own id, or (opt-in) a hash of its content.
-//! - [`inbox::PgInbox`] (feature `postgres`): the dedup row and the handler's own writes in ONE
-//!   PostgreSQL transaction — exactly-once effects even across crashes.
+//! - The PostgreSQL inbox, on either driver Rust services use: [`inbox::PgInbox`] (feature
+//!   `postgres`, tokio-postgres) and [`inbox::SqlxInbox`] (feature `sqlx`): the dedup row and the
+//!   handler's own writes in ONE transaction of the application's database — exactly-once
+//!   effects even across crashes. Both share one implementation of the statements and the
+//!   decisions, answer the same [`inbox::InboxOutcome`], and can share one table.
 //! - [`DedupStats`]: processed, duplicates, in progress, re-executions, dead-lettered, …
 //!
 //! The engine underneath is idemgate-core's, the one `idemgate serve` runs HTTP requests
@@ -68,22 +71,36 @@
 //! TTL runs again (G5). Stores that can lose acknowledged writes weaken this (see
 //! `idemgate-stores`).
 //!
-//! **PostgreSQL inbox ([`inbox::PgInbox`]): exactly-once effects** on the database the inbox
-//! lives in, because the dedup row and the effects commit or roll back together; no lease, no
-//! epoch. Effects outside that database are not covered.
+//! **PostgreSQL inbox ([`inbox::PgInbox`], [`inbox::SqlxInbox`]): exactly-once effects** on
+//! the database the inbox lives in, because the dedup row and the effects commit or roll back
+//! together; no lease, no epoch. Effects outside that database are not covered. The inbox's lock
+//! timeout bounds only its own insert: the application's `lock_timeout` is back in force for
+//! the handler. Shown against a real PostgreSQL (a killed connection before and after the
+//! effect, 16 deliveries of one id racing, 8 consumers × 200 messages, handler errors and
+//! aborted transactions), on both drivers; and end to end (`examples/message-consumer`, on
+//! tokio-postgres): a consumer of NATS JetStream and one of RabbitMQ, SIGKILLed 10 times over
+//! 10,000 messages with ~20 % re-published duplicates, leave effects == distinct messages with
+//! nothing pending and nothing dead-lettered.
 //!
 //! Ack only when [`Processed::action`] says [`Action::Ack`]: then the outcome is recorded.
 //!
 //! ## Feature flags
 //!
-//! - `postgres`: [`inbox::PgInbox`] on tokio-postgres. (No sqlx flavour yet.)
+//! - `postgres`: [`inbox::PgInbox`] on tokio-postgres.
+//! - `sqlx`: [`inbox::SqlxInbox`] on sqlx 0.8 (only its `postgres` and `runtime-tokio`
+//!   features: no TLS, no macros; enable sqlx's TLS features in your own crate if you need
+//!   them — Cargo unifies them).
+//!
+//! Without either, the crate is the store-based [`Deduplicator`] only.
 //!
 //! ## Errors
 //!
 //! [`DedupError`]: the store failed (a stable [`kind`](DedupError::kind)); nothing was recorded
 //! by the call: nack, and the redelivery decides again. "Duplicate", "in progress",
-//! "unknown" are [`Processed`] values, not errors. The inbox returns [`inbox::InboxError`]:
-//! the handler's error or PostgreSQL's, in both cases with nothing committed.
+//! "unknown" are [`Processed`] values, not errors. The inbox returns [`inbox::InboxError`]
+//! (tokio-postgres) or [`inbox::SqlxInboxError`] (sqlx): the handler's error or the driver's
+//! (including a transaction the handler left aborted), in every case with nothing committed —
+//! nack. "Duplicate" and "in progress" are [`inbox::InboxOutcome`] values.
 //!
 //! ## Bounds
 //!
@@ -94,7 +111,7 @@
 mod dedup;
 mod message_id;
 
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
 pub mod inbox;
 
 pub use dedup::{

@@ -20,7 +20,8 @@
 //!   would expire before the new lease ends (its expiry must grow to cover the lease, and an
 //!   update expression has no `max`), which a TTL longer than the lease never meets.
 //! - `delete` (administrators) is a conditional `DeleteItem`, or an `UpdateItem` that revokes an
-//!   in-flight record; `get` is a strongly consistent `GetItem`; `list` a strongly consistent
+//!   in-flight record; `complete_unknown` (administrators: "it did happen") is ONE conditional
+//!   `UpdateItem` on (state, epoch, marking instant `at`) and the expiry; `get` is a strongly consistent `GetItem`; `list` a strongly consistent
 //!   `Scan` page (the cursor is the last key scanned).
 //! - Expiry: every record carries its exact expiry `ex` (ms), checked by every read and every
 //!   condition, and a DynamoDB TTL attribute `ttl` (epoch seconds, rounded up) so that DynamoDB
@@ -108,8 +109,8 @@
 //! The SDK retries throttling and transient failures ([`client::MAX_ATTEMPTS`] attempts). A
 //! retried write whose first attempt landed (its answer was lost) finds the condition false;
 //! the item that comes back says who wrote it (the new holder's token for claims and takeovers;
-//! the id of the store call, `wid`, for completions, outcome-unknown marks, releases and
-//! revocations), so each recognises its own effect and reports it as applied — only within the
+//! the id of the store call, `wid`, for completions, outcome-unknown marks, releases,
+//! revocations and operators' completions of outcome-unknown records), so each recognises its own effect and reports it as applied — only within the
 //! same call: a second `complete` by the same holder is `Lost`, as the contract says. A retried
 //! delete whose first attempt landed reports `Absent`.
 //!
@@ -179,7 +180,7 @@ use idemgate_core::protocol;
 use idemgate_core::record::{Fencing, MAX_BODY_LEN, Outcome, Record, RecordState};
 use idemgate_core::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
-    Store, TakeOverOutcome, TakeOverRequest, revoked_cas,
+    ResolveOutcome, Store, TakeOverOutcome, TakeOverRequest, UnknownMark, revoked_cas,
 };
 
 pub mod client;
@@ -1193,6 +1194,60 @@ impl Store for DynamoStore {
             ErrorKind::Timeout,
             "delete kept racing with concurrent changes of the record",
         ))
+    }
+
+    async fn complete_unknown(
+        &self,
+        key: &StoreKey,
+        expected: UnknownMark,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        protocol::check_outcome(outcome)?;
+        if let Outcome::Response(r) = outcome
+            && r.payload_len() > self.inner.max_payload_bytes
+        {
+            return Err(StoreError::value_too_large(format!(
+                "a response of {} bytes exceeds what a DynamoDB item holds ({} bytes)",
+                r.payload_len(),
+                self.inner.max_payload_bytes
+            )));
+        }
+        // One conditional UpdateItem: only a live outcome-unknown item with exactly this epoch
+        // and marking instant (`at`) becomes completed; a failed condition returns the item.
+        let now = self.now();
+        let expires = now.after(ttl);
+        let wid = self.write_id();
+        let out = self
+            .update(
+                key,
+                // `out` first, as in `finish`.
+                "SET #out = :out, #st = :two, #at = :now, #ex = :ex, #ttl = :ttl, #wid = :wid",
+                "#st = :three AND #ep = :ep AND #at = :since AND #ex > :now",
+                vec![
+                    (":out", b(outcome.encode())),
+                    (":two", n(ST_COMPLETED)),
+                    (":three", n(ST_UNKNOWN)),
+                    (":ep", n(expected.epoch)),
+                    (":since", n(expected.since.as_millis())),
+                    (":now", n(now.as_millis())),
+                    (":ex", n(expires.as_millis())),
+                    (":ttl", n(ttl_seconds(expires))),
+                    (":wid", token_value(wid)),
+                ],
+            )
+            .await?;
+        Ok(match out {
+            Cond::Applied(_) => ResolveOutcome::Completed,
+            // Our own earlier attempt landed (the SDK retried after a lost answer).
+            Cond::Failed(Some(item)) if Head::of(&item).written_by(wid) => {
+                ResolveOutcome::Completed
+            }
+            Cond::Failed(Some(item)) if Head::of(&item).live(now) => ResolveOutcome::Refused {
+                current: Box::new(decode(&item)?),
+            },
+            Cond::Failed(_) => ResolveOutcome::Absent,
+        })
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {

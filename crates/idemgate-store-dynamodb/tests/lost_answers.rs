@@ -19,7 +19,10 @@ use bytes::Bytes;
 use idemgate_core::Store;
 use idemgate_core::clock::{ManualClock, wall_clock};
 use idemgate_core::record::{Outcome, RecordState, StoredResponse};
-use idemgate_core::store::{CasOutcome, ClaimOutcome, DeleteMode, DeleteOutcome, TakeOverOutcome};
+use idemgate_core::store::{
+    CasOutcome, ClaimOutcome, DeleteMode, DeleteOutcome, ResolveOutcome, TakeOverOutcome,
+    UnknownMark,
+};
 use idemgate_core::testkit::{claim_request, fresh_key, take_over_request};
 use idemgate_store_dynamodb::{DynamoStore, MOTO_MAX_PAYLOAD_BYTES};
 
@@ -162,6 +165,24 @@ async fn every_write_whose_answer_was_lost_is_recognised_as_applied() {
         CasOutcome::Applied
     );
     assert_eq!(lose.lost_since(before), 1);
+
+    // An operator completes it ("it did happen"): the conditional `UpdateItem` lands, its answer
+    // is lost, and the resent request finds the call's own `wid`.
+    let mark = UnknownMark::of(&store.get(&key).await.unwrap().unwrap()).unwrap();
+    let before = lose.lose_next(1);
+    assert_eq!(
+        store
+            .complete_unknown(&key, mark, &outcome(), TTL)
+            .await
+            .unwrap(),
+        ResolveOutcome::Completed,
+        "an operator's completion that landed was reported refused"
+    );
+    assert_eq!(lose.lost_since(before), 1);
+    assert!(matches!(
+        store.get(&key).await.unwrap().unwrap().state,
+        RecordState::Completed { epoch: 1, .. }
+    ));
 
     // A release, then the claim of the released (free) key at the next epoch: its `PutItem`
     // fails on the condition (not a 200, so not lost); the `UpdateItem` that takes the free key

@@ -1,7 +1,7 @@
 //! # idemgate-store-postgres
 //!
-//! A shared [`Store`] on PostgreSQL, for several idemgate instances (and, later, for exactly-once
-//! message processing inside the application's own transaction).
+//! A shared [`Store`] on PostgreSQL, for several idemgate instances. (Exactly-once message
+//! processing inside the application's own transaction is `idemgate-dedup`'s PostgreSQL inbox.)
 //!
 //! ## Overview
 //!
@@ -10,7 +10,9 @@
 //!   several instances starting together do not race).
 //! - `claim` is ONE statement: `INSERT … ON CONFLICT DO UPDATE … WHERE expired` in a CTE that also
 //!   returns the existing row. The other operations are one `UPDATE`/`DELETE` with a
-//!   compare-and-set on (state, epoch, token) in its `WHERE`.
+//!   compare-and-set on (state, epoch, token) in its `WHERE`; the administrators' `delete` and
+//!   `complete_unknown` lock the row (`FOR UPDATE`) and compare its state (and, for
+//!   `complete_unknown`, epoch and marking instant).
 //! - The database clock (`clock_timestamp()`) decides leases and expiry; an index on `expires_at`
 //!   serves [`Store::purge_expired`] (run it with `idemgate_core::sweeper::spawn_sweeper`).
 //! - A connection pool (deadpool-postgres) with prepared statements.
@@ -55,7 +57,7 @@ use idemgate_core::protocol;
 use idemgate_core::record::{Fencing, Outcome, Record, RecordState};
 use idemgate_core::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
-    Store, TakeOverOutcome, TakeOverRequest, revoked_cas,
+    ResolveOutcome, Store, TakeOverOutcome, TakeOverRequest, UnknownMark, revoked_cas,
 };
 use tokio_postgres::{NoTls, Row};
 
@@ -755,6 +757,60 @@ impl Store for PostgresStore {
                 epoch: req_u64(row, "epoch")?,
             },
             _ => DeleteOutcome::Refused {
+                current: Box::new(decode(row)?),
+            },
+        })
+    }
+
+    async fn complete_unknown(
+        &self,
+        key: &StoreKey,
+        expected: UnknownMark,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        protocol::check_outcome(outcome)?;
+        // One statement, as `delete`: the row locked and read as it is now (`FOR UPDATE` waits
+        // for a racing writer and then sees its result), completed only if it is a live
+        // outcome-unknown row with exactly this epoch and marking instant, and returned as it
+        // was so that a refusal can show it.
+        // Parameters: $1 key, $2 epoch, $3 marking instant, $4 outcome, $5 ttl.
+        let sql = format!(
+            "WITH n AS (SELECT {NOW} AS now),
+             cur AS (SELECT r.*, r.expires_at > n.now AS live FROM idemgate_records r, n
+                     WHERE r.store_key = $1 FOR UPDATE),
+             upd AS (UPDATE idemgate_records r SET state = {STATE_COMPLETED}, completed_at = n.now,
+                       outcome = $4, expires_at = n.now + $5, unknown_since = NULL,
+                       token = NULL, owner = NULL, lease_expires_at = NULL
+                     FROM cur, n
+                     WHERE r.store_key = $1 AND cur.live AND cur.state = {STATE_UNKNOWN}
+                       AND cur.epoch = $2 AND cur.unknown_since = $3
+                     RETURNING r.store_key)
+             SELECT CASE WHEN NOT cur.live THEN 0
+                         WHEN EXISTS (SELECT 1 FROM upd) THEN 1
+                         ELSE 2 END AS verdict, n.now, cur.*
+             FROM cur, n"
+        );
+        let rows = self
+            .query(
+                &sql,
+                &[
+                    &key.as_bytes().as_slice(),
+                    &(expected.epoch as i64),
+                    &(expected.since.as_millis() as i64),
+                    &outcome.encode(),
+                    &ms(ttl),
+                ],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(ResolveOutcome::Absent);
+        };
+        let verdict: i32 = row.try_get("verdict").map_err(|_| corrupt("verdict"))?;
+        Ok(match verdict {
+            0 => ResolveOutcome::Absent,
+            1 => ResolveOutcome::Completed,
+            _ => ResolveOutcome::Refused {
                 current: Box::new(decode(row)?),
             },
         })

@@ -83,7 +83,7 @@ use idemgate_core::protocol::{self, Write};
 use idemgate_core::record::{Fencing, Outcome, Record};
 use idemgate_core::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
-    Store, TakeOverOutcome, TakeOverRequest,
+    ResolveOutcome, Store, TakeOverOutcome, TakeOverRequest, UnknownMark,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
@@ -244,6 +244,7 @@ enum Op {
     Release(Fencing),
     TakeOver(TakeOverRequest),
     Delete(DeleteMode),
+    CompleteUnknown(UnknownMark, Outcome, Duration),
     Purge(usize),
     #[cfg(feature = "testkit")]
     OverwriteRaw(Vec<u8>),
@@ -255,6 +256,7 @@ enum Reply {
     TakeOver(TakeOverOutcome),
     Count(usize),
     Delete(DeleteOutcome),
+    Resolve(ResolveOutcome),
 }
 
 struct Job {
@@ -385,6 +387,10 @@ impl Writer {
                     Op::Delete(mode) => {
                         let (w, o) = protocol::delete(cur, now, *mode);
                         (w, Reply::Delete(o))
+                    }
+                    Op::CompleteUnknown(mark, outcome, ttl) => {
+                        let (w, o) = protocol::complete_unknown(cur, now, *mark, outcome, *ttl);
+                        (w, Reply::Resolve(o))
                     }
                     // Answered above, before the record was decoded.
                     Op::Purge(_) => (Write::Unchanged, Reply::Count(0)),
@@ -605,6 +611,23 @@ impl Store for RedbStore {
     async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
         match self.submit(*key, Op::Delete(mode)).await? {
             Reply::Delete(o) => Ok(o),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn complete_unknown(
+        &self,
+        key: &StoreKey,
+        expected: UnknownMark,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        protocol::check_outcome(outcome)?;
+        match self
+            .submit(*key, Op::CompleteUnknown(expected, outcome.clone(), ttl))
+            .await?
+        {
+            Reply::Resolve(o) => Ok(o),
             _ => Err(unexpected()),
         }
     }

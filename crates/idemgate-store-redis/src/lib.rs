@@ -7,7 +7,8 @@
 //! - Every operation is ONE round trip: a Lua script that reads, decides and writes atomically
 //!   (see [`scripts`] for the record layout). `claim` returns the existing record in
 //!   the same trip; `renew`, `complete`, `mark_unknown`, `release` and `take_over` are
-//!   compare-and-set on the epoch and token.
+//!   compare-and-set on the epoch and token; `complete_unknown` (administrators: "it did
+//!   happen") on the state, epoch and marking instant.
 //! - The server's clock (`TIME`) decides leases and expiry, never the instance's; records carry a
 //!   native expiry (`PEXPIREAT`), so [`Store::purge_expired`] has nothing to do.
 //! - Keys are `<prefix>{<64 hex>}`: the hash tag keeps everything of one record in one slot.
@@ -55,7 +56,7 @@ use idemgate_core::protocol;
 use idemgate_core::record::{Fencing, Outcome, Record, RecordState};
 use idemgate_core::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
-    Store, TakeOverOutcome, TakeOverRequest, revoked_cas,
+    ResolveOutcome, Store, TakeOverOutcome, TakeOverRequest, UnknownMark, revoked_cas,
 };
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
@@ -75,6 +76,7 @@ struct Scripts {
     take_over: Script,
     get: Script,
     delete: Script,
+    complete_unknown: Script,
 }
 
 /// A standalone connection (reconnecting) or a cluster connection (routing by slot).
@@ -220,6 +222,7 @@ impl RedisStore {
                 take_over: scripts::take_over(),
                 get: scripts::get(),
                 delete: scripts::delete(),
+                complete_unknown: scripts::complete_unknown(),
             }),
         }
     }
@@ -749,6 +752,42 @@ impl Store for RedisStore {
                     current: Box::new(current),
                 }),
                 None => Ok(DeleteOutcome::Absent),
+            },
+            _ => Err(shape()),
+        }
+    }
+
+    async fn complete_unknown(
+        &self,
+        key: &StoreKey,
+        expected: UnknownMark,
+        outcome: &Outcome,
+        ttl: Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        protocol::check_outcome(outcome)?;
+        let reply: Vec<Value> = self
+            .scripts
+            .complete_unknown
+            .key(self.redis_key(key))
+            .arg(expected.epoch.to_string())
+            .arg(expected.since.as_millis().to_string())
+            .arg(ms(ttl))
+            .arg(outcome.encode())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(map_err)?;
+        let mut it = reply.into_iter();
+        let (Some(flag), Some(_now)) = (it.next(), it.next()) else {
+            return Err(shape());
+        };
+        match int(&flag) {
+            Some(0) => Ok(ResolveOutcome::Absent),
+            Some(1) => Ok(ResolveOutcome::Completed),
+            Some(2) => match decode_hash(it.next().ok_or_else(shape)?)? {
+                Some(current) => Ok(ResolveOutcome::Refused {
+                    current: Box::new(current),
+                }),
+                None => Ok(ResolveOutcome::Absent),
             },
             _ => Err(shape()),
         }

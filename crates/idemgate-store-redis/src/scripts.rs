@@ -213,3 +213,25 @@ return {1, now}
 "#,
     )
 }
+
+/// ARGV: ep, us (the marking instant, ms), ttl_ms, outcome bytes → `{0, now}` absent, `{1, now}`
+/// completed (an outcome-unknown record with exactly that epoch and marking instant), `{2, now,
+/// HGETALL}` refused. The growing `HSET` comes first: at `maxmemory` (noeviction) it is refused
+/// before anything changed.
+pub fn complete_unknown() -> Script {
+    script(
+        r#"
+local now = now_ms()
+if not live(now) then return {0, now} end
+local f = redis.call('HMGET', KEYS[1], 'st', 'ep', 'us')
+if f[1] == 'u' and f[2] == ARGV[1] and f[3] == ARGV[2] then
+  local xa = now + tonumber(ARGV[3])
+  redis.call('HSET', KEYS[1], 'st', 'c', 'ct', fmt(now), 'out', ARGV[4], 'xa', fmt(xa))
+  redis.call('HDEL', KEYS[1], 'us')
+  redis.call('PEXPIREAT', KEYS[1], xa)
+  return {1, now}
+end
+return {2, now, redis.call('HGETALL', KEYS[1])}
+"#,
+    )
+}

@@ -8,6 +8,8 @@ use idemgate_core::hook::{Hooked, Operation, StoreHook};
 use idemgate_core::{ErrorKind, SharedStore, StoreError};
 use tracing::Instrument;
 
+use crate::metrics::{STORE_ERRORS, STORE_OPERATION_SECONDS};
+
 /// A store with every operation bounded by a deadline (so a slow or partitioned store is an
 /// error within it, never a hang: `503` for a request, a retry for a renewal) and timed into
 /// `idemgate_store_operation_seconds{op}`, with errors counted in
@@ -24,7 +26,7 @@ pub struct Instrumentation {
     deadline: Duration,
     /// One histogram handle per operation, registered once (a lookup by name and labels on
     /// every call showed in profiles).
-    latency: [metrics::Histogram; 10],
+    latency: [metrics::Histogram; Operation::ALL.len()],
 }
 
 impl std::fmt::Debug for Instrumentation {
@@ -38,8 +40,14 @@ impl std::fmt::Debug for Instrumentation {
 /// Wraps `store` with a deadline per operation. Call it after the metrics recorder is installed
 /// (handles registered before go nowhere).
 pub fn instrumented(store: SharedStore, deadline: Duration) -> Instrumented {
-    let latency = Operation::ALL
-        .map(|op| metrics::histogram!("idemgate_store_operation_seconds", "op" => op.as_str()));
+    let latency =
+        Operation::ALL.map(|op| metrics::histogram!(STORE_OPERATION_SECONDS, "op" => op.as_str()));
+    // Every error series exists at zero from the start.
+    for op in Operation::ALL {
+        for kind in ErrorKind::ALL {
+            let _ = metrics::counter!(STORE_ERRORS, "op" => op.as_str(), "kind" => kind.as_str());
+        }
+    }
     Hooked::wrap(store, Instrumentation { deadline, latency })
 }
 
@@ -93,7 +101,7 @@ impl Instrumentation {
         self.latency[op as usize].record(start.elapsed().as_secs_f64());
         if let Err(e) = &out {
             metrics::counter!(
-                "idemgate_store_errors_total",
+                STORE_ERRORS,
                 "op" => op.as_str(),
                 "kind" => e.kind().as_str()
             )

@@ -18,6 +18,7 @@
 //! - [`follow`] wakes an engine's waiters when another instance finishes a key.
 //! - [`connect`] does all of it in one call: an engine on a URL, with the follower running
 //!   (what a tower or dedup user on Redis or PostgreSQL wants).
+//! - [`metrics`]: the store's metric families and their descriptions.
 //!
 //! ## Example
 //!
@@ -63,11 +64,12 @@
 //! the backend's own kinds (`Unavailable`, `Timeout`, …) for a server it cannot reach.
 
 mod instrument;
+pub mod metrics;
 mod url;
 
 use std::time::Duration;
 
-use idemgate_core::cache::CachedStore;
+use idemgate_core::cache::{CachedStore, Lookup};
 use idemgate_core::{ErrorKind, SharedStore, Store, StoreError};
 
 pub use instrument::{Instrumentation, Instrumented, instrumented};
@@ -136,12 +138,20 @@ impl Opened {
     /// The store to run an engine on: the deadline and metrics hook, and for a shared store the
     /// replay cache in front of it (so the latency histograms count real round trips only).
     /// Also hands back the completion feed for [`follow`].
+    ///
+    /// Registers the store's metrics (see [`metrics`]): call it after the recorder is installed.
     pub fn stack(self, options: &StackOptions) -> (SharedStore, Feed) {
         let timed = instrumented(self.store, options.deadline);
+        let hits = ::metrics::counter!(metrics::REPLAY_CACHE_HITS);
+        let misses = ::metrics::counter!(metrics::REPLAY_CACHE_MISSES);
         let store = if self.shared && options.replay_cache_entries > 0 {
             SharedStore::new(
                 CachedStore::builder(timed)
                     .capacity(options.replay_cache_entries)
+                    .observe(move |lookup| match lookup {
+                        Lookup::Hit => hits.increment(1),
+                        _ => misses.increment(1),
+                    })
                     .build(),
             )
         } else {

@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -32,8 +33,25 @@ pin_project! {
     #[project = Proj]
     enum Kind<F> {
         Ready { response: Option<Response<IdemBody>> },
-        PassThrough { #[pin] future: F },
+        PassThrough { #[pin] future: F, timing: PassTiming },
         Protected { future: BoxFuture },
+    }
+}
+
+/// Where a pass-through request's time goes: once the inner service's response head (or
+/// failure) is there, its time since the request reached the layer is recorded as both the
+/// request's and the upstream's duration (nothing else happens in between).
+pub(crate) struct PassTiming {
+    pub(crate) started: Instant,
+    pub(crate) request: metrics::Histogram,
+    pub(crate) upstream: metrics::Histogram,
+}
+
+impl PassTiming {
+    fn record(&self) {
+        let secs = self.started.elapsed().as_secs_f64();
+        self.request.record(secs);
+        self.upstream.record(secs);
     }
 }
 
@@ -74,9 +92,9 @@ impl<F> ResponseFuture<F> {
         )
     }
 
-    pub(crate) fn pass(future: F, span: tracing::Span) -> Self {
+    pub(crate) fn pass(future: F, timing: PassTiming, span: tracing::Span) -> Self {
         Self {
-            kind: Kind::PassThrough { future },
+            kind: Kind::PassThrough { future, timing },
             span,
         }
     }
@@ -108,7 +126,8 @@ where
                 tracing::error!("ResponseFuture polled after completion");
                 ProblemKind::UpstreamFailed.response("the request failed")
             }))),
-            Proj::PassThrough { future } => future.poll(cx).map(|r| {
+            Proj::PassThrough { future, timing } => future.poll(cx).map(|r| {
+                timing.record();
                 Ok(match r {
                     Ok(res) => res.map(boxed),
                     Err(e) => {

@@ -21,6 +21,8 @@ use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
 use crate::body::BodyBudget;
+use crate::metrics::Signals;
+use crate::observe::Observer;
 use crate::policy::Routes;
 use crate::service::Idempotency;
 
@@ -36,6 +38,8 @@ pub(crate) struct Shared<S> {
     pub(crate) namespace: String,
     pub(crate) response_timeout: Option<Duration>,
     pub(crate) limits: Limits,
+    pub(crate) signals: Signals,
+    pub(crate) observer: Option<Arc<dyn Observer>>,
 }
 
 /// The layer's resource limits (none by default).
@@ -78,6 +82,7 @@ impl<S: Store> IdempotencyLayer<S> {
             namespace: "default".into(),
             response_timeout: None,
             limits: Limits::default(),
+            observer: None,
         }
     }
 
@@ -88,13 +93,26 @@ impl<S: Store> IdempotencyLayer<S> {
 }
 
 /// Builds an [`IdempotencyLayer`].
-#[derive(Debug)]
 pub struct IdempotencyLayerBuilder<S> {
     engine: Engine<S>,
     routes: Routes,
     namespace: String,
     response_timeout: Option<Duration>,
     limits: Limits,
+    observer: Option<Arc<dyn Observer>>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for IdempotencyLayerBuilder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayerBuilder")
+            .field("engine", &self.engine)
+            .field("routes", &self.routes)
+            .field("namespace", &self.namespace)
+            .field("response_timeout", &self.response_timeout)
+            .field("limits", &self.limits)
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
 }
 
 impl<S: Store> IdempotencyLayerBuilder<S> {
@@ -132,15 +150,25 @@ impl<S: Store> IdempotencyLayerBuilder<S> {
         self
     }
 
-    /// Builds the layer.
+    /// Calls `observer` once per protected request when it is answered (see
+    /// [`crate::observe`]; default: none).
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Builds the layer, registering its metrics (see [`metrics`](crate::metrics): install the
+    /// recorder first).
     pub fn build(self) -> IdempotencyLayer<S> {
         IdempotencyLayer {
             shared: Arc::new(Shared {
                 engine: self.engine,
+                signals: Signals::register(&self.routes),
                 routes: self.routes,
                 namespace: self.namespace,
                 response_timeout: self.response_timeout,
                 limits: self.limits,
+                observer: self.observer,
             }),
         }
     }

@@ -15,6 +15,8 @@
 //! - [`problem`]: the RFC 9457 answers, one stable `type` per case.
 //! - [`upstream::UpstreamError`]: how an inner service says "never sent" (release the key) or
 //!   "sent, no complete answer" (outcome unknown).
+//! - [`metrics`]: the counters and latency histograms the layer records (through the `metrics`
+//!   facade), registered at zero when the layer is built.
 //!
 //! ## Example
 //!
@@ -142,6 +144,8 @@ pub mod body;
 mod future;
 pub mod headers;
 mod layer;
+pub mod metrics;
+pub mod observe;
 pub mod policy;
 pub mod problem;
 mod protect;

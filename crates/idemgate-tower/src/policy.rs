@@ -38,6 +38,18 @@ pub enum FailMode {
 
 /// A path pattern: literal segments, `*` for exactly one segment, and a trailing `**` for any rest
 /// (including nothing). `/**` matches every path.
+///
+/// `**` anywhere but last (`/a/**/b`) and a `*` inside a segment (`/v1/pay*`) are refused
+/// ([`PathPattern::parse`]): neither is implemented, and taking them as something else would
+/// cover other requests than the ones meant.
+///
+/// ```
+/// use idemgate_tower::policy::PathPattern;
+///
+/// assert!(PathPattern::parse("/v1/charges/*/refund").is_ok());
+/// let err = PathPattern::parse("/a/**/b").unwrap_err();
+/// assert!(err.to_string().contains("only as the last segment"));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PathPattern {
     raw: String,
@@ -51,23 +63,61 @@ enum Segment {
     Rest,
 }
 
+/// Why a path pattern was refused ([`PathPattern::parse`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{reason} (in {pattern:?}); a pattern is literal segments, `*` for exactly one segment \
+         and a final `**` for the rest, e.g. /v1/payments/** or /v1/charges/*/refund"
+)]
+pub struct PatternError {
+    /// The pattern as given.
+    pub pattern: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
 impl PathPattern {
-    /// Parses a pattern. A `**` anywhere but last is taken as `*`.
-    pub fn new(pattern: &str) -> Self {
+    /// Parses a pattern; `**` anywhere but last, and `*` mixed with other characters in a
+    /// segment, are refused.
+    pub fn parse(pattern: &str) -> Result<Self, PatternError> {
         let parts: Vec<&str> = pattern.trim_start_matches('/').split('/').collect();
         let last = parts.len() - 1;
+        let refuse = |reason| PatternError {
+            pattern: pattern.to_owned(),
+            reason,
+        };
         let segments = parts
             .iter()
             .enumerate()
             .map(|(i, p)| match *p {
-                "**" if i == last => Segment::Rest,
-                "*" | "**" => Segment::One,
-                lit => Segment::Literal(lit.to_owned()),
+                "**" if i == last => Ok(Segment::Rest),
+                "**" => Err(refuse(
+                    "`**` is allowed only as the last segment (it matches the rest of the path)",
+                )),
+                "*" => Ok(Segment::One),
+                lit if lit.contains('*') => Err(refuse(
+                    "`*` must be a whole segment (it matches exactly one segment; there is no \
+                     prefix or suffix matching)",
+                )),
+                lit => Ok(Segment::Literal(lit.to_owned())),
             })
-            .collect();
-        Self {
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
             raw: pattern.to_owned(),
             segments,
+        })
+    }
+
+    /// Parses a pattern.
+    ///
+    /// # Panics
+    ///
+    /// On a pattern [`PathPattern::parse`] refuses (a configuration mistake, like an invalid
+    /// header name in [`RoutePolicy`]): parse patterns from configuration files with `parse`.
+    pub fn new(pattern: &str) -> Self {
+        match Self::parse(pattern) {
+            Ok(p) => p,
+            Err(e) => panic!("invalid path pattern: {e}"),
         }
     }
 
@@ -135,13 +185,21 @@ pub struct RoutePolicy {
 
 impl RoutePolicy {
     /// A route with the defaults of PRODUCT §3 and §6.
+    ///
+    /// # Panics
+    ///
+    /// On a path pattern [`PathPattern::parse`] refuses (e.g. `/a/**/b`).
     pub fn new(name: impl Into<String>, path: &str) -> Self {
+        let name = name.into();
         Self {
-            name: name.into(),
+            engine: Policy {
+                name: name.as_str().into(),
+                ..Policy::default()
+            },
+            name,
             methods: [Method::POST, Method::PATCH].into_iter().collect(),
             path: PathPattern::new(path),
             required: false,
-            engine: Policy::default(),
             fingerprint: FingerprintOptions::default(),
             fingerprint_headers: vec!["content-type".into()],
             scope_headers: vec!["authorization".into()],
@@ -276,9 +334,20 @@ fn lower(items: impl IntoIterator<Item = impl Into<String>>) -> Vec<String> {
 pub struct Routes(Vec<Arc<RoutePolicy>>);
 
 impl Routes {
-    /// Routes tried in the given order.
+    /// Routes tried in the given order. Each route's engine policy is named after the route
+    /// (the `route` of the engine's warnings), whatever it was named before.
     pub fn new(routes: Vec<RoutePolicy>) -> Self {
-        Self(routes.into_iter().map(Arc::new).collect())
+        Self(
+            routes
+                .into_iter()
+                .map(|mut r| {
+                    if *r.engine.name != *r.name {
+                        r.engine.name = r.name.as_str().into();
+                    }
+                    Arc::new(r)
+                })
+                .collect(),
+        )
     }
 
     /// The default of `idemgate serve` with no routes configured: POST and PATCH on every path,
@@ -337,6 +406,15 @@ mod tests {
     }
 
     #[test]
+    fn the_engine_policy_carries_the_route_name() {
+        let mut renamed = RoutePolicy::new("old", "/**");
+        renamed.name = "payments".into();
+        let routes = Routes::new(vec![RoutePolicy::new("orders", "/o/**"), renamed]);
+        let names: Vec<_> = routes.iter().map(|r| (&*r.engine.name, &*r.name)).collect();
+        assert_eq!(names, [("orders", "orders"), ("payments", "payments")]);
+    }
+
+    #[test]
     fn header_lists_are_trimmed_and_lower_cased() {
         let p = RoutePolicy::new("r", "/**")
             .scope_headers(["Authorization", " X-Tenant-Id ", ""])
@@ -348,6 +426,30 @@ mod tests {
             p.allow_response_headers,
             Some(vec!["content-type".to_owned()])
         );
+    }
+
+    #[test]
+    fn patterns_that_would_match_other_paths_than_meant_are_refused() {
+        for bad in ["/a/**/b", "/**/x", "/v1/pay*", "/a/*b/c", "/a/***"] {
+            let err = PathPattern::parse(bad).unwrap_err();
+            assert_eq!(err.pattern, bad);
+            assert!(err.to_string().contains("e.g. /v1/payments/**"), "{err}");
+        }
+        assert!(
+            PathPattern::parse("/a/**/b")
+                .unwrap_err()
+                .reason
+                .contains("only as the last segment")
+        );
+        for good in ["/**", "/a/**", "/a/*/b", "/exact", "/*"] {
+            assert!(PathPattern::parse(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid path pattern")]
+    fn an_invalid_path_pattern_stops_the_configuration() {
+        let _ = RoutePolicy::new("r", "/a/**/b");
     }
 
     #[test]

@@ -238,7 +238,7 @@ fn body_error(
 ) -> Response<IdemBody> {
     let mut res = match timeout {
         Some(t) => {
-            crate::service::limit_rejection("body_read_timeout");
+            crate::metrics::limit_rejection("body_read_timeout");
             ProblemKind::RequestTimeout.response(format!(
                 "the request body did not arrive within {t:?}; nothing was forwarded for a \
                  protected request"

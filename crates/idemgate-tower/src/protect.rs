@@ -2,7 +2,8 @@
 //! fingerprint, run the upstream call through the engine, and answer with [`respond`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -10,7 +11,7 @@ use http::{Request, Response};
 use http_body::Body;
 use idemgate_core::engine::{Disposition, EngineError, Execution};
 use idemgate_core::record::{Outcome, RecordState, StoredResponse};
-use idemgate_core::{IdempotencyKey, Scope, ScopedKey, Store};
+use idemgate_core::{IdempotencyKey, Scope, ScopedKey, Store, StoreKey};
 use tower_service::Service;
 
 use crate::body::{
@@ -19,10 +20,12 @@ use crate::body::{
 };
 use crate::headers::{IDEMPOTENCY_EPOCH, storable};
 use crate::layer::Shared;
+use crate::metrics::{Signals, limit_rejection};
+use crate::observe::Observation;
 use crate::policy::{FailMode, RoutePolicy};
 use crate::problem::ProblemKind;
 use crate::respond::{Answer, Responded, respond};
-use crate::service::{count, limit_rejection, record_outcome, too_large};
+use crate::service::{record_outcome, too_large};
 use crate::upstream::{Cause, UpstreamError};
 
 /// What the dispatched operation hands back to the engine.
@@ -68,11 +71,15 @@ fn classifier(route: Arc<RoutePolicy>) -> impl Fn(&UpstreamResult) -> Dispositio
     }
 }
 
+/// Sends `req` to the inner service and reads its response (within `limit` and `timeout`).
+/// The time to the response head (or the failure, or the timeout if no head came) is recorded
+/// in `upstream`.
 async fn forward<I, ResB>(
     mut inner: I,
     req: Request<IdemBody>,
     limit: usize,
     timeout: Option<Duration>,
+    upstream: metrics::Histogram,
 ) -> UpstreamResult
 where
     I: Service<Request<IdemBody>, Response = Response<ResB>> + Send + 'static,
@@ -81,11 +88,13 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
+    let sent = Instant::now();
+    let head_timed = AtomicBool::new(false);
     let exchange = async {
-        let res = inner
-            .call(req)
-            .await
-            .map_err(|e| UpstreamError::classify(e.into()))?;
+        let res = inner.call(req).await;
+        head_timed.store(true, Ordering::Relaxed);
+        upstream.record(sent.elapsed().as_secs_f64());
+        let res = res.map_err(|e| UpstreamError::classify(e.into()))?;
         let (parts, body) = res.into_parts();
         match collect_limited(boxed(body), limit).await {
             Ok(Collected::Complete(bytes)) => Ok(UpstreamResponse {
@@ -104,10 +113,12 @@ where
         None => exchange.await,
         Some(t) => match tokio::time::timeout(t, exchange).await {
             Ok(r) => r,
-            Err(_) => Err(UpstreamError::sent(
-                Cause::Timeout,
-                format!("no complete response within {t:?}"),
-            )),
+            Err(_) => Err({
+                if !head_timed.load(Ordering::Relaxed) {
+                    upstream.record(sent.elapsed().as_secs_f64());
+                }
+                UpstreamError::sent(Cause::Timeout, format!("no complete response within {t:?}"))
+            }),
         },
     }
 }
@@ -118,6 +129,7 @@ pub(crate) async fn protect<I, S, ReqB, ResB>(
     inner: I,
     req: Request<ReqB>,
     key: IdempotencyKey,
+    started: Instant,
 ) -> Result<Response<IdemBody>, BoxError>
 where
     I: Service<Request<IdemBody>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -129,14 +141,36 @@ where
     ReqB::Error: Into<BoxError>,
     S: Store,
 {
-    let finish = |answer: Answer, res: Response<IdemBody>| {
-        count(answer, &route.name);
+    let signals = &shared.signals;
+    // Copied only for an observer (zero cost unset): the key moves into the scoped key below.
+    let seen = shared
+        .observer
+        .as_ref()
+        .map(|_| (req.method().clone(), key.as_str().to_owned()));
+    let observe = |answer: Answer, res: &Response<IdemBody>, store_key: Option<&StoreKey>| {
+        if let (Some(observer), Some((method, key))) = (&shared.observer, &seen) {
+            observer.observe(&Observation {
+                route: &route.name,
+                method,
+                key,
+                store_key,
+                answer,
+                status: res.status().as_u16(),
+                elapsed: started.elapsed(),
+            });
+        }
+    };
+    let finish_keyed = |answer: Answer, res: Response<IdemBody>, store_key: Option<&StoreKey>| {
+        observe(answer, &res, store_key);
+        signals.count(Some(&route.name), answer);
+        signals.took(Some(&route.name), answer, started.elapsed());
         if let Some(span) = request_span() {
             record_outcome(&span, answer);
         }
         tracing::debug!(status = res.status().as_u16(), "answered");
         Ok(res)
     };
+    let finish = |answer: Answer, res: Response<IdemBody>| finish_keyed(answer, res, None);
     let (parts, body) = req.into_parts();
     // The reservation accounts for the body's memory for as long as a copy of the request may be
     // sent (it moves into `request_for` below).
@@ -201,7 +235,7 @@ where
         .map(|h| parts.headers.get(h).map_or(&b""[..], |v| v.as_bytes()))
         .collect();
     if !route.scope_headers.is_empty() && credentials.iter().all(|c| c.is_empty()) {
-        unscoped(&route);
+        unscoped(&route, signals);
     }
     let scoped = ScopedKey::new(
         shared.namespace.clone(),
@@ -236,6 +270,7 @@ where
         }
     };
     let (limit, timeout) = (route.max_response_body, shared.response_timeout);
+    let upstream_timer = signals.upstream(Some(&route.name));
     let result = shared
         .engine
         .run(
@@ -259,21 +294,41 @@ where
                                 "the lease may have lapsed before the request was sent",
                             ));
                         }
-                        forward(inner, req, limit, timeout).await
+                        forward(inner, req, limit, timeout, upstream_timer).await
                     }
                 }
             },
         )
         .await;
+    if let Ok(Execution::Unknown { record }) = &result
+        && let RecordState::Unknown { epoch, .. } = record.state
+    {
+        // Not a warning: the record's owner warned when it was marked; this names the client
+        // that is told about it, for the operator answering that client.
+        let store_key = scoped.store_key();
+        tracing::info!(route = %route.name, key = %scoped.key().for_log(), store_key = %store_key,
+            epoch, hint = %shared.engine.resolve_hint(&store_key),
+            "answered 502 outcome-unknown: an earlier request with this key may or may not have \
+             taken effect");
+    }
+    let store_key = seen.as_ref().map(|_| scoped.store_key());
     match respond(record_epoch(result), &route, &scoped) {
-        Responded::Answer(answer, response) => finish(answer, response),
+        Responded::Answer(answer, response) => finish_keyed(answer, response, store_key.as_ref()),
         Responded::ForwardUnprotected => {
             let mut inner = fallback.ok_or("fail-open answer without a fallback")?;
             futures_util::future::poll_fn(|cx| inner.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
-            let res = inner.call(request_for(0)).await.map_err(Into::into)?;
-            finish(Answer::StoreError, res.map(boxed))
+            let sent = Instant::now();
+            let res = inner.call(request_for(0)).await;
+            signals
+                .upstream(Some(&route.name))
+                .record(sent.elapsed().as_secs_f64());
+            finish_keyed(
+                Answer::StoreError,
+                res.map_err(Into::into)?.map(boxed),
+                store_key.as_ref(),
+            )
         }
     }
 }
@@ -323,11 +378,10 @@ fn epoch_of<T>(result: &Result<Execution<T>, EngineError>) -> Option<u64> {
 /// scope with every other such request (a key reused by two such callers replays one's answer to
 /// the other). Counted in `idemgate_unscoped_requests_total{route}`, and warned about once per
 /// process: an API that authenticates by another header should list it in `scope_headers`.
-fn unscoped(route: &RoutePolicy) {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    metrics::counter!("idemgate_unscoped_requests_total", "route" => route.name.clone())
-        .increment(1);
-    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+fn unscoped(route: &RoutePolicy, signals: &Signals) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    signals.unscoped(&route.name);
+    if !WARNED.swap(true, Ordering::Relaxed) {
         tracing::warn!(route = %route.name, scope_headers = ?route.scope_headers,
             "a protected request carries none of the scope headers: such requests share one \
              scope (list the header your API authenticates by in scope_headers)");

@@ -49,6 +49,22 @@ pub enum Answer {
 }
 
 impl Answer {
+    /// Every answer, in declaration order (`Answer::ALL[a as usize] == a`).
+    pub const ALL: [Answer; 12] = [
+        Answer::Executed,
+        Answer::Replayed,
+        Answer::Conflict,
+        Answer::Mismatch,
+        Answer::MissingKey,
+        Answer::InvalidKey,
+        Answer::TooLarge,
+        Answer::Overloaded,
+        Answer::StoreError,
+        Answer::StoreFull,
+        Answer::Unknown,
+        Answer::Passthrough,
+    ];
+
     /// The metrics label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -102,7 +118,7 @@ pub(crate) fn respond(
         }) if route.engine.recovery == Recovery::Takeover
             && !route.transient_statuses.contains(&r.parts.status.as_u16()) =>
         {
-            tracing::warn!(route = %route.name, key = %key.key(),
+            tracing::warn!(route = %route.name, key = %key.key().for_log(), store_key = %key.store_key(),
                 "the outcome is not recorded yet (or the key was taken over): answering 409 \
                  instead of an answer no retry would see");
             let res = ProblemKind::InFlight.response(
@@ -178,7 +194,7 @@ pub(crate) fn respond(
         // Fail open only when the store could not answer (down, slow): a corrupt record or a
         // full store answered, and forwarding past it could run a request twice.
         Err(e) if e.kind() == ErrorKind::Capacity => {
-            tracing::warn!(route = %route.name, key = %key.key(), error = %e,
+            tracing::warn!(route = %route.name, key = %key.key().for_log(), store_key = %key.store_key(), error = %e,
                 "store full; refusing new keys");
             let res = ProblemKind::StoreFull.response(
                 "the idempotency store has no room for a new key right now; nothing was \
@@ -195,12 +211,12 @@ pub(crate) fn respond(
             if route.fail_mode == FailMode::Open
                 && matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout) =>
         {
-            tracing::warn!(route = %route.name, key = %key.key(), error = %e,
+            tracing::warn!(route = %route.name, key = %key.key().for_log(), store_key = %key.store_key(), error = %e,
                 "store unavailable; forwarding without protection (fail open)");
             Responded::ForwardUnprotected
         }
         Err(e) => {
-            tracing::warn!(route = %route.name, key = %key.key(), error = %e,
+            tracing::warn!(route = %route.name, key = %key.key().for_log(), store_key = %key.store_key(), error = %e,
                 "store unavailable; refusing (fail closed)");
             // The error's text (hosts, paths) stays in the log, not in the answer.
             let res = ProblemKind::StoreUnavailable.response(format!(
@@ -259,6 +275,31 @@ mod tests {
             ),
             Responded::ForwardUnprotected => panic!("forwarded"),
         }
+    }
+
+    #[test]
+    fn answers_are_listed_in_declaration_order_with_distinct_labels() {
+        // A new variant must be listed in ALL: this match stops compiling without it.
+        let position = |a: Answer| match a {
+            Answer::Executed => 0,
+            Answer::Replayed => 1,
+            Answer::Conflict => 2,
+            Answer::Mismatch => 3,
+            Answer::MissingKey => 4,
+            Answer::InvalidKey => 5,
+            Answer::TooLarge => 6,
+            Answer::Overloaded => 7,
+            Answer::StoreError => 8,
+            Answer::StoreFull => 9,
+            Answer::Unknown => 10,
+            Answer::Passthrough => 11,
+        };
+        for (i, a) in Answer::ALL.iter().enumerate() {
+            assert_eq!((*a as usize, position(*a)), (i, i), "{a:?}");
+        }
+        let labels: std::collections::BTreeSet<_> =
+            Answer::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(labels.len(), Answer::ALL.len());
     }
 
     #[test]

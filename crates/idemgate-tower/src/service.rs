@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
@@ -15,7 +16,7 @@ use idemgate_core::{IdempotencyKey, Store};
 use tower_service::Service;
 
 use crate::body::{BoxError, IdemBody, boxed};
-use crate::future::ResponseFuture;
+use crate::future::{PassTiming, ResponseFuture};
 use crate::headers::IDEMPOTENCY_KEY;
 use crate::layer::Shared;
 use crate::policy::RoutePolicy;
@@ -75,17 +76,6 @@ impl<I: fmt::Debug, S> fmt::Debug for Idempotency<I, S> {
     }
 }
 
-/// Counts a request in `idemgate_requests_total{outcome, route}`.
-pub(crate) fn count(answer: Answer, route: &str) {
-    metrics::counter!("idemgate_requests_total", "outcome" => answer.as_str(), "route" => route.to_owned())
-        .increment(1);
-}
-
-/// Counts a request or connection refused at a limit, by the name of the setting.
-pub(crate) fn limit_rejection(reason: &'static str) {
-    metrics::counter!("idemgate_limit_rejections_total", "reason" => reason).increment(1);
-}
-
 impl<I, S, ReqB, ResB> Service<Request<ReqB>> for Idempotency<I, S>
 where
     I: Service<Request<IdemBody>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -128,26 +118,34 @@ where
                 span,
             );
         }
+        let started = Instant::now();
         // The clone that was polled ready serves this request; the fresh clone stays for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let signals = &self.shared.signals;
         match admit(&self.shared, &req) {
             Admission::Pass { route } => {
-                let name = route.as_deref().map_or("", |r| &r.name);
-                count(Answer::Passthrough, name);
-                let span = request_span(&req, name);
+                let route = route.as_deref().map(|r| r.name.as_str());
+                signals.count(route, Answer::Passthrough);
+                let timing = PassTiming {
+                    started,
+                    request: signals.took_handle(route, Answer::Passthrough),
+                    upstream: signals.upstream(route),
+                };
+                let span = request_span(&req, route.unwrap_or(""));
                 record_outcome(&span, Answer::Passthrough);
                 // Entered while the inner service is called: whatever it starts (the upstream
                 // call) is this request's child.
                 let future = span.in_scope(|| inner.call(req.map(boxed)));
-                ResponseFuture::pass(future, span)
+                ResponseFuture::pass(future, timing, span)
             }
             Admission::Refuse {
                 route,
                 answer,
                 response,
             } => {
-                count(answer, &route.name);
+                signals.count(Some(&route.name), answer);
+                signals.took(Some(&route.name), answer, started.elapsed());
                 let span = request_span(&req, &route.name);
                 record_outcome(&span, answer);
                 ResponseFuture::refuse(req, response, span)
@@ -158,7 +156,7 @@ where
                     span.record("idemgate.key", tracing::field::display(&key));
                 }
                 let shared = self.shared.clone();
-                let fut = protect(shared, route, inner, req, key);
+                let fut = protect(shared, route, inner, req, key, started);
                 ResponseFuture::protected(Box::pin(fut), span)
             }
         }

@@ -86,6 +86,20 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// Every cause (for metrics registered before any failure).
+    pub const ALL: [Cause; 10] = [
+        Cause::DnsFailure,
+        Cause::ConnectionRefused,
+        Cause::ConnectTimeout,
+        Cause::ConnectFailed,
+        Cause::ConnectionClosed,
+        Cause::ConnectionReset,
+        Cause::Timeout,
+        Cause::InvalidResponse,
+        Cause::LeaseLapsed,
+        Cause::Other,
+    ];
+
     /// The stable slug (`connection-refused`, ...), used in problem bodies and metric labels.
     pub fn slug(self) -> &'static str {
         match self {
@@ -221,5 +235,25 @@ mod tests {
             Cause::ConnectionReset
         );
         assert_eq!(UpstreamError::Sent("x".into()).cause(), Cause::Other);
+    }
+
+    #[test]
+    fn every_cause_is_listed_once() {
+        // A new variant must be listed in ALL: this match stops compiling without it.
+        let listed = |c: Cause| match c {
+            Cause::DnsFailure
+            | Cause::ConnectionRefused
+            | Cause::ConnectTimeout
+            | Cause::ConnectFailed
+            | Cause::ConnectionClosed
+            | Cause::ConnectionReset
+            | Cause::Timeout
+            | Cause::InvalidResponse
+            | Cause::LeaseLapsed
+            | Cause::Other => Cause::ALL.contains(&c),
+        };
+        assert!(Cause::ALL.iter().all(|c| listed(*c)));
+        let slugs: std::collections::BTreeSet<_> = Cause::ALL.iter().map(|c| c.slug()).collect();
+        assert_eq!(slugs.len(), Cause::ALL.len());
     }
 }

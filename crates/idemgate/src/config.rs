@@ -16,7 +16,7 @@ use http::{HeaderName, Method};
 use idemgate_core::engine::{Concurrency, Recovery};
 use idemgate_core::fingerprint::{FingerprintOptions, JsonMode};
 use idemgate_tower::policy::{
-    DEFAULT_BODY_LIMIT, DEFAULT_TRANSIENT, FailMode, RoutePolicy, Routes,
+    DEFAULT_BODY_LIMIT, DEFAULT_TRANSIENT, FailMode, PathPattern, RoutePolicy, Routes,
 };
 use serde::Deserialize;
 
@@ -27,12 +27,50 @@ pub struct ServeArgs {
     /// Upstream base URL, e.g. http://127.0.0.1:3000 (required unless in the config file).
     #[arg(long, env = "IDEMGATE_UPSTREAM")]
     pub upstream: Option<String>,
-    /// Proxy listen address [default: 127.0.0.1:8080].
+    /// Proxy listen address, HOST:PORT: 127.0.0.1:8080, [::1]:8080, 0.0.0.0:8080 or
+    /// localhost:8080 (a host name is resolved once at start-up; its first IPv4 address is
+    /// bound, else its first IPv6 one) [default: 127.0.0.1:8080].
     #[arg(long, env = "IDEMGATE_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Admin listen address (metrics, health, admin API, dashboard) [default: 127.0.0.1:9090].
+    pub listen: Option<String>,
+    /// Admin listen address (metrics, health, admin API, dashboard), HOST:PORT as --listen. Off
+    /// loopback it needs an admin token (or --admin-insecure-no-auth) [default: 127.0.0.1:9090].
     #[arg(long, env = "IDEMGATE_ADMIN_LISTEN")]
-    pub admin_listen: Option<SocketAddr>,
+    pub admin_listen: Option<String>,
+    /// File holding the admin API's bearer token (preferred; surrounding whitespace is trimmed;
+    /// read once at start-up). With a token, every admin endpoint but /healthz and /readyz needs
+    /// `Authorization: Bearer TOKEN` (see the README's "Admin listener"). A token is 16 to 512
+    /// characters of A-Z a-z 0-9 - . _ ~ + / (and = at the end), e.g. `openssl rand -hex 32`.
+    #[arg(long, env = "IDEMGATE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin API's bearer token itself. Prefer --admin-token-file or the variable: a flag's
+    /// value shows in `ps` and in shell history (a warning says so at start-up).
+    #[arg(long, env = "IDEMGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Host names the admin listener answers to besides IP addresses and `localhost` (against
+    /// DNS rebinding: a browser's request under any other name gets 403), comma-separated,
+    /// without ports; `*.example.com` covers its subdomains, `*` any name [default: none].
+    #[arg(
+        long,
+        alias = "admin-allowed-host",
+        env = "IDEMGATE_ADMIN_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub admin_allowed_hosts: Option<Vec<String>>,
+    /// Serve the admin API off loopback without a token (anyone who reaches the port can read
+    /// records, delete keys and resolve outcomes): true, false, 1 or 0 [default: false].
+    #[arg(long, env = "IDEMGATE_ADMIN_INSECURE_NO_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub admin_insecure_no_auth: Option<String>,
+    /// Serve /metrics without the admin token (for scrapers that cannot send one; Prometheus
+    /// can: `authorization: { credentials_file: … }`): true, false, 1 or 0 [default: false].
+    #[arg(long, env = "IDEMGATE_ADMIN_PUBLIC_METRICS", num_args = 0..=1, default_missing_value = "true")]
+    pub admin_public_metrics: Option<String>,
+    /// Validate the configuration, print it as it takes effect (a config file; secrets left
+    /// out) and exit: 0 if valid, 1 if not. Opens no store and binds no port.
+    #[arg(long)]
+    pub check_config: bool,
+    /// Whether --admin-token was given on the command line (set by `main`, not a flag).
+    #[arg(skip)]
+    pub admin_token_on_command_line: bool,
     /// Store URL: memory://, file:PATH, redis://HOST:PORT, redis+cluster://H1:P1,H2:P2,
     /// postgres://USER@HOST/DB, dynamodb://TABLE?region=REGION[&endpoint=URL]
     /// [default: file:./idemgate-data].
@@ -41,9 +79,10 @@ pub struct ServeArgs {
     /// TOML config file.
     #[arg(long, env = "IDEMGATE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// POST/PATCH without an Idempotency-Key get 400 (default route only).
+    /// POST/PATCH without an Idempotency-Key get 400 (default route only): true, false, 1 or 0
+    /// [default: false].
     #[arg(long, env = "IDEMGATE_REQUIRE_KEY", num_args = 0..=1, default_missing_value = "true")]
-    pub require_key: Option<bool>,
+    pub require_key: Option<String>,
     /// Record namespace: unique per service. Required with a Redis, PostgreSQL or DynamoDB store, which
     /// several services may share: with one namespace they would replay each other's responses.
     /// The embedded and memory stores belong to one process [default there: default].
@@ -93,7 +132,7 @@ pub struct ServeArgs {
     /// Upstream statuses released instead of stored, comma-separated, each 100 to 599
     /// [default: 408,425,429,502,503,504].
     #[arg(long, env = "IDEMGATE_TRANSIENT_STATUSES", value_delimiter = ',')]
-    pub transient_statuses: Option<Vec<u16>>,
+    pub transient_statuses: Option<Vec<String>>,
     /// Headers identifying the principal, comma-separated (names are trimmed and lower-cased; an
     /// invalid one is refused; empty: every caller shares one scope, with a warning)
     /// [default: authorization].
@@ -111,9 +150,9 @@ pub struct ServeArgs {
     /// invalid name is refused) [default: all not denied].
     #[arg(long, env = "IDEMGATE_ALLOW_RESPONSE_HEADERS", value_delimiter = ',')]
     pub allow_response_headers: Option<Vec<String>>,
-    /// Fingerprint JSON bodies in RFC 8785 canonical form [default: false].
+    /// Fingerprint JSON bodies in RFC 8785 canonical form: true, false, 1 or 0 [default: false].
     #[arg(long, env = "IDEMGATE_CANONICAL_JSON", num_args = 0..=1, default_missing_value = "true")]
-    pub canonical_json: Option<bool>,
+    pub canonical_json: Option<String>,
     /// JSON pointers left out of the fingerprint, comma-separated, each starting with `/`
     /// (with --canonical-json).
     #[arg(long, env = "IDEMGATE_IGNORE_JSON_FIELDS", value_delimiter = ',')]
@@ -121,7 +160,12 @@ pub struct ServeArgs {
     /// Completed records cached per instance in front of a shared store (0 disables; a delete
     /// made through another instance is seen within 30 s); at most 10000000 [default: 100000].
     #[arg(long, env = "IDEMGATE_REPLAY_CACHE_ENTRIES")]
-    pub replay_cache_entries: Option<usize>,
+    pub replay_cache_entries: Option<String>,
+    /// Records read per second by the scan that counts the store's outcome-unknown records (the
+    /// idemgate_outcome_unknown_records gauge; see docs/operations.md); 0 turns it off; at most
+    /// 1000000 [default: 1000].
+    #[arg(long, env = "IDEMGATE_UNKNOWN_SCAN_RATE")]
+    pub unknown_scan_rate: Option<String>,
     /// First pause between a waiter's store polls (doubling up to --waiter-poll-max); 1ms to 1h,
     /// not above --waiter-poll-max [default: 50ms].
     #[arg(long, env = "IDEMGATE_WAITER_POLL_MIN")]
@@ -133,11 +177,11 @@ pub struct ServeArgs {
     /// Most requests waiting on in-flight duplicates at once; 1 to 1000000 (use --concurrency
     /// reject for no waiting) [default: 10000].
     #[arg(long, env = "IDEMGATE_MAX_WAITERS")]
-    pub max_waiters: Option<usize>,
+    pub max_waiters: Option<String>,
     /// Proxy worker threads, each serving its share of the connections on its own
     /// single-threaded runtime; 1 to 1024 [default: one per CPU].
     #[arg(long, env = "IDEMGATE_WORKERS")]
-    pub workers: Option<usize>,
+    pub workers: Option<String>,
     /// Deadline of every store operation; past it a request gets 503 store-unavailable (nothing
     /// forwarded) and a renewal is retried [default: 3s, or 3/10 of a shorter lease; 10ms to 60s,
     /// under lease_ttl/3].
@@ -164,18 +208,19 @@ pub struct ServeArgs {
     /// Most open client connections; a connection over it gets 503 + Retry-After and is closed
     /// [default: 10000].
     #[arg(long, env = "IDEMGATE_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
+    pub max_connections: Option<String>,
     /// Most protected (keyed) requests in progress at once; beyond it 503 + Retry-After
     /// [default: 4096].
     #[arg(long, env = "IDEMGATE_MAX_CONCURRENT_REQUESTS")]
-    pub max_concurrent_requests: Option<usize>,
+    pub max_concurrent_requests: Option<String>,
     /// Most bytes of protected request bodies buffered at once, over all requests; a request
     /// that cannot reserve its body gets 503 + Retry-After [default: 256MiB].
     #[arg(long, env = "IDEMGATE_MAX_BUFFERED_BODY_BYTES")]
     pub max_buffered_body_bytes: Option<String>,
 }
 
-/// The `[[route]]` tables of the config file. Unset fields take the global settings.
+/// The `[[route]]` tables of the config file. Unset fields take the global settings. Durations
+/// and sizes are strings with a unit (`"30s"`, `"8MiB"`) or plain numbers (seconds, bytes).
 #[derive(Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
@@ -183,12 +228,16 @@ pub struct RouteConfig {
     path: String,
     methods: Option<Vec<String>>,
     required: Option<bool>,
+    #[serde(default, deserialize_with = "text_or_number")]
     ttl: Option<String>,
     concurrency: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     wait_timeout: Option<String>,
     recovery: Option<String>,
     fail_mode: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     max_request_body: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     max_response_body: Option<String>,
     transient_statuses: Option<Vec<u16>>,
     scope_headers: Option<Vec<String>>,
@@ -199,27 +248,42 @@ pub struct RouteConfig {
     ignore_json_fields: Option<Vec<String>>,
 }
 
-/// The config file.
+/// The config file. Durations and sizes are strings with a unit (`"30s"`, `"8MiB"`) or plain
+/// numbers (seconds, bytes).
 #[derive(Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     upstream: Option<String>,
-    listen: Option<SocketAddr>,
-    admin_listen: Option<SocketAddr>,
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    admin_token_file: Option<PathBuf>,
+    admin_token: Option<String>,
+    admin_allowed_hosts: Option<Vec<String>>,
+    admin_insecure_no_auth: Option<bool>,
+    admin_public_metrics: Option<bool>,
     store: Option<String>,
     require_key: Option<bool>,
     namespace: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     ttl: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     unknown_ttl: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     lease_ttl: Option<String>,
     concurrency: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     wait_timeout: Option<String>,
     recovery: Option<String>,
     fail_mode: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     max_request_body: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     max_response_body: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     connect_timeout: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     response_timeout: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     drain_timeout: Option<String>,
     log_format: Option<String>,
     transient_statuses: Option<Vec<u16>>,
@@ -231,16 +295,24 @@ pub struct FileConfig {
     ignore_json_fields: Option<Vec<String>>,
     max_waiters: Option<usize>,
     replay_cache_entries: Option<usize>,
+    unknown_scan_rate: Option<usize>,
+    #[serde(default, deserialize_with = "text_or_number")]
     waiter_poll_max: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     waiter_poll_min: Option<String>,
     workers: Option<usize>,
+    #[serde(default, deserialize_with = "text_or_number")]
     store_timeout: Option<String>,
     // HTTP edge: limits and timeouts.
+    #[serde(default, deserialize_with = "text_or_number")]
     upstream_idle_timeout: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     header_read_timeout: Option<String>,
+    #[serde(default, deserialize_with = "text_or_number")]
     body_read_timeout: Option<String>,
     max_connections: Option<usize>,
     max_concurrent_requests: Option<usize>,
+    #[serde(default, deserialize_with = "text_or_number")]
     max_buffered_body_bytes: Option<String>,
     #[serde(default)]
     route: Vec<RouteConfig>,
@@ -255,6 +327,10 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// The admin listener (metrics, health, admin API, dashboard).
     pub admin_listen: SocketAddr,
+    /// Who may use the admin listener.
+    pub admin_access: AdminAccess,
+    /// Warnings to log once the logger is installed (see [`Settings::warn_at_start_up`]).
+    pub start_up_warnings: Vec<String>,
     /// The store URL.
     pub store: String,
     /// The record namespace: explicit on a shared store, else `default` unless set.
@@ -273,6 +349,9 @@ pub struct Settings {
     pub max_waiters: usize,
     /// Replay cache size in front of a shared store, within [`REPLAY_CACHE_ENTRIES`].
     pub replay_cache_entries: usize,
+    /// Records read per second by the outcome-unknown census (0: off), within
+    /// [`UNKNOWN_SCAN_RATE`].
+    pub unknown_scan_rate: usize,
     /// First waiter poll pause, within [`WAITER_POLL`], at most `waiter_poll_max`.
     pub waiter_poll_min: Duration,
     /// Longest waiter poll pause, within [`WAITER_POLL`].
@@ -297,20 +376,208 @@ pub struct Settings {
     pub max_buffered_body_bytes: usize,
 }
 
+/// The warning about a route whose scope has no credential header (PRODUCT G6).
+pub const SHARED_SCOPE_WARNING: &str = "scope_headers is empty: every caller of this route shares \
+     one scope, so a key sent by one principal replays its response to another (PRODUCT G6); \
+     list the credential headers (e.g. authorization) in scope_headers";
+
 impl Settings {
-    /// Logs, once per route, what the configuration leaves unsafe: a route whose scope has no
-    /// credential header at all serves every caller from one scope (PRODUCT G6). Call once the
-    /// logger is installed.
+    /// Logs what the configuration leaves unsafe: [`Settings::start_up_warnings`], and, once per
+    /// route, a route whose scope has no credential header at all serves every caller from one
+    /// scope (PRODUCT G6). Call once the logger is installed.
     pub fn warn_at_start_up(&self) {
+        for warning in &self.start_up_warnings {
+            tracing::warn!("{warning}");
+        }
         for route in self.routes.iter().filter(|r| r.scope_headers.is_empty()) {
-            tracing::warn!(
-                route = %route.name,
-                "scope_headers is empty: every caller of this route shares one scope, so a key \
-                 sent by one principal replays its response to another (PRODUCT G6); list the \
-                 credential headers (e.g. authorization) in scope_headers"
-            );
+            tracing::warn!(route = %route.name, "{SHARED_SCOPE_WARNING}");
         }
     }
+
+    /// The same warnings as text lines, for `--check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        let routes = self
+            .routes
+            .iter()
+            .filter(|r| r.scope_headers.is_empty())
+            .map(|r| format!("route {:?}: {SHARED_SCOPE_WARNING}", r.name));
+        self.start_up_warnings
+            .iter()
+            .cloned()
+            .chain(routes)
+            .collect()
+    }
+}
+
+impl Settings {
+    /// The configuration as it takes effect, in the config file's format (every route spelled
+    /// out, the defaults it took included), for `serve --check-config`. The store URL is shown
+    /// without its password; the admin token never is (only where it comes from).
+    pub fn effective_toml(&self) -> String {
+        use toml::{Table, Value};
+        let text = |s: &str| Value::String(s.to_owned());
+        let dur = |d: Duration| Value::String(show(d));
+        let count = |n: usize| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+        let list = |items: &[String]| Value::Array(items.iter().map(|s| text(s)).collect());
+        let mut top = Table::new();
+        top.insert("upstream".into(), text(&self.upstream.to_string()));
+        top.insert("listen".into(), text(&self.listen.to_string()));
+        top.insert("admin_listen".into(), text(&self.admin_listen.to_string()));
+        top.insert("store".into(), text(&idemgate_stores::redact(&self.store)));
+        top.insert("namespace".into(), text(&self.namespace));
+        if let Some(route) = self.routes.iter().next() {
+            top.insert("unknown_ttl".into(), dur(route.engine.unknown_ttl));
+        }
+        top.insert("lease_ttl".into(), dur(self.lease_ttl));
+        top.insert("store_timeout".into(), dur(self.store_timeout));
+        top.insert("connect_timeout".into(), dur(self.connect_timeout));
+        top.insert("response_timeout".into(), dur(self.response_timeout));
+        top.insert("drain_timeout".into(), dur(self.drain_timeout));
+        top.insert(
+            "log_format".into(),
+            text(if self.json_logs { "json" } else { "text" }),
+        );
+        top.insert("max_waiters".into(), count(self.max_waiters));
+        top.insert(
+            "replay_cache_entries".into(),
+            count(self.replay_cache_entries),
+        );
+        top.insert("unknown_scan_rate".into(), count(self.unknown_scan_rate));
+        top.insert("waiter_poll_min".into(), dur(self.waiter_poll_min));
+        top.insert("waiter_poll_max".into(), dur(self.waiter_poll_max));
+        top.insert("workers".into(), count(self.workers));
+        top.insert(
+            "upstream_idle_timeout".into(),
+            dur(self.upstream_idle_timeout),
+        );
+        top.insert("header_read_timeout".into(), dur(self.header_read_timeout));
+        top.insert("body_read_timeout".into(), dur(self.body_read_timeout));
+        top.insert("max_connections".into(), count(self.max_connections));
+        top.insert(
+            "max_concurrent_requests".into(),
+            count(self.max_concurrent_requests),
+        );
+        top.insert(
+            "max_buffered_body_bytes".into(),
+            text(&show_size(self.max_buffered_body_bytes)),
+        );
+        let admin = &self.admin_access;
+        top.insert(
+            "admin_allowed_hosts".into(),
+            Value::Array(
+                admin
+                    .allowed_hosts
+                    .iter()
+                    .map(|h| text(&h.to_string()))
+                    .collect(),
+            ),
+        );
+        top.insert(
+            "admin_public_metrics".into(),
+            Value::Boolean(admin.public_metrics),
+        );
+        top.insert(
+            "admin_insecure_no_auth".into(),
+            Value::Boolean(admin.insecure_no_auth),
+        );
+        let routes = self
+            .routes
+            .iter()
+            .map(|r| {
+                let mut t = Table::new();
+                t.insert("name".into(), text(&r.name));
+                t.insert("path".into(), text(r.path.as_str()));
+                t.insert(
+                    "methods".into(),
+                    Value::Array(r.methods.iter().map(|m| text(m.as_str())).collect()),
+                );
+                t.insert("required".into(), Value::Boolean(r.required));
+                t.insert("ttl".into(), dur(r.engine.ttl));
+                match r.engine.concurrency {
+                    Concurrency::Wait { timeout } => {
+                        t.insert("concurrency".into(), text("wait"));
+                        t.insert("wait_timeout".into(), dur(timeout));
+                    }
+                    Concurrency::Reject => {
+                        t.insert("concurrency".into(), text("reject"));
+                    }
+                }
+                let recovery = match r.engine.recovery {
+                    Recovery::Takeover => "takeover",
+                    Recovery::Strict => "strict",
+                };
+                t.insert("recovery".into(), text(recovery));
+                let fail_mode = match r.fail_mode {
+                    FailMode::Closed => "closed",
+                    FailMode::Open => "open",
+                };
+                t.insert("fail_mode".into(), text(fail_mode));
+                t.insert(
+                    "max_request_body".into(),
+                    text(&show_size(r.max_request_body)),
+                );
+                t.insert(
+                    "max_response_body".into(),
+                    text(&show_size(r.max_response_body)),
+                );
+                t.insert(
+                    "transient_statuses".into(),
+                    Value::Array(
+                        r.transient_statuses
+                            .iter()
+                            .map(|s| Value::Integer(i64::from(*s)))
+                            .collect(),
+                    ),
+                );
+                t.insert("scope_headers".into(), list(&r.scope_headers));
+                t.insert("fingerprint_headers".into(), list(&r.fingerprint_headers));
+                t.insert(
+                    "deny_response_headers".into(),
+                    list(&r.deny_response_headers),
+                );
+                if let Some(allow) = &r.allow_response_headers {
+                    t.insert("allow_response_headers".into(), list(allow));
+                }
+                let ignore = match r.fingerprint.json_mode() {
+                    JsonMode::Canonical { ignore } => Some(ignore.as_slice()),
+                    _ => None,
+                };
+                t.insert("canonical_json".into(), Value::Boolean(ignore.is_some()));
+                t.insert(
+                    "ignore_json_fields".into(),
+                    list(ignore.unwrap_or_default()),
+                );
+                Value::Table(t)
+            })
+            .collect();
+        top.insert("route".into(), Value::Array(routes));
+        let mut out = String::from(
+            "# idemgate: the effective configuration (flags > IDEMGATE_* variables > config \
+             file > defaults)\n",
+        );
+        match &admin.token_source {
+            Some(source) => out.push_str(&format!(
+                "# admin token: set, from {source} (not shown); every admin endpoint but \
+                 /healthz and /readyz{} needs it\n",
+                if admin.public_metrics {
+                    " and /metrics"
+                } else {
+                    ""
+                }
+            )),
+            None => out.push_str("# admin token: none (the admin API has no authentication)\n"),
+        }
+        out.push_str(&toml::to_string(&top).unwrap_or_else(|e| format!("# not shown: {e}\n")));
+        out
+    }
+}
+
+/// `8MiB`, `1GiB`, `1000`: the largest binary unit that divides `n` exactly (else bytes).
+fn show_size(n: usize) -> String {
+    [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")]
+        .iter()
+        .find(|(per, _)| n > 0 && n.is_multiple_of(*per))
+        .map_or_else(|| n.to_string(), |(per, unit)| format!("{}{unit}", n / per))
 }
 
 /// Inclusive bounds of a duration setting, and the reason for them (shown when refused).
@@ -401,6 +668,8 @@ pub const BODY_LIMIT_MAX: usize = 1 << 30;
 pub const MAX_WAITERS: std::ops::RangeInclusive<usize> = 1..=1_000_000;
 /// `replay_cache_entries`: 0 disables the cache; each entry holds a whole response.
 pub const REPLAY_CACHE_ENTRIES: std::ops::RangeInclusive<usize> = 0..=10_000_000;
+/// `unknown_scan_rate`: records read per second by the outcome-unknown census; 0 turns it off.
+pub const UNKNOWN_SCAN_RATE: std::ops::RangeInclusive<usize> = 0..=1_000_000;
 /// `workers`: one thread each.
 pub const WORKERS: std::ops::RangeInclusive<usize> = 1..=1024;
 /// `transient_statuses`: HTTP status codes.
@@ -587,6 +856,219 @@ fn parse_fail_mode(name: &str, mode: &str) -> Result<FailMode> {
     }
 }
 
+/// `true`, `false`, `1` or `0` (any case, trimmed), as the boolean setting `name`.
+pub fn parse_bool(name: &str, text: &str) -> Result<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => bail!("{name} = {text:?} is not a boolean: use true, false, 1 or 0"),
+    }
+}
+
+/// The valid forms of a listen address, for refusals.
+const LISTEN_FORMS: &str =
+    "use HOST:PORT, e.g. 127.0.0.1:8080, [::1]:8080, 0.0.0.0:8080 or localhost:8080";
+
+/// Parses the listen address `name`: an IP address and port, or a host name and port resolved
+/// now (its first IPv4 address, else its first IPv6 one).
+pub fn parse_listen(name: &str, text: &str) -> Result<SocketAddr> {
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        bail!("{name} = {text:?} has no port: {LISTEN_FORMS}");
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        bail!("{name} = {text:?}: the port must be a number from 0 to 65535; {LISTEN_FORMS}");
+    };
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !valid_name {
+        bail!("{name} = {text:?} is not an address or host name with a port; {LISTEN_FORMS}");
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .with_context(|| format!("{name} = {text:?}: cannot resolve {host:?}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .with_context(|| format!("{name} = {text:?}: {host:?} resolves to no address"))
+}
+
+/// A whole number `text` for the count setting `name`, checked against `range`.
+fn parse_count(name: &str, text: &str, range: &std::ops::RangeInclusive<usize>) -> Result<usize> {
+    let n = text.trim().parse::<usize>().map_err(|_| {
+        anyhow::anyhow!(
+            "{name} = {text:?} is not a whole number: use one from {} to {}",
+            range.start(),
+            range.end()
+        )
+    })?;
+    checked_count(name, n, range)
+}
+
+/// A string with a unit or a non-negative whole number, from the config file (durations:
+/// `"30s"` or `30`; sizes: `"8MiB"` or `8388608`); numbers are kept as their digits.
+fn text_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(
+                "a duration or size: a string with a unit (\"250ms\", \"30s\", \"10m\", \"24h\", \
+                 \"7d\"; \"512KiB\", \"8MiB\") or a whole number (seconds, or bytes)",
+            )
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            u64::try_from(v)
+                .map(|v| v.to_string())
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+    }
+    d.deserialize_any(Visitor).map(Some)
+}
+
+/// The smallest and largest admin token, in characters.
+const ADMIN_TOKEN_LEN: std::ops::RangeInclusive<usize> = 16..=512;
+
+/// The admin API's bearer token. Its `Debug` form never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Checks `text` (trimmed) as a token for the setting `name`: RFC 6750's `b64token`
+    /// characters, [`ADMIN_TOKEN_LEN`] long.
+    pub fn parse(name: &str, text: &str) -> Result<Self> {
+        let t = text.trim();
+        if t.is_empty() {
+            bail!(
+                "{name} is empty: give a token of at least 16 characters, e.g. `openssl rand -hex 32`"
+            );
+        }
+        let body = t.trim_end_matches('=');
+        let valid = !body.is_empty()
+            && body
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b));
+        if !valid {
+            bail!(
+                "{name}: the token may hold only A-Z a-z 0-9 - . _ ~ + / (and = at the end), as \
+                 an HTTP bearer token (RFC 6750); e.g. `openssl rand -hex 32`"
+            );
+        }
+        if !ADMIN_TOKEN_LEN.contains(&t.len()) {
+            bail!(
+                "{name}: the token is {} characters; use {} to {} (e.g. `openssl rand -hex 32`)",
+                t.len(),
+                ADMIN_TOKEN_LEN.start(),
+                ADMIN_TOKEN_LEN.end()
+            );
+        }
+        Ok(Self(t.to_owned()))
+    }
+
+    /// The token's text.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<hidden>)")
+    }
+}
+
+/// A name the admin listener answers to (`--admin-allowed-hosts`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllowedHost {
+    /// Any name at all.
+    Any,
+    /// This name (lower case).
+    Exact(String),
+    /// Any subdomain of this name (`*.example.com`: `a.example.com`, not `example.com`).
+    SubdomainOf(String),
+}
+
+impl AllowedHost {
+    fn parse(name: &str, text: &str) -> Result<Self> {
+        let t = text.trim().to_ascii_lowercase();
+        if t == "*" {
+            return Ok(Self::Any);
+        }
+        let (wild, host) = match t.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, t.as_str()),
+        };
+        let valid = !host.is_empty()
+            && host.split('.').all(|l| {
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !valid {
+            bail!(
+                "{name}: {text:?} is not a host name: give names without scheme or port, e.g. \
+                 admin.internal, *.example.com (its subdomains) or * (any name)"
+            );
+        }
+        Ok(if wild {
+            Self::SubdomainOf(host.to_owned())
+        } else {
+            Self::Exact(host.to_owned())
+        })
+    }
+
+    /// Whether `host` (lower case, without port) is allowed.
+    pub fn allows(&self, host: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Exact(h) => h == host,
+            Self::SubdomainOf(h) => host
+                .strip_suffix(h.as_str())
+                .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.')),
+        }
+    }
+}
+
+impl std::fmt::Display for AllowedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Any => f.write_str("*"),
+            Self::Exact(h) => f.write_str(h),
+            Self::SubdomainOf(h) => write!(f, "*.{h}"),
+        }
+    }
+}
+
+/// Who may use the admin listener: its token (if any), the host names it answers to, and
+/// whether `/metrics` is open.
+#[derive(Clone, Debug, Default)]
+pub struct AdminAccess {
+    /// The bearer token every admin endpoint but `/healthz` and `/readyz` needs; `None`: no
+    /// authentication (only allowed on loopback, or with `insecure_no_auth`).
+    pub token: Option<AdminToken>,
+    /// Where the token came from (`--admin-token-file /run/secrets/t`, `IDEMGATE_ADMIN_TOKEN`,
+    /// …), for the effective configuration; never the token itself.
+    pub token_source: Option<String>,
+    /// Names the admin listener answers to besides IP literals and `localhost`.
+    pub allowed_hosts: Vec<AllowedHost>,
+    /// `/metrics` without the token.
+    pub public_metrics: bool,
+    /// Off loopback without a token, by the operator's explicit choice.
+    pub insecure_no_auth: bool,
+}
+
 /// Whether the store URL names a store several services can share (Redis, PostgreSQL, DynamoDB).
 pub fn is_shared_store(url: &str) -> bool {
     idemgate_stores::StoreUrl::parse(url).is_ok_and(|u| u.is_shared())
@@ -620,6 +1102,9 @@ impl Origin<'_> {
 
 /// One global setting as given: its key (`lease_ttl`), its flag/env value, its file value.
 type Given<'v, T> = (&'static str, Option<&'v T>, Option<&'v T>);
+
+/// Like [`Given`], for settings whose flag/env value is text and whose file value is typed.
+type Mixed<'v, F, T> = (&'static str, Option<&'v F>, Option<&'v T>);
 
 /// The global settings' layers: flags and env (both via clap), then the config file.
 struct Layers<'a> {
@@ -663,15 +1148,62 @@ impl Layers<'_> {
             })
     }
 
-    /// A count, if given, checked against `range`.
+    /// A count, if given (digits from flag/env, a number from the file), checked against
+    /// `range`.
     fn count(
         &self,
-        given: Given<'_, usize>,
+        (key, flag, file): Mixed<'_, String, usize>,
         range: &std::ops::RangeInclusive<usize>,
     ) -> Result<Option<usize>> {
-        self.pick(given)
-            .map(|(n, name)| checked_count(&name, *n, range))
-            .transpose()
+        match (flag, file) {
+            (Some(text), _) => parse_count(&Origin::Command.name(key), text, range).map(Some),
+            (None, Some(n)) => {
+                checked_count(&Origin::File(self.file).name(key), *n, range).map(Some)
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// A boolean: `true`/`false`/`1`/`0` from flag/env, a TOML boolean from the file.
+    fn boolean(&self, (key, flag, file): Mixed<'_, String, bool>, default: bool) -> Result<bool> {
+        match (flag, file) {
+            (Some(text), _) => parse_bool(&Origin::Command.name(key), text),
+            (None, Some(b)) => Ok(*b),
+            (None, None) => Ok(default),
+        }
+    }
+
+    /// A listen address (see [`parse_listen`]).
+    fn listen(&self, given: Given<'_, String>, default: SocketAddr) -> Result<SocketAddr> {
+        match self.pick(given) {
+            Some((text, name)) => parse_listen(&name, text),
+            None => Ok(default),
+        }
+    }
+
+    /// The transient statuses: numbers from flag/env, an array of numbers from the file.
+    fn statuses(
+        &self,
+        (key, flag, file): Mixed<'_, Vec<String>, Vec<u16>>,
+    ) -> Result<Option<BTreeSet<u16>>> {
+        match (flag, file) {
+            (Some(list), _) => {
+                let name = Origin::Command.name(key);
+                let parsed = list
+                    .iter()
+                    .map(|t| t.trim())
+                    .filter(|t| !t.is_empty())
+                    .map(|t| {
+                        t.parse::<u16>().map_err(|_| {
+                            anyhow::anyhow!("{name}: {t:?} is not an HTTP status (100 to 599)")
+                        })
+                    })
+                    .collect::<Result<Vec<u16>>>()?;
+                statuses(&name, &parsed).map(Some)
+            }
+            (None, Some(list)) => statuses(&Origin::File(self.file).name(key), list).map(Some),
+            (None, None) => Ok(None),
+        }
     }
 
     /// A header list, if given, trimmed, lower-cased and parsed.
@@ -843,10 +1375,9 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
         fail_mode,
         max_request_body: layers.body_limit(given!(max_request_body))?,
         max_response_body: layers.body_limit(given!(max_response_body))?,
-        transient: match layers.pick(given!(transient_statuses)) {
-            Some((list, name)) => statuses(&name, list)?,
-            None => DEFAULT_TRANSIENT.into_iter().collect(),
-        },
+        transient: layers
+            .statuses(given!(transient_statuses))?
+            .unwrap_or_else(|| DEFAULT_TRANSIENT.into_iter().collect()),
         scope_headers: layers
             .headers(given!(scope_headers))?
             .unwrap_or_else(|| vec!["authorization".to_owned()]),
@@ -857,18 +1388,20 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
             .headers(given!(deny_response_headers))?
             .unwrap_or_else(|| vec!["set-cookie".to_owned()]),
         allow_response_headers: layers.headers(given!(allow_response_headers))?,
-        canonical_json: args.canonical_json.or(file.canonical_json).unwrap_or(false),
+        canonical_json: layers.boolean(given!(canonical_json), false)?,
         ignore_json_fields: match layers.pick(given!(ignore_json_fields)) {
             Some((list, name)) => json_pointers(&name, list)?,
             None => Vec::new(),
         },
     };
-    let require_key = args.require_key.or(file.require_key).unwrap_or(false);
+    let require_key = layers.boolean(given!(require_key), false)?;
     let routes = if file.route.is_empty() {
         Routes::new(vec![defaults.route("default", "/**", require_key)?])
     } else {
         let mut out = Vec::new();
         for r in &file.route {
+            PathPattern::parse(&r.path)
+                .map_err(|e| anyhow::anyhow!("path in route {:?}: {e}", r.name))?;
             let mut p =
                 RoutePolicy::new(&r.name, &r.path).required(r.required.unwrap_or(require_key));
             if let Some(methods) = &r.methods {
@@ -930,6 +1463,13 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
             route.max_request_body
         );
     }
+    let listen = layers.listen(given!(listen), SocketAddr::from(([127, 0, 0, 1], 8080)))?;
+    let admin_listen = layers.listen(
+        given!(admin_listen),
+        SocketAddr::from(([127, 0, 0, 1], 9090)),
+    )?;
+    let mut start_up_warnings = Vec::new();
+    let admin_access = admin_access(args, &file, &layers, admin_listen, &mut start_up_warnings)?;
     let lease_ttl = dur(given!(lease_ttl), "10s", &LEASE_TTL)?;
     // A store answer slower than a renewal interval could let a lease lapse before its first
     // renewal (the engine gives such a key back rather than dispatch on it): keep the deadline
@@ -973,14 +1513,10 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
         max_concurrent_requests,
         max_buffered_body_bytes,
         upstream,
-        listen: args
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
-        admin_listen: args
-            .admin_listen
-            .or(file.admin_listen)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+        listen,
+        admin_listen,
+        admin_access,
+        start_up_warnings,
         store,
         namespace,
         lease_ttl,
@@ -996,6 +1532,9 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
         replay_cache_entries: layers
             .count(given!(replay_cache_entries), &REPLAY_CACHE_ENTRIES)?
             .unwrap_or(100_000),
+        unknown_scan_rate: layers
+            .count(given!(unknown_scan_rate), &UNKNOWN_SCAN_RATE)?
+            .unwrap_or(1_000),
         workers: match layers.count(given!(workers), &WORKERS)? {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, usize::from),
@@ -1003,6 +1542,144 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
         routes,
         store_timeout,
     })
+}
+
+/// The admin listener's access rules, checked: one token at most (file, variable, flag or config
+/// file), and none only on loopback unless `admin_insecure_no_auth`.
+fn admin_access(
+    args: &ServeArgs,
+    file: &FileConfig,
+    layers: &Layers<'_>,
+    admin_listen: SocketAddr,
+    warnings: &mut Vec<String>,
+) -> Result<AdminAccess> {
+    // The token: flag/env layer first (a file and a token there at once is ambiguous), then the
+    // config file's keys.
+    let from_path = |name: &str, path: &Path, warnings: &mut Vec<String>| -> Result<AdminToken> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{name}: reading the token file {}", path.display()))?;
+        warn_if_others_can_read(path, warnings);
+        AdminToken::parse(&format!("{name} ({})", path.display()), &text)
+    };
+    let (token, token_source) = match (
+        &args.admin_token_file,
+        &args.admin_token,
+        &file.admin_token_file,
+        &file.admin_token,
+    ) {
+        (Some(_), Some(_), _, _) => bail!(
+            "both --admin-token-file (IDEMGATE_ADMIN_TOKEN_FILE) and --admin-token \
+             (IDEMGATE_ADMIN_TOKEN) are set: give one (a file is preferred)"
+        ),
+        (Some(path), None, _, _) => {
+            let name = Origin::Command.name("admin_token_file");
+            (
+                Some(from_path(&name, path, warnings)?),
+                Some(format!("{name} {}", path.display())),
+            )
+        }
+        (None, Some(text), _, _) => {
+            let source = if args.admin_token_on_command_line {
+                warnings.push(
+                    "--admin-token is given on the command line, where `ps` and shell history \
+                     show it to other users: prefer --admin-token-file or IDEMGATE_ADMIN_TOKEN"
+                        .to_owned(),
+                );
+                "--admin-token"
+            } else {
+                "IDEMGATE_ADMIN_TOKEN"
+            };
+            (
+                Some(AdminToken::parse(source, text)?),
+                Some(source.to_owned()),
+            )
+        }
+        (None, None, Some(_), Some(_)) => bail!(
+            "both admin_token_file and admin_token are set in {}: give one (a file is preferred)",
+            layers.file.display()
+        ),
+        (None, None, Some(path), None) => {
+            let name = Origin::File(layers.file).name("admin_token_file");
+            (
+                Some(from_path(&name, path, warnings)?),
+                Some(format!("{name}: {}", path.display())),
+            )
+        }
+        (None, None, None, Some(text)) => {
+            let name = Origin::File(layers.file).name("admin_token");
+            (Some(AdminToken::parse(&name, text)?), Some(name))
+        }
+        (None, None, None, None) => (None, None),
+    };
+    // The setting `$field` as given by flag/env and by the file.
+    macro_rules! given {
+        ($field:ident) => {
+            (
+                stringify!($field),
+                args.$field.as_ref(),
+                file.$field.as_ref(),
+            )
+        };
+    }
+    let allowed_hosts = match layers.pick(given!(admin_allowed_hosts)) {
+        Some((list, name)) => list
+            .iter()
+            .filter(|h| !h.trim().is_empty())
+            .map(|h| AllowedHost::parse(&name, h))
+            .collect::<Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
+    let insecure_no_auth = layers.boolean(given!(admin_insecure_no_auth), false)?;
+    let public_metrics = layers.boolean(given!(admin_public_metrics), false)?;
+    if token.is_none() && !admin_listen.ip().is_loopback() {
+        if !insecure_no_auth {
+            bail!(
+                "refusing to start: the admin listener {admin_listen} is not on loopback and has \
+                 no token, so anyone who reaches it could read records, delete keys and resolve \
+                 outcomes. Set a token with --admin-token-file PATH (IDEMGATE_ADMIN_TOKEN_FILE, \
+                 or admin_token_file in the config file) or IDEMGATE_ADMIN_TOKEN; or keep \
+                 --admin-listen (IDEMGATE_ADMIN_LISTEN) on 127.0.0.1 or [::1]; or, on a network \
+                 you trust, accept that with --admin-insecure-no-auth"
+            );
+        }
+        warnings.push(format!(
+            "the admin listener {admin_listen} is off loopback without a token \
+             (--admin-insecure-no-auth): anyone who reaches it can read records, delete keys \
+             and resolve outcomes"
+        ));
+    }
+    if allowed_hosts.contains(&AllowedHost::Any) && token.is_none() {
+        warnings.push(
+            "--admin-allowed-hosts '*' without an admin token: a web page a browser on this \
+             network opens can reach the admin API under any name (DNS rebinding)"
+                .to_owned(),
+        );
+    }
+    Ok(AdminAccess {
+        token,
+        token_source,
+        allowed_hosts,
+        public_metrics,
+        insecure_no_auth,
+    })
+}
+
+/// Adds a warning when `path` is readable by other users (Unix permissions).
+fn warn_if_others_can_read(path: &Path, warnings: &mut Vec<String>) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o004 != 0
+        {
+            warnings.push(format!(
+                "the admin token file {} is readable by every user: chmod 600 it",
+                path.display()
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, warnings);
 }
 
 /// The namespace: as given (trimmed, non-empty); if not given, `default` on a store of this
@@ -1422,6 +2099,338 @@ path = "/**"
     }
 
     #[test]
+    fn booleans_take_true_false_1_and_0_from_flags_and_the_environment() {
+        for (text, expected) in [
+            ("1", true),
+            ("0", false),
+            ("true", true),
+            ("FALSE", false),
+            (" True ", true),
+        ] {
+            assert_eq!(parse_bool("--x", text).unwrap(), expected, "{text:?}");
+        }
+        for bad in ["yes", "", "2", "on"] {
+            let err = parse_bool("--x (IDEMGATE_X)", bad).unwrap_err().to_string();
+            assert!(err.contains("use true, false, 1 or 0"), "{err}");
+        }
+        let s = settings(&["--require-key", "1", "--canonical-json", "0"]);
+        assert!(default_route(&s).required);
+        // A bare flag means true.
+        assert!(default_route(&settings(&["--require-key"])).required);
+        let err = refusal(&["--require-key", "maybe"]);
+        assert!(
+            err.contains("--require-key (IDEMGATE_REQUIRE_KEY) = \"maybe\" is not a boolean"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn listen_addresses_take_ip_addresses_and_host_names() {
+        assert_eq!(
+            parse_listen("--listen", "127.0.0.1:8080").unwrap(),
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        );
+        assert_eq!(
+            parse_listen("--listen", "[::1]:9").unwrap(),
+            "[::1]:9".parse::<SocketAddr>().unwrap()
+        );
+        let local = parse_listen("--listen", "localhost:8080").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 8080, "{local}");
+        assert!(local.is_ipv4(), "IPv4 first: {local}");
+        for (bad, why) in [
+            ("8080", "has no port"),
+            ("localhost", "has no port"),
+            ("localhost:99999", "the port must be a number"),
+            ("http://x:1", "not an address or host name"),
+            ("a b:1", "not an address or host name"),
+            (":8080", "not an address or host name"),
+        ] {
+            let err = format!(
+                "{:#}",
+                parse_listen("--listen (IDEMGATE_LISTEN)", bad).unwrap_err()
+            );
+            assert!(err.contains(why), "{bad}: {err}");
+            assert!(
+                err.contains("localhost:8080") || why.contains("port must"),
+                "{err}"
+            );
+        }
+        let s = settings(&[
+            "--listen",
+            "localhost:7000",
+            "--admin-listen",
+            "localhost:7001",
+        ]);
+        assert_eq!(s.listen, SocketAddr::from(([127, 0, 0, 1], 7000)));
+        assert_eq!(s.admin_listen.port(), 7001);
+        let (_dir, path) = file("listen = \"localhost:7002\"\n");
+        assert_eq!(settings(&["--config", &path]).listen.port(), 7002);
+    }
+
+    #[test]
+    fn durations_and_sizes_in_the_file_may_be_plain_numbers() {
+        let (_dir, path) = file(
+            "ttl = 90\nlease_ttl = 5\nmax_request_body = 2048\nwait_timeout = 0\n\
+             [[route]]\nname = \"pay\"\npath = \"/**\"\nmax_response_body = 4096\n",
+        );
+        let s = settings(&["--config", &path]);
+        let route = default_route(&s);
+        assert_eq!(route.engine.ttl, Duration::from_secs(90));
+        assert_eq!(s.lease_ttl, Duration::from_secs(5));
+        assert_eq!(route.max_request_body, 2048);
+        assert_eq!(route.max_response_body, 4096);
+        assert_eq!(
+            route.engine.concurrency,
+            Concurrency::Wait {
+                timeout: Duration::ZERO
+            }
+        );
+        for bad in ["ttl = -5", "ttl = 2.5", "lease_ttl = [1]"] {
+            let (_dir, path) = file(&format!("{bad}\n"));
+            let err = refusal(&["--config", &path]);
+            assert!(
+                err.contains("a whole number (seconds, or bytes)"),
+                "{bad}: {err}"
+            );
+        }
+        // Bounds still apply, named after the file.
+        let (_dir, path) = file("lease_ttl = 0\n");
+        let err = refusal(&["--config", &path]);
+        assert!(
+            err.contains("lease_ttl in ") && err.contains("too short"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn counts_and_statuses_from_flags_name_the_option_and_the_forms() {
+        let err = refusal(&["--workers", "two"]);
+        assert!(
+            err.contains("--workers (IDEMGATE_WORKERS) = \"two\" is not a whole number: use one from 1 to 1024"),
+            "{err}"
+        );
+        let err = refusal(&["--transient-statuses", "503, x"]);
+        assert!(
+            err.contains(
+                "--transient-statuses (IDEMGATE_TRANSIENT_STATUSES): \"x\" is not an HTTP status"
+            ),
+            "{err}"
+        );
+        let s = settings(&["--transient-statuses", " 503 ,429"]);
+        let expected: BTreeSet<u16> = [429, 503].into_iter().collect();
+        assert_eq!(default_route(&s).transient_statuses, expected);
+        let (_dir, path) = file("workers = 0\n");
+        let err = refusal(&["--config", &path]);
+        assert!(
+            err.contains("workers in ") && err.contains("between 1 and 1024"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn path_patterns_that_would_cover_other_paths_are_refused() {
+        let (_dir, path) = file("[[route]]\nname = \"pay\"\npath = \"/a/**/b\"\n");
+        let err = refusal(&["--config", &path]);
+        assert!(
+            err.contains("path in route \"pay\": `**` is allowed only as the last segment"),
+            "{err}"
+        );
+        let (_dir, path) = file("[[route]]\nname = \"pay\"\npath = \"/v1/**\"\n");
+        assert!(
+            settings(&["--config", &path])
+                .routes
+                .find(&Method::POST, "/v1/a/b")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn admin_tokens_are_checked_and_never_shown() {
+        let token = AdminToken::parse("--admin-token", "  abcdefghijklmnop0123==\n").unwrap();
+        assert_eq!(token.expose(), "abcdefghijklmnop0123==");
+        assert_eq!(format!("{token:?}"), "AdminToken(<hidden>)");
+        for (bad, why) in [
+            ("", "is empty"),
+            ("short", "the token is 5 characters"),
+            (&"a".repeat(513), "the token is 513 characters"),
+            ("has spaces in it 0123456789", "may hold only"),
+            ("=abcdefghijklmnopqrstu", "may hold only"),
+            ("abcdefgh=ijklmnopqrstu", "may hold only"),
+        ] {
+            let err = AdminToken::parse("--admin-token", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+        let s = settings(&["--admin-token", "abcdefghijklmnop0123"]);
+        assert!(
+            !format!("{s:?}").contains("abcdefghijklmnop0123"),
+            "Debug of Settings"
+        );
+        assert!(!s.effective_toml().contains("abcdefghijklmnop0123"));
+    }
+
+    #[test]
+    fn the_admin_token_comes_from_one_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_path = dir.path().join("token");
+        std::fs::write(&token_path, "from-the-file-0123456789\n").unwrap();
+        let token_path = token_path.to_str().unwrap().to_owned();
+        let s = settings(&["--admin-token-file", &token_path]);
+        let access = &s.admin_access;
+        assert_eq!(
+            access.token.as_ref().map(AdminToken::expose),
+            Some("from-the-file-0123456789")
+        );
+        assert!(
+            access
+                .token_source
+                .as_deref()
+                .unwrap()
+                .contains(&token_path)
+        );
+        let err = refusal(&[
+            "--admin-token-file",
+            &token_path,
+            "--admin-token",
+            "x".repeat(20).as_str(),
+        ]);
+        assert!(err.contains("give one"), "{err}");
+        // The config file's keys, below flags and variables.
+        let (_dir, path) = file(&format!("admin_token_file = {token_path:?}\n"));
+        let s = settings(&["--config", &path]);
+        assert!(s.admin_access.token.is_some());
+        let s = settings(&[
+            "--config",
+            &path,
+            "--admin-token",
+            "from-the-flag-0123456789",
+        ]);
+        assert_eq!(
+            s.admin_access.token.as_ref().map(AdminToken::expose),
+            Some("from-the-flag-0123456789")
+        );
+        let (_dir, path) =
+            file("admin_token = \"in-the-file-0123456789\"\nadmin_token_file = \"/x\"\n");
+        let err = refusal(&["--config", &path]);
+        assert!(
+            err.contains("both admin_token_file and admin_token"),
+            "{err}"
+        );
+        // A world-readable token file is warned about.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let s = settings(&["--admin-token-file", &token_path]);
+            assert!(
+                s.warnings().iter().any(|w| w.contains("chmod 600")),
+                "{:?}",
+                s.warnings()
+            );
+            std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let s = settings(&["--admin-token-file", &token_path]);
+            assert!(s.warnings().is_empty(), "{:?}", s.warnings());
+        }
+    }
+
+    #[test]
+    fn off_loopback_the_admin_listener_needs_a_token_or_an_explicit_opt_out() {
+        let err = refusal(&["--admin-listen", "0.0.0.0:9090"]);
+        assert!(
+            err.contains("refusing to start") && err.contains("--admin-token-file"),
+            "{err}"
+        );
+        let err = refusal(&["--admin-listen", "192.0.2.1:9090"]);
+        assert!(err.contains("not on loopback"), "{err}");
+        let s = settings(&[
+            "--admin-listen",
+            "0.0.0.0:9090",
+            "--admin-token",
+            "t0123456789abcdef",
+        ]);
+        assert!(s.warnings().is_empty(), "{:?}", s.warnings());
+        let s = settings(&["--admin-listen", "0.0.0.0:9090", "--admin-insecure-no-auth"]);
+        assert!(s.admin_access.insecure_no_auth);
+        assert!(
+            s.warnings()
+                .iter()
+                .any(|w| w.contains("off loopback without a token"))
+        );
+        let s = settings(&["--admin-listen", "[::1]:9090"]);
+        assert!(s.admin_access.token.is_none() && s.warnings().is_empty());
+    }
+
+    #[test]
+    fn allowed_admin_hosts_are_names_subdomains_or_any() {
+        let s = settings(&["--admin-allowed-hosts", "Admin.Internal, *.corp.example,"]);
+        let hosts = &s.admin_access.allowed_hosts;
+        assert_eq!(
+            hosts,
+            &[
+                AllowedHost::Exact("admin.internal".into()),
+                AllowedHost::SubdomainOf("corp.example".into())
+            ]
+        );
+        assert!(hosts[0].allows("admin.internal"));
+        assert!(!hosts[0].allows("x.admin.internal"));
+        assert!(hosts[1].allows("a.corp.example") && hosts[1].allows("a.b.corp.example"));
+        assert!(!hosts[1].allows("corp.example") && !hosts[1].allows("evilcorp.example"));
+        assert!(AllowedHost::Any.allows("anything"));
+        for bad in ["admin.internal:9090", "http://x", "a b", "*"] {
+            let r = resolve(&flags(&["--admin-allowed-hosts", bad]));
+            if bad == "*" {
+                // Allowed, with a warning when there is no token.
+                assert!(
+                    r.unwrap()
+                        .warnings()
+                        .iter()
+                        .any(|w| w.contains("DNS rebinding"))
+                );
+            } else {
+                let err = format!("{:#}", r.unwrap_err());
+                assert!(
+                    err.contains("--admin-allowed-hosts (IDEMGATE_ADMIN_ALLOWED_HOSTS)"),
+                    "{err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_effective_configuration_shows_what_takes_effect() {
+        let (_dir, path) = file(
+            "ttl = \"2h\"\nconcurrency = \"reject\"\n[[route]]\nname = \"pay\"\npath = \"/pay/**\"\n\
+             methods = [\"post\"]\nallow_response_headers = [\"content-type\"]\n",
+        );
+        let text = settings(&[
+            "--config",
+            &path,
+            "--store",
+            "redis://:pw@127.0.0.1:6379",
+            "--namespace",
+            "n",
+        ])
+        .effective_toml();
+        let parsed: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(
+            parsed["store"].as_str(),
+            Some("redis://:***@127.0.0.1:6379"),
+            "{text}"
+        );
+        let route = parsed["route"].as_array().unwrap()[0].as_table().unwrap();
+        assert_eq!(route["ttl"].as_str(), Some("2h"));
+        assert_eq!(route["concurrency"].as_str(), Some("reject"));
+        assert!(
+            !route.contains_key("wait_timeout"),
+            "no wait in reject mode"
+        );
+        assert_eq!(route["allow_response_headers"].as_array().unwrap().len(), 1);
+        assert!(text.starts_with("# idemgate: the effective configuration"));
+        assert!(text.contains("# admin token: none"));
+    }
+
+    #[test]
     fn a_shared_store_needs_an_explicit_namespace() {
         for store in [
             "redis://127.0.0.1:6379",
@@ -1531,7 +2540,7 @@ ignore_json_fields = ["/ts"]
         let e = format!("{:#}", resolve(&small).unwrap_err());
         assert!(e.contains("could never be buffered"), "{e}");
         let zero = ServeArgs {
-            max_connections: Some(0),
+            max_connections: Some("0".into()),
             ..base
         };
         let e = format!("{:#}", resolve(&zero).unwrap_err());

@@ -62,7 +62,7 @@ pub struct ConsumeArgs {
     #[arg(long)]
     create: bool,
     /// Deduplicate messages without an id by a BLAKE3 hash of their payload (default: by their
-    /// JetStream stream sequence, which covers redeliveries but not re-publishes; RabbitMQ
+    /// JetStream publication time and stream sequence, which cover redeliveries but not re-publishes; RabbitMQ
     /// messages without an id are dead-lettered).
     #[arg(long)]
     hash_missing_ids: bool,

@@ -2,6 +2,8 @@
 //!
 //! - `idemgate serve --upstream URL` — the proxy (see the README for every setting).
 //! - `idemgate keys list|get|delete|resolve` — the admin API from the command line.
+//! - `idemgate serve --check-config` — validates the configuration and prints it as it takes
+//!   effect (exit 0 valid, 1 not).
 //! - `idemgate create-table --store dynamodb://TABLE?region=…` — creates a DynamoDB table on
 //!   demand (`serve` never creates one).
 //! - `idemgate check --target URL --spec FILE` — checks that any HTTP API behaves idempotently
@@ -9,19 +11,23 @@
 //! - `idemgate consume --source nats://…|amqp://… --target URL` — queue messages to an HTTP
 //!   handler, once per message id and epoch (the `idemgate-consume` crate).
 
+mod activity;
 mod admin;
 mod check;
 mod config;
 mod consume;
+mod dash_api;
 mod edge;
 mod keys;
 mod serve;
+mod telemetry;
 mod traces;
 mod upstream;
 mod workers;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,18 +44,9 @@ struct Cli {
 enum Command {
     /// Run the reverse proxy.
     Serve(Box<config::ServeArgs>),
-    /// Inspect and manage records through a running instance's admin API.
-    Keys {
-        /// Admin API base URL.
-        #[arg(
-            long,
-            env = "IDEMGATE_ADMIN_URL",
-            default_value = "http://127.0.0.1:9090"
-        )]
-        admin: String,
-        #[command(subcommand)]
-        command: keys::KeysCommand,
-    },
+    /// Inspect and manage records through a running instance's admin API (a table by default,
+    /// --json for scripts; exit 0 done, 1 refused or failed, 2 usage error, 3 not found).
+    Keys(Box<keys::KeysArgs>),
     /// Create the store's table if it does not exist: DynamoDB, on-demand billing, partition key
     /// `pk` (binary), TTL enabled on `ttl`. `serve` never creates it.
     CreateTable {
@@ -110,11 +107,37 @@ fn raise_fd_limit() {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Command::Serve(args) = &mut cli.command {
+        // A token given as a flag shows in `ps`: `resolve` warns about it (not about the
+        // variable, which clap reads into the same field).
+        args.admin_token_on_command_line = matches
+            .subcommand_matches("serve")
+            .and_then(|m| m.value_source("admin_token"))
+            == Some(ValueSource::CommandLine);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     match cli.command {
+        Command::Serve(args) if args.check_config => {
+            // Like `nginx -t`: the verdict on stderr, the configuration on stdout.
+            match config::resolve(&args) {
+                Ok(settings) => {
+                    print!("{}", settings.effective_toml());
+                    for warning in settings.warnings() {
+                        eprintln!("idemgate: warning: {warning}");
+                    }
+                    eprintln!("idemgate: the configuration is valid");
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("idemgate: the configuration is invalid: {e:#}");
+                    std::process::exit(1)
+                }
+            }
+        }
         Command::Serve(args) => {
             let settings = config::resolve(&args)?;
             let (traces, otel) = traces::Traces::start(&args.otel)?;
@@ -127,7 +150,7 @@ fn main() -> Result<()> {
             traces.shutdown();
             served
         }
-        Command::Keys { admin, command } => runtime.block_on(keys::run(&admin, command)),
+        Command::Keys(args) => std::process::exit(runtime.block_on(keys::run(*args))),
         Command::CreateTable { store } => {
             init_logs(false, None);
             let done = runtime

@@ -7,19 +7,15 @@ use idemgate_core::Engine;
 use idemgate_core::sweeper::spawn_sweeper;
 use idemgate_tower::IdempotencyLayer;
 use idemgate_tower::body::BodyBudget;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState};
 use crate::config::Settings;
 use crate::edge::Connections;
+use crate::telemetry;
 
 use crate::upstream::UpstreamConfig;
 use crate::workers::{WorkerPlan, Workers};
-
-const LATENCY_BUCKETS: [f64; 12] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-];
 
 /// Resolves on SIGTERM or Ctrl-C.
 pub(crate) async fn shutdown_signal() {
@@ -46,14 +42,9 @@ pub(crate) async fn shutdown_signal() {
 
 /// Runs until SIGTERM/Ctrl-C, then drains.
 pub async fn run(settings: Settings) -> Result<()> {
-    let prometheus = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full("idemgate_store_operation_seconds".into()),
-            &LATENCY_BUCKETS,
-        )
-        .context("configuring metrics")?
-        .install_recorder()
-        .context("installing the metrics recorder")?;
+    let prometheus = telemetry::install()?;
+    telemetry::describe_and_register();
+    let upkeep = telemetry::spawn_upkeep(prometheus.clone());
     let opened = idemgate_stores::open(&settings.store)
         .await
         .with_context(|| {
@@ -92,10 +83,19 @@ pub async fn run(settings: Settings) -> Result<()> {
             std::process::id(),
             settings.listen
         ))
+        .resolve_hint(telemetry::resolve_hint(settings.admin_listen))
         .build();
     let sweeper = spawn_sweeper(store.clone(), Duration::from_secs(30), 1_000);
+    let census = telemetry::spawn_census(
+        store.clone(),
+        settings.namespace.clone(),
+        settings.unknown_scan_rate,
+    );
     let follower = tokio::spawn(idemgate_stores::follow(feed, engine.clone()));
+    let activity = crate::activity::Activity::default();
+    let sampler = activity.spawn_sampler();
     let layer = IdempotencyLayer::builder(engine.clone())
+        .observer(std::sync::Arc::new(activity.clone()))
         .routes(settings.routes.clone())
         .namespace(settings.namespace.clone())
         .response_timeout(settings.response_timeout)
@@ -118,12 +118,23 @@ pub async fn run(settings: Settings) -> Result<()> {
     check_fd_limit(settings.max_connections);
 
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let admin_app = admin::router(AdminState {
-        engine: engine.clone(),
-        prometheus,
-        namespace: settings.namespace.clone(),
-        routes: settings.routes.clone(),
-    });
+    let admin_app = admin::router(
+        AdminState {
+            engine: engine.clone(),
+            prometheus,
+            namespace: settings.namespace.clone(),
+            routes: settings.routes.clone(),
+            access: std::sync::Arc::new(settings.admin_access.clone()),
+        },
+        // The dashboard's JSON API, behind the same access guard.
+        crate::dash_api::router(crate::dash_api::DashState {
+            activity,
+            engine: engine.clone(),
+            store_kind: crate::dash_api::store_kind(&settings.store),
+            namespace: settings.namespace.clone(),
+            routes: settings.routes.clone(),
+        }),
+    );
     let admin_task = tokio::spawn(async move {
         let stop = async {
             let _ = admin_stop_rx.await;
@@ -199,7 +210,12 @@ pub async fn run(settings: Settings) -> Result<()> {
     let _ = admin_stop_tx.send(());
     let _ = admin_task.await;
     sweeper.abort();
+    sampler.abort();
     follower.abort();
+    if let Some(census) = census {
+        census.abort();
+    }
+    upkeep.abort();
     tracing::info!("stopped");
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::{Http, Proxy, Upstream};
+use http::{HeaderValue, Method};
 
 fn chromium() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("IDEMGATE_TEST_CHROMIUM") {
@@ -42,8 +43,36 @@ fn headless(browser: &PathBuf, profile: &std::path::Path, extra: &[&str], url: &
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The store key of `key` on the default route (no scope headers), from the admin API.
+async fn store_key(http: &Http, proxy: &Proxy, key: &str) -> String {
+    let found = http
+        .send(
+            Method::POST,
+            &proxy.admin_url("/api/keys/lookup"),
+            &[("content-type", HeaderValue::from_static("application/json"))],
+            format!("{{\"key\":\"{key}\"}}"),
+        )
+        .await
+        .json();
+    found["store_key"].as_str().unwrap().to_owned()
+}
+
+/// `(data-key, data-outcome)` of the activity rows, in page order.
+fn activity_rows(dom: &str) -> Vec<(String, String)> {
+    dom.split("<tr class=\"activity")
+        .skip(1)
+        .map(|row| {
+            let attr = |name: &str| {
+                let start = row.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+                row[start..].split('"').next().unwrap().to_owned()
+            };
+            (attr("data-key"), attr("data-outcome"))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_renders_live_counters_and_recent_keys() {
+async fn the_dashboard_shows_routes_recent_activity_unknown_records_and_search() {
     let Some(browser) = chromium() else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -57,17 +86,49 @@ async fn the_dashboard_renders_live_counters_and_recent_keys() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&up.url(), "memory://", &[]);
     let http = Http::default();
-    http.post(&proxy.url("/pay"), Some("dash-key-1"), b"{}")
+    let pay = proxy.url("/pay");
+    for (key, body) in [
+        ("dash-key-1", &b"{}"[..]),
+        ("dash-key-1", b"{}"),
+        ("dash-key-2", b"{}"),
+        ("dash-key-2", b"[1]"),
+    ] {
+        http.post(&pay, Some(key), body).await;
+    }
+    // The upstream cuts its answer short: the outcome is unknown.
+    let cut = http
+        .post(&proxy.url("/pay?truncate=1"), Some("dash-cut"), b"{}")
         .await;
-    http.post(&proxy.url("/pay"), Some("dash-key-1"), b"{}")
-        .await;
-    http.post(&proxy.url("/pay"), Some("dash-key-2"), b"{}")
-        .await;
-    http.post(&proxy.url("/pay"), Some("dash-key-2"), b"[1]")
-        .await;
+    assert_eq!(cut.status.as_u16(), 502);
+    let cut_key = store_key(&http, &proxy, "dash-cut").await;
+    let key1 = store_key(&http, &proxy, "dash-key-1").await;
+
+    // The JSON behind the page.
+    let activity = http
+        .get(&proxy.admin_url("/api/activity?limit=2"))
+        .await
+        .json();
+    let entries = activity["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0]["key"], "dash-cut");
+    assert_eq!(entries[0]["outcome"], "unknown");
+    assert_eq!(entries[0]["store_key"], cut_key.as_str());
+    let series = http.get(&proxy.admin_url("/api/series")).await.json();
+    let executed: u64 = series["routes"]["default"]["counts"]["executed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(executed, 2, "{series}");
+    let unknown = http.get(&proxy.admin_url("/api/unknown")).await.json();
+    assert_eq!(unknown["records"][0]["store_key"], cut_key.as_str());
+    assert_eq!(unknown["records"][0]["route"], "default");
+    assert_eq!(unknown["complete"], true);
 
     let profile = tempfile::tempdir().unwrap();
-    let url = proxy.admin_url("/");
+    // The hash runs a key search once the page has loaded.
+    let url = proxy.admin_url("/#search=dash-key-1");
     let browser2 = browser.clone();
     let profile_path = profile.path().to_path_buf();
     let dom = tokio::task::spawn_blocking(move || {
@@ -75,35 +136,83 @@ async fn the_dashboard_renders_live_counters_and_recent_keys() {
     })
     .await
     .unwrap();
-    // Rendered by the page's script from /metrics and /api/keys, not present in the static HTML.
-    assert!(
-        dom.contains("dash-key-1") && dom.contains("dash-key-2"),
-        "keys missing:\n{dom}"
-    );
-    for (value, label) in [(2, "executed"), (1, "replayed"), (1, "mismatch")] {
-        let card = format!("<div class=\"n\">{value}</div><div class=\"l\">{label}</div>");
-        assert!(dom.contains(&card), "no {card} in:\n{dom}");
-    }
-    assert!(dom.contains("class=\"completed\">completed</td>"));
+    // Rendered by the page's script, not present in the static HTML.
     assert!(
         dom.contains("updated "),
         "the status line never updated:\n{dom}"
     );
+    // The per-route chart, with a line per outcome seen.
+    assert!(
+        dom.contains("class=\"chart\" data-route=\"default\""),
+        "no chart for the route:\n{dom}"
+    );
+    for outcome in ["executed", "replayed", "mismatch", "unknown"] {
+        let attr = format!("data-outcome=\"{outcome}\"");
+        assert!(
+            dom.split("<rect")
+                .skip(1)
+                .any(|tag| tag.split('>').next().unwrap().contains(&attr)),
+            "no {outcome} column:\n{dom}"
+        );
+    }
+    // Recent activity, newest first.
+    assert_eq!(
+        activity_rows(&dom),
+        [
+            ("dash-cut", "unknown"),
+            ("dash-key-2", "mismatch"),
+            ("dash-key-2", "executed"),
+            ("dash-key-1", "replayed"),
+            ("dash-key-1", "executed"),
+        ]
+        .map(|(k, o)| (k.to_owned(), o.to_owned())),
+        "{dom}"
+    );
+    // The outcome-unknown record with its resolve command.
+    assert!(
+        dom.contains(&format!(
+            "class=\"unknown-record\" data-store-key=\"{cut_key}\""
+        )),
+        "no unknown record:\n{dom}"
+    );
+    let command = format!(
+        "idemgate keys --admin {} resolve {cut_key}",
+        proxy.admin_url("").trim_end_matches('/')
+    );
+    assert!(dom.contains(&command), "no `{command}` in:\n{dom}");
+    // The search result.
+    assert!(
+        dom.contains("id=\"search-record\" data-state=\"completed\"") && dom.contains(&key1),
+        "no search result for dash-key-1:\n{dom}"
+    );
+    // The scope hash is not a column of the activity table (only in the search's details).
+    let table = dom.split("<tbody id=\"activity\">").nth(1).unwrap();
+    let table = table.split("</tbody>").next().unwrap();
+    assert!(
+        !table.contains("default#"),
+        "a scope hash is shown:\n{table}"
+    );
 
-    // A screenshot for people to look at (target/dashboard.png).
-    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
-    let url = proxy.admin_url("/");
-    let arg = format!("--screenshot={}", shot.display());
-    let profile_path = profile.path().to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        headless(
-            &browser,
-            &profile_path,
-            &[&arg, "--window-size=1100,800"],
-            &url,
-        )
-    })
-    .await
-    .unwrap();
-    assert!(shot.exists(), "no screenshot at {}", shot.display());
+    // Screenshots for people to look at (in the target's tmp dir).
+    for (name, size) in [
+        ("dashboard.png", "1280,800"),
+        ("dashboard-full.png", "1280,1400"),
+    ] {
+        let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+        let _ = std::fs::remove_file(&shot);
+        let url = proxy.admin_url("/#search=dash-cut");
+        let args = [
+            format!("--screenshot={}", shot.display()),
+            format!("--window-size={size}"),
+        ];
+        let profile_path = profile.path().to_path_buf();
+        let browser = browser.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            headless(&browser, &profile_path, &args, &url)
+        })
+        .await
+        .unwrap();
+        assert!(shot.exists(), "no screenshot at {}", shot.display());
+    }
 }

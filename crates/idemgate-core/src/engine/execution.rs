@@ -21,8 +21,9 @@ use futures_util::FutureExt;
 use parking_lot::Mutex;
 use tracing::Instrument;
 
+use super::notice::{Subject, UnknownReason};
 use super::{Classify, Dispatch, Disposition, Engine, EngineError, Execution, Policy, Recorded};
-use crate::key::StoreKey;
+use crate::key::{IdempotencyKey, StoreKey};
 use crate::record::{Fencing, Outcome};
 use crate::store::{CasOutcome, Store};
 
@@ -45,9 +46,12 @@ where
 impl<S: Store> Engine<S> {
     /// Runs the operation under the lease `fencing`, acquired by a call sent at `sent` (the
     /// first renewal is due a renew interval after that, not after the reply).
+    /// `client_key` only names the operation in warnings.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn execute<T, C, F, Fut>(
         &self,
         key: StoreKey,
+        client_key: IdempotencyKey,
         fencing: Fencing,
         sent: tokio::time::Instant,
         policy: Policy,
@@ -72,21 +76,34 @@ impl<S: Store> Engine<S> {
         let task = async move {
             let stats = &engine.inner.stats;
             stats.in_flight.fetch_add(1, Ordering::Relaxed);
-            let running = engine.inner.running.track(key, fencing, &policy);
+            let running = engine
+                .inner
+                .running
+                .track(key, &client_key, fencing, &policy);
             let work = async {
                 let classify = classify; // owned by this future, which is not shared
                 let result = AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| ());
                 // A panicking classifier must not leave the key in flight: unknown.
-                let disposition = match &result {
+                let (disposition, why) = match &result {
                     Ok(value) => {
-                        std::panic::catch_unwind(AssertUnwindSafe(|| classify.classify(value)))
-                            .unwrap_or(Disposition::Unknown)
+                        match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            classify.classify(value)
+                        })) {
+                            Ok(d) => (d, UnknownReason::Classified),
+                            Err(_) => (Disposition::Unknown, UnknownReason::Panicked),
+                        }
                     }
-                    Err(()) => Disposition::Unknown,
+                    Err(()) => (Disposition::Unknown, UnknownReason::Panicked),
                 };
                 let mut answer = Some((answer_tx, result));
+                let subject = Subject {
+                    route: &policy.name,
+                    client_key: &client_key,
+                    store_key: &key,
+                    epoch,
+                };
                 let recorded = engine
-                    .record(&key, fencing, disposition, &policy, &mut answer)
+                    .record(&subject, fencing, disposition, why, &policy, &mut answer)
                     .await;
                 if let Some((tx, result)) = answer {
                     let _ = tx.send((result, recorded));
@@ -149,11 +166,11 @@ impl<S: Store> Engine<S> {
                 Ok(Ok(CasOutcome::Lost)) => break,
                 Ok(Err(e)) => {
                     inner.stats.renewal_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(key = %key, error = %e, "lease renewal failed; will retry");
+                    tracing::warn!(store_key = %key, error = %e, "lease renewal failed; will retry");
                 }
                 Err(_) => {
                     inner.stats.renewal_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(key = %key, timeout = ?every,
+                    tracing::warn!(store_key = %key, timeout = ?every,
                         "lease renewal timed out; will retry");
                 }
             }
@@ -165,14 +182,17 @@ impl<S: Store> Engine<S> {
     /// written or the fencing is lost (the heartbeat keeps the lease meanwhile), for at most the
     /// record's TTL. After `record_retries` failed attempts the caller is answered (with
     /// [`Recorded::Failed`]) through `answer`, and recording goes on in the background.
+    /// `why` is the reason logged if the disposition is outcome-unknown.
     async fn record<A>(
         &self,
-        key: &StoreKey,
+        subject: &Subject<'_>,
         fencing: Fencing,
         disposition: Disposition,
+        why: UnknownReason,
         policy: &Policy,
         answer: &mut Option<(tokio::sync::oneshot::Sender<(A, Recorded)>, A)>,
     ) -> Recorded {
+        let key = subject.store_key;
         let store = &self.inner.store;
         let mut disposition = disposition;
         let mut backoff = Duration::from_millis(20);
@@ -194,12 +214,14 @@ impl<S: Store> Engine<S> {
                     .map(|o| (o, Recorded::MarkedUnknown)),
             };
             let e = match result {
-                Ok((CasOutcome::Applied, recorded)) => return recorded,
+                Ok((CasOutcome::Applied, recorded)) => {
+                    if recorded == Recorded::MarkedUnknown {
+                        self.marked_unknown(subject, why);
+                    }
+                    return recorded;
+                }
                 Ok((CasOutcome::Lost, _)) => {
-                    self.inner.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(key = %key, epoch = fencing.epoch,
-                        "lease lost before the outcome was recorded (deleted by an operator, \
-                         or taken over after the lease ran out); nothing was written");
+                    self.lease_lost(subject, &disposition);
                     return Recorded::LeaseLost;
                 }
                 Err(e) => e,
@@ -221,12 +243,12 @@ impl<S: Store> Engine<S> {
             if attempt == self.inner.config.record_retries
                 && let Some((tx, value)) = answer.take()
             {
-                tracing::error!(key = %key, error = %e,
+                tracing::error!(store_key = %key, error = %e,
                     "could not record the outcome yet; answering the client and retrying in the background");
                 let _ = tx.send((value, Recorded::Failed(e.kind())));
             }
             if tokio::time::Instant::now() >= give_up_at {
-                tracing::error!(key = %key, error = %e,
+                tracing::error!(store_key = %key, error = %e,
                     "gave up recording the outcome: the record has expired by now");
                 return Recorded::Failed(e.kind());
             }
@@ -248,10 +270,19 @@ impl<S: Store> Engine<S> {
                 .mark_unknown(&op.key, op.fencing, op.unknown_ttl)
                 .await;
             match result {
-                Ok(CasOutcome::Applied) => 1,
+                Ok(CasOutcome::Applied) => {
+                    let subject = Subject {
+                        route: &op.route,
+                        client_key: &op.client_key,
+                        store_key: &op.key,
+                        epoch: op.fencing.epoch,
+                    };
+                    self.marked_unknown(&subject, UnknownReason::Shutdown);
+                    1
+                }
                 Ok(CasOutcome::Lost) => 0,
                 Err(e) => {
-                    tracing::error!(key = %op.key, error = %e,
+                    tracing::error!(store_key = %op.key, error = %e,
                         "shutdown: could not record an abandoned operation; its lease will expire");
                     0
                 }
@@ -282,6 +313,9 @@ struct RunningOp {
     key: StoreKey,
     fencing: Fencing,
     unknown_ttl: Duration,
+    /// For the warning if it is abandoned.
+    route: std::sync::Arc<str>,
+    client_key: IdempotencyKey,
 }
 
 /// Hashes a fencing token by its low 64 bits: tokens are this engine's own counter (never
@@ -329,13 +363,21 @@ impl Running {
         &self.shards[(token as usize) % RUNNING_SHARDS]
     }
 
-    fn track(&self, key: StoreKey, fencing: Fencing, policy: &Policy) -> u128 {
+    fn track(
+        &self,
+        key: StoreKey,
+        client_key: &IdempotencyKey,
+        fencing: Fencing,
+        policy: &Policy,
+    ) -> u128 {
         self.shard(fencing.token).lock().insert(
             fencing.token,
             RunningOp {
                 key,
                 fencing,
                 unknown_ttl: policy.unknown_ttl,
+                route: policy.name.clone(),
+                client_key: client_key.clone(),
             },
         );
         fencing.token

@@ -66,6 +66,7 @@
 
 mod decide;
 mod execution;
+mod notice;
 mod outcome;
 mod policy;
 mod waiters;
@@ -99,6 +100,7 @@ struct Config {
     poll_min: Duration,
     poll_max: Duration,
     record_retries: u32,
+    resolve_hint: Option<String>,
 }
 
 /// Builds an [`Engine`].
@@ -139,6 +141,16 @@ impl<S: Store> EngineBuilder<S> {
     pub fn poll_interval(mut self, min: Duration, max: Duration) -> Self {
         self.config.poll_min = min;
         self.config.poll_max = max.max(min);
+        self
+    }
+
+    /// The command an operator runs to resolve an outcome-unknown record, named (as `hint`) in
+    /// the engine's warnings about outcome-unknown records and lost leases; `{store_key}` in it
+    /// is replaced by the record's store key (64 hex characters). `idemgate serve` sets
+    /// `idemgate keys --admin URL resolve {store_key}`. Default: a description of the delete
+    /// ([`DeleteMode::Unknown`](crate::store::DeleteMode::Unknown)) to make.
+    pub fn resolve_hint(mut self, template: impl Into<String>) -> Self {
+        self.config.resolve_hint = Some(template.into());
         self
     }
 
@@ -216,6 +228,7 @@ impl<S: Store> Engine<S> {
                 poll_min: Duration::from_millis(50),
                 poll_max: Duration::from_secs(1),
                 record_retries: 5,
+                resolve_hint: None,
             },
             token_seed: None,
         }
@@ -229,6 +242,18 @@ impl<S: Store> Engine<S> {
     /// Counters for metrics.
     pub fn stats(&self) -> &EngineStats {
         &self.inner.stats
+    }
+
+    /// The command that resolves the outcome-unknown record under `key` (see
+    /// [`EngineBuilder::resolve_hint`]), as the engine's warnings name it.
+    pub fn resolve_hint(&self, key: &StoreKey) -> String {
+        let template = self
+            .inner
+            .config
+            .resolve_hint
+            .as_deref()
+            .unwrap_or(DEFAULT_RESOLVE_HINT);
+        template.replace("{store_key}", &key.to_hex())
     }
 
     /// Wakes this process's waiters on `key` at once (they re-read the store). Call it when a
@@ -361,6 +386,7 @@ impl<S: Store> Engine<S> {
                     return self
                         .execute(
                             store_key,
+                            key.key().clone(),
                             fencing,
                             sent,
                             policy.clone(),
@@ -369,7 +395,7 @@ impl<S: Store> Engine<S> {
                         )
                         .await;
                 }
-                Recovery::Strict => match self.give_up(&store_key, fencing, policy).await? {
+                Recovery::Strict => match self.give_up(&store_key, key, fencing, policy).await? {
                     Some(done) => return Ok(done),
                     // Moved on meanwhile (deleted, revoked): start over.
                     None => {
@@ -458,6 +484,7 @@ impl<S: Store> Engine<S> {
     async fn give_up<T: Send + 'static>(
         &self,
         key: &StoreKey,
+        scoped: &ScopedKey,
         fencing: Fencing,
         policy: &Policy,
     ) -> Result<Option<Execution<T>>, EngineError> {
@@ -470,6 +497,15 @@ impl<S: Store> Engine<S> {
         if marked == CasOutcome::Lost {
             return Ok(None);
         }
+        self.marked_unknown(
+            &notice::Subject {
+                route: &policy.name,
+                client_key: scoped.key(),
+                store_key: key,
+                epoch: fencing.epoch,
+            },
+            notice::UnknownReason::StrictRecovery,
+        );
         match store.get(key).await.map_err(EngineError::StoreAfterRead)? {
             Some(record) => Ok(Some(Execution::Unknown {
                 record: Box::new(record),
@@ -494,10 +530,10 @@ impl<S: Store> Engine<S> {
         if took + config.renew_interval < config.lease_ttl {
             return Ok(());
         }
-        tracing::warn!(key = %key, took = ?took, lease = ?config.lease_ttl,
+        tracing::warn!(store_key = %key, took = ?took, lease = ?config.lease_ttl,
             "the store answered the claim too late to dispatch safely; key given back");
         if let Err(e) = self.inner.store.release(key, fencing).await {
-            tracing::warn!(key = %key, error = %e,
+            tracing::warn!(store_key = %key, error = %e,
                 "could not give the key back; its lease will expire");
         }
         self.inner.waiters.notify(key);
@@ -546,7 +582,7 @@ impl<S: Store> Engine<S> {
                 ..
             })) if fencing.token == token => self.give_back(key, fencing).await,
             Ok(_) => {}
-            Err(e) => tracing::warn!(key = %key, error = %e,
+            Err(e) => tracing::warn!(store_key = %key, error = %e,
                 "could not give an unused claim back; its lease will expire"),
         }
     }
@@ -556,11 +592,15 @@ impl<S: Store> Engine<S> {
         match self.inner.store.release(&key, fencing).await {
             Ok(CasOutcome::Applied) => self.inner.waiters.notify(&key),
             Ok(CasOutcome::Lost) => {}
-            Err(e) => tracing::warn!(key = %key, error = %e,
+            Err(e) => tracing::warn!(store_key = %key, error = %e,
                 "could not give an unused claim back; its lease will expire"),
         }
     }
 }
+
+/// The resolve hint of an engine built without [`EngineBuilder::resolve_hint`].
+const DEFAULT_RESOLVE_HINT: &str = "once the request is known not to have taken effect, delete the \
+    outcome-unknown record {store_key} (Store::delete with DeleteMode::Unknown) so that a retry runs it";
 
 /// Consecutive refused takeovers after which a call answers "in flight" instead of looking again.
 const MAX_TAKEOVER_REFUSALS: u32 = 16;

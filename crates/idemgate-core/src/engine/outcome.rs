@@ -112,6 +112,8 @@ pub struct EngineStats {
     pub leases_lost: AtomicU64,
     /// Successful takeovers of expired leases.
     pub takeovers: AtomicU64,
+    /// Records this engine marked outcome-unknown (each one also logged at WARN).
+    pub marked_unknown: AtomicU64,
     /// Calls waiting right now.
     pub waiting: AtomicUsize,
     /// Operations running right now.

@@ -2,6 +2,7 @@
 //! ([`Concurrency`]), what a dead holder's key becomes ([`Recovery`]), and which outcomes are kept
 //! ([`Classify`] → [`Disposition`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::record::Outcome;
@@ -39,6 +40,9 @@ pub struct Policy {
     pub concurrency: Concurrency,
     /// Takeover or strict (default takeover).
     pub recovery: Recovery,
+    /// What the policy protects (idemgate's tower layer sets the route's name), named as `route`
+    /// in the engine's warnings about outcome-unknown records and lost leases. Default: empty.
+    pub name: Arc<str>,
 }
 
 impl Default for Policy {
@@ -50,6 +54,7 @@ impl Default for Policy {
                 timeout: Duration::from_secs(30),
             },
             recovery: Recovery::Takeover,
+            name: Arc::from(""),
         }
     }
 }

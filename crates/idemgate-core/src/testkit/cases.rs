@@ -16,8 +16,8 @@ use crate::error::ErrorKind;
 use crate::key::StoreKey;
 use crate::record::{Fencing, MAX_BODY_LEN, Outcome, Record, RecordState, StoredResponse};
 use crate::store::{
-    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListRequest, Store,
-    TakeOverOutcome,
+    CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListRequest, ResolveOutcome,
+    Store, TakeOverOutcome, UnknownMark,
 };
 
 /// Lease used by expiry cases.
@@ -856,6 +856,271 @@ pub async fn delete_of_absent_key_is_absent<H: Harness>(h: &H) {
             DeleteOutcome::Absent
         );
     }
+}
+
+/// An outcome-unknown record (claimed with `req`, marked with `ttl`), its mark, and the fencing
+/// of the holder that could not tell.
+async fn unknown_by<H: Harness>(
+    h: &H,
+    req: &ClaimRequest,
+    ttl: Duration,
+) -> (StoreKey, UnknownMark, Fencing) {
+    let key = fresh_key("complete-unknown");
+    let f = acquire(h, &key, req).await;
+    assert_eq!(
+        h.store().mark_unknown(&key, f, ttl).await.unwrap(),
+        CasOutcome::Applied
+    );
+    let record = get(h, &key).await.expect("outcome-unknown record present");
+    let mark = UnknownMark::of(&record).expect("outcome-unknown");
+    assert_eq!(mark.epoch, f.epoch);
+    (key, mark, f)
+}
+
+async fn complete_unknown<H: Harness>(
+    h: &H,
+    key: &StoreKey,
+    mark: UnknownMark,
+    outcome: &Outcome,
+    ttl: Duration,
+) -> ResolveOutcome {
+    h.store()
+        .complete_unknown(key, mark, outcome, ttl)
+        .await
+        .expect("complete_unknown")
+}
+
+pub async fn complete_unknown_records_the_operators_outcome<H: Harness>(h: &H) {
+    let req = long_claim();
+    let (key, mark, f) = unknown_by(h, &req, LONG_TTL).await;
+    let before = get(h, &key).await.unwrap();
+    let outcome = Outcome::Response(StoredResponse::new(
+        201,
+        vec![
+            (
+                "content-type".into(),
+                Bytes::from_static(b"application/json"),
+            ),
+            ("location".into(), Bytes::from_static(b"/orders/7")),
+        ],
+        Bytes::from_static(b"{\"id\":7}"),
+    ));
+    assert_eq!(
+        complete_unknown(h, &key, mark, &outcome, LONG_TTL).await,
+        ResolveOutcome::Completed
+    );
+    let after = get(h, &key).await.expect("the completed record");
+    match &after.state {
+        RecordState::Completed {
+            epoch,
+            outcome: stored,
+            ..
+        } => {
+            assert_eq!(
+                *epoch, mark.epoch,
+                "completed at the epoch that could not tell"
+            );
+            assert_eq!(stored, &outcome, "byte-identical outcome");
+        }
+        s => panic!("expected completed, got {s:?}"),
+    }
+    assert_eq!(after.fingerprint, before.fingerprint);
+    assert_eq!(after.created_at, before.created_at);
+    assert_eq!(after.idempotency_key, before.idempotency_key);
+    // Retries now find the outcome (a claim of any fingerprint gets the record unchanged).
+    match h.store().claim(&key, &long_claim()).await.unwrap() {
+        ClaimOutcome::Existing { record, .. } => assert_eq!(record, after),
+        other => panic!("expected the completed record, got {other:?}"),
+    }
+    // Completed records never change: the same mark again, the old holder, another outcome.
+    let ResolveOutcome::Refused { current } =
+        complete_unknown(h, &key, mark, &response(b"second"), LONG_TTL).await
+    else {
+        panic!("a completed record must not be completed again");
+    };
+    assert_eq!(*current, after);
+    assert_eq!(
+        h.store()
+            .complete(&key, f, &response(b"late"), LONG_TTL)
+            .await
+            .unwrap(),
+        CasOutcome::Lost
+    );
+    assert_eq!(get(h, &key).await, Some(after));
+}
+
+pub async fn complete_unknown_refuses_other_states_and_marks<H: Harness>(h: &H) {
+    let store = h.store();
+    // Absent.
+    let absent = fresh_key("complete-unknown-absent");
+    let any = UnknownMark {
+        epoch: 1,
+        since: crate::clock::Timestamp(1),
+    };
+    assert_eq!(
+        complete_unknown(h, &absent, any, &response(b"x"), LONG_TTL).await,
+        ResolveOutcome::Absent
+    );
+    assert_eq!(get(h, &absent).await, None);
+    // In flight: refused, and the holder still holds it.
+    let key = fresh_key("complete-unknown-in-flight");
+    let f = acquire(h, &key, &long_claim()).await;
+    let ResolveOutcome::Refused { current } =
+        complete_unknown(h, &key, any, &response(b"x"), LONG_TTL).await
+    else {
+        panic!("an in-flight record must be refused");
+    };
+    assert!(matches!(current.state, RecordState::InFlight { fencing, .. } if fencing == f));
+    assert_eq!(
+        store.renew(&key, f, LONG_LEASE).await.unwrap(),
+        CasOutcome::Applied
+    );
+    // Completed by its holder: refused, unchanged.
+    let (done, record) = completed(h, LONG_TTL).await;
+    assert!(matches!(
+        complete_unknown(h, &done, any, &response(b"x"), LONG_TTL).await,
+        ResolveOutcome::Refused { .. }
+    ));
+    assert_eq!(get(h, &done).await, Some(record));
+    // Outcome-unknown, but another epoch or another marking instant: refused, unchanged.
+    let (key, mark, _) = unknown_by(h, &long_claim(), LONG_TTL).await;
+    let unknown = get(h, &key).await.unwrap();
+    for wrong in [
+        UnknownMark {
+            epoch: mark.epoch + 1,
+            ..mark
+        },
+        UnknownMark {
+            since: crate::clock::Timestamp(mark.since.0 + 1),
+            ..mark
+        },
+        UnknownMark {
+            since: crate::clock::Timestamp(mark.since.0.saturating_sub(1)),
+            ..mark
+        },
+    ] {
+        let ResolveOutcome::Refused { current } =
+            complete_unknown(h, &key, wrong, &response(b"x"), LONG_TTL).await
+        else {
+            panic!("{wrong:?} is not the record's mark {mark:?}");
+        };
+        assert_eq!(*current, unknown);
+    }
+    assert_eq!(get(h, &key).await, Some(unknown));
+    // Revoked by an operator (a free key with an epoch floor): refused.
+    let key = fresh_key("complete-unknown-revoked");
+    acquire(h, &key, &long_claim()).await;
+    assert!(matches!(
+        store.delete(&key, DeleteMode::Force).await.unwrap(),
+        DeleteOutcome::Revoked { .. }
+    ));
+    assert!(matches!(
+        complete_unknown(h, &key, any, &response(b"x"), LONG_TTL).await,
+        ResolveOutcome::Refused { .. }
+    ));
+}
+
+pub async fn complete_unknown_refuses_an_oversized_body<H: Harness>(h: &H) {
+    let (key, mark, _) = unknown_by(h, &long_claim(), LONG_TTL).await;
+    let limit = h.max_payload().min(MAX_BODY_LEN);
+    let over = Outcome::Response(StoredResponse::new(200, vec![], vec![0u8; limit + 1]));
+    let err = h
+        .store()
+        .complete_unknown(&key, mark, &over, LONG_TTL)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Capacity);
+    assert!(err.is_value_too_large(), "{err}");
+    // Still outcome-unknown, and still resolvable.
+    assert_eq!(
+        get(h, &key).await.as_ref().and_then(UnknownMark::of),
+        Some(mark)
+    );
+    assert_eq!(
+        complete_unknown(h, &key, mark, &response(b"fits"), LONG_TTL).await,
+        ResolveOutcome::Completed
+    );
+}
+
+pub async fn concurrent_complete_unknowns_have_exactly_one_winner<H: Harness>(h: &H) {
+    let (key, mark, _) = unknown_by(h, &long_claim(), LONG_TTL).await;
+    let tasks: Vec<_> = (0u8..8)
+        .map(|i| {
+            let store = h.store().clone();
+            tokio::spawn(async move {
+                let outcome = Outcome::Response(StoredResponse::new(200, vec![], vec![i]));
+                let got = store
+                    .complete_unknown(&key, mark, &outcome, LONG_TTL)
+                    .await
+                    .unwrap();
+                (i, got)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for t in tasks {
+        let (i, got) = t.await.unwrap();
+        match got {
+            ResolveOutcome::Completed => winners.push(i),
+            ResolveOutcome::Refused { current } => assert!(
+                matches!(current.state, RecordState::Completed { .. }),
+                "a loser sees the winner's record: {current:?}"
+            ),
+            ResolveOutcome::Absent => panic!("the record was there"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one resolution applies: {winners:?}"
+    );
+    match get(h, &key).await.unwrap().state {
+        RecordState::Completed {
+            outcome: Outcome::Response(r),
+            ..
+        } => assert_eq!(r.body.as_ref(), [winners[0]]),
+        s => panic!("{s:?}"),
+    }
+}
+
+pub async fn complete_unknown_never_applies_to_a_later_marking<H: Harness>(h: &H) {
+    // The first marking expires; the key is claimed and marked again (at epoch 1 again): the
+    // operator's decision about the first marking must not complete the second.
+    let req = claim_request(LONG_LEASE, LONG_TTL, 1);
+    let key = fresh_key("complete-unknown-later");
+    let f = acquire(h, &key, &req).await;
+    assert_eq!(
+        h.store().mark_unknown(&key, f, SHORT_TTL).await.unwrap(),
+        CasOutcome::Applied
+    );
+    let first = UnknownMark::of(&get(h, &key).await.unwrap()).unwrap();
+    h.advance(SHORT_TTL + MARGIN).await;
+    assert_eq!(
+        complete_unknown(h, &key, first, &response(b"x"), LONG_TTL).await,
+        ResolveOutcome::Absent,
+        "an expired record is absent"
+    );
+    let g = acquire(h, &key, &long_claim()).await;
+    assert_eq!(
+        h.store().mark_unknown(&key, g, LONG_TTL).await.unwrap(),
+        CasOutcome::Applied
+    );
+    let second = get(h, &key).await.unwrap();
+    let second_mark = UnknownMark::of(&second).unwrap();
+    assert_ne!(second_mark, first);
+    assert!(matches!(
+        complete_unknown(h, &key, first, &response(b"x"), LONG_TTL).await,
+        ResolveOutcome::Refused { .. }
+    ));
+    assert_eq!(get(h, &key).await, Some(second));
+    // A resolved record expires after the TTL given.
+    assert_eq!(
+        complete_unknown(h, &key, second_mark, &response(b"y"), SHORT_TTL).await,
+        ResolveOutcome::Completed
+    );
+    assert!(get(h, &key).await.is_some());
+    h.advance(SHORT_TTL + MARGIN).await;
+    assert_eq!(get(h, &key).await, None);
 }
 
 async fn list_all<H: Harness>(h: &H, page: usize) -> Vec<(StoreKey, Record)> {

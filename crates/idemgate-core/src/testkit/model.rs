@@ -14,7 +14,8 @@ use super::{Harness, claim_request, fresh_key, fresh_token};
 use crate::key::StoreKey;
 use crate::record::{Fencing, Outcome, Record, RecordState, StoredResponse};
 use crate::store::{
-    CasOutcome, ClaimOutcome, DeleteMode, DeleteOutcome, Store, TakeOverOutcome, TakeOverRequest,
+    CasOutcome, ClaimOutcome, DeleteMode, DeleteOutcome, ResolveOutcome, Store, TakeOverOutcome,
+    TakeOverRequest, UnknownMark,
 };
 
 const KEYS: usize = 3;
@@ -40,6 +41,9 @@ pub enum Op {
     TakeOver { k: usize, h: usize },
     /// Administrative delete: mode 0 finished only, 1 outcome-unknown only, 2 force.
     Delete { k: usize, mode: u8 },
+    /// Administrative completion of an outcome-unknown record with body `[body]`, with the mark
+    /// read from the store (or, if `stale`, a marking instant one millisecond off).
+    CompleteUnknown { k: usize, stale: bool, body: u8 },
     /// Read.
     Get { k: usize },
     /// Move the clock (controlled clocks only).
@@ -57,6 +61,8 @@ fn op_strategy(controlled: bool) -> BoxedStrategy<Op> {
         1 => (k.clone(), h.clone()).prop_map(|(k, h)| Op::Release { k, h }),
         2 => (k.clone(), h).prop_map(|(k, h)| Op::TakeOver { k, h }),
         2 => (k.clone(), 0u8..3).prop_map(|(k, mode)| Op::Delete { k, mode }),
+        1 => (k.clone(), proptest::bool::weighted(0.25), any::<u8>())
+            .prop_map(|(k, stale, body)| Op::CompleteUnknown { k, stale, body }),
         2 => k.prop_map(|k| Op::Get { k }),
     ];
     if controlled {
@@ -440,6 +446,55 @@ async fn run_sequence<H: Harness>(h: &H, ops: &[Op]) -> Result<(), TestCaseError
                 };
                 if got_name != expect {
                     return Err(fail(step, op, format!("store {got:?} model {expect}")));
+                }
+            }
+            Op::CompleteUnknown { k, stale, body } => {
+                let seen = store
+                    .get(&keys[k])
+                    .await
+                    .map_err(|e| fail(step, op, e.to_string()))?;
+                let mut mark = seen
+                    .as_ref()
+                    .and_then(UnknownMark::of)
+                    .unwrap_or(UnknownMark {
+                        epoch: 1,
+                        since: crate::clock::Timestamp(0),
+                    });
+                if stale {
+                    mark.since = crate::clock::Timestamp(mark.since.0 + 1);
+                }
+                let outcome =
+                    Outcome::Response(StoredResponse::new(200, vec![], Bytes::from(vec![body])));
+                let got = store
+                    .complete_unknown(&keys[k], mark, &outcome, Duration::from_millis(TTL_MS))
+                    .await
+                    .map_err(|e| fail(step, op, e.to_string()))?;
+                let now = m.now;
+                let before = m.live(k).map(|r| summarize_model(r, timed));
+                let expect = match m.live(k).map(|r| r.state.clone()) {
+                    None => "absent",
+                    Some(MState::Unknown { epoch }) if !stale => {
+                        let r = m.recs[k].as_mut().unwrap();
+                        r.state = MState::Completed { epoch, body };
+                        r.expires = now + TTL_MS;
+                        "completed"
+                    }
+                    Some(_) => "refused",
+                };
+                match (&got, expect) {
+                    (ResolveOutcome::Absent, "absent")
+                    | (ResolveOutcome::Completed, "completed") => {}
+                    (ResolveOutcome::Refused { current }, "refused") => {
+                        let current = summarize_store(current, timed);
+                        if Some(&current) != before.as_ref() {
+                            return Err(fail(
+                                step,
+                                op,
+                                format!("refused with {current:?}, model {before:?}"),
+                            ));
+                        }
+                    }
+                    _ => return Err(fail(step, op, format!("store {got:?} model {expect}"))),
                 }
             }
             Op::Get { k } => {

@@ -489,3 +489,8 @@ pub async fn resumes_without_restart(
     }
     assert_eq!(up.state.started(), started);
 }
+
+/// The `idemgate` binary under test: `IDEMGATE_TEST_BIN` if set (another build), else cargo's.
+pub fn bin() -> String {
+    std::env::var("IDEMGATE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_idemgate").to_owned())
+}

@@ -1,0 +1,345 @@
+//! This instance's recent activity: a bounded ring of the protected requests it answered (newest
+//! first on read), and a per-route time series of outcome counts and latency in 5-second buckets
+//! over the last 15 minutes. Fed by an [`Observer`] installed on the layer; read by the
+//! dashboard's `/api/activity` and `/api/series`.
+//!
+//! Bounds: the ring holds [`RING_CAPACITY`] entries (a new entry drops the oldest); the series
+//! holds [`SERIES_BUCKETS`] buckets (a new bucket drops the oldest); within one bucket each route
+//! keeps at most [`LATENCY_SAMPLES`] durations for its percentiles (later ones are counted but not
+//! sampled). Everything sits behind one short mutex: an observation is a `VecDeque` push and a
+//! map update.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use idemgate_tower::observe::{Observation, Observer};
+use serde::Serialize;
+
+/// Entries the recent-activity ring keeps (the oldest is dropped past it).
+pub const RING_CAPACITY: usize = 1_000;
+/// The series' bucket width.
+pub const BUCKET: Duration = Duration::from_secs(5);
+/// Buckets kept: 15 minutes of 5 seconds.
+pub const SERIES_BUCKETS: usize = 180;
+/// Durations kept per route and bucket for its percentiles.
+pub const LATENCY_SAMPLES: usize = 1_024;
+/// Longest client key kept in an entry (longer ones are cut and marked with `…`).
+const KEY_CHARS: usize = 80;
+
+/// One protected request.
+#[derive(Clone, Debug, Serialize)]
+pub struct Entry {
+    /// When it was answered (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Route name.
+    pub route: String,
+    /// Method.
+    pub method: String,
+    /// The client's Idempotency-Key, sanitised (printable ASCII) and capped.
+    pub key: String,
+    /// The record's store key (hex), when derived.
+    pub store_key: Option<String>,
+    /// `executed`, `replayed`, `conflict`, `mismatch`, `unknown`, ...
+    pub outcome: &'static str,
+    /// Status answered.
+    pub status: u16,
+    /// Milliseconds to the answer's head.
+    pub duration_ms: f64,
+}
+
+/// One route's counts in one bucket.
+#[derive(Clone, Debug, Default, Serialize)]
+struct RouteBucket {
+    counts: BTreeMap<&'static str, u64>,
+    #[serde(skip)]
+    durations_ms: Vec<f64>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    start_ms: u64,
+    routes: BTreeMap<String, RouteBucket>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    ring: VecDeque<Entry>,
+    /// Finished buckets, oldest first.
+    series: VecDeque<Bucket>,
+    /// The bucket being filled.
+    current: Option<Bucket>,
+}
+
+/// The ring and the series (cheap to clone).
+#[derive(Clone, Debug, Default)]
+pub struct Activity {
+    inner: Arc<Mutex<Inner>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn sanitise(key: &str) -> String {
+    let mut out: String = key
+        .chars()
+        .take(KEY_CHARS)
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if key.chars().count() > KEY_CHARS {
+        out.push('…');
+    }
+    out
+}
+
+/// `p` (0..=1) of sorted `v`, nearest rank.
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted.get(rank - 1).copied()
+}
+
+impl Activity {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (pushes and counters).
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records one entry at `entry.at_ms`.
+    pub fn record(&self, entry: Entry) {
+        let bucket_ms = BUCKET.as_millis() as u64;
+        let mut inner = self.lock();
+        let start = entry.at_ms - entry.at_ms % bucket_ms;
+        if inner.current.as_ref().is_some_and(|c| c.start_ms < start) {
+            Self::roll(&mut inner);
+        }
+        let current = inner.current.get_or_insert_with(|| Bucket {
+            start_ms: start,
+            routes: BTreeMap::new(),
+        });
+        let rb = current.routes.entry(entry.route.clone()).or_default();
+        *rb.counts.entry(entry.outcome).or_insert(0) += 1;
+        if rb.durations_ms.len() < LATENCY_SAMPLES {
+            rb.durations_ms.push(entry.duration_ms);
+        }
+        if inner.ring.len() == RING_CAPACITY {
+            inner.ring.pop_front();
+        }
+        inner.ring.push_back(entry);
+    }
+
+    fn roll(inner: &mut Inner) {
+        if let Some(done) = inner.current.take() {
+            if inner.series.len() == SERIES_BUCKETS {
+                inner.series.pop_front();
+            }
+            inner.series.push_back(done);
+        }
+    }
+
+    /// Closes the current bucket when its 5 seconds are over (the sampler calls this every 5 s,
+    /// so quiet periods still advance the series).
+    pub fn tick(&self, now_ms: u64) {
+        let bucket_ms = BUCKET.as_millis() as u64;
+        let mut inner = self.lock();
+        let start = now_ms - now_ms % bucket_ms;
+        if inner.current.as_ref().is_some_and(|c| c.start_ms < start) {
+            Self::roll(&mut inner);
+        }
+        inner.current.get_or_insert_with(|| Bucket {
+            start_ms: start,
+            routes: BTreeMap::new(),
+        });
+    }
+
+    /// Recent entries, newest first, filtered by route and outcome, at most `limit`.
+    pub fn recent(&self, route: Option<&str>, outcome: Option<&str>, limit: usize) -> Vec<Entry> {
+        let inner = self.lock();
+        inner
+            .ring
+            .iter()
+            .rev()
+            .filter(|e| route.is_none_or(|r| e.route == r))
+            .filter(|e| outcome.is_none_or(|o| e.outcome == o))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// The series as JSON: `{bucket_ms, routes: {name: {t: [...], counts: {outcome: [...]},
+    /// p50_ms: [...], p99_ms: [...]}}}`, oldest bucket first, the current one last; every
+    /// route has a value for every bucket (0, or `null` latency).
+    pub fn series(&self) -> serde_json::Value {
+        let inner = self.lock();
+        let buckets: Vec<&Bucket> = inner.series.iter().chain(inner.current.iter()).collect();
+        let names: std::collections::BTreeSet<&String> =
+            buckets.iter().flat_map(|b| b.routes.keys()).collect();
+        let mut routes = serde_json::Map::new();
+        for name in names {
+            let outcomes: std::collections::BTreeSet<&'static str> = buckets
+                .iter()
+                .filter_map(|b| b.routes.get(name))
+                .flat_map(|r| r.counts.keys().copied())
+                .collect();
+            let mut counts = serde_json::Map::new();
+            for o in outcomes {
+                let v: Vec<u64> = buckets
+                    .iter()
+                    .map(|b| {
+                        b.routes
+                            .get(name)
+                            .and_then(|r| r.counts.get(o))
+                            .copied()
+                            .unwrap_or(0)
+                    })
+                    .collect();
+                counts.insert(o.into(), v.into());
+            }
+            let (mut p50, mut p99) = (Vec::new(), Vec::new());
+            for b in &buckets {
+                let mut d = b
+                    .routes
+                    .get(name)
+                    .map(|r| r.durations_ms.clone())
+                    .unwrap_or_default();
+                d.sort_by(f64::total_cmp);
+                p50.push(percentile(&d, 0.5));
+                p99.push(percentile(&d, 0.99));
+            }
+            let t: Vec<u64> = buckets.iter().map(|b| b.start_ms).collect();
+            routes.insert(
+                name.clone(),
+                serde_json::json!({ "t": t, "counts": counts, "p50_ms": p50, "p99_ms": p99 }),
+            );
+        }
+        serde_json::json!({ "bucket_ms": BUCKET.as_millis() as u64, "routes": routes })
+    }
+
+    /// Ticks the series every [`BUCKET`] until the task is aborted.
+    pub fn spawn_sampler(&self) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(BUCKET);
+            loop {
+                every.tick().await;
+                me.tick(now_ms());
+            }
+        })
+    }
+}
+
+impl Observer for Activity {
+    fn observe(&self, o: &Observation<'_>) {
+        self.record(Entry {
+            at_ms: now_ms(),
+            route: o.route.to_owned(),
+            method: o.method.as_str().to_owned(),
+            key: sanitise(o.key),
+            store_key: o.store_key.map(|k| k.to_hex()),
+            outcome: o.answer.as_str(),
+            status: o.status,
+            duration_ms: o.elapsed.as_secs_f64() * 1e3,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(at_ms: u64, route: &str, outcome: &'static str, ms: f64) -> Entry {
+        Entry {
+            at_ms,
+            route: route.into(),
+            method: "POST".into(),
+            key: format!("k{at_ms}"),
+            store_key: None,
+            outcome,
+            status: 201,
+            duration_ms: ms,
+        }
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest_entries_up_to_its_bound() {
+        let a = Activity::default();
+        for i in 0..(RING_CAPACITY as u64 + 250) {
+            a.record(entry(1_000_000 + i, "pay", "executed", 1.0));
+        }
+        let all = a.recent(None, None, usize::MAX);
+        assert_eq!(all.len(), RING_CAPACITY);
+        // Newest first; the 250 oldest were dropped.
+        assert_eq!(all[0].at_ms, 1_000_000 + RING_CAPACITY as u64 + 249);
+        assert_eq!(all[RING_CAPACITY - 1].at_ms, 1_000_000 + 250);
+    }
+
+    #[test]
+    fn recent_filters_by_route_and_outcome() {
+        let a = Activity::default();
+        a.record(entry(1, "pay", "executed", 1.0));
+        a.record(entry(2, "refund", "replayed", 1.0));
+        a.record(entry(3, "pay", "replayed", 1.0));
+        let got = a.recent(Some("pay"), Some("replayed"), 10);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].at_ms, 3);
+        assert_eq!(a.recent(None, None, 2).len(), 2);
+    }
+
+    #[test]
+    fn the_series_buckets_by_five_seconds_and_is_bounded() {
+        let a = Activity::default();
+        // Two in the bucket at 10 s, one at 15 s, one at 20 s for another route.
+        a.record(entry(10_000, "pay", "executed", 2.0));
+        a.record(entry(14_999, "pay", "replayed", 4.0));
+        a.record(entry(15_000, "pay", "executed", 6.0));
+        a.record(entry(20_001, "refund", "unknown", 8.0));
+        let s = a.series();
+        let pay = &s["routes"]["pay"];
+        assert_eq!(pay["t"], serde_json::json!([10_000, 15_000, 20_000]));
+        assert_eq!(pay["counts"]["executed"], serde_json::json!([1, 1, 0]));
+        assert_eq!(pay["counts"]["replayed"], serde_json::json!([1, 0, 0]));
+        assert_eq!(pay["p50_ms"], serde_json::json!([2.0, 6.0, null]));
+        assert_eq!(pay["p99_ms"][0], 4.0);
+        assert_eq!(
+            s["routes"]["refund"]["counts"]["unknown"],
+            serde_json::json!([0, 0, 1])
+        );
+        // Quiet time still advances, and the buckets stay bounded.
+        for i in 0..(SERIES_BUCKETS as u64 + 20) {
+            a.tick(25_000 + i * 5_000);
+        }
+        let last = 25_000 + (SERIES_BUCKETS as u64 + 19) * 5_000;
+        a.record(entry(last + 1, "pay", "executed", 1.0));
+        let s = a.series();
+        let t = s["routes"]["pay"]["t"].as_array().map_or(0, Vec::len);
+        // Finished buckets plus the current one; the first ones (10 s to 20 s) were dropped.
+        assert_eq!(t, SERIES_BUCKETS + 1);
+        assert_eq!(s["routes"]["pay"]["t"][SERIES_BUCKETS], last);
+        assert_eq!(
+            s["routes"]["pay"]["counts"]["replayed"],
+            serde_json::Value::Null
+        );
+        // A route with nothing in the last 15 minutes is no longer listed.
+        assert!(s["routes"].get("refund").is_none());
+    }
+
+    #[test]
+    fn keys_are_sanitised_and_capped() {
+        assert_eq!(sanitise("a\u{7}b"), "a?b");
+        let long = "x".repeat(200);
+        let s = sanitise(&long);
+        assert_eq!(s.chars().count(), KEY_CHARS + 1);
+        assert!(s.ends_with('…'));
+    }
+}
