@@ -27,7 +27,7 @@ pub struct ServeArgs {
     /// Upstream base URL, e.g. http://127.0.0.1:3000 (required unless in the config file).
     #[arg(long, env = "IDEMGATE_UPSTREAM")]
     pub upstream: Option<String>,
-    /// Proxy listen address, HOST:PORT: 127.0.0.1:8080, [::1]:8080, 0.0.0.0:8080 or
+    /// Proxy listen address, HOST:PORT: 127.0.0.1:8080, `[::1]:8080`, 0.0.0.0:8080 or
     /// localhost:8080 (a host name is resolved once at start-up; its first IPv4 address is
     /// bound, else its first IPv6 one) [default: 127.0.0.1:8080].
     #[arg(long, env = "IDEMGATE_LISTEN")]
