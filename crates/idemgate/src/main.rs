@@ -16,6 +16,7 @@ mod consume;
 mod edge;
 mod keys;
 mod serve;
+mod tls;
 mod upstream;
 mod workers;
 
