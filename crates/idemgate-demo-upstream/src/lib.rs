@@ -110,17 +110,22 @@ impl Upstream {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let this = self.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(req).await) }
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+            tokio::spawn(self.clone().serve_connection(stream));
         }
+    }
+
+    /// Serves one connection on `io`, whatever carries it (e.g. a TLS stream), until it closes.
+    pub async fn serve_connection<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = service_fn(move |req| {
+            let this = self.clone();
+            async move { Ok::<_, Infallible>(this.handle(req).await) }
+        });
+        let _ = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), svc)
+            .await;
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {

@@ -70,6 +70,10 @@ pub enum Cause {
     /// The connection could not be set up for another reason (network unreachable, out of file
     /// descriptors, ...).
     ConnectFailed,
+    /// The TLS handshake with an `https://` upstream failed (its certificate did not verify,
+    /// it asked for a client certificate we do not have, no common protocol, ...): nothing was
+    /// sent.
+    TlsHandshake,
     /// The upstream closed the connection before answering completely.
     ConnectionClosed,
     /// The connection was reset.
@@ -107,6 +111,7 @@ impl Cause {
             Cause::ConnectionRefused => "connection-refused",
             Cause::ConnectTimeout => "connect-timeout",
             Cause::ConnectFailed => "connect-failed",
+            Cause::TlsHandshake => "tls-handshake",
             Cause::ConnectionClosed => "connection-closed",
             Cause::ConnectionReset => "connection-reset",
             Cause::Timeout => "timeout",
@@ -123,6 +128,7 @@ impl Cause {
             Cause::ConnectionRefused => "connection refused",
             Cause::ConnectTimeout => "connect timeout",
             Cause::ConnectFailed => "connection failed",
+            Cause::TlsHandshake => "TLS handshake failed",
             Cause::ConnectionClosed => "connection closed by the upstream",
             Cause::ConnectionReset => "connection reset",
             Cause::Timeout => "timeout",

@@ -24,7 +24,8 @@ use serde::Deserialize;
 /// config file (same name, `_` instead of `-`).
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct ServeArgs {
-    /// Upstream base URL, e.g. http://127.0.0.1:3000 (required unless in the config file).
+    /// Upstream base URL, e.g. http://127.0.0.1:3000 or https://api.internal (required unless in
+    /// the config file).
     #[arg(long, env = "IDEMGATE_UPSTREAM")]
     pub upstream: Option<String>,
     /// Proxy listen address, HOST:PORT: 127.0.0.1:8080, `[::1]:8080`, 0.0.0.0:8080 or
@@ -217,6 +218,26 @@ pub struct ServeArgs {
     /// that cannot reserve its body gets 503 + Retry-After [default: 256MiB].
     #[arg(long, env = "IDEMGATE_MAX_BUFFERED_BODY_BYTES")]
     pub max_buffered_body_bytes: Option<String>,
+
+    // --- TLS (README "TLS") ---
+    /// PEM file of the CA certificates an https:// upstream's certificate must chain to; it
+    /// replaces the system's roots [default: the system's CA store].
+    #[arg(long, env = "IDEMGATE_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to an https:// upstream that asks for one (with
+    /// --upstream-client-key).
+    #[arg(long, env = "IDEMGATE_UPSTREAM_CLIENT_CERT")]
+    pub upstream_client_cert: Option<PathBuf>,
+    /// PEM private key of --upstream-client-cert.
+    #[arg(long, env = "IDEMGATE_UPSTREAM_CLIENT_KEY")]
+    pub upstream_client_key: Option<PathBuf>,
+    /// PEM certificate chain of the proxy listener: with --tls-key, the listener serves HTTPS
+    /// (HTTP/2 and HTTP/1.1 by ALPN); both files are read again on SIGHUP.
+    #[arg(long, env = "IDEMGATE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "IDEMGATE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The `[[route]]` tables of the config file. Unset fields take the global settings. Durations
@@ -314,14 +335,29 @@ pub struct FileConfig {
     max_concurrent_requests: Option<usize>,
     #[serde(default, deserialize_with = "text_or_number")]
     max_buffered_body_bytes: Option<String>,
+    // TLS.
+    upstream_ca_file: Option<PathBuf>,
+    upstream_client_cert: Option<PathBuf>,
+    upstream_client_key: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     #[serde(default)]
     route: Vec<RouteConfig>,
+}
+
+/// A certificate chain and its private key, as PEM file paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertKey {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// Everything `serve` needs, resolved and checked.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The upstream base URL (`http://`, with a host).
+    /// The upstream base URL (`http://` or `https://`, with a host).
     pub upstream: http::Uri,
     /// The proxy listener.
     pub listen: SocketAddr,
@@ -374,6 +410,13 @@ pub struct Settings {
     pub max_concurrent_requests: usize,
     /// Most bytes of protected request bodies buffered at once.
     pub max_buffered_body_bytes: usize,
+    // TLS (files are read by `serve`, not here).
+    /// CA certificates an `https://` upstream must chain to, instead of the system's.
+    pub upstream_ca_file: Option<PathBuf>,
+    /// The client certificate presented to an `https://` upstream.
+    pub upstream_client_cert: Option<CertKey>,
+    /// The proxy listener's certificate and key: HTTPS when set.
+    pub tls: Option<CertKey>,
 }
 
 /// The warning about a route whose scope has no credential header (PRODUCT G6).
@@ -1351,9 +1394,10 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
     let upstream: http::Uri = upstream
         .parse()
         .with_context(|| format!("invalid upstream URL {upstream:?}"))?;
-    if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
-        bail!("the upstream must be an http:// URL with a host, got {upstream}");
+    if !matches!(upstream.scheme_str(), Some("http" | "https")) || upstream.authority().is_none() {
+        bail!("the upstream must be an http:// or https:// URL with a host, got {upstream}");
     }
+    let tls = tls_settings(&layers, args, &file, &upstream)?;
     let store = layers
         .text(given!(store), "file:./idemgate-data")
         .0
@@ -1541,6 +1585,63 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
         },
         routes,
         store_timeout,
+        upstream_ca_file: tls.upstream_ca_file,
+        upstream_client_cert: tls.upstream_client_cert,
+        tls: tls.listener,
+    })
+}
+
+/// The TLS settings, checked for consistency (the files are read by `serve`).
+struct TlsSettings {
+    upstream_ca_file: Option<PathBuf>,
+    upstream_client_cert: Option<CertKey>,
+    listener: Option<CertKey>,
+}
+
+/// Resolves the TLS settings: a certificate needs its key and the other way round, and the
+/// upstream's settings need an `https://` upstream (on `http://` they would be ignored, and a
+/// deployment that believes it verifies its upstream would not).
+fn tls_settings(
+    layers: &Layers<'_>,
+    args: &ServeArgs,
+    file: &FileConfig,
+    upstream: &http::Uri,
+) -> Result<TlsSettings> {
+    macro_rules! given {
+        ($field:ident) => {
+            layers.pick((
+                stringify!($field),
+                args.$field.as_ref(),
+                file.$field.as_ref(),
+            ))
+        };
+    }
+    let pair = |cert: Option<(&PathBuf, String)>, key: Option<(&PathBuf, String)>| match (cert, key)
+    {
+        (Some((cert, _)), Some((key, _))) => Ok(Some(CertKey {
+            cert: cert.clone(),
+            key: key.clone(),
+        })),
+        (Some((_, name)), None) => bail!("{name} is set without its private key"),
+        (None, Some((_, name))) => bail!("{name} is set without its certificate"),
+        (None, None) => Ok(None),
+    };
+    let ca_file = given!(upstream_ca_file);
+    let client = pair(given!(upstream_client_cert), given!(upstream_client_key))?;
+    if upstream.scheme_str() != Some("https") {
+        if let Some((_, name)) = ca_file {
+            bail!("{name} is set but the upstream {upstream} is not https://");
+        }
+        if client.is_some() {
+            bail!(
+                "an upstream client certificate is set but the upstream {upstream} is not https://"
+            );
+        }
+    }
+    Ok(TlsSettings {
+        upstream_ca_file: ca_file.map(|(path, _)| path.clone()),
+        upstream_client_cert: client,
+        listener: pair(given!(tls_cert), given!(tls_key))?,
     })
 }
 
@@ -2565,5 +2666,79 @@ ignore_json_fields = ["/ts"]
         assert!(e.contains("must be longer than connect_timeout"), "{e}");
         let s = settings(&["--response-timeout", "4s"]);
         assert_eq!(s.connect_timeout, Duration::from_secs(2), "half by default");
+    }
+
+    #[test]
+    fn tls_settings_come_in_pairs_and_need_an_https_upstream() {
+        let https = |extra: &[&str]| {
+            let argv = ["idemgate", "--upstream", "https://api.internal:8443/v1"];
+            resolve(&Cli::try_parse_from(argv.iter().chain(extra)).unwrap().serve)
+        };
+        let s = https(&[
+            "--upstream-ca-file",
+            "ca.pem",
+            "--upstream-client-cert",
+            "c.pem",
+            "--upstream-client-key",
+            "c.key",
+        ])
+        .unwrap();
+        assert_eq!(s.upstream.scheme_str(), Some("https"));
+        assert_eq!(s.upstream_ca_file, Some(PathBuf::from("ca.pem")));
+        assert_eq!(
+            s.upstream_client_cert,
+            Some(CertKey {
+                cert: "c.pem".into(),
+                key: "c.key".into()
+            })
+        );
+        assert_eq!(s.tls, None);
+        let e = format!(
+            "{:#}",
+            https(&["--upstream-client-cert", "c.pem"]).unwrap_err()
+        );
+        assert!(
+            e.contains("--upstream-client-cert (IDEMGATE_UPSTREAM_CLIENT_CERT) is set without its private key"),
+            "{e}"
+        );
+        let e = refusal(&["--upstream-ca-file", "ca.pem"]);
+        assert!(e.contains("is not https://"), "{e}");
+        let e = refusal(&[
+            "--upstream-client-cert",
+            "c.pem",
+            "--upstream-client-key",
+            "c.key",
+        ]);
+        assert!(e.contains("is not https://"), "{e}");
+        let e = refusal(&["--tls-key", "k.pem"]);
+        assert!(
+            e.contains("--tls-key (IDEMGATE_TLS_KEY) is set without its certificate"),
+            "{e}"
+        );
+        // The listener's pair works with any upstream, from flags or the file.
+        let s = settings(&["--tls-cert", "t.pem", "--tls-key", "t.key"]);
+        assert_eq!(
+            s.tls,
+            Some(CertKey {
+                cert: "t.pem".into(),
+                key: "t.key".into()
+            })
+        );
+        let (_dir, path) = file("tls_cert = \"f.pem\"\ntls_key = \"f.key\"\n");
+        let s = settings(&["--config", &path, "--tls-key", "flag.key"]);
+        assert_eq!(
+            s.tls,
+            Some(CertKey {
+                cert: "f.pem".into(),
+                key: "flag.key".into()
+            }),
+            "a flag overrides the file's key"
+        );
+        let (_dir, path) = file("upstream_ca_file = \"ca.pem\"\n");
+        let e = refusal(&["--config", &path]);
+        assert!(
+            e.contains("upstream_ca_file in") && e.contains("is not https://"),
+            "{e}"
+        );
     }
 }

@@ -22,6 +22,7 @@ mod keys;
 mod serve;
 mod telemetry;
 mod traces;
+mod tls;
 mod upstream;
 mod workers;
 

@@ -42,6 +42,33 @@ pub(crate) async fn shutdown_signal() {
 
 /// Runs until SIGTERM/Ctrl-C, then drains.
 pub async fn run(settings: Settings) -> Result<()> {
+    // TLS files are read first: a missing or broken one stops start-up before anything else.
+    let upstream_tls = crate::tls::upstream(
+        &settings.upstream,
+        settings.upstream_ca_file.as_deref(),
+        settings.upstream_client_cert.as_ref(),
+    )
+    .context("setting up TLS to the upstream")?;
+    let listener_tls = match &settings.tls {
+        Some(files) => Some(std::sync::Arc::new(
+            crate::tls::ListenerTls::load(files).context("setting up TLS on the proxy listener")?,
+        )),
+        None => None,
+    };
+    // SIGHUP reloads the listener's certificate; without TLS it keeps its default action.
+    #[cfg(unix)]
+    let reloader = match &listener_tls {
+        Some(tls) => {
+            let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("listening for SIGHUP")?;
+            Some(tokio::spawn(crate::tls::reload_on_sighup(
+                tls.clone(),
+                hangups,
+            )))
+        }
+        None => None,
+    };
+
     let prometheus = telemetry::install()?;
     telemetry::describe_and_register();
     let upkeep = telemetry::spawn_upkeep(prometheus.clone());
@@ -115,6 +142,13 @@ pub async fn run(settings: Settings) -> Result<()> {
         workers = settings.workers,
         "idemgate listening"
     );
+    if let Some(tls) = &listener_tls {
+        tracing::info!(
+            cert = %tls.files().cert.display(),
+            sha256 = %tls.fingerprint(),
+            "the proxy listener serves HTTPS (h2, http/1.1); SIGHUP reloads its certificate"
+        );
+    }
     check_fd_limit(settings.max_connections);
 
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -153,6 +187,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             layer,
             upstream: UpstreamConfig {
                 base: settings.upstream.clone(),
+                tls: upstream_tls,
                 connect_timeout: settings.connect_timeout,
                 idle_timeout: settings.upstream_idle_timeout,
                 response_timeout: settings.response_timeout,
@@ -161,6 +196,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             body_read_timeout: settings.body_read_timeout,
             engine: engine.clone(),
             drain_timeout: settings.drain_timeout,
+            tls: listener_tls.as_ref().map(|tls| tls.acceptor()),
         },
     )?;
     let connections = Connections::new(settings.max_connections);
@@ -216,6 +252,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         census.abort();
     }
     upkeep.abort();
+    #[cfg(unix)]
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The inner service of the proxy: forwards a request to the upstream over a pooled HTTP/1.1
-//! connection, and says precisely whether a failed request was sent (PRODUCT G3).
+//! connection (over TLS for an `https://` upstream), and says precisely whether a failed request
+//! was sent (PRODUCT G3).
 //!
 //! The pool is our own, on `hyper::client::conn::http1`, so that:
 //! - an idle connection is never reused past `idle_timeout`, nor past the upstream's own
@@ -9,7 +10,10 @@
 //! - a request hyper hands back unwritten (the pooled connection turned out closed before a byte of
 //!   the request was written) is provably not sent: it is retried once on a fresh connection, and if
 //!   that fails too, reported as not sent (the key is released);
-//! - every failure carries a [`Cause`] class, so that answers name the class and nothing else.
+//! - every failure carries a [`Cause`] class, so that answers name the class and nothing else;
+//! - a TLS handshake that fails (certificate not verified, client certificate refused, ...) is a
+//!   failure before anything was written: not sent, [`Cause::TlsHandshake`], never a retry in
+//!   plain HTTP.
 //!
 //! Each proxy worker has its own [`Upstream`] (and pool); the pool's lock is only ever taken by
 //! that worker's thread.
@@ -31,9 +35,11 @@ use hyper_util::rt::TokioIo;
 use idemgate_tower::body::{BoxError, IdemBody};
 use idemgate_tower::headers::strip_hop_by_hop;
 use idemgate_tower::upstream::{Cause, Caused, Chain, UpstreamError};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use crate::edge::ClientBodyError;
+use crate::tls::UpstreamTls;
 
 /// Idle connections kept per worker.
 const MAX_IDLE: usize = 256;
@@ -41,8 +47,10 @@ const MAX_IDLE: usize = 256;
 /// How an [`Upstream`] connects and pools.
 #[derive(Clone, Debug)]
 pub struct UpstreamConfig {
-    /// The upstream base URL (`http://host:port[/base]`).
+    /// The upstream base URL (`http://host:port[/base]` or `https://…`).
     pub base: Uri,
+    /// TLS for an `https://` base (`None` for `http://`).
+    pub tls: Option<UpstreamTls>,
     /// Longest time to resolve the host and set up a connection.
     pub connect_timeout: Duration,
     /// Longest time an idle connection is kept for reuse.
@@ -91,7 +99,12 @@ impl Upstream {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        let port = config.base.port_u16().unwrap_or(80);
+        let default_port = if config.base.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        };
+        let port = config.base.port_u16().unwrap_or(default_port);
         let host_header = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
         Self {
             inner: Arc::new(Inner {
@@ -147,7 +160,8 @@ impl Inner {
         }
     }
 
-    /// A new connection: resolve, connect (both within the connect timeout), handshake.
+    /// A new connection: resolve, connect, TLS handshake for `https://` (all within the connect
+    /// timeout), HTTP/1.1 handshake.
     async fn connect(&self) -> Result<SendRequest<IdemBody>, UpstreamError> {
         let timeout = self.config.connect_timeout;
         let deadline = Instant::now() + timeout;
@@ -192,16 +206,20 @@ impl Inner {
                     Ok(Ok(stream)) => stream,
                 };
             let _ = stream.set_nodelay(true);
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake::<_, IdemBody>(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| UpstreamError::not_sent(Cause::ConnectFailed, e))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-            });
-            return Ok(sender);
+            let Some(tls) = &self.config.tls else {
+                return http1(stream).await;
+            };
+            // Fail closed: a failed handshake is the end of this attempt (not sent), never a
+            // reason to try another address or plain HTTP.
+            let handshake = tls.connector.connect(tls.server_name.clone(), stream);
+            return match tokio::time::timeout_at(deadline, handshake).await {
+                Err(_) => Err(UpstreamError::not_sent(
+                    Cause::ConnectTimeout,
+                    format!("the TLS handshake with {addr} took longer than {timeout:?}"),
+                )),
+                Ok(Err(e)) => Err(UpstreamError::not_sent(Cause::TlsHandshake, e)),
+                Ok(Ok(stream)) => http1(stream).await,
+            };
         }
         Err(failure)
     }
@@ -257,6 +275,22 @@ impl Inner {
     }
 }
 
+/// The HTTP/1.1 client side of a new connection; its connection task runs until it closes.
+async fn http1<I>(io: I) -> Result<SendRequest<IdemBody>, UpstreamError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake::<_, IdemBody>(TokioIo::new(io))
+        .await
+        .map_err(|e| UpstreamError::not_sent(Cause::ConnectFailed, e))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
 /// Whether a comma-separated header value holds `token` (ASCII case-insensitive).
 fn has_token(value: &[u8], token: &[u8]) -> bool {
     value
@@ -295,6 +329,42 @@ fn sent_cause(e: &hyper::Error) -> Cause {
             c => c,
         }
     }
+}
+
+/// Whether `e` carries a fatal TLS alert that only a handshake sends: the upstream refused the
+/// handshake, so it never read the request. A TLS 1.3 server checks the client's certificate
+/// (or its absence) only after the client has finished its side of the handshake, so its refusal
+/// arrives where the response head was expected, after the request was written. Only meaningful
+/// on a connection's first request: one that already carried a request had its handshake
+/// accepted.
+fn handshake_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::AlertDescription as A;
+    let mut next = Some(e);
+    while let Some(err) = next {
+        // `io::Error::source` skips the error it wraps: look inside it explicitly.
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        if let Some(rustls::Error::AlertReceived(alert)) =
+            inner.or_else(|| err.downcast_ref::<rustls::Error>())
+        {
+            return matches!(
+                alert,
+                A::HandshakeFailure
+                    | A::CertificateRequired
+                    | A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+                    | A::AccessDenied
+            );
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// Whether the failure came from the client's request body (read error or body timeout): then it
@@ -371,6 +441,7 @@ async fn exchange(
     let mut may_reuse = true;
     for attempt in 0..2 {
         let pooled = if may_reuse { inner.checkout() } else { None };
+        let fresh = pooled.is_none();
         let mut sender = match pooled {
             Some(s) => s,
             None => inner.connect().await?,
@@ -414,6 +485,9 @@ async fn exchange(
                 None => {
                     if from_client_body(&e) {
                         return Err(Failure::ClientBody(Box::new(e)));
+                    }
+                    if fresh && handshake_refused(&e) {
+                        return Err(UpstreamError::not_sent(Cause::TlsHandshake, e).into());
                     }
                     return Err(UpstreamError::sent(sent_cause(&e), e).into());
                 }
@@ -500,6 +574,7 @@ mod tests {
     fn keep_alive_timeouts_are_honoured_with_a_margin() {
         let up = Upstream::new(UpstreamConfig {
             base: "http://127.0.0.1:1".parse().unwrap_or_default(),
+            tls: None,
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(30),
             response_timeout: Duration::from_secs(1),

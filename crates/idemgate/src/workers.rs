@@ -9,7 +9,9 @@
 //! holds a [`Slot`] of `--max-connections` until it closes; a connection must send its request
 //! head within `--header-read-timeout` (also the keep-alive idle timeout: hyper starts that timer
 //! as soon as a connection waits for its next request), and its request body within
-//! `--body-read-timeout`.
+//! `--body-read-timeout`. With `--tls-cert`, the TLS handshake runs in the connection's own task
+//! and must finish within `--header-read-timeout` too (the request head then has its own
+//! `--header-read-timeout`).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -45,6 +47,8 @@ pub struct WorkerPlan {
     pub engine: Engine<SharedStore>,
     /// How long a drain may take.
     pub drain_timeout: Duration,
+    /// HTTPS on the proxy listener: the acceptor (its certificate can change while serving).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// The running workers.
@@ -117,6 +121,21 @@ impl Workers {
     }
 }
 
+/// Runs a client connection to its end, holding its slot meanwhile.
+async fn finish(
+    conn: impl std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+    slot: Slot,
+) {
+    let _slot = slot;
+    if let Err(e) = conn.await {
+        // FirstBytes counts its own timeouts; hyper's show as `hyper::Error`.
+        if is_header_timeout(e.as_ref()) {
+            limit_rejection("header_read_timeout");
+        }
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
 /// One worker: serves connections until told to stop, then drains.
 async fn serve_connections(
     plan: WorkerPlan,
@@ -149,18 +168,31 @@ async fn serve_connections(
                     }
                 };
                 let svc = TowerToHyperService::new(service.clone());
-                let io = TokioIo::new(FirstBytes::new(stream, plan.header_read_timeout));
-                let conn = builder.serve_connection_with_upgrades(io, svc);
-                let conn = graceful.watch(conn.into_owned());
+                let timeout = plan.header_read_timeout;
+                let Some(acceptor) = &plan.tls else {
+                    let io = TokioIo::new(FirstBytes::new(stream, timeout));
+                    let conn = builder.serve_connection_with_upgrades(io, svc);
+                    tokio::spawn(finish(graceful.watch(conn.into_owned()), slot));
+                    continue;
+                };
+                let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
                 tokio::spawn(async move {
-                    let _slot = slot;
-                    if let Err(e) = conn.await {
-                        // FirstBytes counts its own timeouts; hyper's show as `hyper::Error`.
-                        if is_header_timeout(e.as_ref()) {
-                            limit_rejection("header_read_timeout");
+                    let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            metrics::counter!("idemgate_tls_handshake_failures_total", "reason" => "handshake").increment(1);
+                            tracing::debug!(error = %e, "TLS handshake with a client failed");
+                            return;
                         }
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
+                        Err(_) => {
+                            metrics::counter!("idemgate_tls_handshake_failures_total", "reason" => "timeout").increment(1);
+                            limit_rejection("header_read_timeout");
+                            return;
+                        }
+                    };
+                    let io = TokioIo::new(FirstBytes::new(stream, timeout));
+                    let conn = builder.serve_connection_with_upgrades(io, svc);
+                    finish(watcher.watch(conn.into_owned()), slot).await;
                 });
             }
             _ = stop.changed() => break,
