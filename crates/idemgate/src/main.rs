@@ -21,8 +21,8 @@ mod edge;
 mod keys;
 mod serve;
 mod telemetry;
-mod traces;
 mod tls;
+mod traces;
 mod upstream;
 mod workers;
 
