@@ -91,11 +91,12 @@ pub enum Cause {
 
 impl Cause {
     /// Every cause (for metrics registered before any failure).
-    pub const ALL: [Cause; 10] = [
+    pub const ALL: [Cause; 11] = [
         Cause::DnsFailure,
         Cause::ConnectionRefused,
         Cause::ConnectTimeout,
         Cause::ConnectFailed,
+        Cause::TlsHandshake,
         Cause::ConnectionClosed,
         Cause::ConnectionReset,
         Cause::Timeout,
@@ -251,6 +252,7 @@ mod tests {
             | Cause::ConnectionRefused
             | Cause::ConnectTimeout
             | Cause::ConnectFailed
+            | Cause::TlsHandshake
             | Cause::ConnectionClosed
             | Cause::ConnectionReset
             | Cause::Timeout
