@@ -24,7 +24,7 @@ use serde::Deserialize;
 /// config file (same name, `_` instead of `-`).
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct ServeArgs {
-    /// Upstream base URL, e.g. http://127.0.0.1:3000 or https://api.internal (required unless in
+    /// Upstream base URL, e.g. `http://127.0.0.1:3000` or `https://api.internal` (required unless in
     /// the config file).
     #[arg(long, env = "IDEMGATE_UPSTREAM")]
     pub upstream: Option<String>,
