@@ -51,19 +51,20 @@ pub(crate) enum Decision {
 /// [`idemgate_dedup::Processed::name`]). Only an attempt that ran and was released (a transient
 /// status, an unreachable target) counts towards `max-deliver`: an outcome the store failed to
 /// record is nacked whatever the count (dead-lettering it would hand an operator a message
-/// that may have succeeded, under a record still held).
+/// that may have succeeded, under a record still held); it is handed back after `hand_back`.
 pub(crate) fn decide(
     action: Action,
     name: &'static str,
     at_limit: bool,
     backoff: Duration,
+    hand_back: Duration,
     max: Duration,
 ) -> Decision {
     match action {
         Action::Ack => Decision::Ack,
         // Running elsewhere: never counted against max-deliver.
         Action::Nack { delay: Some(d) } => Decision::Busy(d.min(max)),
-        Action::Nack { delay: None } if name == "unrecorded" => Decision::Busy(backoff),
+        Action::Nack { delay: None } if name == "unrecorded" => Decision::Busy(hand_back),
         Action::Nack { delay: None } if at_limit => Decision::DeadLetter("max-deliver"),
         Action::Nack { delay: None } => Decision::Nack(backoff),
         Action::DeadLetter => Decision::DeadLetter(name),
@@ -127,6 +128,12 @@ impl Bridge {
         }
     }
 
+    /// The delay of a hand-back that was no attempt: the backoff after as many hand-backs of
+    /// `key` as this process made, plus this one.
+    fn hand_back_delay(&self, key: &str) -> Duration {
+        self.backoff(self.attempts.busy_count(key) + 1)
+    }
+
     /// The backoff before redelivery number `delivered + 1`: `retry_base` doubled per
     /// delivery, at most `retry_max`.
     pub(crate) fn backoff(&self, delivered: u32) -> Duration {
@@ -172,7 +179,7 @@ impl Bridge {
                     // costs few redeliveries (brokers count them: JetStream's max_deliver, a
                     // quorum queue's delivery-limit).
                     tracing::warn!(key = %id, error = %e, "store failed; message handed back");
-                    Decision::Busy(self.backoff(self.attempts.busy_count(id.as_str()) + 1))
+                    Decision::Busy(self.hand_back_delay(id.as_str()))
                 }
                 Ok(p) => {
                     tracing::debug!(key = %id, outcome = p.name(), attempt, "message");
@@ -180,20 +187,21 @@ impl Bridge {
                         tracing::warn!(key = %id, attempt,
                             "the outcome could not be recorded; message handed back (not counted as an attempt)");
                     }
-                    let busy = self.attempts.busy_count(id.as_str()) + 1;
-                    match decide(
+                    // Not an attempt: the delay grows with the hand-backs (see above). Looked
+                    // up only for such an outcome (it takes the attempts' lock).
+                    let hand_back = if p.name() == "unrecorded" {
+                        self.backoff(attempt).max(self.hand_back_delay(id.as_str()))
+                    } else {
+                        Duration::ZERO
+                    };
+                    decide(
                         p.action(),
                         p.name(),
                         at_limit,
                         self.backoff(attempt),
+                        hand_back,
                         self.config.retry_max,
-                    ) {
-                        // Not an attempt: the delay grows with the hand-backs (see above).
-                        Decision::Busy(d) if p.name() == "unrecorded" => {
-                            Decision::Busy(d.max(self.backoff(busy)))
-                        }
-                        other => other,
-                    }
+                    )
                 }
             }
         };
@@ -393,27 +401,33 @@ mod tests {
     fn only_released_attempts_reach_max_deliver() {
         let retry = Action::Nack { delay: None };
         assert_eq!(
-            decide(retry, "retry", true, B, MAX),
+            decide(retry, "retry", true, B, Duration::ZERO, MAX),
             Decision::DeadLetter("max-deliver")
         );
-        assert_eq!(decide(retry, "retry", false, B, MAX), Decision::Nack(B));
+        assert_eq!(
+            decide(retry, "retry", false, B, Duration::ZERO, MAX),
+            Decision::Nack(B)
+        );
         // An outcome the store did not record: handed back, even at the limit.
-        assert_eq!(decide(retry, "unrecorded", true, B, MAX), Decision::Busy(B));
+        assert_eq!(
+            decide(retry, "unrecorded", true, B, B, MAX),
+            Decision::Busy(B)
+        );
         // Running elsewhere: handed back after the holder's lease, at most `MAX`, never
         // dead-lettered.
         let busy = Action::Nack {
             delay: Some(Duration::from_secs(99)),
         };
         assert_eq!(
-            decide(busy, "in_progress", true, B, MAX),
+            decide(busy, "in_progress", true, B, Duration::ZERO, MAX),
             Decision::Busy(MAX)
         );
         assert_eq!(
-            decide(Action::DeadLetter, "unknown", false, B, MAX),
+            decide(Action::DeadLetter, "unknown", false, B, Duration::ZERO, MAX),
             Decision::DeadLetter("unknown")
         );
         assert_eq!(
-            decide(Action::Ack, "duplicate", true, B, MAX),
+            decide(Action::Ack, "duplicate", true, B, Duration::ZERO, MAX),
             Decision::Ack
         );
     }
