@@ -32,8 +32,16 @@ start)
   (IFS=,; echo "${nodes[*]}")
   ;;
 stop)
+  # Kill, then wait until each server has exited: a server writes nodes.conf as it shuts down,
+  # so a caller's `rm -rf DIR` right after a bare kill can race it ("Directory not empty").
+  pids=()
   for pidfile in "$dir"/*/redis.pid; do
-    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null && pids+=("$pid")
+  done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   done
   ;;
 esac
