@@ -52,6 +52,21 @@ impl Ca {
         self.leaf(names, cn, serial, ExtendedKeyUsagePurpose::ServerAuth)
     }
 
+    /// A certificate for both ends of a TLS connection (`serverAuth` and `clientAuth`), as a
+    /// Redis Cluster node needs: nodes connect to each other's cluster bus with their own
+    /// certificate.
+    pub fn node(&self, names: &[&str], cn: &str, serial: u64) -> Leaf {
+        self.leaf_for(
+            names,
+            cn,
+            serial,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
     /// A client certificate with the common name `cn` (PostgreSQL's `cert` authentication takes
     /// the user name from it).
     pub fn client(&self, cn: &str, serial: u64) -> Leaf {
@@ -59,12 +74,22 @@ impl Ca {
     }
 
     fn leaf(&self, names: &[&str], cn: &str, serial: u64, usage: ExtendedKeyUsagePurpose) -> Leaf {
+        self.leaf_for(names, cn, serial, vec![usage])
+    }
+
+    fn leaf_for(
+        &self,
+        names: &[&str],
+        cn: &str,
+        serial: u64,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Leaf {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = CertificateParams::new(names).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
         params.serial_number = Some(SerialNumber::from(serial));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();

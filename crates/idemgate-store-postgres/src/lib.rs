@@ -33,6 +33,34 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## TLS
+//!
+//! libpq's URL parameters `sslmode` (`disable`, `prefer` — the default —, `require`,
+//! `verify-ca`, `verify-full`), `sslrootcert` (a PEM file, or `system`), `sslcert` and `sslkey`,
+//! with libpq's meanings (rustls on the `ring` provider; the details, and where this differs
+//! from libpq, are in the table below). The completion feed's connection uses the same settings.
+//!
+//! | `sslmode` | encrypted | server certificate |
+//! | --- | --- | --- |
+//! | `disable` | no | — |
+//! | `prefer` | if the server offers TLS | not verified |
+//! | `require` | yes | not verified; with `sslrootcert`, as `verify-ca` |
+//! | `verify-ca` | yes | chains to `sslrootcert` |
+//! | `verify-full` | yes | chains to `sslrootcert` and is valid for the host connected to |
+//!
+//! `verify-ca` and `verify-full` need `sslrootcert` (there is no default file);
+//! `sslrootcert=system` (the system's CA store) needs `verify-full`; `allow` is refused; a failed
+//! handshake under `prefer` is an error (libpq would retry in plain text).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), idemgate_core::StoreError> {
+//! let store = idemgate_store_postgres::PostgresStore::connect(
+//!     "postgres://idemgate@db.internal/app?sslmode=verify-full&sslrootcert=/etc/idemgate/pg-ca.pem",
+//! )
+//! .await?;
+//! # Ok(()) }
+//! ```
+//!
 //! ## Guarantees
 //!
 //! Those of the [`Store`] contract, provided commits are durable: with `synchronous_commit = off`
@@ -59,7 +87,9 @@ use idemgate_core::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
     ResolveOutcome, Store, TakeOverOutcome, TakeOverRequest, UnknownMark, revoked_cas,
 };
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
+
+mod tls;
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i32 = 1;
@@ -144,8 +174,8 @@ CREATE INDEX IF NOT EXISTS idemgate_records_expires_at ON idemgate_records (expi
 "#;
 
 impl PostgresStore {
-    /// Connects to `url` (`postgres://user@host:port/db`) with a pool of 16 connections and
-    /// migrates the schema.
+    /// Connects to `url` (`postgres://user@host:port/db[?sslmode=…]`, see "TLS" in the crate
+    /// docs) with a pool of 16 connections and migrates the schema.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_pool_size(url, 16).await
     }
@@ -158,9 +188,7 @@ impl PostgresStore {
     /// [`POOL_TIMEOUT`]; TCP keepalives notice a dead peer. Statements themselves are bounded by
     /// the caller (the proxy gives every store operation a deadline, `--store-timeout`).
     pub async fn connect_with_pool_size(url: &str, size: usize) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
-            StoreError::new(ErrorKind::Config, "invalid PostgreSQL URL").with_source(e)
-        })?;
+        let (mut config, tls) = tls::connect_config(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -168,7 +196,7 @@ impl PostgresStore {
         config.keepalives_idle(Duration::from_secs(10));
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -425,7 +453,11 @@ impl PostgresStore {
         url: &str,
     ) -> Result<impl futures_util::Stream<Item = StoreKey> + Send + 'static, StoreError> {
         use futures_util::StreamExt;
-        let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.map_err(db_err)?;
+        let (mut config, tls) = tls::connect_config(url)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let (client, mut connection) = config.connect(tls).await.map_err(db_err)?;
         let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         let (tx, rx) = tokio::sync::mpsc::channel::<StoreKey>(1024);
         tokio::spawn(async move {

@@ -15,7 +15,8 @@
 //! - One multiplexed connection with automatic reconnection (`ConnectionManager`).
 //!
 //! - Standalone Redis ([`RedisStore::connect`]) and Redis Cluster
-//!   ([`RedisStore::connect_cluster`]); completions are announced on a pub/sub channel, which
+//!   ([`RedisStore::connect_cluster`]), over TLS with `rediss://` URLs (see "TLS" below);
+//!   completions are announced on a pub/sub channel, which
 //!   wakes waiters on other instances; [`RedisStore::durability_warnings`] reports settings
 //!   that can lose acknowledged writes. The local replay cache is `idemgate-stores`'s (it wraps
 //!   any shared store).
@@ -29,6 +30,30 @@
 //!
 //! let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
 //! let engine = Engine::builder(store).build();
+//! # Ok(()) }
+//! ```
+//!
+//! ## TLS
+//!
+//! `rediss://HOST:PORT[/DB]` connects over TLS (rustls) and verifies the server's certificate
+//! against the system's CA store and the URL's host name or IP address; there is no way to turn
+//! verification off. Query parameters (percent-encoded paths):
+//!
+//! - `ca_file=PATH`: PEM CA certificates that *replace* the system's roots;
+//! - `client_cert=PATH&client_key=PATH`: a client certificate, for `tls-auth-clients yes`.
+//!
+//! The files are read when connecting (a later change needs a new connection of the store: a
+//! restart). For a cluster, every node URL carries the same parameters, and the certificates the
+//! nodes serve must be valid for the addresses the cluster announces (`CLUSTER SLOTS`), usually
+//! IP addresses. rustls needs a process-wide crypto provider: this crate enables `ring`; a build
+//! that also enables `aws-lc-rs` must install one (`CryptoProvider::install_default`).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), idemgate_core::StoreError> {
+//! let store = idemgate_store_redis::RedisStore::connect(
+//!     "rediss://redis.internal:6380?ca_file=/etc/idemgate/redis-ca.pem",
+//! )
+//! .await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -62,6 +87,7 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
 pub mod scripts;
+mod tls;
 
 /// Largest page returned by `list`.
 pub const MAX_LIST_PAGE: usize = 1_000;
@@ -119,7 +145,7 @@ impl redis::aio::ConnectionLike for Conn {
 pub struct RedisStore {
     conn: Conn,
     /// Where completion notices are subscribed (the server, or one cluster node).
-    pubsub_url: String,
+    pubsub: std::sync::Arc<redis::Client>,
     prefix: String,
     scripts: std::sync::Arc<Scripts>,
 }
@@ -159,16 +185,15 @@ fn token_hex(t: u128) -> String {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port[/db]`) with the key prefix `idemgate:`.
+    /// Connects to `url` (`redis://host:port[/db]`, or `rediss://…` with the TLS parameters of
+    /// the crate docs) with the key prefix `idemgate:`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_prefix(url, "idemgate:").await
     }
 
     /// Connects with another key prefix (several deployments on one server, or tests).
     pub async fn connect_with_prefix(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| {
-            StoreError::new(ErrorKind::Config, format!("invalid Redis URL {url:?}")).with_source(e)
-        })?;
+        let client = tls::Target::parse(url)?.client()?;
         // Fail fast while the server is down (the proxy answers 503 rather than hanging), and
         // reconnect in the background so that service resumes without a restart.
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -177,15 +202,16 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500))
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(2)));
-        let conn = ConnectionManager::new_with_config(client, config)
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(map_err)?;
-        Ok(Self::with_conn(Conn::Single(conn), url, prefix))
+        Ok(Self::with_conn(Conn::Single(conn), client, prefix))
     }
 
-    /// Connects to a Redis Cluster through any of its nodes (`redis://h1:p1`, …), with the key
-    /// prefix `idemgate:`. Every record lives in one slot (hash tag), so every script runs on the
-    /// node that owns it; `list` walks every master.
+    /// Connects to a Redis Cluster through any of its nodes (`redis://h1:p1`, …, or
+    /// `rediss://…` with the same TLS parameters on every node), with the key prefix
+    /// `idemgate:`. Every record lives in one slot (hash tag), so every script runs on the node
+    /// that owns it; `list` walks every master.
     pub async fn connect_cluster(nodes: &[String]) -> Result<Self, StoreError> {
         Self::connect_cluster_with_prefix(nodes, "idemgate:").await
     }
@@ -195,23 +221,46 @@ impl RedisStore {
         nodes: &[String],
         prefix: &str,
     ) -> Result<Self, StoreError> {
-        let client = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
-            .connection_timeout(Duration::from_secs(1))
-            .response_timeout(Duration::from_secs(2))
-            .retries(1)
-            .build()
-            .map_err(|e| {
-                StoreError::new(ErrorKind::Config, "invalid Redis Cluster node list").with_source(e)
-            })?;
+        let targets = nodes
+            .iter()
+            .map(|n| tls::Target::parse(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(first) = targets.first() else {
+            return Err(StoreError::new(
+                ErrorKind::Config,
+                "a Redis Cluster needs at least one node",
+            ));
+        };
+        if targets.iter().any(|t| t.params != first.params) {
+            return Err(StoreError::new(
+                ErrorKind::Config,
+                "every Redis Cluster node URL must carry the same TLS parameters",
+            ));
+        }
+        let mut builder =
+            redis::cluster::ClusterClient::builder(targets.iter().map(|t| t.url.as_str()))
+                .connection_timeout(Duration::from_secs(1))
+                .response_timeout(Duration::from_secs(2))
+                .retries(1);
+        if let Some(certs) = &first.certs {
+            builder = builder.certs(certs.clone());
+        }
+        let client = builder.build().map_err(|e| {
+            StoreError::new(ErrorKind::Config, "invalid Redis Cluster node list").with_source(e)
+        })?;
         let conn = client.get_async_connection().await.map_err(map_err)?;
         // Cluster pub/sub is broadcast: any one node hears every completion.
-        Ok(Self::with_conn(Conn::Cluster(conn), &nodes[0], prefix))
+        Ok(Self::with_conn(
+            Conn::Cluster(conn),
+            first.client()?,
+            prefix,
+        ))
     }
 
-    fn with_conn(conn: Conn, pubsub_url: &str, prefix: &str) -> Self {
+    fn with_conn(conn: Conn, pubsub: redis::Client, prefix: &str) -> Self {
         Self {
             conn,
-            pubsub_url: pubsub_url.to_owned(),
+            pubsub: std::sync::Arc::new(pubsub),
             prefix: prefix.to_owned(),
             scripts: std::sync::Arc::new(Scripts {
                 claim: scripts::claim(),
@@ -240,9 +289,7 @@ impl RedisStore {
         &self,
     ) -> Result<impl futures_util::Stream<Item = StoreKey> + Send + 'static, StoreError> {
         use futures_util::StreamExt;
-        let client = redis::Client::open(self.pubsub_url.as_str())
-            .map_err(|e| StoreError::new(ErrorKind::Config, "invalid Redis URL").with_source(e))?;
-        let mut pubsub = client.get_async_pubsub().await.map_err(map_err)?;
+        let mut pubsub = self.pubsub.get_async_pubsub().await.map_err(map_err)?;
         pubsub.subscribe(self.channel()).await.map_err(map_err)?;
         let this = self.clone();
         Ok(pubsub.into_on_message().filter_map(move |msg| {

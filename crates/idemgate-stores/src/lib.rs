@@ -8,7 +8,9 @@
 //!
 //! - [`open`] parses a store URL ([`StoreUrl`]) and connects: `memory://[?max_records=N&max_bytes=SIZE]`,
 //!   `file:DIR` (feature `redb`), `redis://HOST:PORT[/DB]`, `redis+cluster://H1:P1,H2:P2,…`
-//!   (feature `redis`), `postgres://USER@HOST:PORT/DB` (feature `postgres`),
+//!   and their TLS forms `rediss://…?ca_file=…` and `rediss+cluster://…` (feature `redis`; the
+//!   TLS parameters are in `idemgate-store-redis`'s docs), `postgres://USER@HOST:PORT/DB` with
+//!   libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey` (feature `postgres`),
 //!   `dynamodb://TABLE?region=REGION&endpoint=URL` (feature `dynamodb`). The [`Opened`] store
 //!   says whether it is shared between instances and why it may lose acknowledged writes.
 //! - [`create_table`] creates a DynamoDB table on demand (never done by [`open`]).
@@ -51,7 +53,8 @@
 //! ## Feature flags
 //!
 //! - `redb` (default): `file:` URLs.
-//! - `redis`: `redis://` and `redis+cluster://` URLs and their pub/sub completion feed.
+//! - `redis`: `redis://`, `rediss://`, `redis+cluster://` and `rediss+cluster://` URLs and their
+//!   pub/sub completion feed.
 //! - `postgres`: `postgres://` URLs and their `LISTEN/NOTIFY` completion feed.
 //! - `dynamodb`: `dynamodb://` URLs (no completion feed: waiters poll) and [`create_table`].
 //!

@@ -23,14 +23,16 @@ pub enum StoreUrl {
         /// `?cache=SIZE`: memory for the file's page cache (default 64 MiB).
         cache: Option<usize>,
     },
-    /// `redis://HOST:PORT[/DB]` (also `rediss://`).
+    /// `redis://HOST:PORT[/DB]`, or `rediss://HOST:PORT[/DB][?ca_file=PATH&client_cert=PATH&client_key=PATH]`
+    /// over TLS (the options are read by the Redis store).
     Redis {
         /// The URL as given.
         url: String,
     },
-    /// `redis+cluster://H1:P1,H2:P2,…`.
+    /// `redis+cluster://H1:P1,H2:P2,…`, or `rediss+cluster://H1:P1,…[?TLS options]` over TLS (the
+    /// options of `rediss://`, for every node).
     RedisCluster {
-        /// One `redis://HOST:PORT` URL per node given.
+        /// One `redis://HOST:PORT` (or `rediss://HOST:PORT?OPTIONS`) URL per node given.
         nodes: Vec<String>,
     },
     /// `postgres://USER@HOST:PORT/DB` (also `postgresql://`).
@@ -58,18 +60,30 @@ fn config(msg: String) -> StoreError {
 impl StoreUrl {
     /// Parses `url`; a `Config` error says what is wrong with it.
     pub fn parse(url: &str) -> Result<Self, StoreError> {
-        if let Some(list) = url.strip_prefix("redis+cluster://") {
+        let cluster = url
+            .strip_prefix("redis+cluster://")
+            .map(|list| ("redis", list))
+            .or_else(|| {
+                url.strip_prefix("rediss+cluster://")
+                    .map(|list| ("rediss", list))
+            });
+        if let Some((scheme, list)) = cluster {
+            // The options (TLS files) apply to every node.
+            let (list, query) = match list.split_once('?') {
+                Some((list, query)) => (list, format!("?{query}")),
+                None => (list, String::new()),
+            };
             let nodes: Vec<String> = list
                 .split(',')
                 .map(str::trim)
                 .filter(|n| !n.is_empty())
-                .map(|n| format!("redis://{n}"))
+                .map(|n| format!("{scheme}://{n}{query}"))
                 .collect();
             if nodes.is_empty() {
-                return Err(config(
-                    "redis+cluster:// needs at least one node, e.g. redis+cluster://h1:7000,h2:7001"
-                        .into(),
-                ));
+                return Err(config(format!(
+                    "{scheme}+cluster:// needs at least one node, e.g. \
+                     {scheme}+cluster://h1:7000,h2:7001"
+                )));
             }
             return Ok(StoreUrl::RedisCluster { nodes });
         }
@@ -141,7 +155,8 @@ impl StoreUrl {
             .collect();
         Err(config(format!(
             "unsupported store URL (scheme {scheme:?}): use memory://, file:DIR, \
-             redis://HOST:PORT, redis+cluster://H1:P1,H2:P2, postgres://USER@HOST/DB or \
+             redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://H1:P1,H2:P2, \
+             rediss+cluster://H1:P1,H2:P2, postgres://USER@HOST/DB or \
              dynamodb://TABLE?region=REGION"
         )))
     }
@@ -364,6 +379,16 @@ mod tests {
                 nodes: vec!["redis://a:1".into(), "redis://b:2".into()]
             })
         );
+        assert_eq!(
+            StoreUrl::parse("rediss+cluster://a:1,b:2?ca_file=/etc/ca.pem").ok(),
+            Some(StoreUrl::RedisCluster {
+                nodes: vec![
+                    "rediss://a:1?ca_file=/etc/ca.pem".into(),
+                    "rediss://b:2?ca_file=/etc/ca.pem".into()
+                ]
+            })
+        );
+        assert!(StoreUrl::parse("rediss://h:6380?ca_file=x").is_ok_and(|u| u.is_shared()));
         assert!(StoreUrl::parse("postgres://u@h/db").is_ok_and(|u| u.is_shared()));
         assert!(StoreUrl::parse("file:x").is_ok_and(|u| !u.is_shared()));
         assert_eq!(
@@ -395,6 +420,10 @@ mod tests {
             ("memory://?colour=blue", "unknown memory:// option"),
             ("file:", "needs a path"),
             ("redis+cluster://", "at least one node"),
+            (
+                "rediss+cluster://?ca_file=x",
+                "rediss+cluster:// needs at least one node",
+            ),
             ("mysql://u:pw@h/db", "unsupported"),
             ("postgres:u:s3cret@h/db", "unsupported"),
             ("dynamodb://", "needs a table name"),

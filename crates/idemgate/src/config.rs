@@ -73,8 +73,9 @@ pub struct ServeArgs {
     #[arg(skip)]
     pub admin_token_on_command_line: bool,
     /// Store URL: memory://, file:PATH, redis://HOST:PORT, redis+cluster://H1:P1,H2:P2,
-    /// postgres://USER@HOST/DB, dynamodb://TABLE?region=REGION[&endpoint=URL]
-    /// [default: file:./idemgate-data].
+    /// postgres://USER@HOST/DB, dynamodb://TABLE?region=REGION[&endpoint=URL]; TLS:
+    /// rediss://HOST:PORT[?ca_file=PATH], rediss+cluster://…, postgres://…?sslmode=verify-full&
+    /// sslrootcert=PATH (README "TLS") [default: file:./idemgate-data].
     #[arg(long, env = "IDEMGATE_STORE")]
     pub store: Option<String>,
     /// TOML config file.
@@ -523,6 +524,18 @@ impl Settings {
             "admin_insecure_no_auth".into(),
             Value::Boolean(admin.insecure_no_auth),
         );
+        let path = |p: &Path| text(&p.display().to_string());
+        if let Some(ca) = &self.upstream_ca_file {
+            top.insert("upstream_ca_file".into(), path(ca));
+        }
+        if let Some(client) = &self.upstream_client_cert {
+            top.insert("upstream_client_cert".into(), path(&client.cert));
+            top.insert("upstream_client_key".into(), path(&client.key));
+        }
+        if let Some(tls) = &self.tls {
+            top.insert("tls_cert".into(), path(&tls.cert));
+            top.insert("tls_key".into(), path(&tls.key));
+        }
         let routes = self
             .routes
             .iter()

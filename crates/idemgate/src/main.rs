@@ -118,13 +118,18 @@ fn main() -> Result<()> {
             .and_then(|m| m.value_source("admin_token"))
             == Some(ValueSource::CommandLine);
     }
+    // rustls users that take the process-wide crypto provider (redis-rs for `rediss://`) get
+    // ring, the one this build compiles in; the rest of idemgate names it explicitly. An error
+    // means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     match cli.command {
         Command::Serve(args) if args.check_config => {
             // Like `nginx -t`: the verdict on stderr, the configuration on stdout.
-            match config::resolve(&args) {
+            // The TLS files are read too (as `serve` would), so that a broken one shows here.
+            match config::resolve(&args).and_then(|s| tls::check(&s).map(|()| s)) {
                 Ok(settings) => {
                     print!("{}", settings.effective_toml());
                     for warning in settings.warnings() {

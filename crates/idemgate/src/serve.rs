@@ -71,6 +71,7 @@ pub async fn run(settings: Settings) -> Result<()> {
 
     let prometheus = telemetry::install()?;
     telemetry::describe_and_register();
+    crate::tls::describe_metrics(listener_tls.is_some());
     let upkeep = telemetry::spawn_upkeep(prometheus.clone());
     let opened = idemgate_stores::open(&settings.store)
         .await

@@ -30,6 +30,34 @@ use sha2::{Digest, Sha256};
 
 use crate::config::CertKey;
 
+/// SIGHUP reloads of the listener's certificate, by result (`ok`, `error`).
+pub const TLS_RELOADS: &str = "idemgate_tls_reloads_total";
+/// TLS handshakes with clients of the listener that failed, by reason (`handshake`, `timeout`).
+pub const TLS_HANDSHAKE_FAILURES: &str = "idemgate_tls_handshake_failures_total";
+
+/// Describes the listener's TLS families and, when the listener serves HTTPS, registers their
+/// series at zero (after the metrics recorder is installed).
+pub fn describe_metrics(listener_tls: bool) {
+    metrics::describe_counter!(
+        TLS_RELOADS,
+        "SIGHUP reloads of the proxy listener's certificate, by result (ok; error: the current \
+         certificate was kept, the reason logged at ERROR)"
+    );
+    metrics::describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes with clients of the proxy listener that failed (handshake) or did not \
+         finish within header_read_timeout (timeout)"
+    );
+    if listener_tls {
+        for result in ["ok", "error"] {
+            let _ = metrics::counter!(TLS_RELOADS, "result" => result);
+        }
+        for reason in ["handshake", "timeout"] {
+            let _ = metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason);
+        }
+    }
+}
+
 /// The crypto provider of every TLS configuration here.
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -60,6 +88,20 @@ fn fingerprint(cert: &CertificateDer<'_>) -> String {
         .map(|b| format!("{b:02X}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// Reads every TLS file of `settings` as `serve` does at start-up (for `serve --check-config`).
+pub fn check(settings: &crate::config::Settings) -> Result<()> {
+    upstream(
+        &settings.upstream,
+        settings.upstream_ca_file.as_deref(),
+        settings.upstream_client_cert.as_ref(),
+    )
+    .context("setting up TLS to the upstream")?;
+    if let Some(files) = &settings.tls {
+        ListenerTls::load(files).context("setting up TLS on the proxy listener")?;
+    }
+    Ok(())
 }
 
 /// How the proxy reaches an `https://` upstream.
@@ -247,7 +289,7 @@ pub async fn reload_on_sighup(tls: Arc<ListenerTls>, mut hangups: tokio::signal:
     while hangups.recv().await.is_some() {
         match tls.reload() {
             Ok(print) => {
-                metrics::counter!("idemgate_tls_reloads_total", "result" => "ok").increment(1);
+                metrics::counter!(TLS_RELOADS, "result" => "ok").increment(1);
                 tracing::info!(
                     cert = %tls.resolver.files.cert.display(),
                     sha256 = %print,
@@ -255,7 +297,7 @@ pub async fn reload_on_sighup(tls: Arc<ListenerTls>, mut hangups: tokio::signal:
                 );
             }
             Err(e) => {
-                metrics::counter!("idemgate_tls_reloads_total", "result" => "error").increment(1);
+                metrics::counter!(TLS_RELOADS, "result" => "error").increment(1);
                 tracing::error!(
                     error = format!("{e:#}"),
                     sha256 = %tls.fingerprint(),

@@ -180,12 +180,12 @@ async fn serve_connections(
                     let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
-                            metrics::counter!("idemgate_tls_handshake_failures_total", "reason" => "handshake").increment(1);
+                            metrics::counter!(crate::tls::TLS_HANDSHAKE_FAILURES, "reason" => "handshake").increment(1);
                             tracing::debug!(error = %e, "TLS handshake with a client failed");
                             return;
                         }
                         Err(_) => {
-                            metrics::counter!("idemgate_tls_handshake_failures_total", "reason" => "timeout").increment(1);
+                            metrics::counter!(crate::tls::TLS_HANDSHAKE_FAILURES, "reason" => "timeout").increment(1);
                             limit_rejection("header_read_timeout");
                             return;
                         }

@@ -383,6 +383,45 @@ fn unusable_tls_files_stop_start_up() {
     }
 }
 
+#[test]
+fn check_config_reads_the_tls_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("idemgate test CA");
+    let a = ca.server(&["127.0.0.1"], "a", 51);
+    let b = ca.server(&["127.0.0.1"], "b", 52);
+    let cert = tls_certs::write(dir.path(), "a.pem", &a.cert_pem);
+    let key = tls_certs::write(dir.path(), "a.key", &a.key_pem);
+    let other_key = tls_certs::write(dir.path(), "b.key", &b.key_pem);
+    let ca_file = tls_certs::write(dir.path(), "ca.pem", &ca.cert_pem);
+    let check = |key: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            .args(["serve", "--check-config", "--store", "memory://"])
+            .args(["--upstream", "https://127.0.0.1:8443"])
+            .args(["--upstream-ca-file", ca_file.to_str().unwrap()])
+            .args(["--tls-cert", cert.to_str().unwrap()])
+            .args(["--tls-key", key.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let good = check(&key);
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("tls_cert = \"{}\"", cert.display())),
+        "{stdout}"
+    );
+    assert!(stdout.contains("upstream_ca_file = "), "{stdout}");
+    let bad = check(&other_key);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot be used together"), "{stderr}");
+}
+
 /// A TLS connection to the proxy listener trusting `ca`, offering `alpn`.
 async fn connect(addr: SocketAddr, ca: &Ca, alpn: &[u8]) -> TlsStream<TcpStream> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
@@ -564,6 +603,26 @@ async fn https_listener_reloads_its_certificate_on_sighup() {
     )
     .await;
     assert_eq!((ok, failed), (1.0, 2.0));
+    let page = http.get(&proxy.admin_url("/metrics")).await.body;
+    let page = String::from_utf8_lossy(&page);
+    for family in [
+        "idemgate_tls_reloads_total",
+        "idemgate_tls_handshake_failures_total",
+    ] {
+        assert!(
+            page.contains(&format!("# HELP {family} ")),
+            "{family} described"
+        );
+    }
+    // The plain request above failed its handshake, and was counted.
+    let failures = metric(
+        &http,
+        &proxy,
+        "idemgate_tls_handshake_failures_total",
+        "reason=\"handshake\"",
+    )
+    .await;
+    assert!(failures >= 1.0, "{failures}");
     // Mending the pair and reloading again works.
     tls_certs::replace(&key, &third.key_pem);
     sighup(&proxy, "TLS certificate reloaded", 2).await;
