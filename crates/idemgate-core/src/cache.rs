@@ -69,6 +69,7 @@ impl std::fmt::Debug for Observer {
 pub struct CachedStoreBuilder<S> {
     inner: S,
     capacity: usize,
+    max_bytes: usize,
     max_age: Duration,
     clock: Arc<dyn Clock>,
     observer: Option<Observer>,
@@ -79,6 +80,15 @@ impl<S: Store> CachedStoreBuilder<S> {
     /// is dropped. 0 disables the cache.
     pub fn capacity(mut self, n: usize) -> Self {
         self.capacity = n;
+        self
+    }
+
+    /// Most bytes of cached records (their encoded size: body, headers and fields; default
+    /// 64 MiB), so that large responses cannot make the cache hold `capacity` × the largest
+    /// body. At the bound arbitrary entries of the same shard are dropped; a record larger than
+    /// a shard's share (`max_bytes` / 16) is never cached (its replays go to the store).
+    pub fn max_bytes(mut self, n: usize) -> Self {
+        self.max_bytes = n;
         self
     }
 
@@ -111,6 +121,7 @@ impl<S: Store> CachedStoreBuilder<S> {
             shared: Arc::new(Shared {
                 shards: (0..SHARDS).map(|_| Mutex::new(Slots::default())).collect(),
                 per_shard: self.capacity.div_ceil(SHARDS),
+                bytes_per_shard: self.max_bytes / SHARDS,
                 max_age: self.max_age,
                 clock: self.clock,
                 observer: self.observer,
@@ -129,13 +140,25 @@ pub struct CachedStore<S> {
 /// One shard: the cached copies and its delete generation.
 #[derive(Default)]
 struct Slots {
-    copies: HashMap<StoreKey, (Record, Timestamp)>,
+    /// Each copy, when it was cached, and its size as counted in `bytes`.
+    copies: HashMap<StoreKey, (Record, Timestamp, usize)>,
+    /// The sizes of the copies, summed.
+    bytes: usize,
     generation: u64,
+}
+
+impl Slots {
+    fn remove(&mut self, key: &StoreKey) {
+        if let Some((_, _, size)) = self.copies.remove(key) {
+            self.bytes -= size;
+        }
+    }
 }
 
 struct Shared {
     shards: Vec<Mutex<Slots>>,
     per_shard: usize,
+    bytes_per_shard: usize,
     max_age: Duration,
     clock: Arc<dyn Clock>,
     observer: Option<Observer>,
@@ -148,7 +171,7 @@ impl Shared {
 
     fn forget(&self, key: &StoreKey) {
         let mut shard = self.shard(key).lock();
-        shard.copies.remove(key);
+        shard.remove(key);
         shard.generation = shard.generation.wrapping_add(1);
     }
 }
@@ -169,6 +192,7 @@ impl<S> std::fmt::Debug for CachedStore<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CachedStore")
             .field("capacity", &(self.shared.per_shard * SHARDS))
+            .field("max_bytes", &(self.shared.bytes_per_shard * SHARDS))
             .field("max_age", &self.shared.max_age)
             .finish_non_exhaustive()
     }
@@ -180,6 +204,7 @@ impl<S: Store> CachedStore<S> {
         CachedStoreBuilder {
             inner,
             capacity: 100_000,
+            max_bytes: 64 << 20,
             max_age: Duration::from_secs(30),
             clock: Arc::new(SystemClock),
             observer: None,
@@ -204,11 +229,11 @@ impl<S: Store> CachedStore<S> {
         let now = self.shared.clock.now();
         let mut shard = self.shard(key).lock();
         match shard.copies.get(key) {
-            Some((r, at)) if !r.is_expired(now) && now.since(*at) < self.shared.max_age => {
+            Some((r, at, _)) if !r.is_expired(now) && now.since(*at) < self.shared.max_age => {
                 Ok((r.clone(), now))
             }
             Some(_) => {
-                shard.copies.remove(key);
+                shard.remove(key);
                 Err(shard.generation)
             }
             None => Err(shard.generation),
@@ -231,18 +256,27 @@ impl<S: Store> CachedStore<S> {
         if self.shared.per_shard == 0 {
             return;
         }
+        // The encoded size plus the map entry: what the copy costs, roughly.
+        let size = record.encoded_len() + 96;
+        if size > self.shared.bytes_per_shard {
+            return;
+        }
         let now = self.shared.clock.now();
         let mut shard = self.shard(key).lock();
         if shard.generation != generation {
             return;
         }
-        if shard.copies.len() >= self.shared.per_shard
-            && !shard.copies.contains_key(key)
-            && let Some(victim) = shard.copies.keys().next().copied()
+        shard.remove(key);
+        while shard.copies.len() >= self.shared.per_shard
+            || shard.bytes + size > self.shared.bytes_per_shard
         {
-            shard.copies.remove(&victim);
+            let Some(victim) = shard.copies.keys().next().copied() else {
+                break;
+            };
+            shard.remove(&victim);
         }
-        shard.copies.insert(*key, (record.clone(), now));
+        shard.bytes += size;
+        shard.copies.insert(*key, (record.clone(), now, size));
     }
 
     /// Drops the copy of `key` and makes every read already under way in its shard uncacheable.
@@ -257,6 +291,12 @@ impl<S: Store> CachedStore<S> {
             .iter()
             .map(|s| s.lock().copies.len())
             .sum()
+    }
+
+    /// Bytes of cached records right now, as counted against
+    /// [`max_bytes`](CachedStoreBuilder::max_bytes).
+    pub fn bytes(&self) -> usize {
+        self.shared.shards.iter().map(|s| s.lock().bytes).sum()
     }
 
     /// Whether nothing is cached.

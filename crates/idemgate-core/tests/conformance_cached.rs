@@ -93,6 +93,46 @@ async fn the_cache_is_bounded() {
     assert!(store.len() <= 32, "{}", store.len());
 }
 
+/// Bounded in bytes too: large bodies cannot make the cache hold `capacity` × the largest body,
+/// and a record larger than a shard's share is never cached (its replays still answer).
+#[tokio::test]
+async fn the_cache_is_bounded_in_bytes() {
+    const MAX: usize = 16 * 64 * 1024;
+    let store = CachedStore::builder(MemoryStore::default())
+        .max_bytes(MAX)
+        .build();
+    let complete = |body: Vec<u8>| {
+        let store = store.clone();
+        async move {
+            let key = fresh_key("bytes");
+            let req = claim_request(Duration::from_secs(10), Duration::from_secs(3600), 1);
+            let ClaimOutcome::Acquired { fencing } = store.claim(&key, &req).await.unwrap() else {
+                panic!()
+            };
+            let done = Outcome::Response(StoredResponse::new(200, vec![], body));
+            store
+                .complete(&key, fencing, &done, Duration::from_secs(3600))
+                .await
+                .unwrap();
+            assert!(store.get(&key).await.unwrap().is_some());
+            key
+        }
+    };
+    for _ in 0..400 {
+        complete(vec![b'x'; 10 * 1024]).await;
+    }
+    assert!(!store.is_empty());
+    assert!(store.bytes() <= MAX, "{} bytes cached", store.bytes());
+    let (len, bytes) = (store.len(), store.bytes());
+    let big = complete(vec![b'y'; 100 * 1024]).await;
+    // Too large for a shard (64 KiB): not cached, nothing evicted for it, still replayed.
+    assert_eq!((store.len(), store.bytes()), (len, bytes));
+    assert!(matches!(
+        store.get(&big).await.unwrap().map(|r| r.state),
+        Some(idemgate_core::record::RecordState::Completed { .. })
+    ));
+}
+
 /// A read that started before a delete through the cache (its answer still on the wire) must
 /// not put the deleted record back into the cache: the next claim reaches the store and runs.
 #[tokio::test(start_paused = true)]

@@ -180,6 +180,13 @@ impl PostgresStore {
         Self::connect_with_pool_size(url, 16).await
     }
 
+    /// Checks `url` as [`PostgresStore::connect`] would, without connecting: its form, its
+    /// `ssl*` parameters, and that the certificate and key files they name can be read (for
+    /// `idemgate serve --check-config`).
+    pub fn check_url(url: &str) -> Result<(), StoreError> {
+        tls::connect_config(url).map(drop)
+    }
+
     /// Connects with a pool of `size` connections.
     ///
     /// Bounds (so that an unreachable or partitioned database is an error within seconds, never a

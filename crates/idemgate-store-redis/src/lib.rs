@@ -191,6 +191,13 @@ impl RedisStore {
         Self::connect_with_prefix(url, "idemgate:").await
     }
 
+    /// Checks `url` as [`RedisStore::connect`] would, without connecting: its form, its TLS
+    /// parameters, and that the certificate and key files they name can be read (for
+    /// `idemgate serve --check-config`).
+    pub fn check_url(url: &str) -> Result<(), StoreError> {
+        tls::Target::parse(url)?.client().map(drop)
+    }
+
     /// Connects with another key prefix (several deployments on one server, or tests).
     pub async fn connect_with_prefix(url: &str, prefix: &str) -> Result<Self, StoreError> {
         let client = tls::Target::parse(url)?.client()?;

@@ -164,6 +164,23 @@ impl Opened {
     }
 }
 
+/// Checks `url` without opening the store: its form and, for Redis and PostgreSQL, its TLS
+/// parameters and the files they name (read, as opening would). Nothing is connected to or
+/// created; a `file:` directory is not touched.
+pub fn check(url: &str) -> Result<(), StoreError> {
+    match StoreUrl::parse(url)? {
+        #[cfg(feature = "redis")]
+        StoreUrl::Redis { url } => idemgate_store_redis::RedisStore::check_url(&url),
+        #[cfg(feature = "redis")]
+        StoreUrl::RedisCluster { nodes } => nodes
+            .iter()
+            .try_for_each(|n| idemgate_store_redis::RedisStore::check_url(n)),
+        #[cfg(feature = "postgres")]
+        StoreUrl::Postgres { url } => idemgate_store_postgres::PostgresStore::check_url(&url),
+        _ => Ok(()),
+    }
+}
+
 /// Opens the store named by `url` (see the crate docs for the forms).
 pub async fn open(url: &str) -> Result<Opened, StoreError> {
     match StoreUrl::parse(url)? {

@@ -331,19 +331,45 @@ fn size(s: &str) -> Option<usize> {
     n.checked_mul(mult)
 }
 
-/// The URL without its password, for logs and messages.
+/// The URL without its password, for logs and messages: the password of the `user:password@`
+/// part, and the value of every query parameter whose name contains `pass` (PostgreSQL also
+/// takes `?password=…`, `sslpassword=…`), are shown as `***`.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        return redact_query(url);
     };
     match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or("");
             let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}")
+            format!("{scheme}://{user}{hidden}@{}", redact_query(host))
         }
-        None => url.to_owned(),
+        None => format!("{scheme}://{}", redact_query(rest)),
     }
+}
+
+/// `rest` with the value of every `…pass…=value` query parameter replaced by `***`.
+fn redact_query(rest: &str) -> String {
+    let Some((before, query)) = rest.split_once('?') else {
+        return rest.to_owned();
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if name.to_ascii_lowercase().contains("pass") => format!("{name}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    let mut out = format!("{before}?{}", pairs.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -362,6 +388,18 @@ mod tests {
         );
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert_eq!(redact("file:./data"), "file:./data");
+        assert_eq!(
+            redact("postgres://app@db/x?sslmode=require&password=s3cret&sslpassword=k3y"),
+            "postgres://app@db/x?sslmode=require&password=***&sslpassword=***"
+        );
+        assert_eq!(
+            redact("postgres://db/x?PASSWORD=s3cret#frag"),
+            "postgres://db/x?PASSWORD=***#frag"
+        );
+        assert_eq!(
+            redact("postgres://u:pw@db/x?password=s3cret"),
+            "postgres://u:***@db/x?password=***"
+        );
     }
 
     #[test]

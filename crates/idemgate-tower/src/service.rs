@@ -101,7 +101,14 @@ where
             Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
             Poll::Ready(Err(e)) => {
                 let e: BoxError = e.into();
-                tracing::warn!(error = %e, "the inner service failed to become ready");
+                if let Some(suppressed) = not_ready_warning_due() {
+                    tracing::warn!(
+                        error = %e,
+                        suppressed,
+                        "the inner service failed to become ready (at most one such line per \
+                         10 s; `suppressed` counts the lines left out before this one)"
+                    );
+                }
                 self.not_ready = true;
                 Poll::Ready(Ok(()))
             }
@@ -285,4 +292,45 @@ pub(crate) fn admit<S, B>(shared: &Shared<S>, req: &Request<B>) -> Admission {
 /// `413` for a body over `limit` bytes.
 pub(crate) fn too_large(limit: usize) -> Response<IdemBody> {
     ProblemKind::TooLarge.response(format!("the request body is larger than {limit} bytes"))
+}
+
+/// Whether a "failed to become ready" WARN is due: at most one per 10 s in the process (a
+/// permanently failing inner service would otherwise log on every request). `Some(n)`: due, with
+/// the number of lines suppressed since the last one.
+fn not_ready_warning_due() -> Option<u64> {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Instant;
+    static START: OnceLock<Instant> = OnceLock::new();
+    static NEXT_DUE_MS: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now =
+        u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX);
+    let due = NEXT_DUE_MS.load(Ordering::Relaxed);
+    if now >= due
+        && NEXT_DUE_MS
+            .compare_exchange(
+                due,
+                now.saturating_add(10_000),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        Some(SUPPRESSED.swap(0, Ordering::Relaxed))
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_failing_inner_service_warns_at_most_once_per_window() {
+        let due = (0..100)
+            .filter(|_| super::not_ready_warning_due().is_some())
+            .count();
+        assert!(due <= 1, "{due} warnings in one window");
+    }
 }

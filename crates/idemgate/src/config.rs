@@ -1404,11 +1404,23 @@ pub fn resolve(args: &ServeArgs) -> Result<Settings> {
     let upstream = args.upstream.clone().or(file.upstream.clone()).context(
         "--upstream (or IDEMGATE_UPSTREAM, or `upstream` in the config file) is required",
     )?;
+    let shown = idemgate_stores::redact(&upstream);
     let upstream: http::Uri = upstream
         .parse()
-        .with_context(|| format!("invalid upstream URL {upstream:?}"))?;
+        .with_context(|| format!("invalid upstream URL {shown:?}"))?;
     if !matches!(upstream.scheme_str(), Some("http" | "https")) || upstream.authority().is_none() {
-        bail!("the upstream must be an http:// or https:// URL with a host, got {upstream}");
+        bail!("the upstream must be an http:// or https:// URL with a host, got {shown}");
+    }
+    // A `user:password@` part would be printed by --check-config and the start-up log, and is
+    // never sent (the proxy forwards the client's own Authorization): refused, not kept.
+    if upstream
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        bail!(
+            "the upstream URL must not carry credentials (user:password@), got {shown}: idemgate \
+             does not send them to the upstream; clients send their own Authorization header"
+        );
     }
     let tls = tls_settings(&layers, args, &file, &upstream)?;
     let store = layers
@@ -1921,6 +1933,15 @@ mod tests {
                     .contains("too large")
             );
         }
+    }
+
+    #[test]
+    fn upstream_credentials_are_refused_and_never_echoed() {
+        let argv = ["idemgate", "--upstream", "http://app:s3cret@127.0.0.1:3000"];
+        let args = Cli::try_parse_from(argv).unwrap().serve;
+        let e = format!("{:#}", resolve(&args).unwrap_err());
+        assert!(e.contains("must not carry credentials"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
     }
 
     #[test]

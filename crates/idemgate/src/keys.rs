@@ -188,6 +188,8 @@ fn token(args: &KeysArgs) -> Result<Option<String>> {
 struct Api {
     base: String,
     token: Option<String>,
+    /// Whether `base` answered `GET /healthz` as an admin listener.
+    probed: std::sync::atomic::AtomicBool,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
@@ -197,15 +199,34 @@ struct Answer {
 }
 
 impl Api {
+    /// Sends one call, after making sure (once) that `--admin` is an admin listener: a token or
+    /// a mutating call sent to the proxy's port by mistake would reach the upstream application.
     async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<Value>,
     ) -> Result<Answer, Failure> {
+        if !self.probed.load(std::sync::atomic::Ordering::Relaxed) {
+            // `GET /healthz`, without the token: every admin listener answers it with the
+            // Idemgate-Admin header, whatever its access settings; anything else stops here.
+            self.send(Method::GET, "/healthz", None, false).await?;
+            self.probed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.send(method, path, body, true).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        with_token: bool,
+    ) -> Result<Answer, Failure> {
         let uri = format!("{}{}", self.base, path);
         let mut req = Request::builder().method(method).uri(&uri);
-        if let Some(t) = &self.token {
+        if let Some(t) = self.token.as_ref().filter(|_| with_token) {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
         let payload = match body {
@@ -305,6 +326,7 @@ async fn execute(args: KeysArgs) -> Result<(), Failure> {
     let api = Api {
         base: base_url(&args.admin)?,
         token: token(&args)?,
+        probed: std::sync::atomic::AtomicBool::new(false),
         client: Client::builder(TokioExecutor::new()).build_http(),
     };
     let json = args.json;

@@ -128,8 +128,16 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) if args.check_config => {
             // Like `nginx -t`: the verdict on stderr, the configuration on stdout.
-            // The TLS files are read too (as `serve` would), so that a broken one shows here.
-            match config::resolve(&args).and_then(|s| tls::check(&s).map(|()| s)) {
+            // The TLS files are read too (as `serve` would: the listener's, the upstream's and
+            // the store URL's), so that a broken one shows here.
+            let checked = config::resolve(&args)
+                .and_then(|s| tls::check(&s).map(|()| s))
+                .and_then(|s| {
+                    idemgate_stores::check(&s.store)
+                        .map(|()| s)
+                        .map_err(|e| anyhow::Error::new(e).context("the store URL"))
+                });
+            match checked {
                 Ok(settings) => {
                     print!("{}", settings.effective_toml());
                     for warning in settings.warnings() {

@@ -336,7 +336,9 @@ fn sent_cause(e: &hyper::Error) -> Cause {
 /// (or its absence) only after the client has finished its side of the handshake, so its refusal
 /// arrives where the response head was expected, after the request was written. Only meaningful
 /// on a connection's first request: one that already carried a request had its handshake
-/// accepted.
+/// accepted. Only alerts about the handshake and the client's certificate count: not
+/// `access_denied`, which a server or a middlebox may also send after reading the request (then
+/// the outcome is unknown, never "not sent").
 fn handshake_refused(e: &(dyn std::error::Error + 'static)) -> bool {
     use rustls::AlertDescription as A;
     let mut next = Some(e);
@@ -359,7 +361,6 @@ fn handshake_refused(e: &(dyn std::error::Error + 'static)) -> bool {
                     | A::CertificateExpired
                     | A::CertificateUnknown
                     | A::UnknownCA
-                    | A::AccessDenied
             );
         }
         next = err.source();

@@ -119,7 +119,7 @@ fn check_config_names_the_store_without_its_password_and_never_shows_the_token()
             "--upstream",
             "http://127.0.0.1:1",
             "--store",
-            "postgres://app:hunter2@127.0.0.1/db",
+            "postgres://app:hunter2@127.0.0.1/db?sslmode=disable&password=hunter3",
             "--namespace",
             "orders",
         ],
@@ -128,6 +128,11 @@ fn check_config_names_the_store_without_its_password_and_never_shows_the_token()
     assert_eq!(code, 0, "{err}");
     assert!(
         !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}"
+    );
+    // libpq's `?password=` form too.
+    assert!(
+        !out.contains("hunter3") && !err.contains("hunter3") && out.contains("password=***"),
         "{out}"
     );
     assert!(!out.contains("check-config-token"), "{out}");
@@ -323,4 +328,41 @@ async fn listen_addresses_take_host_names() {
     assert_eq!(res.status, StatusCode::CREATED);
     let health = http.get(&format!("http://localhost:{admin}/healthz")).await;
     assert_eq!(health.status, StatusCode::OK);
+}
+
+#[test]
+fn check_config_reads_the_store_urls_tls_files() {
+    for store in [
+        "postgres://app@127.0.0.1/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+        "rediss://127.0.0.1:6380?ca_file=/nonexistent/ca.pem",
+    ] {
+        let err = invalid(
+            &[
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--store",
+                store,
+                "--namespace",
+                "t",
+            ],
+            &[],
+        );
+        assert!(
+            err.contains("the store URL") && err.contains("/nonexistent/ca.pem"),
+            "{store}: {err}"
+        );
+    }
+    // A plain URL needs no file and nothing is connected to (nobody listens on port 1).
+    let (code, _, err) = check(
+        &[
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--store",
+            "redis://127.0.0.1:1",
+            "--namespace",
+            "t",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
 }

@@ -200,6 +200,57 @@ async fn pointed_at_the_wrong_port_it_says_so() {
     assert!(run.stderr.contains("plain http"), "{}", run.stderr);
 }
 
+/// Pointed at something that is not an admin listener (the proxy's port, in real life), a
+/// mutating call never leaves: the CLI first asks `GET /healthz` without the token, and stops
+/// there. The server here records every request it is sent.
+#[test]
+fn neither_the_token_nor_a_mutating_call_reaches_a_non_admin_port() {
+    use std::io::{Read, Write};
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap().to_string();
+    let seen = std::thread::spawn(move || {
+        let mut heads = Vec::new();
+        // Every connection the CLI opens (it opens one); the CLI's exit closes it.
+        if let Ok((mut conn, _)) = server.accept() {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = conn.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    heads.push(String::from_utf8_lossy(&buf).into_owned());
+                    buf.clear();
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    );
+                    break;
+                }
+            }
+        }
+        heads
+    });
+    let hex = "ab".repeat(32);
+    let run = keys(
+        &["delete", &hex, "--admin", &addr, "--admin-token", TOKEN],
+        &[],
+    );
+    let heads = seen.join().unwrap();
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("not as an idemgate admin listener"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(heads[0].starts_with("GET /healthz "), "{heads:?}");
+    assert!(
+        !heads[0].to_ascii_lowercase().contains("authorization") && !heads[0].contains(TOKEN),
+        "{heads:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_is_sent_from_a_file_the_variable_or_the_flag() {
     let up = Upstream::start().await;

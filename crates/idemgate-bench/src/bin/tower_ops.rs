@@ -6,7 +6,8 @@
 //! of two runs' totals divided by the difference of their replay counts (start-up cancels out).
 //!
 //! ```text
-//! tower-ops [N] [R]     # default 2000 keys, 1 round of replays; prints one summary line
+//! tower-ops [N] [R] [cached]   # default 2000 keys, 1 round of replays; prints one summary line
+//!                              # `cached`: the memory store behind the local replay cache
 //! valgrind --tool=callgrind target/release/tower-ops 2000 1
 //! valgrind --tool=callgrind target/release/tower-ops 2000 3
 //! ```
@@ -36,8 +37,20 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // `cached` as third argument: the memory store behind the local replay cache
+    // (`idemgate_core::cache::CachedStore`), for an A/B of memory-store replays.
+    let cached = args.next().as_deref() == Some("cached");
+    let memory = if cached {
+        SharedStore::new(
+            idemgate_core::cache::CachedStore::builder(MemoryStore::default())
+                .capacity(10_000)
+                .build(),
+        )
+    } else {
+        SharedStore::new(MemoryStore::default())
+    };
     let store = SharedStore::new(idemgate_stores::instrumented(
-        SharedStore::new(MemoryStore::default()),
+        memory,
         Duration::from_secs(3),
     ));
     let engine = Engine::builder(store).build();
