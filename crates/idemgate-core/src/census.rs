@@ -8,6 +8,10 @@
 //! time, so its cost grows with the store, not with the unknown records. `max_rate` bounds that
 //! cost (records read per second); the count is then as old as the scan is long.
 //!
+//! [`survey_unknown`] also keeps the newest outcome-unknown records it met (a bounded number,
+//! chosen by their marking instant), so that a dashboard can list them from the last pass
+//! instead of scanning the store itself.
+//!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 //! use idemgate_core::census::count_unknown;
@@ -19,9 +23,13 @@
 //! # }).unwrap();
 //! ```
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
+use crate::clock::Timestamp;
 use crate::error::StoreError;
+use crate::key::StoreKey;
 use crate::record::RecordState;
 use crate::store::{ListRequest, Store};
 
@@ -38,6 +46,31 @@ pub struct Census {
     pub scanned: u64,
 }
 
+/// One outcome-unknown record met by [`survey_unknown`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownRecord {
+    /// Its store key.
+    pub store_key: StoreKey,
+    /// Its scope label (`ROUTE#principal-hash` for the proxy).
+    pub scope: String,
+    /// The client's key.
+    pub idempotency_key: String,
+    /// The epoch that could not tell.
+    pub epoch: u64,
+    /// When it was marked (store clock).
+    pub since: Timestamp,
+}
+
+/// The result of [`survey_unknown`]: the counts, and the newest outcome-unknown records.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Survey {
+    /// The counts (as [`count_unknown`] gives them).
+    pub census: Census,
+    /// The newest `keep` outcome-unknown records of the namespace (by `since`, newest first;
+    /// ties by store key). `census.unknown` says how many there were in all.
+    pub newest: Vec<UnknownRecord>,
+}
+
 /// Counts the outcome-unknown records of `namespace` (of every namespace with `None`) in one
 /// pass over the whole store, reading at most `max_rate` records a second (pausing between
 /// pages; `None`: no pause). Records created or removed during the pass may or may not be
@@ -52,8 +85,28 @@ pub async fn count_unknown<S: Store>(
     namespace: Option<&str>,
     max_rate: Option<u32>,
 ) -> Result<Census, StoreError> {
+    Ok(survey_unknown(store, namespace, max_rate, 0).await?.census)
+}
+
+/// A kept record in [`survey_unknown`]'s heap: (since, store key, scope, key, epoch), reversed.
+type Kept = Reverse<(Timestamp, StoreKey, String, String, u64)>;
+
+/// [`count_unknown`], also keeping the `keep` newest outcome-unknown records met (a bounded
+/// heap: memory is `keep` records whatever the store holds).
+///
+/// # Errors
+///
+/// As [`count_unknown`].
+pub async fn survey_unknown<S: Store>(
+    store: &S,
+    namespace: Option<&str>,
+    max_rate: Option<u32>,
+    keep: usize,
+) -> Result<Survey, StoreError> {
     let started = tokio::time::Instant::now();
     let mut census = Census::default();
+    // A min-heap on (since, store key): its top is the oldest kept, the one a newer one evicts.
+    let mut newest: BinaryHeap<Kept> = BinaryHeap::with_capacity(keep.min(1024) + 1);
     let mut cursor = None;
     loop {
         let page = store
@@ -62,16 +115,44 @@ pub async fn count_unknown<S: Store>(
                 limit: PAGE,
             })
             .await?;
-        for (_, record) in &page.records {
+        for (key, record) in page.records {
             census.scanned += 1;
-            if matches!(record.state, RecordState::Unknown { .. })
-                && namespace.is_none_or(|ns| record.namespace == ns)
-            {
-                census.unknown += 1;
+            let RecordState::Unknown { epoch, since } = record.state else {
+                continue;
+            };
+            if namespace.is_some_and(|ns| record.namespace != ns) {
+                continue;
+            }
+            census.unknown += 1;
+            if keep == 0 {
+                continue;
+            }
+            let item = Reverse((since, key, record.scope, record.idempotency_key, epoch));
+            if newest.len() < keep {
+                newest.push(item);
+            } else if newest.peek().is_some_and(|oldest| item < *oldest) {
+                // `item < oldest` in reverse order: item is newer.
+                newest.pop();
+                newest.push(item);
             }
         }
         let Some(next) = page.next else {
-            return Ok(census);
+            let mut newest: Vec<UnknownRecord> = newest
+                .into_sorted_vec()
+                .into_iter()
+                .map(
+                    |Reverse((since, store_key, scope, idempotency_key, epoch))| UnknownRecord {
+                        store_key,
+                        scope,
+                        idempotency_key,
+                        epoch,
+                        since,
+                    },
+                )
+                .collect();
+            // `into_sorted_vec` of `Reverse` is newest first; keep it so.
+            newest.truncate(keep);
+            return Ok(Survey { census, newest });
         };
         cursor = Some(next);
         if let Some(rate) = max_rate.filter(|r| *r > 0) {

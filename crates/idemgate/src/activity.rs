@@ -6,8 +6,11 @@
 //! Bounds: the ring holds [`RING_CAPACITY`] entries (a new entry drops the oldest); the series
 //! holds [`SERIES_BUCKETS`] buckets (a new bucket drops the oldest); within one bucket each route
 //! keeps at most [`LATENCY_SAMPLES`] durations for its percentiles (later ones are counted but not
-//! sampled). Everything sits behind one short mutex: an observation is a `VecDeque` push and a
-//! map update.
+//! sampled). Everything sits behind one short mutex that every proxied request takes: an
+//! observation is a `VecDeque` push and a map update. A bucket's p50/p99 are computed once, when
+//! it closes (closed buckets never change), and its samples dropped then; so a read of the series
+//! copies numbers under the lock, plus the open bucket's samples (at most [`LATENCY_SAMPLES`] per
+//! route), which it sorts after releasing the lock.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -52,8 +55,26 @@ pub struct Entry {
 #[derive(Clone, Debug, Default, Serialize)]
 struct RouteBucket {
     counts: BTreeMap<&'static str, u64>,
+    /// Samples of the open bucket (emptied when it closes).
     #[serde(skip)]
     durations_ms: Vec<f64>,
+    /// p50 and p99 of a closed bucket (computed as it closed).
+    #[serde(skip)]
+    closed: Option<(Option<f64>, Option<f64>)>,
+}
+
+impl RouteBucket {
+    /// Computes the percentiles and drops the samples.
+    fn close(&mut self) {
+        let mut d = std::mem::take(&mut self.durations_ms);
+        self.closed = Some(percentiles(&mut d));
+    }
+}
+
+/// p50 and p99 of `durations` (sorted in place).
+fn percentiles(durations: &mut [f64]) -> (Option<f64>, Option<f64>) {
+    durations.sort_by(f64::total_cmp);
+    (percentile(durations, 0.5), percentile(durations, 0.99))
 }
 
 #[derive(Debug)]
@@ -77,7 +98,7 @@ pub struct Activity {
     inner: Arc<Mutex<Inner>>,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -140,7 +161,9 @@ impl Activity {
     }
 
     fn roll(inner: &mut Inner) {
-        if let Some(done) = inner.current.take() {
+        if let Some(mut done) = inner.current.take() {
+            // Once per route and bucket (every 5 s): a sort of at most LATENCY_SAMPLES numbers.
+            done.routes.values_mut().for_each(RouteBucket::close);
             if inner.series.len() == SERIES_BUCKETS {
                 inner.series.pop_front();
             }
@@ -181,43 +204,86 @@ impl Activity {
     /// p50_ms: [...], p99_ms: [...]}}}`, oldest bucket first, the current one last; every
     /// route has a value for every bucket (0, or `null` latency).
     pub fn series(&self) -> serde_json::Value {
-        let inner = self.lock();
-        let buckets: Vec<&Bucket> = inner.series.iter().chain(inner.current.iter()).collect();
+        // Under the lock: numbers, and the open bucket's samples (copied, sorted after).
+        type Row = (
+            u64,
+            BTreeMap<String, (BTreeMap<&'static str, u64>, Latency)>,
+        );
+        enum Latency {
+            Closed(Option<f64>, Option<f64>),
+            Open(Vec<f64>),
+        }
+        let rows: Vec<Row> = {
+            let inner = self.lock();
+            inner
+                .series
+                .iter()
+                .chain(inner.current.iter())
+                .map(|b| {
+                    let routes = b
+                        .routes
+                        .iter()
+                        .map(|(name, r)| {
+                            let latency = match r.closed {
+                                Some((p50, p99)) => Latency::Closed(p50, p99),
+                                None => Latency::Open(r.durations_ms.clone()),
+                            };
+                            (name.clone(), (r.counts.clone(), latency))
+                        })
+                        .collect();
+                    (b.start_ms, routes)
+                })
+                .collect()
+        };
+        /// Per route: its counts, p50 and p99.
+        type Numbers = (BTreeMap<&'static str, u64>, Option<f64>, Option<f64>);
+        let rows: Vec<(u64, BTreeMap<String, Numbers>)> = rows
+            .into_iter()
+            .map(|(t, routes)| {
+                let routes = routes
+                    .into_iter()
+                    .map(|(name, (counts, latency))| {
+                        let (p50, p99) = match latency {
+                            Latency::Closed(p50, p99) => (p50, p99),
+                            Latency::Open(mut d) => percentiles(&mut d),
+                        };
+                        (name, (counts, p50, p99))
+                    })
+                    .collect();
+                (t, routes)
+            })
+            .collect();
         let names: std::collections::BTreeSet<&String> =
-            buckets.iter().flat_map(|b| b.routes.keys()).collect();
+            rows.iter().flat_map(|(_, routes)| routes.keys()).collect();
         let mut routes = serde_json::Map::new();
         for name in names {
-            let outcomes: std::collections::BTreeSet<&'static str> = buckets
+            let outcomes: std::collections::BTreeSet<&'static str> = rows
                 .iter()
-                .filter_map(|b| b.routes.get(name))
-                .flat_map(|r| r.counts.keys().copied())
+                .filter_map(|(_, r)| r.get(name))
+                .flat_map(|(counts, _, _)| counts.keys().copied())
                 .collect();
             let mut counts = serde_json::Map::new();
             for o in outcomes {
-                let v: Vec<u64> = buckets
+                let v: Vec<u64> = rows
                     .iter()
-                    .map(|b| {
-                        b.routes
-                            .get(name)
-                            .and_then(|r| r.counts.get(o))
+                    .map(|(_, r)| {
+                        r.get(name)
+                            .and_then(|(c, _, _)| c.get(o))
                             .copied()
                             .unwrap_or(0)
                     })
                     .collect();
                 counts.insert(o.into(), v.into());
             }
-            let (mut p50, mut p99) = (Vec::new(), Vec::new());
-            for b in &buckets {
-                let mut d = b
-                    .routes
-                    .get(name)
-                    .map(|r| r.durations_ms.clone())
-                    .unwrap_or_default();
-                d.sort_by(f64::total_cmp);
-                p50.push(percentile(&d, 0.5));
-                p99.push(percentile(&d, 0.99));
-            }
-            let t: Vec<u64> = buckets.iter().map(|b| b.start_ms).collect();
+            let p50: Vec<Option<f64>> = rows
+                .iter()
+                .map(|(_, r)| r.get(name).and_then(|(_, p50, _)| *p50))
+                .collect();
+            let p99: Vec<Option<f64>> = rows
+                .iter()
+                .map(|(_, r)| r.get(name).and_then(|(_, _, p99)| *p99))
+                .collect();
+            let t: Vec<u64> = rows.iter().map(|(t, _)| *t).collect();
             routes.insert(
                 name.clone(),
                 serde_json::json!({ "t": t, "counts": counts, "p50_ms": p50, "p99_ms": p99 }),
@@ -332,6 +398,39 @@ mod tests {
         );
         // A route with nothing in the last 15 minutes is no longer listed.
         assert!(s["routes"].get("refund").is_none());
+    }
+
+    #[test]
+    fn a_closed_bucket_keeps_its_percentiles_and_drops_its_samples() {
+        let a = Activity::default();
+        for i in 0..100u64 {
+            // 1..=100 ms, out of order.
+            a.record(entry(
+                10_000 + i,
+                "pay",
+                "executed",
+                ((i * 37) % 100 + 1) as f64,
+            ));
+        }
+        // Open: computed from the samples on read.
+        let open = a.series();
+        assert_eq!(open["routes"]["pay"]["p50_ms"], serde_json::json!([50.0]));
+        assert_eq!(open["routes"]["pay"]["p99_ms"], serde_json::json!([99.0]));
+        a.tick(15_000);
+        {
+            let inner = a.lock();
+            let closed = &inner.series[0].routes["pay"];
+            assert!(closed.durations_ms.is_empty(), "samples kept after closing");
+            assert_eq!(closed.closed, Some((Some(50.0), Some(99.0))));
+        }
+        a.record(entry(15_001, "pay", "executed", 7.0));
+        let s = a.series();
+        assert_eq!(s["routes"]["pay"]["p50_ms"], serde_json::json!([50.0, 7.0]));
+        assert_eq!(s["routes"]["pay"]["p99_ms"], serde_json::json!([99.0, 7.0]));
+        assert_eq!(
+            s["routes"]["pay"]["counts"]["executed"],
+            serde_json::json!([100, 1])
+        );
     }
 
     #[test]

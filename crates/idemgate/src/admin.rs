@@ -13,7 +13,9 @@
 //!   address, `localhost`, nor one of `--admin-allowed-hosts` gets `403` problem+json. Ports are
 //!   not compared (port forwarding changes them; a rebinding attack is by name).
 //! - Every answer carries `Idemgate-Admin: 1`, by which `idemgate keys` knows it reached an admin
-//!   listener (and not the proxy port).
+//!   listener (and not the proxy port), and is never to be framed or sniffed:
+//!   `X-Frame-Options: DENY`, `Content-Security-Policy: frame-ancestors 'none'` (the dashboard
+//!   page gets a fuller policy: [`DASHBOARD_CSP`]) and `X-Content-Type-Options: nosniff`.
 
 use std::sync::Arc;
 
@@ -51,6 +53,8 @@ pub struct AdminState {
     pub routes: Routes,
     /// Who may use the listener.
     pub access: Arc<AdminAccess>,
+    /// The census of outcome-unknown records (a resolved record leaves its list at once).
+    pub census: crate::census::UnknownCensus,
 }
 
 /// The admin router, behind the access guard.
@@ -81,6 +85,28 @@ pub fn router(state: AdminState, extra: Router) -> Router {
         .layer(axum::middleware::from_fn_with_state(access, guard))
 }
 
+/// The policy of every admin answer but the dashboard page: no framing (clickjacking of the
+/// resolve and delete buttons).
+const FRAME_CSP: &str = "frame-ancestors 'none'";
+
+/// The dashboard page's policy: its one inline script (by hash), its inline styles, requests to
+/// this listener only, no framing, no forms posted anywhere, no `<base>`.
+pub static DASHBOARD_CSP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let page = include_str!("dashboard.html");
+    let script = page
+        .split_once("<script>")
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map_or("", |(script, _)| script);
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
+    format!(
+        "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; \
+         connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+         frame-ancestors 'none'"
+    )
+});
+
 /// The realm named in `WWW-Authenticate`.
 const REALM: &str = "idemgate-admin";
 
@@ -91,8 +117,17 @@ async fn guard(State(access): State<Arc<AdminAccess>>, req: Request, next: Next)
         Some(refusal) => refusal,
         None => next.run(req).await,
     };
-    res.headers_mut()
-        .insert(ADMIN_HEADER, HeaderValue::from_static("1"));
+    let headers = res.headers_mut();
+    headers.insert(ADMIN_HEADER, HeaderValue::from_static("1"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    // The dashboard page brings its own (fuller) policy.
+    headers
+        .entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(HeaderValue::from_static(FRAME_CSP));
     res
 }
 
@@ -278,8 +313,13 @@ pub fn record_json(key: &StoreKey, r: &Record) -> Value {
 
 /// The dashboard page. It asks for the admin token itself when the API answers `401`, keeps it
 /// in the tab's `sessionStorage` and sends it as `Authorization: Bearer` (never in a URL).
-async fn dashboard() -> Html<&'static str> {
-    Html(include_str!("dashboard.html"))
+async fn dashboard() -> Response {
+    let csp = HeaderValue::from_str(&DASHBOARD_CSP).unwrap_or(HeaderValue::from_static(FRAME_CSP));
+    (
+        [(header::CONTENT_SECURITY_POLICY, csp)],
+        Html(include_str!("dashboard.html")),
+    )
+        .into_response()
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
@@ -573,6 +613,7 @@ async fn resolve_retry(s: &AdminState, key: &StoreKey, hex: &str, r: &Resolve) -
     // was claimed again meanwhile (in flight) is never deleted under its new holder.
     match s.engine.store().delete(key, DeleteMode::Unknown).await {
         Ok(DeleteOutcome::Deleted) => {
+            s.census.forget(key);
             Json(json!({ "store_key": hex, "resolved": "retry" })).into_response()
         }
         Ok(DeleteOutcome::Refused { current }) => problem(
@@ -665,6 +706,18 @@ async fn resolve_complete(s: &AdminState, key: &StoreKey, hex: &str, r: Resolve)
         Ok(found) => found,
         Err(refusal) => return refusal,
     };
+    // Another service's record (a store shared between namespaces): its routes, TTLs and header
+    // rules are not this instance's to apply.
+    if record.namespace != s.namespace {
+        return problem(
+            StatusCode::CONFLICT,
+            format!(
+                "the record belongs to namespace {:?}, not this instance's ({:?}): complete it \
+                 through an instance of that namespace",
+                record.namespace, s.namespace
+            ),
+        );
+    }
     // The record's route (its scope label is `ROUTE#…`) gives the TTL and the header rules; a
     // route no longer configured gets the defaults.
     let record_route = record
@@ -712,6 +765,7 @@ async fn resolve_complete(s: &AdminState, key: &StoreKey, hex: &str, r: Resolve)
         .await
     {
         Ok(ResolveOutcome::Completed) => {
+            s.census.forget(key);
             tracing::warn!(store_key = %hex, epoch = mark.epoch, status,
                 "admin: an outcome-unknown record was completed by an operator");
             Json(json!({

@@ -5,37 +5,36 @@
 //!   newest first (at most `limit`, default 100, at most [`RING_CAPACITY`]).
 //! - `GET /api/series`: per route, outcome counts and latency p50/p99 in 5-second buckets over
 //!   the last 15 minutes (see [`Activity::series`]).
-//! - `GET /api/unknown?limit=`: outcome-unknown records, found by listing the store (at most
-//!   [`UNKNOWN_SCAN`] records are read; `complete` says whether the listing reached its end, and
-//!   `more` whether more unknown records were found than listed).
+//! - `GET /api/unknown?limit=&fresh=`: the newest outcome-unknown records of this instance's
+//!   namespace, from the census's last pass ([`crate::census`]): the endpoint never reads the
+//!   store, whatever the number of open dashboards. A last pass older than
+//!   [`crate::census::MIN_GAP`] asks the census for a new one (it runs at the configured
+//!   `unknown_scan_rate`, one at a time); `fresh=1` waits (up to [`FRESH_WAIT`]) for a pass
+//!   started after the request. With `unknown_scan_rate = 0` the census is off and the endpoint
+//!   says so (`"enabled": false`).
 //! - `GET /api/overview`: the store's kind, the namespace and the routes.
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use idemgate_core::record::RecordState;
-use idemgate_core::store::ListRequest;
-use idemgate_core::{Engine, SharedStore, Store};
 use idemgate_tower::policy::Routes;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::activity::{Activity, RING_CAPACITY};
+use crate::census::{KEEP, UnknownCensus};
 
-/// Most records `/api/unknown` reads from the store per call.
-pub const UNKNOWN_SCAN: usize = 10_000;
-/// Records per list page while scanning.
-const SCAN_PAGE: usize = 1_000;
+/// The longest `/api/unknown?fresh=1` waits for a new pass.
+pub const FRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the dashboard endpoints share.
 #[derive(Clone)]
 pub struct DashState {
     /// This instance's recent activity.
     pub activity: Activity,
-    /// The engine (its store is listed for outcome-unknown records).
-    pub engine: Engine<SharedStore>,
+    /// The census of outcome-unknown records (its last pass is listed).
+    pub census: UnknownCensus,
     /// The store's kind (the URL scheme: `memory`, `file`, `redis`, `postgres`, ...).
     pub store_kind: String,
     /// The records' namespace.
@@ -97,6 +96,7 @@ async fn overview(State(s): State<DashState>) -> Response {
 #[derive(Deserialize)]
 struct UnknownParams {
     limit: Option<usize>,
+    fresh: Option<String>,
 }
 
 /// The route of a scope label (`route#principal-hash`).
@@ -105,54 +105,59 @@ fn route_of(scope: &str) -> &str {
 }
 
 async fn unknown(State(s): State<DashState>, Query(p): Query<UnknownParams>) -> Response {
-    let limit = p.limit.unwrap_or(50).clamp(1, 500);
-    let mut found = Vec::new();
-    let (mut scanned, mut more, mut cursor) = (0usize, false, None);
-    let complete = loop {
-        let req = ListRequest {
-            cursor: cursor.take(),
-            limit: SCAN_PAGE,
-        };
-        let page = match s.engine.store().list(&req).await {
-            Ok(page) => page,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin: store error listing unknown records");
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(json!({ "detail": format!("store error ({})", e.kind()) })),
-                )
-                    .into_response();
-            }
-        };
-        scanned += page.records.len();
-        for (k, r) in &page.records {
-            if let RecordState::Unknown { epoch, since } = &r.state {
-                if found.len() == limit {
-                    more = true;
-                    continue;
-                }
-                found.push(json!({
-                    "store_key": k.to_hex(),
-                    "route": route_of(&r.scope),
-                    "scope": r.scope,
-                    "key": r.idempotency_key,
-                    "epoch": epoch,
-                    "unknown_since_ms": since.as_millis(),
-                }));
-            }
-        }
-        match page.next {
-            None => break true,
-            Some(_) if scanned >= UNKNOWN_SCAN => break false,
-            Some(next) => cursor = Some(next),
-        }
+    let limit = p.limit.unwrap_or(50).clamp(1, KEEP);
+    let Some(now) = s.census.snapshot() else {
+        return Json(json!({
+            "enabled": false,
+            "records": [],
+            "detail": "the census of outcome-unknown records is off (unknown_scan_rate = 0): \
+                       nothing lists them; see idemgate_outcome_unknown_marked_total and the \
+                       WARN lines",
+        }))
+        .into_response();
     };
-    found.sort_by_key(|v| std::cmp::Reverse(v["unknown_since_ms"].as_u64().unwrap_or(0)));
+    let fresh = matches!(p.fresh.as_deref(), Some("1" | "true"));
+    let (snap, waited) = if fresh {
+        match s.census.fresh(FRESH_WAIT).await {
+            Some(snap) => (snap, true),
+            None => (s.census.snapshot().unwrap_or(now), false),
+        }
+    } else {
+        let age = crate::census::MIN_GAP.as_millis() as u64;
+        let ended = now.survey_ended_ms;
+        if !now.running() && crate::activity::now_ms().saturating_sub(ended) >= age {
+            s.census.request();
+        }
+        (now, false)
+    };
+    let survey = snap.survey.as_deref();
+    let records: Vec<_> = survey
+        .map(|v| &v.newest[..v.newest.len().min(limit)])
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            json!({
+                "store_key": r.store_key.to_hex(),
+                "route": route_of(&r.scope),
+                "scope": r.scope,
+                "key": r.idempotency_key,
+                "epoch": r.epoch,
+                "unknown_since_ms": r.since.as_millis(),
+            })
+        })
+        .collect();
+    let unknown = survey.map_or(0, |v| v.census.unknown);
     Json(json!({
-        "records": found,
-        "more": more,
-        "scanned": scanned,
-        "complete": complete,
+        "enabled": true,
+        "records": records,
+        "unknown": unknown,
+        "more": unknown > records.len() as u64,
+        "scanned": survey.map_or(0, |v| v.census.scanned),
+        "complete": survey.is_some(),
+        "scan_ended_ms": survey.map(|_| snap.survey_ended_ms),
+        "scanning": snap.running(),
+        "error": snap.error,
+        "fresh": waited,
     }))
     .into_response()
 }

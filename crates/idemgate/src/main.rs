@@ -13,6 +13,7 @@
 
 mod activity;
 mod admin;
+mod census;
 mod check;
 mod config;
 mod consume;

@@ -114,7 +114,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         .resolve_hint(telemetry::resolve_hint(settings.admin_listen))
         .build();
     let sweeper = spawn_sweeper(store.clone(), Duration::from_secs(30), 1_000);
-    let census = telemetry::spawn_census(
+    let (unknown_census, census) = crate::census::UnknownCensus::spawn(
         store.clone(),
         settings.namespace.clone(),
         settings.unknown_scan_rate,
@@ -160,11 +160,12 @@ pub async fn run(settings: Settings) -> Result<()> {
             namespace: settings.namespace.clone(),
             routes: settings.routes.clone(),
             access: std::sync::Arc::new(settings.admin_access.clone()),
+            census: unknown_census.clone(),
         },
         // The dashboard's JSON API, behind the same access guard.
         crate::dash_api::router(crate::dash_api::DashState {
             activity,
-            engine: engine.clone(),
+            census: unknown_census,
             store_kind: crate::dash_api::store_kind(&settings.store),
             namespace: settings.namespace.clone(),
             routes: settings.routes.clone(),

@@ -1,14 +1,14 @@
 //! `idemgate serve`'s metrics (docs/operations.md documents every family): the Prometheus
 //! recorder and its histogram buckets, the description (`# HELP`) of every family, the series
 //! registered at zero before the first request, `idemgate_build_info`, the engine's counters
-//! copied at each scrape, and the census of outcome-unknown records in the store.
+//! copied at each scrape (the census of outcome-unknown records that sets three gauges is
+//! [`crate::census`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use idemgate_core::census::count_unknown;
 use idemgate_core::{Engine, SharedStore};
 use idemgate_stores::metrics::STORE_OPERATION_SECONDS;
 use idemgate_tower::metrics::{DURATION_BUCKETS, REQUEST_DURATION, UPSTREAM_DURATION};
@@ -60,9 +60,6 @@ pub const EDGE_LIMIT_REASONS: [&str; 3] = [
     "header_read_timeout",
     "body_read_timeout",
 ];
-
-/// The shortest time between the starts of two census passes.
-const CENSUS_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Installs the Prometheus recorder, with buckets for every histogram (without them the exporter
 /// renders summaries).
@@ -226,42 +223,6 @@ pub fn resolve_hint(admin: SocketAddr) -> String {
         });
     }
     format!("idemgate keys --admin http://{reach} resolve {{store_key}}")
-}
-
-/// Starts the census: a pass over the whole store at most `rate` records a second, counting the
-/// outcome-unknown records of `namespace`, then the gauges; a new pass at most every
-/// [`CENSUS_INTERVAL`]. `None` (nothing started) when `rate` is 0. A failed pass is logged and
-/// leaves the gauges as they were.
-pub fn spawn_census(store: SharedStore, namespace: String, rate: usize) -> Option<JoinHandle<()>> {
-    let rate = u32::try_from(rate).unwrap_or(u32::MAX);
-    if rate == 0 {
-        return None;
-    }
-    Some(tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(CENSUS_INTERVAL);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await; // the first tick is now
-            match count_unknown(&store, Some(&namespace), Some(rate)).await {
-                Ok(census) => {
-                    let now = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0.0, |d| d.as_secs_f64());
-                    metrics::gauge!(UNKNOWN_RECORDS).set(census.unknown as f64);
-                    metrics::gauge!(UNKNOWN_SCAN_RECORDS).set(census.scanned as f64);
-                    metrics::gauge!(UNKNOWN_SCAN_TIMESTAMP).set(now);
-                    tracing::debug!(
-                        unknown = census.unknown,
-                        scanned = census.scanned,
-                        "census of outcome-unknown records done"
-                    );
-                }
-                Err(e) => tracing::warn!(error = %e,
-                    "census of outcome-unknown records failed; idemgate_outcome_unknown_records \
-                     keeps its previous value"),
-            }
-        }
-    }))
 }
 
 #[cfg(test)]

@@ -462,3 +462,56 @@ async fn the_host_check_comes_before_the_token() {
         .await;
     assert_eq!(res.status, StatusCode::FORBIDDEN);
 }
+
+/// Every admin answer (a page, JSON, a refusal, a probe, a path that does not exist) forbids
+/// framing and sniffing; the dashboard page has its fuller policy, its script allowed by hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admin_answer_forbids_framing_and_sniffing() {
+    let up = Upstream::start().await;
+    let (_dir, file) = token_file();
+    let proxy = Proxy::start(
+        &up.url(),
+        "memory://",
+        &["--admin-token-file", file.as_str()],
+    );
+    let http = Http::default();
+    let evil = ("host", HeaderValue::from_static("evil.example"));
+    type Case = (&'static str, Vec<(&'static str, HeaderValue)>, StatusCode);
+    let cases: [Case; 7] = [
+        ("/", vec![], StatusCode::OK),
+        ("/api/overview", vec![bearer(TOKEN)], StatusCode::OK),
+        ("/api/unknown", vec![bearer(TOKEN)], StatusCode::OK),
+        ("/api/keys", vec![], StatusCode::UNAUTHORIZED),
+        (
+            "/api/keys",
+            vec![bearer(TOKEN), evil],
+            StatusCode::FORBIDDEN,
+        ),
+        ("/healthz", vec![], StatusCode::OK),
+        ("/no-such-path", vec![bearer(TOKEN)], StatusCode::NOT_FOUND),
+    ];
+    for (path, headers, status) in cases {
+        let res = http
+            .send(Method::GET, &proxy.admin_url(path), &headers, b"")
+            .await;
+        assert_eq!(res.status, status, "{path}");
+        assert_eq!(res.headers["x-frame-options"], "DENY", "{path}");
+        assert_eq!(res.headers["x-content-type-options"], "nosniff", "{path}");
+        let csp = res.headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
+        assert_eq!(
+            res.headers
+                .get_all("content-security-policy")
+                .iter()
+                .count(),
+            1
+        );
+        if path == "/" {
+            assert!(csp.contains("default-src 'none'"), "{csp}");
+            assert!(csp.contains("script-src 'sha256-"), "{csp}");
+            assert!(!csp.contains("script-src 'unsafe-inline'"), "{csp}");
+        } else {
+            assert_eq!(csp, "frame-ancestors 'none'", "{path}");
+        }
+    }
+}

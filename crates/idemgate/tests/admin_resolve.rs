@@ -374,3 +374,146 @@ async fn completes_across_instances_on_dynamodb() {
         completes_across_instances_on(&url).await;
     }
 }
+
+/// `/api/unknown?fresh=1` of `proxy`: the census's list after a pass started after the call.
+async fn unknown_list(http: &Http, proxy: &Proxy) -> Value {
+    let res = http
+        .get(&proxy.admin_url("/api/unknown?fresh=1&limit=200"))
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{res:?}");
+    let v = res.json();
+    assert_eq!(v["fresh"], true, "{v}");
+    v
+}
+
+fn listed(list: &Value, store_key: &str) -> bool {
+    list["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["store_key"] == store_key)
+}
+
+/// Two services share a store under two namespaces: each lists only its own outcome-unknown
+/// records, and one may not complete the other's (`409`, the record left as it was).
+async fn namespaces_stay_apart_on(store: &str) {
+    let up = Upstream::start().await;
+    let (ns_a, ns_b) = (common::unique("ns-a"), common::unique("ns-b"));
+    let args = |ns| {
+        let mut v = common::slow_store_args(store).to_vec();
+        v.extend(["--namespace", ns, "--unknown-scan-rate", "1000000"]);
+        v
+    };
+    let a = Proxy::start(&up.url(), store, &args(ns_a));
+    let b = Proxy::start(&up.url(), store, &args(ns_b));
+    let http = Http::default();
+    let key = common::unique("ns-unknown");
+    let store_key = unknown(&http, &a, key).await;
+    let on_a = unknown_list(&http, &a).await;
+    assert!(listed(&on_a, &store_key), "{on_a}");
+    let found = on_a["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["store_key"] == store_key.as_str())
+        .unwrap();
+    assert_eq!(found["key"], key);
+    assert_eq!(found["route"], "default");
+    let on_b = unknown_list(&http, &b).await;
+    assert!(!listed(&on_b, &store_key), "{on_b}");
+
+    let refused = resolve(
+        &http,
+        &b,
+        &store_key,
+        json!({ "action": "complete", "status": 201, "body": "no" }),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{refused:?}");
+    assert_eq!(refused.problem_type(), "urn:idemgate:problem:admin-409");
+    assert!(
+        String::from_utf8_lossy(&refused.body).contains(ns_a),
+        "{refused:?}"
+    );
+    assert_eq!(record(&http, &a, &store_key).await["state"], "unknown");
+    // Its own service completes it, and it leaves that service's list at once.
+    let done = resolve(
+        &http,
+        &a,
+        &store_key,
+        json!({ "action": "complete", "status": 201, "body": "yes" }),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::OK, "{done:?}");
+    let now = http.get(&a.admin_url("/api/unknown")).await.json();
+    assert!(!listed(&now, &store_key), "{now}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]
+async fn namespaces_stay_apart_on_redis() {
+    if let Some(url) = common::server_url("IDEMGATE_TEST_REDIS_URL") {
+        namespaces_stay_apart_on(&url).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
+async fn namespaces_stay_apart_on_postgres() {
+    if let Some(url) = common::server_url("IDEMGATE_TEST_POSTGRES_URL") {
+        namespaces_stay_apart_on(&url).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unknown_list_comes_from_the_census_and_says_when_it_is_off() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&up.url(), "memory://", &[]);
+    let http = Http::default();
+    let store_key = unknown(&http, &proxy, "census-listed").await;
+    let list = unknown_list(&http, &proxy).await;
+    assert_eq!(list["enabled"], true);
+    assert_eq!(list["complete"], true);
+    assert_eq!(list["unknown"], 1);
+    assert_eq!(list["more"], false);
+    let r = &list["records"][0];
+    assert_eq!(r["store_key"], store_key.as_str());
+    // The marking the dashboard's button sends back.
+    let got = record(&http, &proxy, &store_key).await;
+    assert_eq!(r["epoch"], got["epoch"]);
+    assert_eq!(r["unknown_since_ms"], got["unknown_since_ms"]);
+    // A stale marking is refused; the one listed resolves, and the record leaves the list.
+    let stale = resolve(
+        &http,
+        &proxy,
+        &store_key,
+        json!({ "action": "retry", "epoch": r["epoch"], "unknown_since_ms": 1 }),
+    )
+    .await;
+    assert_eq!(stale.status, StatusCode::CONFLICT, "{stale:?}");
+    let ok = resolve(
+        &http,
+        &proxy,
+        &store_key,
+        json!({ "action": "retry", "epoch": r["epoch"], "unknown_since_ms": r["unknown_since_ms"] }),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK, "{ok:?}");
+    let after = http.get(&proxy.admin_url("/api/unknown")).await.json();
+    assert_eq!(after["records"], json!([]), "{after}");
+    assert_eq!(after["unknown"], 0);
+
+    let off = Proxy::start(&up.url(), "memory://", &["--unknown-scan-rate", "0"]);
+    unknown(&http, &off, "census-off").await;
+    let res = http.get(&off.admin_url("/api/unknown?fresh=1")).await;
+    assert_eq!(res.status, StatusCode::OK);
+    let v = res.json();
+    assert_eq!(v["enabled"], false, "{v}");
+    assert_eq!(v["records"], json!([]));
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unknown_scan_rate = 0")
+    );
+}

@@ -121,10 +121,32 @@ async fn the_dashboard_shows_routes_recent_activity_unknown_records_and_search()
         .map(|v| v.as_u64().unwrap())
         .sum();
     assert_eq!(executed, 2, "{series}");
-    let unknown = http.get(&proxy.admin_url("/api/unknown")).await.json();
+    // From the census: `fresh=1` waits for a pass that started after the record was marked.
+    let unknown = http
+        .get(&proxy.admin_url("/api/unknown?fresh=1"))
+        .await
+        .json();
+    assert_eq!(unknown["fresh"], true, "{unknown}");
     assert_eq!(unknown["records"][0]["store_key"], cut_key.as_str());
     assert_eq!(unknown["records"][0]["route"], "default");
     assert_eq!(unknown["complete"], true);
+    // The page's resolve button sends back the marking it listed (a compare-and-set on it).
+    let page = http.get(&proxy.admin_url("/")).await;
+    let html = String::from_utf8(page.body.to_vec()).unwrap();
+    assert!(
+        html.contains(
+            "JSON.stringify({ action: \"retry\", epoch: u.epoch, unknown_since_ms: u.unknown_since_ms })"
+        ),
+        "the resolve button does not send the marking"
+    );
+    // The page runs under its Content-Security-Policy (its script allowed by hash): the
+    // rendered DOM below proves the script ran.
+    assert!(
+        page.headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'sha256-")
+    );
 
     let profile = tempfile::tempdir().unwrap();
     // The hash runs a key search once the page has loaded.
