@@ -1,6 +1,6 @@
 //! Criterion bench of a first execution's store cost — `claim` of a fresh key, then `complete`
 //! with a ~200-byte body (`testkit::bench::claim_complete_pairs`) — on DynamoDB, Redis and
-//! PostgreSQL in one run, at 1 and 16 concurrent tasks, so that their ratios share the
+//! PostgreSQL in one run, at 1, 16 and 64 concurrent tasks, so that their ratios share the
 //! machine's conditions. Each store is benched when its variable is set
 //! (`IDEMGATE_TEST_DYNAMODB_URL`, `IDEMGATE_TEST_REDIS_URL`, `IDEMGATE_TEST_POSTGRES_URL`).
 //!
@@ -66,7 +66,7 @@ fn pairs(c: &mut Criterion) {
     g.warm_up_time(Duration::from_secs(2));
     g.measurement_time(Duration::from_secs(10));
     for (name, store) in &stores {
-        for tasks in [1usize, 16] {
+        for tasks in [1usize, 16, 64] {
             g.bench_with_input(BenchmarkId::new(*name, tasks), &tasks, |b, &tasks| {
                 b.iter_custom(|pairs| rt.block_on(claim_complete_pairs(store, tasks, pairs)));
             });

@@ -16,6 +16,8 @@
 //! - The database clock (`clock_timestamp()`) decides leases and expiry; an index on `expires_at`
 //!   serves [`Store::purge_expired`] (run it with `idemgate_core::sweeper::spawn_sweeper`).
 //! - A connection pool (deadpool-postgres) with prepared statements.
+//! - **Group commit** of `claim`, `renew`, `complete`, `mark_unknown` and `release`: concurrent
+//!   calls share one transaction, so one WAL flush (see "Group commit" below).
 //!
 //! - Completions, releases and outcome-unknown marks are announced on [`CHANNEL`] with
 //!   `pg_notify`, after they commit and in batches (see [`PostgresStore::completions`]); an
@@ -61,6 +63,37 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Group commit
+//!
+//! Every `claim`, `renew`, `complete`, `mark_unknown` and `release` goes to the store's batcher
+//! task over a bounded queue ([`BATCH_QUEUE`] operations). The batcher takes what is queued, up
+//! to [`MAX_BATCH`] operations, and sends it on one pooled connection as `BEGIN`, the
+//! operations' usual statements, `COMMIT`, pipelined (one round trip, one WAL flush, durability
+//! as configured: `synchronous_commit` is left alone). Each caller is answered only once
+//! `COMMIT` succeeded. At most half the pool (1 to 8 connections) carries batches at once;
+//! while all of them are busy, callers queue, and the next batch takes what queued.
+//!
+//! - **A lone caller never waits**: there is no timed gathering window (one measured slower on
+//!   this CPU-bound path), and a batch of one is the plain autocommit statement.
+//! - **Each operation keeps its compare-and-set**: a miss (0 rows) is that caller's
+//!   [`CasOutcome::Lost`] and nothing else. A claim that raced with a concurrent claim (its
+//!   statement wrote nothing and saw nothing) is asked again on its own after the commit.
+//! - **No deadlocks between batches**: a batch's statements run in store-key order, so every
+//!   transaction of more than one row locks its rows in the same order (two instances included);
+//!   the other statements lock one row, or never wait (the purge's `SKIP LOCKED`).
+//! - **Same key twice in a batch**: the sort is stable, so they run in arrival order, the later
+//!   one seeing the earlier's write: a serial order.
+//! - **A failed batch fails nobody blindly**: if the database rolls it back (a statement's
+//!   error, a serialization failure, a deadlock with some other client), each of its operations
+//!   is run again on its own and answered from that. If the connection is lost before `COMMIT`'s
+//!   answer, whether it committed is unknown: every caller of the batch gets an error
+//!   ([`ErrorKind::Unavailable`]), never a success, exactly as a lost answer to an autocommit
+//!   statement.
+//! - **Bounds**: a batch holds at most [`MAX_BATCH`] operations; when the queue is full, the
+//!   caller runs its statement on its own (the unbatched path, with the pool's bounded wait), so
+//!   the bound never refuses a request. [`PostgresStore::batch_stats`] counts batches, their
+//!   operations, rollbacks and overflows.
+//!
 //! ## Guarantees
 //!
 //! Those of the [`Store`] contract, provided commits are durable: with `synchronous_commit = off`
@@ -89,7 +122,10 @@ use idemgate_core::store::{
 };
 use tokio_postgres::Row;
 
+mod batch;
 mod tls;
+
+pub use batch::{BATCH_QUEUE, BatchStats, MAX_BATCH};
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i32 = 1;
@@ -115,6 +151,8 @@ pub struct PostgresStore {
     pool: Pool,
     /// Keys to announce on [`CHANNEL`] (see [`announce_batches`]).
     announcer: tokio::sync::mpsc::Sender<StoreKey>,
+    /// Group commit of `claim`, `renew`, `complete`, `mark_unknown` and `release`.
+    batcher: std::sync::Arc<batch::Batcher>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -141,6 +179,13 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
         _ => ErrorKind::Unavailable,
     };
     StoreError::new(kind, "postgres pool").with_source(e)
+}
+
+fn mismatch() -> StoreError {
+    StoreError::new(
+        ErrorKind::Internal,
+        "postgres batch: answer of another operation",
+    )
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -218,7 +263,12 @@ impl PostgresStore {
             .map_err(|e| StoreError::new(ErrorKind::Config, "postgres pool").with_source(e))?;
         let (announcer, queue) = tokio::sync::mpsc::channel(ANNOUNCE_QUEUE);
         tokio::spawn(announce_batches(pool.clone(), queue));
-        let store = Self { pool, announcer };
+        let batcher = std::sync::Arc::new(batch::Batcher::spawn(pool.clone(), size.max(1)));
+        let store = Self {
+            pool,
+            announcer,
+            batcher,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -279,6 +329,27 @@ impl PostgresStore {
         let client = self.pool.get().await.map_err(pool_err)?;
         let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
         client.execute(&stmt, params).await.map_err(db_err)
+    }
+
+    /// Runs a compare-and-set operation through the batcher (see "Group commit").
+    async fn batched(&self, op: batch::Op) -> Result<batch::Reply, StoreError> {
+        self.batcher.run(&self.pool, op).await
+    }
+
+    async fn cas_batched(
+        &self,
+        key: &StoreKey,
+        kind: batch::Kind,
+    ) -> Result<CasOutcome, StoreError> {
+        match self.batched(batch::Op::new(key, kind)).await? {
+            batch::Reply::Cas(outcome) => Ok(outcome),
+            batch::Reply::Claim(_) => Err(mismatch()),
+        }
+    }
+
+    /// The group commit's counters since this store (and its clones) connected.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batcher.stats()
     }
 
     /// Reasons this database may lose acknowledged writes (which weakens G1), for a start-up
@@ -394,9 +465,6 @@ const HELD: &str =
 /// the store key in hex), after the change has committed, batched, from transactions of their own.
 pub const CHANNEL: &str = "idemgate_done";
 
-/// Ends a compare-and-set statement whose CTE `w` returns the changed key: one row per change.
-const CHANGED: &str = "SELECT 1 FROM w";
-
 /// Keys waiting to be announced; beyond it an announcement is dropped (waiters on other instances
 /// then notice the change at their next poll).
 const ANNOUNCE_QUEUE: usize = 4096;
@@ -491,78 +559,10 @@ impl PostgresStore {
 
 impl Store for PostgresStore {
     async fn claim(&self, key: &StoreKey, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        let sql = format!(
-            "WITH n AS (SELECT {NOW} AS now),
-             ins AS (
-               INSERT INTO idemgate_records AS r ({COLUMNS})
-               SELECT $1, $2, $3, $4, $5, n.now, greatest(n.now + $8, n.now + $7), 1, 1, $6, $9,
-                      n.now + $7, NULL, NULL, NULL
-               FROM n
-               ON CONFLICT (store_key) DO UPDATE SET
-                 namespace = EXCLUDED.namespace, scope = EXCLUDED.scope, idem_key = EXCLUDED.idem_key,
-                 fingerprint = EXCLUDED.fingerprint, created_at = EXCLUDED.created_at,
-                 expires_at = EXCLUDED.expires_at, state = 1,
-                 epoch = CASE WHEN r.expires_at <= EXCLUDED.created_at THEN 1 ELSE r.epoch + 1 END,
-                 token = EXCLUDED.token,
-                 owner = EXCLUDED.owner, lease_expires_at = EXCLUDED.lease_expires_at,
-                 completed_at = NULL, outcome = NULL, unknown_since = NULL
-               WHERE r.expires_at <= EXCLUDED.created_at
-                  OR (r.state = 1 AND r.token = $10 AND r.lease_expires_at <= EXCLUDED.created_at)
-               RETURNING r.*
-             )
-             SELECT true AS acquired, n.now, ins.* FROM ins, n
-             UNION ALL
-             SELECT false, n.now, r.* FROM idemgate_records r, n
-             WHERE r.store_key = $1 AND r.expires_at > n.now AND NOT EXISTS (SELECT 1 FROM ins)
-               AND NOT (r.state = 1 AND r.token = $10 AND r.lease_expires_at <= n.now)"
-        );
-        let mut fp = Vec::with_capacity(33);
-        fp.push(req.fingerprint.algorithm.tag());
-        fp.extend_from_slice(&req.fingerprint.digest);
-        let token = req.token.to_be_bytes().to_vec();
-        for _ in 0..8 {
-            let rows = self
-                .query(
-                    &sql,
-                    &[
-                        &key.as_bytes().as_slice(),
-                        &req.namespace,
-                        &req.scope,
-                        &req.idempotency_key,
-                        &fp,
-                        &token,
-                        &ms(req.lease_ttl),
-                        &ms(req.ttl),
-                        &req.owner,
-                        &Fencing::REVOKED.to_be_bytes().to_vec(),
-                    ],
-                )
-                .await?;
-            let Some(row) = rows.first() else {
-                // A concurrent claim committed after this statement's snapshot was taken: its row
-                // is invisible to the SELECT branch, which sees the version before it (an
-                // expired row, or a free key, both left out). Ask again (rare; bounded).
-                continue;
-            };
-            let acquired: bool = row.try_get("acquired").map_err(|_| corrupt("acquired"))?;
-            if acquired {
-                // Epoch 1, or the next epoch of a free key (released, or revoked).
-                return Ok(ClaimOutcome::Acquired {
-                    fencing: Fencing {
-                        epoch: req_u64(row, "epoch")?,
-                        token: req.token,
-                    },
-                });
-            }
-            return Ok(ClaimOutcome::Existing {
-                record: decode(row)?,
-                now: now_of(row)?,
-            });
+        match self.batched(batch::Op::claim(key, req)).await? {
+            batch::Reply::Claim(outcome) => Ok(*outcome),
+            batch::Reply::Cas(_) => Err(mismatch()),
         }
-        Err(StoreError::new(
-            ErrorKind::Timeout,
-            "claim kept racing with concurrent claims",
-        ))
     }
 
     async fn renew(
@@ -574,24 +574,11 @@ impl Store for PostgresStore {
         if let Some(lost) = revoked_cas(f) {
             return Ok(lost);
         }
-        let sql = format!(
-            "WITH n AS (SELECT {NOW} AS now)
-             UPDATE idemgate_records r SET lease_expires_at = n.now + $4,
-               expires_at = greatest(r.expires_at, n.now + $4)
-             FROM n WHERE {HELD}"
-        );
-        let n = self
-            .execute(
-                &sql,
-                &[
-                    &key.as_bytes().as_slice(),
-                    &(f.epoch as i64),
-                    &f.token.to_be_bytes().to_vec(),
-                    &ms(lease_ttl),
-                ],
-            )
-            .await?;
-        Ok(cas(n))
+        let kind = batch::Kind::Renew {
+            held: batch::Held::new(f),
+            lease_ttl: ms(lease_ttl),
+        };
+        self.cas_batched(key, kind).await
     }
 
     async fn complete(
@@ -605,26 +592,13 @@ impl Store for PostgresStore {
             return Ok(lost);
         }
         protocol::check_outcome(outcome)?;
-        let sql = format!(
-            "WITH n AS (SELECT {NOW} AS now),
-             w AS (UPDATE idemgate_records r SET state = 2, completed_at = n.now, outcome = $4,
-               expires_at = n.now + $5, token = NULL, owner = NULL, lease_expires_at = NULL
-             FROM n WHERE {HELD} RETURNING r.store_key)
-             {CHANGED}"
-        );
-        let n = self
-            .execute(
-                &sql,
-                &[
-                    &key.as_bytes().as_slice(),
-                    &(f.epoch as i64),
-                    &f.token.to_be_bytes().to_vec(),
-                    &outcome.encode(),
-                    &ms(ttl),
-                ],
-            )
-            .await?;
-        Ok(self.announce(key, cas(n)))
+        let kind = batch::Kind::Complete {
+            held: batch::Held::new(f),
+            outcome: outcome.encode(),
+            ttl: ms(ttl),
+        };
+        let done = self.cas_batched(key, kind).await?;
+        Ok(self.announce(key, done))
     }
 
     async fn mark_unknown(
@@ -636,51 +610,23 @@ impl Store for PostgresStore {
         if let Some(lost) = revoked_cas(f) {
             return Ok(lost);
         }
-        let sql = format!(
-            "WITH n AS (SELECT {NOW} AS now),
-             w AS (UPDATE idemgate_records r SET state = 3, unknown_since = n.now,
-               expires_at = n.now + $4, token = NULL, owner = NULL, lease_expires_at = NULL
-             FROM n WHERE {HELD} RETURNING r.store_key)
-             {CHANGED}"
-        );
-        let n = self
-            .execute(
-                &sql,
-                &[
-                    &key.as_bytes().as_slice(),
-                    &(f.epoch as i64),
-                    &f.token.to_be_bytes().to_vec(),
-                    &ms(ttl),
-                ],
-            )
-            .await?;
-        Ok(self.announce(key, cas(n)))
+        let kind = batch::Kind::MarkUnknown {
+            held: batch::Held::new(f),
+            ttl: ms(ttl),
+        };
+        let done = self.cas_batched(key, kind).await?;
+        Ok(self.announce(key, done))
     }
 
     async fn release(&self, key: &StoreKey, f: Fencing) -> Result<CasOutcome, StoreError> {
         if let Some(lost) = revoked_cas(f) {
             return Ok(lost);
         }
-        // The row becomes a free key with its epoch as the floor (see `protocol::release`).
-        let sql = format!(
-            "WITH n AS (SELECT {NOW} AS now),
-             w AS (UPDATE idemgate_records r SET token = $4, owner = $5, lease_expires_at = n.now
-                   FROM n WHERE {HELD} RETURNING r.store_key)
-             {CHANGED}"
-        );
-        let n = self
-            .execute(
-                &sql,
-                &[
-                    &key.as_bytes().as_slice(),
-                    &(f.epoch as i64),
-                    &f.token.to_be_bytes().to_vec(),
-                    &Fencing::REVOKED.to_be_bytes().to_vec(),
-                    &protocol::RELEASED_OWNER,
-                ],
-            )
-            .await?;
-        Ok(self.announce(key, cas(n)))
+        let kind = batch::Kind::Release {
+            held: batch::Held::new(f),
+        };
+        let done = self.cas_batched(key, kind).await?;
+        Ok(self.announce(key, done))
     }
 
     async fn take_over(
