@@ -13,6 +13,12 @@
 # IDEMGATE_TEST_REDIS_URL / IDEMGATE_TEST_POSTGRES_URL, defaults the local servers). Set
 # BENCH_STORES to a subset of "memory file redis postgres" to skip stores.
 #
+# The peer: ldclabs' idempotent-proxy (crates.io `idempotent-proxy-server`, pinned below), on its
+# memory and Redis backends, first executions and replays, same upstream and load. A full run
+# installs it with `cargo install` into target/bench-peer on first use (a few minutes, once);
+# BENCH_PEER=0 leaves it out, BENCH_PEER=1 adds it to a --quick run. Its Redis keys go to Redis
+# database 3 (BENCH_PEER_REDIS_URL), away from idemgate's.
+#
 # CPU: nothing is pinned. The load generator (one thread), the upstream (one thread), the proxy
 # under test (two worker threads / two nginx workers) and, for shared stores, Redis or PostgreSQL
 # all share the machine's cores; every target sees the same arrangement, so ratios between them
@@ -34,14 +40,23 @@ else
   footprint_records=${BENCH_FOOTPRINT_RECORDS:-1000000}
 fi
 stores=${BENCH_STORES:-"memory file redis postgres"}
+peer=${BENCH_PEER:-$((1 - quick))}
+peer_version=1.2.2
+peer_bin=${BENCH_PEER_BIN:-target/bench-peer/bin/idempotent-proxy-server}
+peer_stores=${BENCH_PEER_STORES:-"memory redis"}
 # With a service time, only this connection count (the latency target is at 16).
 delayed_conns=${BENCH_DELAYED_CONNS:-16}
 redis_url=${IDEMGATE_TEST_REDIS_URL:-redis://127.0.0.1:6379}
 postgres_url=${IDEMGATE_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}
+peer_redis_url=${BENCH_PEER_REDIS_URL:-redis://127.0.0.1:6379/3}
 
 command -v nginx >/dev/null || { echo "bench: nginx is not installed (apt-get install nginx-light)" >&2; exit 1; }
 
 cargo build --profile "$profile" -q -p idemgate -p idemgate-bench
+if ((peer)) && [[ ! -x "$peer_bin" ]]; then
+  echo "bench: installing idempotent-proxy-server $peer_version (the peer; once) into target/bench-peer"
+  cargo install -q --locked idempotent-proxy-server --version "$peer_version" --root target/bench-peer
+fi
 bin=target/$([[ "$profile" == dev ]] && echo debug || echo "$profile")
 
 if [[ -n "$report_only" ]]; then
@@ -69,14 +84,22 @@ stop() { # pid
 
 upstream_port=3950 proxy_port=3951 admin_port=3952
 failed=0
+# The request path loadgen posts to (the peer maps /URL_UP to the upstream).
+path=/payments
 
 measure() { # target store mode connections delay rep
-  if ! "$bin/loadgen" --addr 127.0.0.1:"$proxy_port" --target "$1" --store "$2" --mode "$3" \
+  # Every answer of ours is checked (--check fails the run); the peer's are counted and shown
+  # (its wrong answers are a finding to report, not a failure of this script).
+  local check=--check
+  [[ "$1" == idempotent-proxy ]] && check=
+  if ! "$bin/loadgen" --addr 127.0.0.1:"$proxy_port" --path "$path" --target "$1" --store "$2" --mode "$3" \
     --connections "$4" --delay-ms "$5" --rep "$6" --duration-ms "$duration" --warmup-ms "$warmup" \
-    --out "$results" --check >/dev/null; then
+    --out "$results" $check >/dev/null; then
     failed=1
   fi
-  tail -n1 "$results" | awk -v t="$1 $2 $3 c=$4 d=$5 rep=$6" -F'"rps":' '{split($2, a, ","); printf "  %-40s %10.0f req/s\n", t, a[1]}'
+  tail -n1 "$results" | awk -v t="$1 $2 $3 c=$4 d=$5 rep=$6" -F'"rps":' '{split($2, a, ","); printf "  %-40s %10.0f req/s", t, a[1]}'
+  tail -n1 "$results" | awk -F'"non_2xx":' '{split($2, a, ","); if (a[1] > 0) printf "   (%d answers not 2xx)", a[1]}'
+  echo
 }
 
 start_nginx() {
@@ -104,21 +127,44 @@ start_idemgate() { # store
   target_pid=$!
 }
 
+start_peer() { # store
+  # It reads a .env file from its working directory (and stops without one), the upstream URL
+  # from URL_<NAME> (requests go to /URL_<NAME>), its backend from REDIS_URL (memory without).
+  mkdir -p "$work/peer"
+  : >"$work/peer/.env"
+  if [[ "$1" == redis ]]; then
+    redis-cli -u "$peer_redis_url" flushdb >/dev/null
+    export REDIS_URL=$peer_redis_url
+  else
+    unset REDIS_URL
+  fi
+  local exe
+  exe=$(realpath "$peer_bin")
+  (cd "$work/peer" && SERVER_ADDR=127.0.0.1:$proxy_port URL_UP=http://127.0.0.1:$upstream_port/payments \
+    LOG_LEVEL=warn exec "$exe" >/dev/null 2>>"$work/peer.log") &
+  target_pid=$!
+  unset REDIS_URL
+  path=/URL_UP
+}
+
 run_target() { # target store delay rep
   case "$1" in
     upstream) proxy_port_saved=$proxy_port; proxy_port=$upstream_port ;;
     nginx) start_nginx ;;
     idemgate) start_idemgate "$2" ;;
+    idempotent-proxy) start_peer "$2" ;;
   esac
   wait_port "$proxy_port"
   local modes="unique"
   [[ "$1" == idemgate ]] && modes="unique replay none"
+  [[ "$1" == idempotent-proxy ]] && modes="unique replay"
   local cs=$conns
   [[ "$3" != 0 ]] && cs=$delayed_conns
   for c in $cs; do
     for m in $modes; do measure "$1" "$2" "$m" "$c" "$3" "$4"; done
   done
   if [[ "$1" == upstream ]]; then proxy_port=$proxy_port_saved; else stop "$target_pid"; fi
+  path=/payments
 }
 
 if [[ -z "$report_only" ]]; then
@@ -132,6 +178,9 @@ for rep in $(seq "$reps"); do
     run_target upstream "" "$delay" "$rep"
     run_target nginx "" "$delay" "$rep"
     for store in $stores; do run_target idemgate "$store" "$delay" "$rep"; done
+    if ((peer)); then
+      for store in $peer_stores; do run_target idempotent-proxy "$store" "$delay" "$rep"; done
+    fi
     stop "$upstream_pid"
   done
 done

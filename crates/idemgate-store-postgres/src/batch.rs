@@ -41,6 +41,31 @@ pub(crate) fn max_in_flight(pool_size: usize) -> usize {
     (pool_size / 2).clamp(1, 8)
 }
 
+/// `lock_timeout` inside a batch's transaction. A statement waiting this long for a row lock
+/// (held by a long transaction, an admin's, another batch's) rolls its batch back, and the
+/// batch's operations run again one by one (without the timeout): one slow row never holds
+/// the other rows of its batch locked, nor delays their renewals, for longer than this.
+pub const BATCH_LOCK_TIMEOUT: &str = "250ms";
+
+/// Operations of a rolled-back batch run again one by one, at most this many at a time (so
+/// that a rolled-back batch does not take the pool from every other operation).
+const RETRY_CONCURRENCY: usize = 4;
+
+/// Whether a job's caller still waits for it. A caller that gave up (its deadline passed, its
+/// request was cancelled) must not have its operation sent later: a claim run after its caller
+/// left would hold a lease nobody owns, a renewal run late is only load.
+fn wanted(job: &Job) -> bool {
+    !job.reply.is_closed()
+}
+
+/// Whether the database answered `e` with an ERROR (which aborts the transaction: nothing of it
+/// commits), as opposed to FATAL or PANIC (the session ends; a PANIC may even follow a commit
+/// record) or no answer at all.
+fn rolled_back_by(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|d| d.parsed_severity() == Some(tokio_postgres::error::Severity::Error))
+}
+
 const REVOKED_TOKEN: [u8; 16] = Fencing::REVOKED.to_be_bytes();
 static REVOKED_TOKEN_SLICE: &[u8] = &REVOKED_TOKEN;
 
@@ -418,13 +443,17 @@ async fn gather(
             return;
         };
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        batch.push(first);
-        // What else is queued now joins it; nobody waits for company.
+        batch.extend(Some(first).filter(wanted));
+        // What else is queued now joins it; nobody waits for company. Jobs whose callers gave
+        // up while queued are dropped unsent.
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => batch.extend(Some(job).filter(wanted)),
                 Err(_) => break,
             }
+        }
+        if batch.is_empty() {
+            continue;
         }
         let pool = pool.clone();
         let counters = counters.clone();
@@ -452,7 +481,9 @@ fn copy_err(e: &StoreError) -> StoreError {
 }
 
 async fn run_batch(pool: &Pool, mut batch: Vec<Job>, counters: &Counters) {
-    if batch.len() == 1 {
+    // Callers may have left while the batch waited for its slot's task to start.
+    batch.retain(wanted);
+    if batch.len() <= 1 {
         for job in batch {
             let reply = run_alone(pool, &job.op).await;
             let _ = job.reply.send(reply);
@@ -505,13 +536,18 @@ async fn run_batch(pool: &Pool, mut batch: Vec<Job>, counters: &Counters) {
     }
 }
 
-/// Runs each job as its own statement, concurrently, and answers it.
+/// Runs each job whose caller still waits as its own statement, [`RETRY_CONCURRENCY`] at a
+/// time, and answers it.
 async fn run_each_alone(pool: &Pool, jobs: Vec<Job>) {
-    let runs = jobs.into_iter().map(|job| async move {
-        let reply = run_alone(pool, &job.op).await;
-        let _ = job.reply.send(reply);
-    });
-    futures_util::future::join_all(runs).await;
+    use futures_util::StreamExt as _;
+    futures_util::stream::iter(jobs.into_iter().filter(wanted))
+        .map(|job| async move {
+            let reply = run_alone(pool, &job.op).await;
+            let _ = job.reply.send(reply);
+        })
+        .buffer_unordered(RETRY_CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
 }
 
 /// `BEGIN`, the batch's statements in order, `COMMIT`, pipelined on one connection.
@@ -528,9 +564,10 @@ async fn commit_together(pool: &Pool, batch: &[Job]) -> Ended {
         }
     }
     let client: &Client = &client;
+    let begin_sql = format!("BEGIN; SET LOCAL lock_timeout = '{BATCH_LOCK_TIMEOUT}'");
     let begin: Sent<'_> = Box::pin(async {
         client
-            .batch_execute("BEGIN")
+            .batch_execute(&begin_sql)
             .await
             .map(|()| Answer::Count(0))
     });
@@ -557,17 +594,20 @@ async fn commit_together(pool: &Pool, batch: &[Job]) -> Ended {
     } else {
         Some(results.remove(0))
     };
-    let statement_failed_in_database = begin
+    // Without its BEGIN the statements ran on their own (autocommit): whatever they did is
+    // committed, so nothing may be run again. Never seen; handled as unknown.
+    if let Some(Err(e)) = begin {
+        return Ended::Unknown(db_err(e));
+    }
+    let statement_failed_in_database = results
         .iter()
-        .chain(results.iter())
-        .any(|r| matches!(r, Err(e) if e.as_db_error().is_some()));
+        .any(|r| matches!(r, Err(e) if rolled_back_by(e)));
     if statement_failed_in_database {
         // An error inside the transaction aborted it: its COMMIT rolled back (whatever became
         // of the connection afterwards).
-        let first = begin
+        let first = results
             .into_iter()
-            .chain(results)
-            .find_map(|r| r.err().filter(|e| e.as_db_error().is_some()));
+            .find_map(|r| r.err().filter(rolled_back_by));
         return Ended::NothingWritten(first.map_or_else(
             || StoreError::new(ErrorKind::Internal, "postgres batch"),
             db_err,
@@ -589,10 +629,8 @@ async fn commit_together(pool: &Pool, batch: &[Job]) -> Ended {
             answers.remove(0);
             Ended::Committed(answers)
         }
-        // The server answered COMMIT with an error: rolled back.
-        Some(Err(e)) if lost.is_none() && e.as_db_error().is_some() => {
-            Ended::NothingWritten(db_err(e))
-        }
+        // The server answered COMMIT with an ERROR: rolled back. (FATAL or PANIC: unknown.)
+        Some(Err(e)) if lost.is_none() && rolled_back_by(&e) => Ended::NothingWritten(db_err(e)),
         Some(Err(e)) => Ended::Unknown(db_err(lost.unwrap_or(e))),
         _ => Ended::Unknown(lost.map_or_else(
             || StoreError::new(ErrorKind::Unavailable, "postgres batch: no COMMIT answer"),

@@ -84,11 +84,18 @@
 //! - **Same key twice in a batch**: the sort is stable, so they run in arrival order, the later
 //!   one seeing the earlier's write: a serial order.
 //! - **A failed batch fails nobody blindly**: if the database rolls it back (a statement's
-//!   error, a serialization failure, a deadlock with some other client), each of its operations
-//!   is run again on its own and answered from that. If the connection is lost before `COMMIT`'s
-//!   answer, whether it committed is unknown: every caller of the batch gets an error
-//!   ([`ErrorKind::Unavailable`]), never a success, exactly as a lost answer to an autocommit
-//!   statement.
+//!   ERROR, a serialization failure, a deadlock with some other client, a row lock not granted
+//!   within [`BATCH_LOCK_TIMEOUT`]), each of its operations is run again on its own (at most
+//!   four at a time) and answered from that. If the connection is lost before `COMMIT`'s
+//!   answer, or the server answered FATAL or PANIC, whether it committed is unknown: every
+//!   caller of the batch gets an error ([`ErrorKind::Unavailable`]), never a success, exactly
+//!   as a lost answer to an autocommit statement.
+//! - **One slow row does not hold its batch**: a batch's transaction sets `lock_timeout` to
+//!   [`BATCH_LOCK_TIMEOUT`], so a row locked elsewhere (a long transaction) rolls the batch back
+//!   after at most that long instead of keeping its other rows locked and their renewals late.
+//! - **A caller that left is not run**: an operation whose caller stopped waiting (its
+//!   deadline passed) while it was queued is dropped unsent; a claim run after its caller left
+//!   would hold a lease nobody owns. (Once sent, it runs, as an autocommit statement would.)
 //! - **Bounds**: a batch holds at most [`MAX_BATCH`] operations; when the queue is full, the
 //!   caller runs its statement on its own (the unbatched path, with the pool's bounded wait), so
 //!   the bound never refuses a request. [`PostgresStore::batch_stats`] counts batches, their
@@ -125,7 +132,7 @@ use tokio_postgres::Row;
 mod batch;
 mod tls;
 
-pub use batch::{BATCH_QUEUE, BatchStats, MAX_BATCH};
+pub use batch::{BATCH_LOCK_TIMEOUT, BATCH_QUEUE, BatchStats, MAX_BATCH};
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i32 = 1;
@@ -502,7 +509,16 @@ async fn announce_batches(pool: Pool, mut queue: tokio::sync::mpsc::Receiver<Sto
         }
         sql.push_str("; COMMIT;");
         let sent = match pool.get().await {
-            Ok(client) => client.batch_execute(&sql).await.map_err(|e| e.to_string()),
+            Ok(client) => {
+                let sent = client.batch_execute(&sql).await;
+                if sent.is_err() {
+                    // A failure after BEGIN (a full notification queue) leaves the connection
+                    // in an aborted transaction, and the pool's fast recycling would hand it
+                    // on: every statement on it would then fail. Close the transaction here.
+                    let _ = client.batch_execute("ROLLBACK").await;
+                }
+                sent.map_err(|e| e.to_string())
+            }
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = sent {

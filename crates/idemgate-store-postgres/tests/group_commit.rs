@@ -232,3 +232,83 @@ async fn two_instances_on_overlapping_keys_never_deadlock() {
         "no batch rolled back (a deadlock would)"
     );
 }
+
+/// A caller that gives up while its operation waits in the batch queue (its deadline passed)
+/// must not have the operation run later: a claim run after its caller left would hold a lease
+/// nobody owns. The only batch slot is kept busy by a renewal blocked on a row lock that this
+/// test holds in a transaction of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(no_postgres, ignore = "IDEMGATE_TEST_POSTGRES_URL is not set")]
+async fn an_operation_whose_caller_left_while_queued_is_never_run() {
+    let Some(url) = url() else { return };
+    // A pool of 2: one batch slot.
+    let store = PostgresStore::connect_with_pool_size(&url, 2)
+        .await
+        .expect("connect");
+    let (blocker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let held = fresh_key("group-commit-held");
+    let req = claim_request(LONG, LONG, 7);
+    let ClaimOutcome::Acquired { fencing } = store.claim(&held, &req).await.expect("claim") else {
+        panic!("fresh key existed")
+    };
+    blocker.batch_execute("BEGIN").await.expect("begin");
+    blocker
+        .execute(
+            "SELECT 1 FROM idemgate_records WHERE store_key = $1 FOR UPDATE",
+            &[&held.as_bytes().as_slice()],
+        )
+        .await
+        .expect("lock");
+    let renewal = tokio::spawn({
+        let store = store.clone();
+        async move { store.renew(&held, fencing, LONG).await }
+    });
+    // Wait until the renewal waits for the row lock (it then holds the only batch slot).
+    let mut blocked = false;
+    for _ in 0..1000 {
+        let waiting: i64 = blocker
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE '%idemgate_records%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if waiting > 0 {
+            blocked = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(blocked, "the renewal never waited for the lock");
+    // A claim whose caller gives up while it is queued behind the busy slot.
+    let abandoned = fresh_key("group-commit-abandoned");
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), store.claim(&abandoned, &req))
+        .await
+        .is_err();
+    assert!(
+        gave_up,
+        "the claim was answered while the only slot was busy"
+    );
+    blocker.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(
+        renewal.await.expect("no panic").expect("renew"),
+        CasOutcome::Applied
+    );
+    // The queue is first in, first out: once a later claim is answered, the abandoned one was
+    // taken off the queue.
+    let later = fresh_key("group-commit-later");
+    assert!(matches!(
+        store.claim(&later, &req).await.expect("claim"),
+        ClaimOutcome::Acquired { .. }
+    ));
+    assert!(
+        store.get(&abandoned).await.expect("get").is_none(),
+        "the abandoned claim ran after its caller left"
+    );
+}

@@ -2,7 +2,9 @@
 //! the Markdown tables of `docs/performance.md` from `loadgen`'s JSON lines.
 //!
 //! Every figure is the median over repetitions with the min–max range; ratios divide medians of
-//! the same run. Targets are the ones of issue 5 (64 connections unless said).
+//! the same run. Targets are the ones of issue 14 (64 connections unless said), including the
+//! comparison with the peer, ldclabs' idempotent-proxy; the peer's wrong answers (not 2xx,
+//! transport errors) are listed under the tables.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -63,6 +65,8 @@ fn row_rank(label: &str, mode: Mode) -> (usize, Mode) {
         "idemgate (file)",
         "idemgate (redis)",
         "idemgate (postgres)",
+        "idempotent-proxy (memory)",
+        "idempotent-proxy (redis)",
     ];
     let rank = order
         .iter()
@@ -75,7 +79,7 @@ fn mode_title(label: &str, mode: Mode) -> &'static str {
     if label == "upstream" {
         return "direct (no proxy)";
     }
-    if !label.starts_with("idemgate") {
+    if !label.starts_with("idemgate") && !label.starts_with("idempotent-proxy") {
         return "plain proxying";
     }
     match mode {
@@ -163,84 +167,92 @@ fn verdict(met: bool) -> &'static str {
 
 fn targets_table(out: &mut String, groups: &Groups) {
     out.push_str("| target | measured | goal | verdict |\n| --- | --- | --- | --- |\n");
-    let nginx = |delay, conns| {
-        // nginx forwards the key header untouched; its runs are labelled `unique`.
-        median_of(groups, delay, conns, "nginx", Mode::Unique, |r| r.rps)
-    };
+    let rps = |label: &str, mode| median_of(groups, 0, 64, label, mode, |r| r.rps);
+    // nginx and the upstream forward the key header untouched; their runs are labelled `unique`.
+    let baselines = [
+        ("nginx", rps("nginx", Mode::Unique)),
+        ("the upstream alone", rps("upstream", Mode::Unique)),
+    ];
+    // (what, label, mode, goal, baseline index): issue 14's goals, 64 connections.
     let ratio_rows = [
+        (
+            "memory store, no key (pass-through)",
+            "idemgate (memory)",
+            Mode::None,
+            1.0,
+            0,
+        ),
         (
             "memory store, first execution",
             "idemgate (memory)",
             Mode::Unique,
             1.0,
-        ),
-        (
-            "memory store, replay",
-            "idemgate (memory)",
-            Mode::Replay,
-            2.0,
-        ),
-        (
-            "file (redb) store, replay",
-            "idemgate (file)",
-            Mode::Replay,
-            2.0,
-        ),
-        ("Redis store, replay", "idemgate (redis)", Mode::Replay, 2.0),
-        (
-            "PostgreSQL store, replay",
-            "idemgate (postgres)",
-            Mode::Replay,
-            2.0,
-        ),
-        (
-            "Redis store, first execution",
-            "idemgate (redis)",
-            Mode::Unique,
-            0.6,
+            0,
         ),
         (
             "file (redb) store, first execution",
             "idemgate (file)",
             Mode::Unique,
             0.5,
+            0,
+        ),
+        (
+            "Redis store, first execution",
+            "idemgate (redis)",
+            Mode::Unique,
+            0.6,
+            0,
         ),
         (
             "PostgreSQL store, first execution",
             "idemgate (postgres)",
             Mode::Unique,
             0.3,
+            0,
         ),
         (
-            "memory store, no key (pass-through)",
+            "memory store, replay",
             "idemgate (memory)",
-            Mode::None,
-            0.0,
+            Mode::Replay,
+            0.7,
+            1,
+        ),
+        (
+            "file (redb) store, replay",
+            "idemgate (file)",
+            Mode::Replay,
+            0.7,
+            1,
+        ),
+        (
+            "Redis store, replay",
+            "idemgate (redis)",
+            Mode::Replay,
+            0.7,
+            1,
+        ),
+        (
+            "PostgreSQL store, replay",
+            "idemgate (postgres)",
+            Mode::Replay,
+            0.7,
+            1,
         ),
     ];
-    for (what, label, mode, goal) in ratio_rows {
-        let (Some(n), Some(v)) = (
-            nginx(0, 64),
-            median_of(groups, 0, 64, label, mode, |r| r.rps),
-        ) else {
+    for (what, label, mode, goal, base) in ratio_rows {
+        let (name, Some(n)) = baselines[base] else {
+            continue;
+        };
+        let Some(v) = rps(label, mode) else {
             continue;
         };
         let ratio = v / n;
-        let goal_text = if goal > 0.0 {
-            format!("≥ {goal:.1}× nginx")
-        } else {
-            "(no goal)".to_owned()
-        };
-        let v_text = if goal > 0.0 {
-            verdict(ratio >= goal)
-        } else {
-            ""
-        };
         let _ = writeln!(
             out,
-            "| {what}, 64 conn | {ratio:.2}× nginx ({} vs {} req/s) | {goal_text} | {v_text} |",
+            "| {what}, 64 conn | {ratio:.2}× {name} ({} vs {} req/s) | ≥ {goal:.1}× {name} | {} |",
             thousands(v),
-            thousands(n)
+            thousands(n),
+            verdict(ratio >= goal)
         );
     }
     for (what, label, goal_ms) in [
@@ -259,6 +271,65 @@ fn targets_table(out: &mut String, groups: &Groups) {
                 verdict(added <= goal_ms)
             );
         }
+    }
+    // The peer: idemgate ≥ 4× it on Redis first executions, and ahead on every row it has.
+    for (what, store, mode, goal) in [
+        ("Redis, first execution", "redis", Mode::Unique, 4.0),
+        ("Redis, replay", "redis", Mode::Replay, 1.0),
+        ("memory, first execution", "memory", Mode::Unique, 1.0),
+        ("memory, replay", "memory", Mode::Replay, 1.0),
+    ] {
+        let (Some(ours), Some(theirs)) = (
+            rps(&format!("idemgate ({store})"), mode),
+            rps(&format!("idempotent-proxy ({store})"), mode),
+        ) else {
+            continue;
+        };
+        let ratio = ours / theirs;
+        let goal_text = if goal > 1.0 {
+            format!("≥ {goal:.0}× it")
+        } else {
+            "ahead of it".to_owned()
+        };
+        let _ = writeln!(
+            out,
+            "| against idempotent-proxy: {what}, 64 conn | {ratio:.2}× it ({} vs {} req/s) | {goal_text} | {} |",
+            thousands(ours),
+            thousands(theirs),
+            verdict(ratio >= goal)
+        );
+    }
+}
+
+/// The peer's runs that had answers other than 2xx or transport errors (idemgate's runs fail
+/// the benchmark instead).
+fn peer_answers(out: &mut String, groups: &Groups) {
+    let mut lines = Vec::new();
+    for ((delay, conns, label, mode), runs) in groups {
+        if !label.starts_with("idempotent-proxy") {
+            continue;
+        }
+        let (bad, errors): (u64, u64) = runs
+            .iter()
+            .fold((0, 0), |(b, e), r| (b + r.non_2xx, e + r.errors));
+        let requests: u64 = runs.iter().map(|r| r.requests).sum();
+        if bad + errors > 0 {
+            lines.push(format!(
+                "- {label}, {}, {conns} conn, upstream {delay} ms: {bad} answers not 2xx and {errors} transport errors, over {} repetition(s) ({requests} answered in the measured windows)",
+                mode_title(label, *mode),
+                runs.len()
+            ));
+        }
+    }
+    if !lines.is_empty() {
+        let _ = writeln!(
+            out,
+            "### The peer's wrong answers
+
+{}
+",
+            lines.join("\n")
+        );
     }
 }
 
@@ -327,6 +398,7 @@ fn main() -> anyhow::Result<()> {
         throughput_table(&mut out, &groups, delay);
         out.push('\n');
     }
+    peer_answers(&mut out, &groups);
     if let Some(path) = &args.roundtrips {
         let _ = writeln!(
             out,
