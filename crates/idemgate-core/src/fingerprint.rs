@@ -189,27 +189,63 @@ impl<'a> FingerprintBuilder<'a> {
     }
 }
 
-enum Hasher {
+enum Digest {
     Blake3(Box<blake3::Hasher>),
     Sha256(sha2::Sha256),
 }
 
+/// The hash of a fingerprint, fed through a small buffer: a fingerprint is dozens of tiny
+/// pieces (tags, lengths), and each `update` of the hash function has a fixed cost far above
+/// copying a few bytes. The bytes hashed, so the digest, are exactly those of calling `update`
+/// per piece (`tests/digests_are_stable.rs` holds known answers).
+struct Hasher {
+    digest: Digest,
+    buf: [u8; Hasher::BUF],
+    len: usize,
+}
+
 impl Hasher {
+    const BUF: usize = 512;
+
     fn new(algorithm: Algorithm) -> Self {
-        use sha2::Digest;
-        match algorithm {
-            Algorithm::Blake3 => Hasher::Blake3(Box::new(blake3::Hasher::new())),
-            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+        use sha2::Digest as _;
+        let digest = match algorithm {
+            Algorithm::Blake3 => Digest::Blake3(Box::new(blake3::Hasher::new())),
+            Algorithm::Sha256 => Digest::Sha256(sha2::Sha256::new()),
+        };
+        Self {
+            digest,
+            buf: [0; Self::BUF],
+            len: 0,
+        }
+    }
+
+    fn feed(digest: &mut Digest, bytes: &[u8]) {
+        use sha2::Digest as _;
+        match digest {
+            Digest::Blake3(h) => {
+                h.update(bytes);
+            }
+            Digest::Sha256(h) => h.update(bytes),
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.len > 0 {
+            Self::feed(&mut self.digest, &self.buf[..self.len]);
+            self.len = 0;
         }
     }
 
     fn update(&mut self, bytes: &[u8]) {
-        use sha2::Digest;
-        match self {
-            Hasher::Blake3(h) => {
-                h.update(bytes);
-            }
-            Hasher::Sha256(h) => h.update(bytes),
+        if self.len + bytes.len() > Self::BUF {
+            self.flush();
+        }
+        if bytes.len() >= Self::BUF {
+            Self::feed(&mut self.digest, bytes);
+        } else {
+            self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
         }
     }
 
@@ -221,11 +257,12 @@ impl Hasher {
         self.update(value);
     }
 
-    fn finish(self) -> [u8; 32] {
-        use sha2::Digest;
-        match self {
-            Hasher::Blake3(h) => *h.finalize().as_bytes(),
-            Hasher::Sha256(h) => h.finalize().into(),
+    fn finish(mut self) -> [u8; 32] {
+        use sha2::Digest as _;
+        self.flush();
+        match self.digest {
+            Digest::Blake3(h) => *h.finalize().as_bytes(),
+            Digest::Sha256(h) => h.finalize().into(),
         }
     }
 }
