@@ -176,6 +176,20 @@ impl Shared {
     }
 }
 
+/// What a cached copy costs in memory, roughly: its encoding (body, header bytes, fields), the
+/// map entry, and per header the two allocations and the vector slot a decoded record holds
+/// (a record of many tiny headers costs far more decoded than encoded).
+fn footprint(record: &Record) -> usize {
+    let headers = match &record.state {
+        RecordState::Completed {
+            outcome: Outcome::Response(r),
+            ..
+        } => r.headers.len(),
+        _ => 0,
+    };
+    record.encoded_len() + 96 + 64 * headers
+}
+
 /// Forgets a key when dropped: the second half of a delete, run even if the delete is cancelled.
 struct ForgetOnDrop<'a> {
     shared: &'a Shared,
@@ -256,8 +270,7 @@ impl<S: Store> CachedStore<S> {
         if self.shared.per_shard == 0 {
             return;
         }
-        // The encoded size plus the map entry: what the copy costs, roughly.
-        let size = record.encoded_len() + 96;
+        let size = footprint(record);
         if size > self.shared.bytes_per_shard {
             return;
         }

@@ -391,6 +391,40 @@ fn write_string(s: &str, out: &mut String) {
 mod tests {
     use super::*;
 
+    /// The buffer never changes the bytes hashed: every split of pieces around its size gives
+    /// the digest of the pieces hashed one `update` each.
+    #[test]
+    fn buffered_updates_hash_the_same_bytes() {
+        let sizes = [
+            0usize, 1, 8, 100, 255, 411, 504, 511, 512, 513, 1023, 1024, 3000,
+        ];
+        for algorithm in [Algorithm::Blake3, Algorithm::Sha256] {
+            for &first in &sizes {
+                for &second in &sizes {
+                    for &third in &[0usize, 1, 511, 512, 513] {
+                        let pieces: Vec<Vec<u8>> = [first, second, third]
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &n)| (0..n).map(|b| (b * 7 + i) as u8).collect())
+                            .collect();
+                        let mut buffered = Hasher::new(algorithm);
+                        let mut direct = Hasher::new(algorithm);
+                        for p in &pieces {
+                            buffered.update(p);
+                            direct.flush();
+                            Hasher::feed(&mut direct.digest, p);
+                        }
+                        assert_eq!(
+                            buffered.finish(),
+                            direct.finish(),
+                            "{algorithm:?} {first} {second} {third}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     fn canon(json: &str) -> String {
         let v: Value = serde_json::from_str(json).unwrap();
         let mut s = String::new();

@@ -391,6 +391,27 @@ fn hex_val(c: u8) -> Option<u8> {
 mod tests {
     use super::*;
 
+    /// The stack buffer never changes the bytes hashed, whatever the part sizes around it.
+    #[test]
+    fn length_prefixed_hashes_the_same_bytes_as_one_update_per_piece() {
+        let base = blake3::Hasher::new_derive_key("test context");
+        for a in [0usize, 1, 495, 496, 503, 504, 505, 511, 512, 513, 2000] {
+            for b in [0usize, 1, 7, 8, 9, 500, 512, 1000] {
+                let (pa, pb) = (vec![1u8; a], vec![2u8; b]);
+                let mut direct = base.clone();
+                for part in [&pa[..], &pb[..]] {
+                    direct.update(&(part.len() as u64).to_le_bytes());
+                    direct.update(part);
+                }
+                assert_eq!(
+                    length_prefixed(&base, &[&pa, &pb]),
+                    direct.finalize(),
+                    "{a} {b}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn accepts_bare_and_quoted_forms() {
         assert_eq!(IdempotencyKey::parse("abc").unwrap().as_str(), "abc");

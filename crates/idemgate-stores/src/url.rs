@@ -332,20 +332,63 @@ fn size(s: &str) -> Option<usize> {
 }
 
 /// The URL without its password, for logs and messages: the password of the `user:password@`
-/// part, and the value of every query parameter whose name contains `pass` (PostgreSQL also
-/// takes `?password=…`, `sslpassword=…`), are shown as `***`.
+/// part, and the value of every query parameter whose (percent-decoded) name contains `pass`
+/// (PostgreSQL also takes `?password=…`, `sslpassword=…`), are shown as `***`. When the URL is
+/// ambiguous it hides more, never less.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return redact_query(url);
     };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
+    match userinfo_end(rest) {
+        Some(end) => {
+            let userinfo = &rest[..end];
             let user = userinfo.split(':').next().unwrap_or("");
             let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{}", redact_query(host))
+            format!(
+                "{scheme}://{user}{hidden}@{}",
+                redact_query(&rest[end + 1..])
+            )
         }
         None => format!("{scheme}://{}", redact_query(rest)),
     }
+}
+
+/// Where the `user[:password]` part of `rest` (the URL after `scheme://`) ends: its `@`.
+/// - An `@` before the query: the last one there (the `url` crate's reading, which allows `@`
+///   and `/` in a password); an `@` in the query is a query value's.
+/// - Else an `@` whose prefix has no `/`: tokio-postgres reads credentials up to the first `@`,
+///   so a password may hold a raw `?` or `#`.
+fn userinfo_end(rest: &str) -> Option<usize> {
+    let before_query = rest.find(['?', '#']).map_or(rest, |i| &rest[..i]);
+    if let Some(at) = before_query.rfind('@') {
+        return Some(at);
+    }
+    rest.find('@').filter(|&at| !rest[..at].contains('/'))
+}
+
+/// Whether a query parameter's name, percent-decoded, names a password.
+fn names_a_password(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                let (h, l) = (hex(h).unwrap_or(0), hex(l).unwrap_or(0));
+                decoded.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    decoded
+        .to_ascii_lowercase()
+        .windows(4)
+        .any(|w| w == b"pass")
 }
 
 /// `rest` with the value of every `…pass…=value` query parameter replaced by `***`.
@@ -360,7 +403,7 @@ fn redact_query(rest: &str) -> String {
     let pairs: Vec<String> = query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if name.to_ascii_lowercase().contains("pass") => format!("{name}=***"),
+            Some((name, _)) if names_a_password(name) => format!("{name}=***"),
             _ => pair.to_owned(),
         })
         .collect();
@@ -399,6 +442,23 @@ mod tests {
         assert_eq!(
             redact("postgres://u:pw@db/x?password=s3cret"),
             "postgres://u:***@db/x?password=***"
+        );
+        // An `@` in the query is not the userinfo's; a password may hold `@`, `/`, `?`.
+        assert_eq!(
+            redact("postgres://app@db/x?password=s3cret&application_name=me@host"),
+            "postgres://app@db/x?password=***&application_name=me@host"
+        );
+        assert_eq!(
+            redact("postgres://app@db/x?password=p@ss"),
+            "postgres://app@db/x?password=***"
+        );
+        assert_eq!(redact("redis://:p@s/s@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redact("postgres://u:p?ss@db/x"), "postgres://u:***@db/x");
+        assert_eq!(redact("redis://h:6379/0?x=a@b"), "redis://h:6379/0?x=a@b");
+        // Names are percent-decoded, as the drivers do.
+        assert_eq!(
+            redact("postgres://db/x?p%61ssword=s3cret"),
+            "postgres://db/x?p%61ssword=***"
         );
     }
 
