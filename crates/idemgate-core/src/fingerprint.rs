@@ -18,6 +18,8 @@ use std::fmt;
 
 use serde_json::Value;
 
+use crate::coalesce::Coalesce;
+
 /// Which hash function computes fingerprints. Both give 32 bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -194,19 +196,14 @@ enum Digest {
     Sha256(sha2::Sha256),
 }
 
-/// The hash of a fingerprint, fed through a small buffer: a fingerprint is dozens of tiny
-/// pieces (tags, lengths), and each `update` of the hash function has a fixed cost far above
-/// copying a few bytes. The bytes hashed, so the digest, are exactly those of calling `update`
-/// per piece (`tests/digests_are_stable.rs` holds known answers).
+/// The hash of a fingerprint, fed through a [`Coalesce`] buffer: a fingerprint is dozens of
+/// tiny pieces (tags, lengths). The digest is that of one `update` per piece.
 struct Hasher {
     digest: Digest,
-    buf: [u8; Hasher::BUF],
-    len: usize,
+    buf: Coalesce,
 }
 
 impl Hasher {
-    const BUF: usize = 512;
-
     fn new(algorithm: Algorithm) -> Self {
         use sha2::Digest as _;
         let digest = match algorithm {
@@ -215,8 +212,7 @@ impl Hasher {
         };
         Self {
             digest,
-            buf: [0; Self::BUF],
-            len: 0,
+            buf: Coalesce::new(),
         }
     }
 
@@ -231,22 +227,11 @@ impl Hasher {
     }
 
     fn flush(&mut self) {
-        if self.len > 0 {
-            Self::feed(&mut self.digest, &self.buf[..self.len]);
-            self.len = 0;
-        }
+        self.buf.flush(|b| Self::feed(&mut self.digest, b));
     }
 
     fn update(&mut self, bytes: &[u8]) {
-        if self.len + bytes.len() > Self::BUF {
-            self.flush();
-        }
-        if bytes.len() >= Self::BUF {
-            Self::feed(&mut self.digest, bytes);
-        } else {
-            self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-            self.len += bytes.len();
-        }
+        self.buf.push(bytes, |b| Self::feed(&mut self.digest, b));
     }
 
     /// Domain-separated, length-prefixed field: no two different part lists hash alike.

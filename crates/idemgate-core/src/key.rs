@@ -18,6 +18,8 @@
 use std::fmt::{self, Write as _};
 use std::sync::LazyLock;
 
+use crate::coalesce::Coalesce;
+
 /// The longest accepted key, in bytes, after removing sf-string quoting.
 pub const MAX_KEY_LEN: usize = 255;
 
@@ -300,30 +302,20 @@ impl ScopedKey {
 
 /// The hash of `parts`, each preceded by its length (8 bytes, little-endian), in the
 /// derive-key mode of `base`. `base` is a hasher made once (deriving its key from the context
-/// string costs a compression per call); the parts go through a stack buffer so that short
+/// string costs a compression per call); the parts go through a [`Coalesce`] buffer so that short
 /// ones cost one `update` in all. The bytes hashed are the same as one `update` per piece
 /// (`tests/digests_are_stable.rs` holds known answers).
 fn length_prefixed(base: &blake3::Hasher, parts: &[&[u8]]) -> blake3::Hash {
-    const BUF: usize = 512;
     let mut h = base.clone();
-    let mut buf = [0u8; BUF];
-    let mut len = 0;
+    let mut buf = Coalesce::new();
+    let mut update = |b: &[u8]| {
+        h.update(b);
+    };
     for part in parts {
-        let prefix = (part.len() as u64).to_le_bytes();
-        for piece in [&prefix[..], part] {
-            if len + piece.len() > BUF {
-                h.update(&buf[..len]);
-                len = 0;
-            }
-            if piece.len() >= BUF {
-                h.update(piece);
-            } else {
-                buf[len..len + piece.len()].copy_from_slice(piece);
-                len += piece.len();
-            }
-        }
+        buf.push(&(part.len() as u64).to_le_bytes(), &mut update);
+        buf.push(part, &mut update);
     }
-    h.update(&buf[..len]);
+    buf.flush(&mut update);
     h.finalize()
 }
 
@@ -391,7 +383,7 @@ fn hex_val(c: u8) -> Option<u8> {
 mod tests {
     use super::*;
 
-    /// The stack buffer never changes the bytes hashed, whatever the part sizes around it.
+    /// The buffer never changes the bytes hashed, whatever the part sizes around it.
     #[test]
     fn length_prefixed_hashes_the_same_bytes_as_one_update_per_piece() {
         let base = blake3::Hasher::new_derive_key("test context");

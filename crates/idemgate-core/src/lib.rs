@@ -84,6 +84,7 @@
 pub mod cache;
 pub mod census;
 pub mod clock;
+mod coalesce;
 pub mod engine;
 pub mod error;
 pub mod fingerprint;

@@ -368,23 +368,7 @@ fn userinfo_end(rest: &str) -> Option<usize> {
 
 /// Whether a query parameter's name, percent-decoded, names a password.
 fn names_a_password(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
-                let (h, l) = (hex(h).unwrap_or(0), hex(l).unwrap_or(0));
-                decoded.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                decoded.push(b);
-                i += 1;
-            }
-        }
-    }
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(name).collect();
     decoded
         .to_ascii_lowercase()
         .windows(4)
