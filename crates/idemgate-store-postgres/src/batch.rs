@@ -47,6 +47,10 @@ pub(crate) fn max_in_flight(pool_size: usize) -> usize {
 /// the other rows of its batch locked, nor delays their renewals, for longer than this.
 pub const BATCH_LOCK_TIMEOUT: &str = "250ms";
 
+/// A batch's first statement: its transaction, with [`BATCH_LOCK_TIMEOUT`].
+static BEGIN_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("BEGIN; SET LOCAL lock_timeout = '{BATCH_LOCK_TIMEOUT}'"));
+
 /// Operations of a rolled-back batch run again one by one, at most this many at a time (so
 /// that a rolled-back batch does not take the pool from every other operation).
 const RETRY_CONCURRENCY: usize = 4;
@@ -564,10 +568,9 @@ async fn commit_together(pool: &Pool, batch: &[Job]) -> Ended {
         }
     }
     let client: &Client = &client;
-    let begin_sql = format!("BEGIN; SET LOCAL lock_timeout = '{BATCH_LOCK_TIMEOUT}'");
     let begin: Sent<'_> = Box::pin(async {
         client
-            .batch_execute(&begin_sql)
+            .batch_execute(&BEGIN_SQL)
             .await
             .map(|()| Answer::Count(0))
     });
