@@ -4,9 +4,11 @@
 //! Why from the store, and not from what this process marked: instances sharing a store each
 //! mark some records, an operator resolves them through any instance, and records expire on the
 //! store's clock. Only the store knows which are open right now. The price is a scan: every
-//! record is read (responses included, as [`Store::list`] returns them), a page of [`PAGE`] at a
-//! time, so its cost grows with the store, not with the unknown records. `max_rate` bounds that
-//! cost (records read per second); the count is then as old as the scan is long.
+//! record is visited, a page of [`PAGE`] at a time, so its cost grows with the store, not with
+//! the unknown records. Stores that honour [`ListRequest::only_unknown`] (Redis) read only each
+//! record's state and then the outcome-unknown records whole; the others return every record,
+//! responses included. `max_rate` bounds that cost (records visited per second); the count is
+//! then as old as the scan is long.
 //!
 //! [`survey_unknown`] also keeps the newest outcome-unknown records it met (a bounded number,
 //! chosen by their marking instant), so that a dashboard can list them from the last pass
@@ -42,7 +44,7 @@ pub const PAGE: usize = 100;
 pub struct Census {
     /// Outcome-unknown records found (of the namespace asked for).
     pub unknown: u64,
-    /// Records read, of every namespace.
+    /// Records visited (read whole, or only their state), of every namespace.
     pub scanned: u64,
 }
 
@@ -113,8 +115,10 @@ pub async fn survey_unknown<S: Store>(
             .list(&ListRequest {
                 cursor,
                 limit: PAGE,
+                only_unknown: true,
             })
             .await?;
+        census.scanned += page.passed_over as u64;
         for (key, record) in page.records {
             census.scanned += 1;
             let RecordState::Unknown { epoch, since } = record.state else {

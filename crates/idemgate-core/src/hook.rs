@@ -26,7 +26,7 @@
 //! }
 //!
 //! let store = Hooked::wrap(MemoryStore::default(), Count::default());
-//! store.list(&ListRequest { cursor: None, limit: 10 }).await?;
+//! store.list(&ListRequest { cursor: None, limit: 10, only_unknown: false }).await?;
 //! assert_eq!(store.hook().0.load(Ordering::Relaxed), 1);
 //! # Ok::<(), StoreError>(())
 //! # }).unwrap();

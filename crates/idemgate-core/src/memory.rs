@@ -8,7 +8,7 @@
 //! use idemgate_core::store::{ListRequest, Store};
 //!
 //! let store = MemoryStore::builder().max_records(1_000).build();
-//! let page = store.list(&ListRequest { cursor: None, limit: 10 }).await?;
+//! let page = store.list(&ListRequest { cursor: None, limit: 10, only_unknown: false }).await?;
 //! assert!(page.records.is_empty());
 //! # Ok::<(), idemgate_core::StoreError>(())
 //! # }).unwrap();
@@ -511,13 +511,18 @@ impl Store for MemoryStore {
                 records.push((*k, slot.record()?.into_owned()));
                 if records.len() == limit {
                     let next = Some(k.to_hex());
-                    return Ok(ListPage { records, next });
+                    return Ok(ListPage {
+                        records,
+                        next,
+                        passed_over: 0,
+                    });
                 }
             }
         }
         Ok(ListPage {
             records,
             next: None,
+            passed_over: 0,
         })
     }
 

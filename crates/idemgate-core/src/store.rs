@@ -225,6 +225,11 @@ pub struct ListRequest {
     pub cursor: Option<String>,
     /// At most this many records (a backend may return fewer, or cap it).
     pub limit: usize,
+    /// A hint: the caller wants only outcome-unknown records ([`crate::record::RecordState::Unknown`]). A
+    /// store that can tell a record's state cheaply before reading it whole (Redis) leaves the
+    /// others out and counts them in [`ListPage::passed_over`]; others return every record as
+    /// usual. Callers filter either way.
+    pub only_unknown: bool,
 }
 
 impl ListRequest {
@@ -252,6 +257,10 @@ pub struct ListPage {
     pub records: Vec<(StoreKey, Record)>,
     /// The cursor of the next page; `None` when the listing is done.
     pub next: Option<String>,
+    /// Records this page visited but left out because of [`ListRequest::only_unknown`] (0 from
+    /// stores that ignore the hint). `records.len() + passed_over` is the page's share of the
+    /// store, for callers that pace a pass by records visited.
+    pub passed_over: usize,
 }
 
 /// The operations of PRODUCT §2. Read the [module docs](self) for the contract every method shares.
@@ -348,7 +357,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// One page of unexpired records, in an order the backend defines. Every record that exists for
     /// the whole listing appears in at least one page; records created or deleted meanwhile may or
-    /// may not appear.
+    /// may not appear. With [`ListRequest::only_unknown`], that holds for the outcome-unknown
+    /// records (unchanged for the whole listing); others may be left out.
     fn list(&self, req: &ListRequest) -> impl Future<Output = Result<ListPage, StoreError>> + Send;
 
     /// Removes up to `limit` expired records and returns how many it removed. Backends with native

@@ -1290,7 +1290,11 @@ impl Store for DynamoStore {
             Some(last) => Some(cursor_of(last)?),
             None => None,
         };
-        Ok(ListPage { records, next })
+        Ok(ListPage {
+            records,
+            next,
+            passed_over: 0,
+        })
     }
 
     async fn purge_expired(&self, _limit: usize) -> Result<usize, StoreError> {

@@ -846,7 +846,11 @@ impl Store for PostgresStore {
         } else {
             None
         };
-        Ok(ListPage { records, next })
+        Ok(ListPage {
+            records,
+            next,
+            passed_over: 0,
+        })
     }
 
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {

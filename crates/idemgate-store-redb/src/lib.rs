@@ -669,12 +669,14 @@ impl Store for RedbStore {
                 return Ok(ListPage {
                     records,
                     next: Some(key.to_hex()),
+                    passed_over: 0,
                 });
             }
         }
         Ok(ListPage {
             records,
             next: None,
+            passed_over: 0,
         })
     }
 

@@ -170,6 +170,7 @@ fn verify(path: &Path, claimed: &[StoreKey], done: &HashMap<StoreKey, usize>) {
                 .list(&ListRequest {
                     cursor,
                     limit: 1000,
+                    only_unknown: false,
                 })
                 .await
                 .unwrap();

@@ -16,8 +16,8 @@
 //!
 //! - Standalone Redis ([`RedisStore::connect`]) and Redis Cluster
 //!   ([`RedisStore::connect_cluster`]), over TLS with `rediss://` URLs (see "TLS" below);
-//!   completions are announced on a pub/sub channel, which
-//!   wakes waiters on other instances; [`RedisStore::durability_warnings`] reports settings
+//!   completions a claim found in flight (someone may wait) are announced on a pub/sub
+//!   channel, which wakes waiters on other instances (see [`scripts`]); [`RedisStore::durability_warnings`] reports settings
 //!   that can lose acknowledged writes. The local replay cache is `idemgate-stores`'s (it wraps
 //!   any shared store).
 //!
@@ -283,15 +283,18 @@ impl RedisStore {
         }
     }
 
-    /// The pub/sub channel on which completions, releases and outcome-unknown marks are
-    /// announced (the announcing script publishes the record's Redis key).
+    /// The pub/sub channel on which completions, releases and outcome-unknown marks of records
+    /// that a claim found in flight (someone may wait on them) are announced: the announcing
+    /// script publishes the record's Redis key. Finishes nobody could be waiting on are not
+    /// announced (see [`scripts`]).
     pub fn channel(&self) -> String {
         format!("{}done", self.prefix)
     }
 
-    /// A stream of the keys other instances (and this one) finish, from a dedicated pub/sub
-    /// connection. It ends when that connection breaks: subscribe again (waiters fall back to
-    /// polling meanwhile, so nothing is lost but latency).
+    /// A stream of the keys other instances (and this one) finish while a claim found them in
+    /// flight (see [`RedisStore::channel`]), from a dedicated pub/sub connection: a hint for
+    /// waking waiters, not an event log of every finish. It ends when that connection breaks:
+    /// subscribe again (waiters fall back to polling meanwhile, so nothing is lost but latency).
     pub async fn completions(
         &self,
     ) -> Result<impl futures_util::Stream<Item = StoreKey> + Send + 'static, StoreError> {
@@ -575,6 +578,33 @@ impl RedisStore {
             .collect();
         masters.sort();
         Ok(masters.into_iter().map(Some).collect())
+    }
+
+    /// The keys whose record's state field (`st`) is `state`; the others (and keys gone since
+    /// the scan) are left out. One `HGET` each, sent concurrently on the multiplexed connection
+    /// (routed by slot on a cluster).
+    async fn keys_in_state(
+        &self,
+        keys: Vec<String>,
+        state: &[u8],
+    ) -> Result<Vec<String>, StoreError> {
+        let states = futures_util::future::try_join_all(keys.iter().map(|k| {
+            let mut conn = self.conn.clone();
+            let mut cmd = redis::cmd("HGET");
+            cmd.arg(k).arg("st");
+            async move {
+                cmd.query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+                    .map_err(map_err)
+            }
+        }))
+        .await?;
+        Ok(keys
+            .into_iter()
+            .zip(states)
+            .filter(|(_, st)| st.as_deref() == Some(state))
+            .map(|(k, _)| k)
+            .collect())
     }
 
     async fn scan_once(
@@ -902,6 +932,12 @@ impl Store for RedisStore {
                 break Some(format!("{node}:{scan}:0"));
             }
         };
+        // With `only_unknown`, one plain `HGET st` per key (no script; the multiplexed
+        // connection sends them together) and only outcome-unknown records are read whole.
+        let visited = keys.len();
+        if req.only_unknown {
+            keys = self.keys_in_state(keys, b"u").await?;
+        }
         let mut records = Vec::with_capacity(keys.len());
         for k in keys {
             let Some(store_key) = self.store_key_of(&k) else {
@@ -916,7 +952,13 @@ impl Store for RedisStore {
                 Err(e) => return Err(e),
             }
         }
-        Ok(ListPage { records, next })
+        // Whatever was visited and not returned (other states; gone or undecodable since).
+        let passed_over = visited.saturating_sub(records.len());
+        Ok(ListPage {
+            records,
+            next,
+            passed_over,
+        })
     }
 
     /// Redis expires records natively: nothing to do.

@@ -80,7 +80,11 @@ async fn records_spread_over_every_master_and_list_finds_them_all() {
     loop {
         let page = h
             .store()
-            .list(&ListRequest { cursor, limit: 7 })
+            .list(&ListRequest {
+                cursor,
+                limit: 7,
+                only_unknown: false,
+            })
             .await
             .unwrap();
         assert!(page.records.len() <= 7);

@@ -439,7 +439,8 @@ pub async fn connect(
     })
 }
 
-/// Wakes `engine`'s waiters whenever another instance finishes a key, reconnecting (after 1 s)
+/// Wakes `engine`'s waiters whenever another instance finishes a key they wait on (Redis
+/// announces only finishes a claim found in flight; PostgreSQL every one), reconnecting (after 1 s)
 /// whenever the feed breaks. Waiters poll meanwhile, so a broken feed costs latency, not safety.
 /// Returns at once for [`Feed::None`].
 pub async fn follow<S: Store>(feed: Feed, engine: idemgate_core::Engine<S>) {

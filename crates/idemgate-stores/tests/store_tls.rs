@@ -276,6 +276,12 @@ async fn round_trip(store: &SharedStore) -> idemgate_core::StoreKey {
     let ClaimOutcome::Acquired { fencing } = store.claim(&key, &req).await.unwrap() else {
         panic!("a fresh key is acquired");
     };
+    // A second claim finds it in flight, as a waiter's would: Redis announces only finishes
+    // someone may wait on.
+    assert!(matches!(
+        store.claim(&key, &req).await.unwrap(),
+        ClaimOutcome::Existing { .. }
+    ));
     let outcome = Outcome::Response(StoredResponse::new(201, Vec::new(), "over TLS"));
     let done = store
         .complete(&key, fencing, &outcome, Duration::from_secs(60))

@@ -353,6 +353,7 @@ async fn list(State(s): State<AdminState>, Query(p): Query<ListParams>) -> Respo
     let req = ListRequest {
         cursor: p.cursor,
         limit: p.limit.unwrap_or(100).clamp(1, 1000),
+        only_unknown: false,
     };
     match s.engine.store().list(&req).await {
         Ok(page) => Json(json!({

@@ -39,7 +39,7 @@ pub const TAKEOVERS: &str = "idemgate_takeovers_total";
 pub const UNKNOWN_MARKED: &str = "idemgate_outcome_unknown_marked_total";
 /// `idemgate_outcome_unknown_records`: from the census.
 pub const UNKNOWN_RECORDS: &str = "idemgate_outcome_unknown_records";
-/// `idemgate_outcome_unknown_scan_records`: records the census's last pass read.
+/// `idemgate_outcome_unknown_scan_records`: records the census's last pass visited.
 pub const UNKNOWN_SCAN_RECORDS: &str = "idemgate_outcome_unknown_scan_records";
 /// `idemgate_outcome_unknown_scan_timestamp_seconds`: when the census's last pass ended.
 pub const UNKNOWN_SCAN_TIMESTAMP: &str = "idemgate_outcome_unknown_scan_timestamp_seconds";
@@ -143,7 +143,7 @@ pub fn describe_and_register() {
     );
     metrics::describe_gauge!(
         UNKNOWN_SCAN_RECORDS,
-        "Records (of every namespace) the last complete census pass read"
+        "Records (of every namespace) the last complete census pass visited"
     );
     metrics::describe_gauge!(
         UNKNOWN_SCAN_TIMESTAMP,

@@ -1124,7 +1124,17 @@ pub async fn complete_unknown_never_applies_to_a_later_marking<H: Harness>(h: &H
 }
 
 async fn list_all<H: Harness>(h: &H, page: usize) -> Vec<(StoreKey, Record)> {
+    list_all_of(h, page, false).await.0
+}
+
+/// Every page of a listing: the records, and the sum of the pages' `passed_over`.
+async fn list_all_of<H: Harness>(
+    h: &H,
+    page: usize,
+    only_unknown: bool,
+) -> (Vec<(StoreKey, Record)>, usize) {
     let mut out = Vec::new();
+    let mut passed_over = 0;
     let mut cursor = None;
     for _ in 0..100_000 {
         let p = h
@@ -1132,17 +1142,71 @@ async fn list_all<H: Harness>(h: &H, page: usize) -> Vec<(StoreKey, Record)> {
             .list(&ListRequest {
                 cursor: cursor.take(),
                 limit: page,
+                only_unknown,
             })
             .await
             .unwrap();
         assert!(p.records.len() <= page, "page larger than the limit");
+        if !only_unknown {
+            assert_eq!(p.passed_over, 0, "nothing is left out of a plain listing");
+        }
+        passed_over += p.passed_over;
         out.extend(p.records);
         match p.next {
             Some(c) => cursor = Some(c),
-            None => return out,
+            None => return (out, passed_over),
         }
     }
     panic!("listing did not finish");
+}
+
+pub async fn list_of_unknown_records_finds_every_one<H: Harness>(h: &H) {
+    let mut unknown = HashSet::new();
+    let mut others = HashSet::new();
+    for i in 0..24 {
+        let key = fresh_key("list-unknown");
+        let g = acquire(h, &key, &long_claim()).await;
+        match i % 3 {
+            0 => {
+                assert_eq!(
+                    h.store().mark_unknown(&key, g, LONG_TTL).await.unwrap(),
+                    CasOutcome::Applied
+                );
+                unknown.insert(key);
+            }
+            1 => {
+                assert_eq!(
+                    h.store()
+                        .complete(&key, g, &response(b"done"), LONG_TTL)
+                        .await
+                        .unwrap(),
+                    CasOutcome::Applied
+                );
+                others.insert(key);
+            }
+            _ => {
+                others.insert(key);
+            }
+        }
+    }
+    let (listed, passed_over) = list_all_of(h, 5, true).await;
+    let listed_keys: HashSet<StoreKey> = listed.iter().map(|(k, _)| *k).collect();
+    assert!(
+        unknown.is_subset(&listed_keys),
+        "every outcome-unknown record must be listed"
+    );
+    for (k, r) in &listed {
+        if unknown.contains(k) {
+            assert!(matches!(r.state, RecordState::Unknown { .. }));
+            assert_eq!(get(h, k).await.as_ref(), Some(r));
+        }
+    }
+    // A store either leaves the other records out (and counts them) or lists them.
+    let left_out = others.iter().filter(|k| !listed_keys.contains(k)).count();
+    assert!(
+        passed_over >= left_out,
+        "{left_out} records left out but only {passed_over} counted as passed over"
+    );
 }
 
 pub async fn list_pages_cover_every_record<H: Harness>(h: &H) {

@@ -190,6 +190,7 @@ macro_rules! conformance_tests {
             concurrent_complete_unknowns_have_exactly_one_winner,
             complete_unknown_never_applies_to_a_later_marking,
             list_pages_cover_every_record,
+            list_of_unknown_records_finds_every_one,
             list_skips_expired_records,
             largest_body_round_trips_byte_identical,
             oversized_body_is_refused_with_capacity,
