@@ -38,7 +38,11 @@ async fn a_finish_is_announced_exactly_when_a_claim_found_the_record_in_flight()
     let ttl = Duration::from_secs(60);
 
     // Nobody waited: completed, marked outcome-unknown, released: nothing published.
-    let quiet = [fresh_key("quiet-1"), fresh_key("quiet-2"), fresh_key("quiet-3")];
+    let quiet = [
+        fresh_key("quiet-1"),
+        fresh_key("quiet-2"),
+        fresh_key("quiet-3"),
+    ];
     for (i, key) in quiet.iter().enumerate() {
         let ClaimOutcome::Acquired { fencing } = store.claim(key, &req).await.unwrap() else {
             panic!("a fresh key is acquired");
@@ -82,7 +86,10 @@ async fn a_finish_is_announced_exactly_when_a_claim_found_the_record_in_flight()
             .await
             .expect("a notice within 10 s")
             .expect("the feed stays open");
-        assert!(!quiet.contains(&key), "a finish nobody waited on was published");
+        assert!(
+            !quiet.contains(&key),
+            "a finish nobody waited on was published"
+        );
         heard.push(key);
     }
     assert_eq!(heard, waited);
