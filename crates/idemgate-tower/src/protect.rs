@@ -256,19 +256,15 @@ where
         }
         b.body(&body).finish()
     };
-    let fallback = (route.fail_mode == FailMode::Open).then(|| inner.clone());
+    // A fail-open route keeps a copy of the request for forwarding it unprotected when the
+    // store fails; the upstream call owns the original (no copy of the head on the usual path).
+    // It holds the body's byte reservation across that send too.
+    let fallback = (route.fail_mode == FailMode::Open).then(|| {
+        let request = request_with(parts.clone(), body.clone(), reservation.clone());
+        (inner.clone(), request, reservation.clone())
+    });
     let held = (permit, reservation.clone());
-    let request_for = {
-        let parts = parts.clone();
-        let body = body.clone();
-        move |epoch: u64| {
-            let _accounted = &reservation;
-            let mut req = Request::from_parts(parts, full(body));
-            req.headers_mut()
-                .insert(IDEMPOTENCY_EPOCH, HeaderValue::from(epoch));
-            req
-        }
-    };
+    let request_for = request_with(parts, body, reservation);
     let (limit, timeout) = (route.max_response_body, shared.response_timeout);
     let upstream_timer = signals.upstream(Some(&route.name));
     let result = shared
@@ -279,7 +275,6 @@ where
             &route.engine,
             classifier(route.clone()),
             {
-                let request_for = request_for.clone();
                 // The slot among protected requests and the body's byte reservation go with the
                 // upstream call, which runs on in its own task when the client goes away: the
                 // limits count what is really in memory and in flight.
@@ -315,7 +310,8 @@ where
     match respond(record_epoch(result), &route, &scoped) {
         Responded::Answer(answer, response) => finish_keyed(answer, response, store_key.as_ref()),
         Responded::ForwardUnprotected => {
-            let mut inner = fallback.ok_or("fail-open answer without a fallback")?;
+            let (mut inner, request_for, _accounted) =
+                fallback.ok_or("fail-open answer without a fallback")?;
             futures_util::future::poll_fn(|cx| inner.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
@@ -330,6 +326,25 @@ where
                 store_key.as_ref(),
             )
         }
+    }
+}
+
+/// The request to send upstream for a dispatch at `epoch` (the epoch in its
+/// `Idempotency-Epoch` header), built from the request's head and body. The closure holds the
+/// body's byte reservation until it is called; the caller holds another across the send (the
+/// engine's operation in `held`, the fail-open fallback beside it), so the body is accounted for
+/// while a copy may be in flight.
+fn request_with<R: Send + 'static>(
+    parts: http::request::Parts,
+    body: Bytes,
+    reservation: R,
+) -> impl FnOnce(u64) -> Request<IdemBody> + Send + 'static {
+    move |epoch: u64| {
+        let _accounted = &reservation;
+        let mut req = Request::from_parts(parts, full(body));
+        req.headers_mut()
+            .insert(IDEMPOTENCY_EPOCH, HeaderValue::from(epoch));
+        req
     }
 }
 

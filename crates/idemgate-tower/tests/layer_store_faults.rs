@@ -160,3 +160,45 @@ async fn an_outcome_not_yet_recorded_is_409_under_takeover_and_answered_under_st
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+/// A request forwarded unprotected (fail-open, store down) keeps its body's bytes reserved in
+/// `max_buffered_body_bytes`'s budget while the upstream handles it: the budget counts what is
+/// in memory and in flight on this path too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_holds_the_body_reservation_while_forwarding() {
+    use idemgate_tower::body::BodyBudget;
+    let store = Faulty::new(MemoryStore::default());
+    let budget = BodyBudget::new(1 << 20);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (app_budget, app_seen) = (budget.clone(), seen.clone());
+    let app = tower::service_fn(move |_req: Request<IdemBody>| {
+        app_seen.lock().unwrap().push(app_budget.in_use());
+        async move { Ok::<_, Infallible>(Response::new(full(Bytes::from_static(b"ok")))) }
+    });
+    let routes = Routes::new(vec![RoutePolicy::new("r", "/**").fail_mode(FailMode::Open)]);
+    let svc = tower::ServiceBuilder::new()
+        .layer(
+            IdempotencyLayer::builder(Engine::builder(store.clone()).build())
+                .routes(routes)
+                .body_budget(budget.clone())
+                .build(),
+        )
+        .service(app);
+    store.set_down(true);
+    let body = Bytes::from(vec![b'x'; 1000]);
+    let req = Request::post("/pay")
+        .header("idempotency-key", "k")
+        .header("content-length", body.len())
+        .body(full(body))
+        .unwrap();
+    let res = tower::ServiceExt::oneshot(svc, req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "forwarded once, unprotected");
+    assert!(
+        seen[0] >= 1000,
+        "the body's 1000 bytes were not reserved while forwarding: {seen:?}"
+    );
+    drop(res);
+    assert_eq!(budget.in_use(), 0, "released once answered");
+}

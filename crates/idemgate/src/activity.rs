@@ -37,12 +37,15 @@ pub struct Entry {
     pub at_ms: u64,
     /// Route name.
     pub route: String,
-    /// Method.
-    pub method: String,
+    /// Method (a standard method is stored without an allocation).
+    #[serde(serialize_with = "method_str")]
+    pub method: http::Method,
     /// The client's Idempotency-Key, sanitised (printable ASCII) and capped.
     pub key: String,
-    /// The record's store key (hex), when derived.
-    pub store_key: Option<String>,
+    /// The record's store key (shown in hex), when derived. Kept as its 32 bytes: the hex is
+    /// written only when the dashboard reads the entry.
+    #[serde(serialize_with = "store_key_hex")]
+    pub store_key: Option<idemgate_core::StoreKey>,
     /// `executed`, `replayed`, `conflict`, `mismatch`, `unknown`, ...
     pub outcome: &'static str,
     /// Status answered.
@@ -104,7 +107,25 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+fn method_str<S: serde::Serializer>(m: &http::Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.as_str())
+}
+
+fn store_key_hex<S: serde::Serializer>(
+    k: &Option<idemgate_core::StoreKey>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match k {
+        Some(k) => s.serialize_str(&k.to_hex()),
+        None => s.serialize_none(),
+    }
+}
+
 fn sanitise(key: &str) -> String {
+    // The usual key (a UUID, a ULID): short printable ASCII, copied as it is.
+    if key.len() <= KEY_CHARS && key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return key.to_owned();
+    }
     let mut out: String = key
         .chars()
         .take(KEY_CHARS)
@@ -149,7 +170,11 @@ impl Activity {
             start_ms: start,
             routes: BTreeMap::new(),
         });
-        let rb = current.routes.entry(entry.route.clone()).or_default();
+        // The route's name is allocated once per bucket, not per request.
+        let rb = match current.routes.get_mut(&entry.route) {
+            Some(rb) => rb,
+            None => current.routes.entry(entry.route.clone()).or_default(),
+        };
         *rb.counts.entry(entry.outcome).or_insert(0) += 1;
         if rb.durations_ms.len() < LATENCY_SAMPLES {
             rb.durations_ms.push(entry.duration_ms);
@@ -310,9 +335,9 @@ impl Observer for Activity {
         self.record(Entry {
             at_ms: now_ms(),
             route: o.route.to_owned(),
-            method: o.method.as_str().to_owned(),
+            method: o.method.clone(),
             key: sanitise(o.key),
-            store_key: o.store_key.map(|k| k.to_hex()),
+            store_key: o.store_key.copied(),
             outcome: o.answer.as_str(),
             status: o.status,
             duration_ms: o.elapsed.as_secs_f64() * 1e3,
@@ -328,7 +353,7 @@ mod tests {
         Entry {
             at_ms,
             route: route.into(),
-            method: "POST".into(),
+            method: http::Method::POST,
             key: format!("k{at_ms}"),
             store_key: None,
             outcome,
@@ -440,5 +465,23 @@ mod tests {
         let s = sanitise(&long);
         assert_eq!(s.chars().count(), KEY_CHARS + 1);
         assert!(s.ends_with('…'));
+        // The copy-as-is path ends exactly at the cap.
+        let at_cap = "k".repeat(KEY_CHARS);
+        assert_eq!(sanitise(&at_cap), at_cap);
+        let over = "k".repeat(KEY_CHARS + 1);
+        assert_eq!(sanitise(&over), format!("{at_cap}…"));
+        assert_eq!(sanitise("01J9 key-1"), "01J9 key-1");
+        assert_eq!(sanitise("é"), "?");
+    }
+
+    #[test]
+    fn entries_serialise_method_and_store_key_as_text() {
+        let mut e = entry(1, "pay", "executed", 1.0);
+        e.store_key = Some(idemgate_core::StoreKey([0xab; 32]));
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["method"], "POST");
+        assert_eq!(v["store_key"], "ab".repeat(32));
+        e.store_key = None;
+        assert!(serde_json::to_value(&e).unwrap()["store_key"].is_null());
     }
 }
