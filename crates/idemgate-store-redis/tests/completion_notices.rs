@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use idemgate_core::StoreKey;
 use idemgate_core::record::{Outcome, StoredResponse};
 use idemgate_core::store::{CasOutcome, ClaimOutcome, Store};
 use idemgate_core::testkit::{claim_request, fresh_key};
@@ -27,6 +28,29 @@ fn done() -> Outcome {
     Outcome::Response(StoredResponse::new(201, Vec::new(), "done"))
 }
 
+/// Claims `key` (fresh), lets a second claim find it in flight when `waited`, then ends it the
+/// `i % 3`-th way: completed, marked outcome-unknown, released.
+async fn claim_and_finish(store: &RedisStore, key: &StoreKey, i: usize, waited: bool) {
+    let req = claim_request(Duration::from_secs(10), Duration::from_secs(60), 1);
+    let ttl = Duration::from_secs(60);
+    let ClaimOutcome::Acquired { fencing } = store.claim(key, &req).await.unwrap() else {
+        panic!("a fresh key is acquired");
+    };
+    if waited {
+        let ClaimOutcome::Existing { record, .. } = store.claim(key, &req).await.unwrap() else {
+            panic!("the second claim finds the record");
+        };
+        // The mark is invisible in the record read back.
+        assert_eq!(store.get(key).await.unwrap().as_ref(), Some(&record));
+    }
+    let applied = match i % 3 {
+        0 => store.complete(key, fencing, &done(), ttl).await.unwrap(),
+        1 => store.mark_unknown(key, fencing, ttl).await.unwrap(),
+        _ => store.release(key, fencing).await.unwrap(),
+    };
+    assert_eq!(applied, CasOutcome::Applied);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(no_redis, ignore = "IDEMGATE_TEST_REDIS_URL is not set")]
 async fn a_finish_is_announced_exactly_when_a_claim_found_the_record_in_flight() {
@@ -34,48 +58,15 @@ async fn a_finish_is_announced_exactly_when_a_claim_found_the_record_in_flight()
         return;
     };
     let mut notices = Box::pin(store.completions().await.expect("subscribe"));
-    let req = claim_request(Duration::from_secs(10), Duration::from_secs(60), 1);
-    let ttl = Duration::from_secs(60);
-
     // Nobody waited: completed, marked outcome-unknown, released: nothing published.
-    let quiet = [
-        fresh_key("quiet-1"),
-        fresh_key("quiet-2"),
-        fresh_key("quiet-3"),
-    ];
+    let quiet: Vec<StoreKey> = (0..3).map(|i| fresh_key(&format!("quiet-{i}"))).collect();
     for (i, key) in quiet.iter().enumerate() {
-        let ClaimOutcome::Acquired { fencing } = store.claim(key, &req).await.unwrap() else {
-            panic!("a fresh key is acquired");
-        };
-        let applied = match i {
-            0 => store.complete(key, fencing, &done(), ttl).await.unwrap(),
-            1 => store.mark_unknown(key, fencing, ttl).await.unwrap(),
-            _ => store.release(key, fencing).await.unwrap(),
-        };
-        assert_eq!(applied, CasOutcome::Applied);
+        claim_and_finish(&store, key, i, false).await;
     }
-
     // A second claim found each of these in flight (a waiter): every end is published.
-    let waited = [
-        fresh_key("waited-1"),
-        fresh_key("waited-2"),
-        fresh_key("waited-3"),
-    ];
+    let waited: Vec<StoreKey> = (0..3).map(|i| fresh_key(&format!("waited-{i}"))).collect();
     for (i, key) in waited.iter().enumerate() {
-        let ClaimOutcome::Acquired { fencing } = store.claim(key, &req).await.unwrap() else {
-            panic!("a fresh key is acquired");
-        };
-        let ClaimOutcome::Existing { record, .. } = store.claim(key, &req).await.unwrap() else {
-            panic!("the second claim finds the record");
-        };
-        // The mark is invisible in the record read back.
-        assert_eq!(store.get(key).await.unwrap().as_ref(), Some(&record));
-        let applied = match i {
-            0 => store.complete(key, fencing, &done(), ttl).await.unwrap(),
-            1 => store.mark_unknown(key, fencing, ttl).await.unwrap(),
-            _ => store.release(key, fencing).await.unwrap(),
-        };
-        assert_eq!(applied, CasOutcome::Applied);
+        claim_and_finish(&store, key, i, true).await;
     }
 
     // Pub/sub keeps order per publisher: the three waited-on keys arrive, and nothing of the

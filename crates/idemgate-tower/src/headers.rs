@@ -28,20 +28,43 @@ pub const HOP_BY_HOP: [&str; 8] = [
 
 /// Whether `name` is hop-by-hop, either by definition or because `Connection` lists it.
 pub fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
-        || headers
+    HopByHop::of(headers).contains(name)
+}
+
+/// The hop-by-hop test for every header of one map: its `Connection` tokens are read once, not
+/// once per header (no allocation when it has none).
+struct HopByHop<'a> {
+    listed: Vec<&'a str>,
+}
+
+impl<'a> HopByHop<'a> {
+    fn of(headers: &'a HeaderMap) -> Self {
+        let listed = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect();
+        Self { listed }
+    }
+
+    fn contains(&self, name: &HeaderName) -> bool {
+        HOP_BY_HOP.contains(&name.as_str())
+            || self
+                .listed
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name.as_str()))
+    }
 }
 
 /// Removes hop-by-hop headers (for proxies).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let hop = HopByHop::of(headers);
     let listed: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| is_hop_by_hop(n, headers))
+        .filter(|n| hop.contains(n))
         .cloned()
         .collect();
     for name in listed {
@@ -57,10 +80,11 @@ pub fn storable(
     allow: Option<&[String]>,
     deny: &[String],
 ) -> Vec<(String, Bytes)> {
+    let hop = HopByHop::of(headers);
     headers
         .iter()
         .filter(|(name, _)| {
-            !is_hop_by_hop(name, headers)
+            !hop.contains(name)
                 && *name != header::CONTENT_LENGTH
                 && !deny.iter().any(|d| d == name.as_str())
                 && allow.is_none_or(|a| a.iter().any(|h| h == name.as_str()))
@@ -95,6 +119,22 @@ pub fn replay(stored: &StoredResponse) -> Response<IdemBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strip_removes_every_connection_listed_header_across_lines_and_cases() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static(" X-Private , ,"));
+        h.append("connection", HeaderValue::from_static("x-other"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("2"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("3"));
+        assert!(is_hop_by_hop(&HeaderName::from_static("x-other"), &h));
+        assert!(!is_hop_by_hop(&HeaderName::from_static("x-kept"), &h));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
 
     #[test]
     fn storable_drops_hop_by_hop_cookies_and_connection_listed_headers() {
