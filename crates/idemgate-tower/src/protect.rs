@@ -173,7 +173,7 @@ where
     let finish = |answer: Answer, res: Response<IdemBody>| finish_keyed(answer, res, None);
     let (parts, body) = req.into_parts();
     // The reservation accounts for the body's memory for as long as a copy of the request may be
-    // sent (it moves into `request_for` below).
+    // sent: this function holds it until it returns, the upstream call a clone (`held` below).
     let (body, reservation) = match &shared.limits.body_budget {
         None => match collect_limited(boxed(body), route.max_request_body)
             .await
@@ -258,13 +258,12 @@ where
     };
     // A fail-open route keeps a copy of the request for forwarding it unprotected when the
     // store fails; the upstream call owns the original (no copy of the head on the usual path).
-    // It holds the body's byte reservation across that send too.
-    let fallback = (route.fail_mode == FailMode::Open).then(|| {
-        let request = request_with(parts.clone(), body.clone(), reservation.clone());
-        (inner.clone(), request, reservation.clone())
-    });
+    // `reservation` itself stays here until this function returns, so the body stays accounted
+    // for through a fallback's send too.
+    let fallback = (route.fail_mode == FailMode::Open)
+        .then(|| (inner.clone(), request_with(parts.clone(), body.clone())));
     let held = (permit, reservation.clone());
-    let request_for = request_with(parts, body, reservation);
+    let request_for = request_with(parts, body);
     let (limit, timeout) = (route.max_response_body, shared.response_timeout);
     let upstream_timer = signals.upstream(Some(&route.name));
     let result = shared
@@ -310,8 +309,7 @@ where
     match respond(record_epoch(result), &route, &scoped) {
         Responded::Answer(answer, response) => finish_keyed(answer, response, store_key.as_ref()),
         Responded::ForwardUnprotected => {
-            let (mut inner, request_for, _accounted) =
-                fallback.ok_or("fail-open answer without a fallback")?;
+            let (mut inner, request_for) = fallback.ok_or("fail-open answer without a fallback")?;
             futures_util::future::poll_fn(|cx| inner.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
@@ -330,17 +328,14 @@ where
 }
 
 /// The request to send upstream for a dispatch at `epoch` (the epoch in its
-/// `Idempotency-Epoch` header), built from the request's head and body. The closure holds the
-/// body's byte reservation until it is called; the caller holds another across the send (the
-/// engine's operation in `held`, the fail-open fallback beside it), so the body is accounted for
-/// while a copy may be in flight.
-fn request_with<R: Send + 'static>(
+/// `Idempotency-Epoch` header), built from the request's head and body. The body's byte
+/// reservation is held by the caller across the send (the engine's operation in `held`, the
+/// fail-open fallback in `protect`'s own frame).
+fn request_with(
     parts: http::request::Parts,
     body: Bytes,
-    reservation: R,
 ) -> impl FnOnce(u64) -> Request<IdemBody> + Send + 'static {
     move |epoch: u64| {
-        let _accounted = &reservation;
         let mut req = Request::from_parts(parts, full(body));
         req.headers_mut()
             .insert(IDEMPOTENCY_EPOCH, HeaderValue::from(epoch));
