@@ -11,7 +11,8 @@
 #
 # Needs nginx (Debian package nginx-light or nginx), Redis and PostgreSQL (URLs from
 # IDEMGATE_TEST_REDIS_URL / IDEMGATE_TEST_POSTGRES_URL, defaults the local servers). Set
-# BENCH_STORES to a subset of "memory file redis postgres" to skip stores.
+# BENCH_STORES to a subset of "memory file file-redb redis postgres" to skip stores (`file` is
+# the default embedded engine, fjall; `file-redb` the same URL with `?engine=redb`).
 #
 # The peer: ldclabs' idempotent-proxy (crates.io `idempotent-proxy-server`, pinned below), on its
 # memory and Redis backends, first executions and replays, same upstream and load. A full run
@@ -39,7 +40,7 @@ else
   conns=${BENCH_CONNS:-"1 16 64"} delays=${BENCH_DELAYS:-"0 5"} profile=${BENCH_PROFILE:-release}
   footprint_records=${BENCH_FOOTPRINT_RECORDS:-1000000}
 fi
-stores=${BENCH_STORES:-"memory file redis postgres"}
+stores=${BENCH_STORES:-"memory file file-redb redis postgres"}
 peer=${BENCH_PEER:-$((1 - quick))}
 peer_version=1.2.2
 peer_bin=${BENCH_PEER_BIN:-target/bench-peer/bin/idempotent-proxy-server}
@@ -115,6 +116,7 @@ start_idemgate() { # store
   case "$1" in
     memory) url=memory:// ;;
     file) rm -rf "$work/file-store"; url=file:$work/file-store ;;
+    file-redb) rm -rf "$work/file-redb"; url="file:$work/file-redb?engine=redb" ;;
     redis) url=$redis_url ;;
     postgres) url=$postgres_url ;;
   esac

@@ -356,3 +356,128 @@ pub fn check_outcome(outcome: &Outcome) -> Result<(), StoreError> {
         _ => Ok(()),
     }
 }
+
+/// One mutating [`Store`](crate::Store) operation as a value, for stores that queue operations to
+/// a single writer (redb, fjall) and apply them later with [`apply`].
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // queued once per operation; boxing would only add an allocation
+pub enum Mutation {
+    /// [`Store::claim`](crate::Store::claim).
+    Claim(ClaimRequest),
+    /// [`Store::renew`](crate::Store::renew): the fencing and the new lease.
+    Renew(Fencing, Duration),
+    /// [`Store::complete`](crate::Store::complete): the fencing, the outcome and its TTL.
+    Complete(Fencing, Outcome, Duration),
+    /// [`Store::mark_unknown`](crate::Store::mark_unknown): the fencing and the TTL.
+    MarkUnknown(Fencing, Duration),
+    /// [`Store::release`](crate::Store::release).
+    Release(Fencing),
+    /// [`Store::take_over`](crate::Store::take_over).
+    TakeOver(TakeOverRequest),
+    /// [`Store::delete`](crate::Store::delete).
+    Delete(DeleteMode),
+    /// [`Store::complete_unknown`](crate::Store::complete_unknown): the mark, outcome and TTL.
+    CompleteUnknown(UnknownMark, Outcome, Duration),
+}
+
+/// What [`apply`] answers, one variant per outcome type of the [`Store`](crate::Store) methods.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    /// For [`Mutation::Claim`].
+    Claim(ClaimOutcome),
+    /// For renew, complete, mark-unknown and release.
+    Cas(CasOutcome),
+    /// For [`Mutation::TakeOver`].
+    TakeOver(TakeOverOutcome),
+    /// For [`Mutation::Delete`].
+    Delete(DeleteOutcome),
+    /// For [`Mutation::CompleteUnknown`].
+    Resolve(ResolveOutcome),
+}
+
+fn wrong_answer() -> StoreError {
+    StoreError::new(
+        crate::error::ErrorKind::Internal,
+        "the store's writer answered with the wrong outcome type",
+    )
+}
+
+impl Answer {
+    /// The claim outcome, or an internal error if this answers another operation.
+    pub fn claim(self) -> Result<ClaimOutcome, StoreError> {
+        match self {
+            Answer::Claim(o) => Ok(o),
+            _ => Err(wrong_answer()),
+        }
+    }
+
+    /// The compare-and-set outcome, or an internal error if this answers another operation.
+    pub fn cas(self) -> Result<CasOutcome, StoreError> {
+        match self {
+            Answer::Cas(o) => Ok(o),
+            _ => Err(wrong_answer()),
+        }
+    }
+
+    /// The take-over outcome, or an internal error if this answers another operation.
+    pub fn take_over(self) -> Result<TakeOverOutcome, StoreError> {
+        match self {
+            Answer::TakeOver(o) => Ok(o),
+            _ => Err(wrong_answer()),
+        }
+    }
+
+    /// The delete outcome, or an internal error if this answers another operation.
+    pub fn delete(self) -> Result<DeleteOutcome, StoreError> {
+        match self {
+            Answer::Delete(o) => Ok(o),
+            _ => Err(wrong_answer()),
+        }
+    }
+
+    /// The resolve outcome, or an internal error if this answers another operation.
+    pub fn resolve(self) -> Result<ResolveOutcome, StoreError> {
+        match self {
+            Answer::Resolve(o) => Ok(o),
+            _ => Err(wrong_answer()),
+        }
+    }
+}
+
+/// Runs `mutation` against the current record: the single dispatch of every transition above.
+pub fn apply(mutation: &Mutation, current: Option<&Record>, now: Timestamp) -> (Write, Answer) {
+    match mutation {
+        Mutation::Claim(req) => {
+            let (w, o) = claim(current, now, req);
+            (w, Answer::Claim(o))
+        }
+        Mutation::Renew(f, lease) => {
+            let (w, o) = renew(current, now, *f, *lease);
+            (w, Answer::Cas(o))
+        }
+        Mutation::Complete(f, outcome, ttl) => {
+            let (w, o) = complete(current, now, *f, outcome, *ttl);
+            (w, Answer::Cas(o))
+        }
+        Mutation::MarkUnknown(f, ttl) => {
+            let (w, o) = mark_unknown(current, now, *f, *ttl);
+            (w, Answer::Cas(o))
+        }
+        Mutation::Release(f) => {
+            let (w, o) = release(current, now, *f);
+            (w, Answer::Cas(o))
+        }
+        Mutation::TakeOver(req) => {
+            let (w, o) = take_over(current, now, req);
+            (w, Answer::TakeOver(o))
+        }
+        Mutation::Delete(mode) => {
+            let (w, o) = delete(current, now, *mode);
+            (w, Answer::Delete(o))
+        }
+        Mutation::CompleteUnknown(mark, outcome, ttl) => {
+            let (w, o) = complete_unknown(current, now, *mark, outcome, *ttl);
+            (w, Answer::Resolve(o))
+        }
+    }
+}

@@ -73,26 +73,22 @@
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use idemgate_core::clock::{Clock, Timestamp, WallClock};
 use idemgate_core::error::{ErrorKind, StoreError};
+use idemgate_core::group_commit::{Committer, GroupCommitConfig, GroupWriter};
 use idemgate_core::key::StoreKey;
-use idemgate_core::protocol::{self, Write};
+use idemgate_core::protocol::{self, Answer, Mutation, Write};
 use idemgate_core::record::{Fencing, Outcome, Record};
 use idemgate_core::store::{
     CasOutcome, ClaimOutcome, ClaimRequest, DeleteMode, DeleteOutcome, ListPage, ListRequest,
     ResolveOutcome, Store, TakeOverOutcome, TakeOverRequest, UnknownMark,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{mpsc, oneshot};
 
 const RECORDS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("records_v1");
 const EXPIRY: TableDefinition<(u64, &[u8; 32]), ()> = TableDefinition::new("expiry_v1");
-
-/// How long the writer keeps gathering a batch once it knows callers are concurrent.
-const GATHER_WINDOW: Duration = Duration::from_micros(100);
 
 /// Largest page returned by `list`.
 pub const MAX_LIST_PAGE: usize = 1_000;
@@ -162,24 +158,22 @@ impl RedbStoreBuilder {
         txn.commit().map_err(|e| map_err(e, "commit"))?;
 
         let db = Arc::new(db);
-        let (tx, rx) = mpsc::channel(self.queue_capacity);
-        let writer = Writer {
-            db: db.clone(),
-            clock: self.clock.clone(),
-            max_batch: self.max_batch,
-        };
-        let thread = std::thread::Builder::new()
-            .name("idemgate-redb-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| {
-                StoreError::new(ErrorKind::Internal, "could not start the writer thread")
-                    .with_source(e)
-            })?;
+        let writer = GroupWriter::spawn(
+            RedbCommitter {
+                db: db.clone(),
+                clock: self.clock.clone(),
+            },
+            GroupCommitConfig {
+                max_batch: self.max_batch,
+                queue_capacity: self.queue_capacity,
+                thread_name: "idemgate-redb-writer".into(),
+                ..GroupCommitConfig::default()
+            },
+        )?;
         Ok(RedbStore {
             inner: Arc::new(Inner {
                 db,
-                tx: Some(tx),
-                thread: Some(thread),
+                writer,
                 clock: self.clock,
                 path: self.path,
             }),
@@ -194,22 +188,11 @@ pub struct RedbStore {
 }
 
 struct Inner {
+    // Dropped first: the writer's thread is joined, so the file lock is released with the store.
+    writer: GroupWriter<RedbCommitter>,
     db: Arc<Database>,
-    tx: Option<mpsc::Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
     clock: Arc<dyn Clock>,
     path: PathBuf,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Closing the queue stops the writer after its current batch; joining it releases the file
-        // lock before the store is gone, so the file can be reopened at once.
-        self.tx.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -235,87 +218,53 @@ fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
     Record::decode(bytes).map_err(StoreError::from)
 }
 
-/// A mutating operation for the writer.
+/// An operation for the writer.
 enum Op {
-    Claim(ClaimRequest),
-    Renew(Fencing, Duration),
-    Complete(Fencing, Outcome, Duration),
-    MarkUnknown(Fencing, Duration),
-    Release(Fencing),
-    TakeOver(TakeOverRequest),
-    Delete(DeleteMode),
-    CompleteUnknown(UnknownMark, Outcome, Duration),
+    Mutate(Mutation),
     Purge(usize),
     #[cfg(feature = "testkit")]
     OverwriteRaw(Vec<u8>),
 }
 
+// Sent once per operation over a oneshot; boxing the answer would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Reply {
-    Claim(ClaimOutcome),
-    Cas(CasOutcome),
-    TakeOver(TakeOverOutcome),
+    Answer(Answer),
     Count(usize),
-    Delete(DeleteOutcome),
-    Resolve(ResolveOutcome),
 }
 
-struct Job {
-    key: StoreKey,
-    op: Op,
-    reply: oneshot::Sender<Result<Reply, StoreError>>,
+impl Reply {
+    fn answer(self) -> Result<Answer, StoreError> {
+        match self {
+            Reply::Answer(a) => Ok(a),
+            Reply::Count(_) => Err(unexpected()),
+        }
+    }
 }
 
-struct Writer {
+/// Applies each batch in ONE write transaction committed with an fsync.
+struct RedbCommitter {
     db: Arc<Database>,
     clock: Arc<dyn Clock>,
-    max_batch: usize,
 }
 
-impl Writer {
-    fn run(self, mut rx: mpsc::Receiver<Job>) {
-        let mut batch = Vec::with_capacity(self.max_batch);
-        let mut last_len = 0;
-        while let Some(first) = rx.blocking_recv() {
-            batch.push(first);
-            // Under concurrency (the last batch had company), give the callers just answered a
-            // moment to send their next operation, so that one fsync covers them all. A lone
-            // caller never waits.
-            let gather_until = (last_len > 1).then(|| std::time::Instant::now() + GATHER_WINDOW);
-            while batch.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => match gather_until {
-                        Some(t) if std::time::Instant::now() < t => std::thread::yield_now(),
-                        _ => break,
-                    },
-                }
-            }
-            last_len = batch.len();
-            self.commit_batch(&mut batch);
-        }
-    }
+impl Committer for RedbCommitter {
+    type Op = Op;
+    type Reply = Reply;
 
-    /// Applies every job of the batch in one transaction; answers only after the commit.
-    fn commit_batch(&self, batch: &mut Vec<Job>) {
-        let result = self.apply(batch);
-        match result {
-            Ok(replies) => {
-                for (job, reply) in batch.drain(..).zip(replies) {
-                    let _ = job.reply.send(reply);
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "redb batch failed; every operation in it is refused");
-                for job in batch.drain(..) {
-                    let _ = job
-                        .reply
-                        .send(Err(StoreError::new(e.kind(), e.message().to_owned())));
-                }
-            }
-        }
+    fn commit(
+        &mut self,
+        batch: &[(StoreKey, Op)],
+    ) -> Result<Vec<Result<Reply, StoreError>>, StoreError> {
+        self.apply(batch)
     }
+}
 
-    fn apply(&self, batch: &[Job]) -> Result<Vec<Result<Reply, StoreError>>, StoreError> {
+impl RedbCommitter {
+    fn apply(
+        &self,
+        batch: &[(StoreKey, Op)],
+    ) -> Result<Vec<Result<Reply, StoreError>>, StoreError> {
         let txn = self.db.begin_write().map_err(|e| map_err(e, "begin"))?;
         let mut dirty = false;
         let mut replies = Vec::with_capacity(batch.len());
@@ -323,32 +272,36 @@ impl Writer {
             let mut records = txn.open_table(RECORDS).map_err(|e| map_err(e, "open"))?;
             let mut expiry = txn.open_table(EXPIRY).map_err(|e| map_err(e, "open"))?;
             let now = self.clock.now();
-            for job in batch {
-                let key = job.key.as_bytes();
-                if let Op::Purge(limit) = job.op {
-                    let n = purge(&mut records, &mut expiry, now, limit)?;
-                    dirty |= n > 0;
-                    replies.push(Ok(Reply::Count(n)));
-                    continue;
-                }
-                #[cfg(feature = "testkit")]
-                if let Op::OverwriteRaw(bytes) = &job.op {
-                    records
-                        .insert(key, bytes.as_slice())
-                        .map_err(|e| map_err(e, "insert"))?;
-                    dirty = true;
-                    replies.push(Ok(Reply::Count(1)));
-                    continue;
-                }
+            for (key, op) in batch {
+                let key = key.as_bytes();
+                let mutation = match op {
+                    Op::Mutate(m) => m,
+                    Op::Purge(limit) => {
+                        let n = purge(&mut records, &mut expiry, now, *limit)?;
+                        dirty |= n > 0;
+                        replies.push(Ok(Reply::Count(n)));
+                        continue;
+                    }
+                    #[cfg(feature = "testkit")]
+                    Op::OverwriteRaw(bytes) => {
+                        records
+                            .insert(key, bytes.as_slice())
+                            .map_err(|e| map_err(e, "insert"))?;
+                        dirty = true;
+                        replies.push(Ok(Reply::Count(1)));
+                        continue;
+                    }
+                };
                 let raw = records
                     .get(key)
                     .map_err(|e| map_err(e, "get"))?
                     .map(|g| g.value().to_vec());
-                if let (Op::Delete(_), Some(Err(_))) = (&job.op, raw.as_deref().map(decode)) {
+                if let (Mutation::Delete(_), Some(Err(_))) = (mutation, raw.as_deref().map(decode))
+                {
                     // Undecodable bytes: administrators can always remove them, in any mode.
                     records.remove(key).map_err(|e| map_err(e, "remove"))?;
                     dirty = true;
-                    replies.push(Ok(Reply::Delete(DeleteOutcome::Deleted)));
+                    replies.push(Ok(Reply::Answer(Answer::Delete(DeleteOutcome::Deleted))));
                     continue;
                 }
                 let current = match raw.as_deref().map(decode).transpose() {
@@ -359,44 +312,7 @@ impl Writer {
                     }
                 };
                 let cur = current.as_ref();
-                let (write, reply) = match &job.op {
-                    Op::Claim(req) => {
-                        let (w, o) = protocol::claim(cur, now, req);
-                        (w, Reply::Claim(o))
-                    }
-                    Op::Renew(f, lease) => {
-                        let (w, o) = protocol::renew(cur, now, *f, *lease);
-                        (w, Reply::Cas(o))
-                    }
-                    Op::Complete(f, outcome, ttl) => {
-                        let (w, o) = protocol::complete(cur, now, *f, outcome, *ttl);
-                        (w, Reply::Cas(o))
-                    }
-                    Op::MarkUnknown(f, ttl) => {
-                        let (w, o) = protocol::mark_unknown(cur, now, *f, *ttl);
-                        (w, Reply::Cas(o))
-                    }
-                    Op::Release(f) => {
-                        let (w, o) = protocol::release(cur, now, *f);
-                        (w, Reply::Cas(o))
-                    }
-                    Op::TakeOver(req) => {
-                        let (w, o) = protocol::take_over(cur, now, req);
-                        (w, Reply::TakeOver(o))
-                    }
-                    Op::Delete(mode) => {
-                        let (w, o) = protocol::delete(cur, now, *mode);
-                        (w, Reply::Delete(o))
-                    }
-                    Op::CompleteUnknown(mark, outcome, ttl) => {
-                        let (w, o) = protocol::complete_unknown(cur, now, *mark, outcome, *ttl);
-                        (w, Reply::Resolve(o))
-                    }
-                    // Answered above, before the record was decoded.
-                    Op::Purge(_) => (Write::Unchanged, Reply::Count(0)),
-                    #[cfg(feature = "testkit")]
-                    Op::OverwriteRaw(_) => (Write::Unchanged, Reply::Count(0)),
-                };
+                let (write, answer) = protocol::apply(mutation, cur, now);
                 match write {
                     Write::Unchanged => {}
                     Write::Put(next) => {
@@ -423,7 +339,7 @@ impl Writer {
                         dirty = true;
                     }
                 }
-                replies.push(Ok(reply));
+                replies.push(Ok(Reply::Answer(answer)));
             }
         }
         if dirty {
@@ -496,14 +412,12 @@ impl RedbStore {
         &self.inner.path
     }
 
-    async fn submit(&self, key: StoreKey, op: Op) -> Result<Reply, StoreError> {
-        let stopped = || StoreError::new(ErrorKind::Unavailable, "the redb writer has stopped");
-        let tx = self.inner.tx.as_ref().ok_or_else(stopped)?;
-        let (reply, rx) = oneshot::channel();
-        tx.send(Job { key, op, reply })
-            .await
-            .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+    async fn mutate(&self, key: &StoreKey, mutation: Mutation) -> Result<Answer, StoreError> {
+        self.inner
+            .writer
+            .submit(*key, Op::Mutate(mutation))
+            .await?
+            .answer()
     }
 
     fn read(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
@@ -521,7 +435,11 @@ impl RedbStore {
     /// without any check, as bit rot or a foreign writer would.
     #[cfg(feature = "testkit")]
     pub async fn overwrite_raw(&self, key: &StoreKey, bytes: Vec<u8>) -> Result<(), StoreError> {
-        self.submit(*key, Op::OverwriteRaw(bytes)).await.map(|_| ())
+        self.inner
+            .writer
+            .submit(*key, Op::OverwriteRaw(bytes))
+            .await
+            .map(|_| ())
     }
 }
 
@@ -530,13 +448,6 @@ fn unexpected() -> StoreError {
         ErrorKind::Internal,
         "redb writer answered with the wrong reply type",
     )
-}
-
-fn cas(reply: Reply) -> Result<CasOutcome, StoreError> {
-    match reply {
-        Reply::Cas(o) => Ok(o),
-        _ => Err(unexpected()),
-    }
 }
 
 impl Store for RedbStore {
@@ -551,10 +462,9 @@ impl Store for RedbStore {
         {
             return Ok(ClaimOutcome::Existing { record, now });
         }
-        match self.submit(*key, Op::Claim(req.clone())).await? {
-            Reply::Claim(o) => Ok(o),
-            _ => Err(unexpected()),
-        }
+        self.mutate(key, Mutation::Claim(req.clone()))
+            .await?
+            .claim()
     }
 
     async fn renew(
@@ -563,7 +473,9 @@ impl Store for RedbStore {
         fencing: Fencing,
         lease_ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
-        cas(self.submit(*key, Op::Renew(fencing, lease_ttl)).await?)
+        self.mutate(key, Mutation::Renew(fencing, lease_ttl))
+            .await?
+            .cas()
     }
 
     async fn complete(
@@ -574,9 +486,9 @@ impl Store for RedbStore {
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
         protocol::check_outcome(outcome)?;
-        cas(self
-            .submit(*key, Op::Complete(fencing, outcome.clone(), ttl))
-            .await?)
+        self.mutate(key, Mutation::Complete(fencing, outcome.clone(), ttl))
+            .await?
+            .cas()
     }
 
     async fn mark_unknown(
@@ -585,11 +497,13 @@ impl Store for RedbStore {
         fencing: Fencing,
         ttl: Duration,
     ) -> Result<CasOutcome, StoreError> {
-        cas(self.submit(*key, Op::MarkUnknown(fencing, ttl)).await?)
+        self.mutate(key, Mutation::MarkUnknown(fencing, ttl))
+            .await?
+            .cas()
     }
 
     async fn release(&self, key: &StoreKey, fencing: Fencing) -> Result<CasOutcome, StoreError> {
-        cas(self.submit(*key, Op::Release(fencing)).await?)
+        self.mutate(key, Mutation::Release(fencing)).await?.cas()
     }
 
     async fn take_over(
@@ -597,10 +511,9 @@ impl Store for RedbStore {
         key: &StoreKey,
         req: &TakeOverRequest,
     ) -> Result<TakeOverOutcome, StoreError> {
-        match self.submit(*key, Op::TakeOver(req.clone())).await? {
-            Reply::TakeOver(o) => Ok(o),
-            _ => Err(unexpected()),
-        }
+        self.mutate(key, Mutation::TakeOver(req.clone()))
+            .await?
+            .take_over()
     }
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
@@ -609,10 +522,7 @@ impl Store for RedbStore {
     }
 
     async fn delete(&self, key: &StoreKey, mode: DeleteMode) -> Result<DeleteOutcome, StoreError> {
-        match self.submit(*key, Op::Delete(mode)).await? {
-            Reply::Delete(o) => Ok(o),
-            _ => Err(unexpected()),
-        }
+        self.mutate(key, Mutation::Delete(mode)).await?.delete()
     }
 
     async fn complete_unknown(
@@ -623,13 +533,12 @@ impl Store for RedbStore {
         ttl: Duration,
     ) -> Result<ResolveOutcome, StoreError> {
         protocol::check_outcome(outcome)?;
-        match self
-            .submit(*key, Op::CompleteUnknown(expected, outcome.clone(), ttl))
-            .await?
-        {
-            Reply::Resolve(o) => Ok(o),
-            _ => Err(unexpected()),
-        }
+        self.mutate(
+            key,
+            Mutation::CompleteUnknown(expected, outcome.clone(), ttl),
+        )
+        .await?
+        .resolve()
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListPage, StoreError> {
@@ -681,9 +590,14 @@ impl Store for RedbStore {
     }
 
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
-        match self.submit(StoreKey([0; 32]), Op::Purge(limit)).await? {
+        match self
+            .inner
+            .writer
+            .submit(StoreKey([0; 32]), Op::Purge(limit))
+            .await?
+        {
             Reply::Count(n) => Ok(n),
-            _ => Err(unexpected()),
+            Reply::Answer(_) => Err(unexpected()),
         }
     }
 }

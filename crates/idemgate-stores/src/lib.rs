@@ -7,7 +7,7 @@
 //! ## Overview
 //!
 //! - [`open`] parses a store URL ([`StoreUrl`]) and connects: `memory://[?max_records=N&max_bytes=SIZE]`,
-//!   `file:DIR` (feature `redb`), `redis://HOST:PORT[/DB]`, `redis+cluster://H1:P1,H2:P2,…`
+//!   `file:DIR[?cache=SIZE&engine=fjall|redb]` (features `fjall`, `redb`), `redis://HOST:PORT[/DB]`, `redis+cluster://H1:P1,H2:P2,…`
 //!   and their TLS forms `rediss://…?ca_file=…` and `rediss+cluster://…` (feature `redis`; the
 //!   TLS parameters are in `idemgate-store-redis`'s docs), `postgres://USER@HOST:PORT/DB` with
 //!   libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey` (feature `postgres`),
@@ -52,7 +52,9 @@
 //!
 //! ## Feature flags
 //!
-//! - `redb` (default): `file:` URLs.
+//! - `fjall` (default): `file:` URLs on the fjall engine (the default engine).
+//! - `redb` (default): `file:` URLs on the redb engine (`?engine=redb`, or a directory that
+//!   already holds a redb file).
 //! - `redis`: `redis://`, `rediss://`, `redis+cluster://` and `rediss+cluster://` URLs and their
 //!   pub/sub completion feed.
 //! - `postgres`: `postgres://` URLs and their `LISTEN/NOTIFY` completion feed.
@@ -76,7 +78,7 @@ use idemgate_core::cache::{CachedStore, Lookup};
 use idemgate_core::{ErrorKind, SharedStore, Store, StoreError};
 
 pub use instrument::{Instrumentation, Instrumented, instrumented};
-pub use url::{StoreUrl, redact};
+pub use url::{FileEngine, StoreUrl, redact};
 
 /// Where completions by other instances are announced, if anywhere.
 #[derive(Clone)]
@@ -197,7 +199,7 @@ pub async fn open(url: &str) -> Result<Opened, StoreError> {
             }
             Ok(Opened::new(builder.build(), Vec::new(), false, Feed::None))
         }
-        StoreUrl::File { dir, cache } => open_file(&dir, cache),
+        StoreUrl::File { dir, cache, engine } => open_file(&dir, cache, engine),
         StoreUrl::Redis { url } => open_redis(&url, None).await,
         StoreUrl::RedisCluster { nodes } => open_redis(url, Some(&nodes)).await,
         StoreUrl::Postgres { url } => open_postgres(&url).await,
@@ -303,6 +305,7 @@ async fn create_dynamodb_table(
 
 #[cfg(not(all(
     feature = "redb",
+    feature = "fjall",
     feature = "redis",
     feature = "postgres",
     feature = "dynamodb"
@@ -314,8 +317,96 @@ fn missing_feature(feature: &str) -> StoreError {
     )
 }
 
-#[cfg(feature = "redb")]
-fn open_file(dir: &std::path::Path, cache: Option<usize>) -> Result<Opened, StoreError> {
+/// The redb file of a `file:` store, as releases before 0.2 created it.
+const REDB_FILE: &str = "idemgate.redb";
+/// The fjall directory of a `file:` store.
+const FJALL_DIR: &str = "fjall";
+
+/// Whether `path` exists: a dangling symlink counts (opening it then fails loudly, rather than
+/// an empty store starting beside records on a volume not mounted yet); an error other than
+/// "not found" is refused.
+fn present(path: &std::path::Path) -> Result<bool, StoreError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(StoreError::new(
+            ErrorKind::Config,
+            format!("cannot tell whether {} exists", path.display()),
+        )
+        .with_source(e)),
+    }
+}
+
+/// Which engine a `file:DIR` store opens: the one asked for, else the one `DIR` already holds,
+/// else fjall. A directory holding both is refused rather than guessed: picking the wrong one
+/// would silently forget every record in the other.
+fn choose_engine(
+    dir: &std::path::Path,
+    asked: Option<FileEngine>,
+) -> Result<FileEngine, StoreError> {
+    let has_redb = present(&dir.join(REDB_FILE))?;
+    let has_fjall = present(&dir.join(FJALL_DIR))?;
+    match (asked, has_redb, has_fjall) {
+        (Some(engine), ..) => {
+            let (other, other_there, this_there) = match engine {
+                FileEngine::Fjall => ("redb", has_redb, has_fjall),
+                FileEngine::Redb => ("fjall", has_fjall, has_redb),
+            };
+            if other_there && !this_there {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "engine={} starts an empty store: the records of the {other} store in this \
+                     directory are not used (retries of their requests would run again)",
+                    engine.as_str()
+                );
+            }
+            Ok(engine)
+        }
+        (None, true, true) => Err(StoreError::new(
+            ErrorKind::Config,
+            format!(
+                "{} holds both a redb store ({REDB_FILE}) and a fjall store ({FJALL_DIR}/): say \
+                 which one to use with ?engine=redb or ?engine=fjall",
+                dir.display()
+            ),
+        )),
+        (None, true, false) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                "this directory holds a redb store from an earlier release, so it stays on redb; \
+                 fjall (the default engine since 0.2) is faster: see the README's \"Embedded \
+                 engine\" section to switch"
+            );
+            Ok(FileEngine::Redb)
+        }
+        (None, false, _) => Ok(FileEngine::Fjall),
+    }
+}
+
+/// Keeps a `file:` directory's lock for as long as its store (any clone of it) lives (the
+/// field is only held, never read).
+#[derive(Clone)]
+struct HoldsDirLock(#[allow(dead_code)] std::sync::Arc<idemgate_core::dir_lock::DirLock>);
+
+impl idemgate_core::hook::StoreHook for HoldsDirLock {
+    async fn around<T, F>(
+        &self,
+        _op: idemgate_core::hook::Operation,
+        call: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send,
+        F: std::future::Future<Output = Result<T, StoreError>> + Send,
+    {
+        call.await
+    }
+}
+
+fn open_file(
+    dir: &std::path::Path,
+    cache: Option<usize>,
+    engine: Option<FileEngine>,
+) -> Result<Opened, StoreError> {
     std::fs::create_dir_all(dir).map_err(|e| {
         StoreError::new(
             ErrorKind::Config,
@@ -323,16 +414,66 @@ fn open_file(dir: &std::path::Path, cache: Option<usize>) -> Result<Opened, Stor
         )
         .with_source(e)
     })?;
-    let mut builder = idemgate_store_redb::RedbStore::builder(dir.join("idemgate.redb"));
+    // Taken before the engine is chosen and held with the store: two processes on one
+    // directory, whatever engine each would pick, never both run (each engine also locks its
+    // own files, but a redb and a fjall store in one directory would not see each other).
+    let lock = HoldsDirLock(std::sync::Arc::new(
+        idemgate_core::dir_lock::DirLock::acquire(dir)?,
+    ));
+    match choose_engine(dir, engine)? {
+        FileEngine::Fjall => open_fjall(&dir.join(FJALL_DIR), cache, lock),
+        FileEngine::Redb => open_redb(&dir.join(REDB_FILE), cache, lock),
+    }
+}
+
+/// An embedded store, holding its directory's lock.
+#[cfg(any(feature = "fjall", feature = "redb"))]
+fn embedded(store: impl Store, lock: HoldsDirLock) -> Opened {
+    let store = idemgate_core::hook::Hooked::wrap(store, lock);
+    Opened::new(store, Vec::new(), false, Feed::None)
+}
+
+#[cfg(feature = "fjall")]
+fn open_fjall(
+    dir: &std::path::Path,
+    cache: Option<usize>,
+    lock: HoldsDirLock,
+) -> Result<Opened, StoreError> {
+    let mut builder = idemgate_store_fjall::FjallStore::builder(dir);
+    if let Some(bytes) = cache {
+        builder = builder.cache_size(bytes as u64);
+    }
+    Ok(embedded(builder.open()?, lock))
+}
+
+#[cfg(not(feature = "fjall"))]
+fn open_fjall(
+    _dir: &std::path::Path,
+    _cache: Option<usize>,
+    _lock: HoldsDirLock,
+) -> Result<Opened, StoreError> {
+    Err(missing_feature("fjall"))
+}
+
+#[cfg(feature = "redb")]
+fn open_redb(
+    file: &std::path::Path,
+    cache: Option<usize>,
+    lock: HoldsDirLock,
+) -> Result<Opened, StoreError> {
+    let mut builder = idemgate_store_redb::RedbStore::builder(file);
     if let Some(bytes) = cache {
         builder = builder.cache_size(bytes);
     }
-    let store = builder.open()?;
-    Ok(Opened::new(store, Vec::new(), false, Feed::None))
+    Ok(embedded(builder.open()?, lock))
 }
 
 #[cfg(not(feature = "redb"))]
-fn open_file(_dir: &std::path::Path, _cache: Option<usize>) -> Result<Opened, StoreError> {
+fn open_redb(
+    _file: &std::path::Path,
+    _cache: Option<usize>,
+    _lock: HoldsDirLock,
+) -> Result<Opened, StoreError> {
     Err(missing_feature("redb"))
 }
 

@@ -15,13 +15,17 @@ pub enum StoreUrl {
         /// `max_bytes`, if given.
         max_bytes: Option<usize>,
     },
-    /// `file:DIR[?cache=SIZE]` or `file://DIR`: the redb database `DIR/idemgate.redb` (a `?`
-    /// starts the options, so it cannot be part of the path).
+    /// `file:DIR[?cache=SIZE&engine=fjall|redb]` or `file://DIR`: the embedded durable store in
+    /// `DIR` (a `?` starts the options, so it cannot be part of the path). The engine is fjall
+    /// (`DIR/fjall/`) unless `engine=redb` says otherwise or `DIR` already holds a redb file
+    /// (`DIR/idemgate.redb`) from an earlier release.
     File {
         /// The directory.
         dir: PathBuf,
-        /// `?cache=SIZE`: memory for the file's page cache (default 64 MiB).
+        /// `?cache=SIZE`: memory for the engine's block or page cache (default 64 MiB).
         cache: Option<usize>,
+        /// `?engine=`: the engine asked for, if any.
+        engine: Option<FileEngine>,
     },
     /// `redis://HOST:PORT[/DB]`, or `rediss://HOST:PORT[/DB][?ca_file=PATH&client_cert=PATH&client_key=PATH]`
     /// over TLS (the options are read by the Redis store).
@@ -51,6 +55,25 @@ pub enum StoreUrl {
         /// `endpoint`, if given (`http://` or `https://`).
         endpoint: Option<String>,
     },
+}
+
+/// The engine of a `file:` store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileEngine {
+    /// fjall (an LSM tree with a journal) in `DIR/fjall/`: the default.
+    Fjall,
+    /// redb (a copy-on-write B-tree) in the file `DIR/idemgate.redb`: the engine before 0.2.
+    Redb,
+}
+
+impl FileEngine {
+    /// The option value: `fjall` or `redb`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileEngine::Fjall => "fjall",
+            FileEngine::Redb => "redb",
+        }
+    }
 }
 
 fn config(msg: String) -> StoreError {
@@ -108,7 +131,8 @@ impl StoreUrl {
                 // A `?` starts the options; an empty option list is a mistake, not a path.
                 Some((_, "")) => {
                     return Err(config(
-                        "file: a `?` starts the options (cache=SIZE) and may not end the URL"
+                        "file: a `?` starts the options (cache=SIZE, engine=fjall|redb) and may \
+                         not end the URL"
                             .into(),
                     ));
                 }
@@ -121,6 +145,7 @@ impl StoreUrl {
                 ));
             }
             let mut cache = None;
+            let mut engine = None;
             for pair in query.split('&').filter(|_| !query.is_empty()) {
                 match pair.split_once('=') {
                     Some(("cache", value)) => {
@@ -131,9 +156,16 @@ impl StoreUrl {
                         })?;
                         cache = Some(n);
                     }
+                    Some(("engine", "fjall")) => engine = Some(FileEngine::Fjall),
+                    Some(("engine", "redb")) => engine = Some(FileEngine::Redb),
+                    Some(("engine", value)) => {
+                        return Err(config(format!(
+                            "file: engine {value:?} is not fjall or redb"
+                        )));
+                    }
                     _ => {
                         return Err(config(format!(
-                            "unknown file: option {:?} (use cache=SIZE)",
+                            "unknown file: option {:?} (use cache=SIZE or engine=fjall|redb)",
                             redact(pair)
                         )));
                     }
@@ -142,6 +174,7 @@ impl StoreUrl {
             return Ok(StoreUrl::File {
                 dir: path.into(),
                 cache,
+                engine,
             });
         }
         // Only the scheme is shown: a mistyped URL (`postgres:user:pw@db`) may hold a password
@@ -489,13 +522,30 @@ mod tests {
             StoreUrl::parse("file:./d?cache=16MiB").ok(),
             Some(StoreUrl::File {
                 dir: "./d".into(),
-                cache: Some(16 << 20)
+                cache: Some(16 << 20),
+                engine: None,
             })
         );
+        assert_eq!(
+            StoreUrl::parse("file:./d?engine=redb&cache=2MiB").ok(),
+            Some(StoreUrl::File {
+                dir: "./d".into(),
+                cache: Some(2 << 20),
+                engine: Some(FileEngine::Redb),
+            })
+        );
+        assert!(matches!(
+            StoreUrl::parse("file:./d?engine=fjall"),
+            Ok(StoreUrl::File {
+                engine: Some(FileEngine::Fjall),
+                ..
+            })
+        ));
         for (bad, why) in [
             ("file:./d?cache=1KiB", "at least 1MiB"),
             ("file:./d?colour=blue", "unknown file: option"),
             ("file:./d?", "may not end"),
+            ("file:./d?engine=rocksdb", "not fjall or redb"),
             ("file:./d?cache=8MiB&", "unknown file: option"),
             ("memory://?max_records=lots", "max_records"),
             ("memory://?max_bytes=1KiB", "at least 1MiB"),

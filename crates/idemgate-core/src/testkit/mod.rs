@@ -40,6 +40,7 @@ use crate::store::{ClaimRequest, Store, TakeOverRequest};
 
 pub mod bench;
 pub mod cases;
+pub mod crash;
 pub mod faults;
 pub mod harness;
 pub mod model;
