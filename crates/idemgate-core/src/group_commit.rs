@@ -9,8 +9,9 @@
 //!
 //! **Bounds.** At most `queue_capacity` operations wait for the writer; beyond it
 //! [`GroupWriter::submit`] waits (back-pressure) instead of growing memory. Dropping the
-//! [`GroupWriter`] closes the queue, lets the writer finish its current batch and joins the thread,
-//! so the engine (and its file lock) is released when the drop returns.
+//! [`GroupWriter`] closes the queue, lets the writer apply what is still queued and joins the
+//! thread, so the engine (and its file lock) is released when the drop returns; the drop blocks
+//! its thread meanwhile (at most one batch per queued group of operations).
 //!
 //! ```
 //! use idemgate_core::group_commit::{Committer, GroupCommitConfig, GroupWriter};
@@ -161,6 +162,7 @@ fn run<C: Committer>(
     let mut ops = Vec::with_capacity(max_batch);
     let mut replies: Vec<ReplyTx<C::Reply>> = Vec::with_capacity(max_batch);
     let mut last_len = 0;
+    let mut last_error: Option<String> = None;
     while let Some(first) = rx.blocking_recv() {
         ops.push((first.key, first.op));
         replies.push(first.reply);
@@ -194,7 +196,14 @@ fn run<C: Committer>(
                         "the store's writer answered the wrong number of operations",
                     ),
                 };
-                tracing::error!(error = %e, "a store batch failed; every operation in it is refused");
+                // Once per distinct error: a store that refuses every batch after a failure would
+                // otherwise log at request rate.
+                if last_error.as_deref() != Some(e.message()) {
+                    tracing::error!(error = %e, "a store batch failed; every operation in it is refused");
+                    last_error = Some(e.message().to_owned());
+                } else {
+                    tracing::debug!(error = %e, "a store batch failed; every operation in it is refused");
+                }
                 for reply in replies.drain(..) {
                     let _ = reply.send(Err(StoreError::new(e.kind(), e.message().to_owned())));
                 }

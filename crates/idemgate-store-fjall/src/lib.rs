@@ -15,10 +15,12 @@
 //!   pages per commit, which is why this engine is the default (figures in
 //!   `docs/performance.md`).
 //! - **Reads see only durable writes.** fjall makes a write visible as soon as it is in the
-//!   memtable, before the journal is synced. Readers here (`get`, `list`, and the `claim` fast
-//!   path for a live record) read at a snapshot taken at the last synced sequence number, so no
-//!   caller is ever shown a record that a crash could take back (a replay of a response whose
-//!   completion is not yet on disk would let a crash run the request twice).
+//!   memtable, before the journal is synced. So the writer enters each key it changes, with its
+//!   value as of the last sync, in an overlay before writing it, and clears the overlay after
+//!   each sync; readers (`get`, `list`, and the `claim` fast path for a live record) read the
+//!   latest value and then the overlay, which wins. No caller is ever shown a record that a
+//!   crash could take back (a replay of a response whose completion is not yet on disk would
+//!   let a crash run the request twice).
 //! - **Expiry** uses the injected [`Clock`] (by default [`WallClock`], so that persisted times
 //!   mean the same after a restart) and an expiry index in a second partition, keyed by
 //!   `(expires_at, key)`; [`Store::purge_expired`] walks it in order, bounded by its `limit`; run
@@ -100,6 +102,7 @@
 //! `idemgate-store-redb/benches/engines.rs`); figures and the machine are in
 //! `docs/performance.md`.
 
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -192,7 +195,7 @@ impl FjallStoreBuilder {
             .persist(PersistMode::SyncData)
             .map_err(|e| map_err(e, "sync the recovered journal"))?;
         let engine = Arc::new(Engine {
-            durable: RwLock::new(Arc::new(records.snapshot_at(keyspace.instant()))),
+            unsynced: RwLock::new(HashMap::new()),
             records,
             expiry,
             keyspace,
@@ -206,7 +209,7 @@ impl FjallStoreBuilder {
                 engine: engine.clone(),
                 clock: self.clock.clone(),
                 failed: None,
-                purge_from: None,
+                purge_from: Bound::Unbounded,
             },
             GroupCommitConfig {
                 thread_name: "idemgate-fjall-writer".into(),
@@ -243,10 +246,12 @@ struct Inner {
 
 /// The keyspace, its two partitions and the durable view.
 struct Engine {
-    /// The records as of the last sync: a snapshot the writer takes after each sync and
-    /// publishes here. Readers clone it (it stays registered with fjall while anyone holds it,
-    /// so compaction keeps every version it shows).
-    durable: RwLock<Arc<fjall::Snapshot>>,
+    /// The keys the writer has changed since its last sync, each with its value as of that
+    /// sync (`None`: absent). Readers read the latest value first and then look here: a key
+    /// found here is answered with its synced value. (Not fjall's snapshots at the synced
+    /// sequence number: lsm-tree 2's flush and compaction may drop a version such a snapshot
+    /// still needs once a newer one exists, fjall-rs/lsm-tree#321.)
+    unsynced: RwLock<HashMap<[u8; 32], Option<fjall::Slice>>>,
     records: PartitionHandle,
     expiry: PartitionHandle,
     keyspace: Keyspace,
@@ -262,18 +267,27 @@ struct Engine {
 impl Engine {
     /// The record under `key` as of the last sync.
     fn read_durable(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
-        let raw = self
-            .durable_view()
+        // The latest value first, the overlay second: if the value read is not synced yet, its
+        // key was entered in the overlay before it was written and stays there until the sync,
+        // so the overlay has it now.
+        let latest = self
+            .records
             .get(key.as_bytes())
             .map_err(|e| map_err(e, "get"))?;
+        let raw = match self.unsynced.read().get(key.as_bytes()) {
+            Some(synced) => synced.clone(),
+            None => latest,
+        };
         raw.map(|v| decode(&v)).transpose()
     }
-}
 
-impl Engine {
-    /// The records as of the last sync.
-    fn durable_view(&self) -> Arc<fjall::Snapshot> {
-        self.durable.read().clone()
+    /// Enters `key` in the overlay with `synced` (its value as of the last sync), unless it is
+    /// there already. Called by the writer before each write of `key`.
+    fn before_write(&self, key: &[u8; 32], synced: &Option<fjall::Slice>) {
+        self.unsynced
+            .write()
+            .entry(*key)
+            .or_insert_with(|| synced.clone());
     }
 }
 
@@ -356,10 +370,10 @@ struct FjallCommitter {
     /// Set by the first failed write or sync: from then on every operation is refused, since
     /// the memtable may hold writes that never became durable and must not be answered from.
     failed: Option<String>,
-    /// Every expiry-index entry below this key has been removed by `purge` (the writer sees
+    /// Every expiry-index entry below this bound has been removed by `purge` (the writer sees
     /// every insert and lowers it when one lands below), so the next purge starts here instead
-    /// of walking the removed entries' tombstones again. `None`: from the start.
-    purge_from: Option<[u8; 40]>,
+    /// of walking the removed entries' tombstones again.
+    purge_from: Bound<Vec<u8>>,
 }
 
 impl Committer for FjallCommitter {
@@ -399,9 +413,6 @@ impl FjallCommitter {
         }
         if dirty {
             let engine = &self.engine;
-            // The writer is the only one writing, so every write of this group has a sequence
-            // number below this one, and is durable once the sync returns.
-            let upto = engine.keyspace.instant();
             #[cfg(feature = "testkit")]
             {
                 let _gate = engine
@@ -419,7 +430,7 @@ impl FjallCommitter {
                 .keyspace
                 .persist(PersistMode::SyncData)
                 .map_err(|e| map_err(e, "sync the journal"))?;
-            *engine.durable.write() = Arc::new(engine.records.snapshot_at(upto));
+            engine.unsynced.write().clear();
         }
         Ok(replies)
     }
@@ -440,6 +451,11 @@ impl FjallCommitter {
             Op::Purge(limit) => return Ok(self.purge(now, *limit, dirty)?.map(Reply::Count)),
             #[cfg(feature = "testkit")]
             Op::OverwriteRaw(bytes) => {
+                let synced = engine
+                    .records
+                    .get(key.as_bytes())
+                    .map_err(|e| map_err(e, "get"))?;
+                engine.before_write(key.as_bytes(), &synced);
                 engine
                     .records
                     .insert(key.as_bytes(), bytes.as_slice())
@@ -459,6 +475,7 @@ impl FjallCommitter {
             (_, Ok(current)) => current,
             (Mutation::Delete(_), Err(_)) => {
                 // Undecodable bytes: administrators can always remove them, in any mode.
+                engine.before_write(key.as_bytes(), &raw);
                 engine
                     .records
                     .remove(key.as_bytes())
@@ -479,8 +496,13 @@ impl FjallCommitter {
                     batch.remove(&engine.expiry, expiry_key(old.expires_at, key));
                 }
                 let entry = expiry_key(next.expires_at, key);
-                if self.purge_from.is_some_and(|from| entry < from) {
-                    self.purge_from = Some(entry);
+                let below = match &self.purge_from {
+                    Bound::Unbounded => false,
+                    Bound::Included(from) => entry.as_slice() < from.as_slice(),
+                    Bound::Excluded(after) => entry.as_slice() <= after.as_slice(),
+                };
+                if below {
+                    self.purge_from = Bound::Included(entry.to_vec());
                 }
                 batch.insert(&engine.records, key.as_bytes(), next.encode());
                 batch.insert(&engine.expiry, entry, []);
@@ -492,6 +514,7 @@ impl FjallCommitter {
                 batch.remove(&engine.records, key.as_bytes());
             }
         }
+        engine.before_write(key.as_bytes(), &raw);
         batch.commit().map_err(|e| map_err(e, "write"))?;
         *dirty = true;
         Ok(Ok(Reply::Answer(answer)))
@@ -508,8 +531,9 @@ impl FjallCommitter {
         let engine = self.engine.clone();
         let upper = expiry_key(now, &StoreKey([0xff; 32]));
         let lower = match &self.purge_from {
-            Some(from) => Bound::Included(from.as_slice()),
-            None => Bound::Unbounded,
+            Bound::Included(k) => Bound::Included(k.as_slice()),
+            Bound::Excluded(k) => Bound::Excluded(k.as_slice()),
+            Bound::Unbounded => Bound::Unbounded,
         };
         let mut due = Vec::new();
         for entry in engine
@@ -522,22 +546,22 @@ impl FjallCommitter {
                 Err(e) => return Ok(Err(map_err(e, "range"))),
             }
         }
-        let Some(last) = due.last().and_then(|k| <[u8; 40]>::try_from(&**k).ok()) else {
+        let Some(last) = due.last().map(|k| k.to_vec()) else {
             return Ok(Ok(0));
         };
+        // Read everything first: a failed read is purge's own answer, with nothing written.
         let mut records = Vec::with_capacity(due.len());
         for k in &due {
-            let Some((at, key)) = k.split_first_chunk::<8>() else {
-                records.push(None);
-                continue;
-            };
-            let Ok(key) = <[u8; 32]>::try_from(key) else {
-                records.push(None);
-                continue;
-            };
-            match engine.records.get(key) {
-                Ok(stored) => records.push(Some((u64::from_be_bytes(*at), key, stored))),
-                Err(e) => return Ok(Err(map_err(e, "get"))),
+            // A malformed entry (not time + key) is removed like any other.
+            let parsed = k.split_first_chunk::<8>().and_then(|(at, key)| {
+                Some((u64::from_be_bytes(*at), <[u8; 32]>::try_from(key).ok()?))
+            });
+            match parsed {
+                Some((at, key)) => match engine.records.get(key) {
+                    Ok(stored) => records.push(Some((at, key, stored))),
+                    Err(e) => return Ok(Err(map_err(e, "get"))),
+                },
+                None => records.push(None),
             }
         }
         let mut batch = engine.keyspace.batch();
@@ -552,6 +576,7 @@ impl FjallCommitter {
                 && record.expires_at.as_millis() == at
                 && record.is_expired(now)
             {
+                engine.before_write(&key, &stored);
                 batch.remove(&engine.records, key);
                 removed += 1;
             }
@@ -559,24 +584,9 @@ impl FjallCommitter {
         batch.commit().map_err(|e| map_err(e, "write"))?;
         *dirty = true;
         // Every entry up to `last` is removed now; the next purge starts after it.
-        let mut next = last;
-        increment(&mut next);
-        self.purge_from = Some(next);
+        self.purge_from = Bound::Excluded(last);
         Ok(Ok(removed))
     }
-}
-
-/// The smallest 40-byte key above `key` (saturating at all `0xff`).
-fn increment(key: &mut [u8; 40]) {
-    for b in key.iter_mut().rev() {
-        if *b == 0xff {
-            *b = 0;
-        } else {
-            *b += 1;
-            return;
-        }
-    }
-    *key = [0xff; 40];
 }
 
 impl FjallStore {
@@ -756,45 +766,64 @@ impl Store for FjallStore {
         let after = req.after_key()?;
         let now = self.inner.clock.now();
         let engine = &self.inner.engine;
-        let snapshot = engine.durable_view();
         let lower = match &after {
             Some(k) => Bound::Excluded(k.as_bytes().as_slice()),
             None => Bound::Unbounded,
         };
-        let mut records = Vec::with_capacity(limit);
-        for entry in snapshot.range::<&[u8], _>((lower, Bound::Unbounded)) {
+        let live = |v: &[u8], key: &[u8; 32]| match decode(v) {
+            Ok(r) => (!r.is_expired(now)).then_some(r),
+            Err(e) => {
+                // One rotten record must not hide the others from administrators.
+                let key = StoreKey(*key);
+                tracing::warn!(key = %key, error = %e, "skipping an undecodable record in list");
+                None
+            }
+        };
+        // The latest values first (up to a page of live records), then the overlay of what is
+        // not synced yet, as in `read_durable`.
+        let mut page: BTreeMap<[u8; 32], Record> = BTreeMap::new();
+        let mut end = None;
+        for entry in engine.records.range::<&[u8], _>((lower, Bound::Unbounded)) {
             let (k, v) = entry.map_err(|e| map_err(e, "range"))?;
-            let Ok(raw_key) = <[u8; 32]>::try_from(&*k) else {
+            let Ok(key) = <[u8; 32]>::try_from(&*k) else {
                 tracing::warn!(
                     len = k.len(),
                     "skipping a record key of the wrong length in list"
                 );
                 continue;
             };
-            let key = StoreKey(raw_key);
-            let record = match decode(&v) {
-                Ok(r) => r,
-                Err(e) => {
-                    // One rotten record must not hide the others from administrators.
-                    tracing::warn!(key = %key, error = %e, "skipping an undecodable record in list");
-                    continue;
+            if let Some(record) = live(&v, &key) {
+                page.insert(key, record);
+                if page.len() == limit {
+                    end = Some(key);
+                    break;
                 }
-            };
-            if record.is_expired(now) {
-                continue;
-            }
-            records.push((key, record));
-            if records.len() == limit {
-                return Ok(ListPage {
-                    records,
-                    next: Some(key.to_hex()),
-                    passed_over: 0,
-                });
             }
         }
+        let overlay: Vec<([u8; 32], Option<fjall::Slice>)> = engine
+            .unsynced
+            .read()
+            .iter()
+            .filter(|(k, _)| after.is_none_or(|a| **k > a.0) && end.is_none_or(|e| **k <= e))
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        for (key, synced) in overlay {
+            match synced.as_deref().and_then(|v| live(v, &key)) {
+                Some(record) => page.insert(key, record),
+                None => page.remove(&key),
+            };
+        }
+        let mut records: Vec<(StoreKey, Record)> =
+            page.into_iter().map(|(k, r)| (StoreKey(k), r)).collect();
+        let next = if records.len() > limit {
+            records.truncate(limit);
+            records.last().map(|(k, _)| k.to_hex())
+        } else {
+            end.map(|k| StoreKey(k).to_hex())
+        };
         Ok(ListPage {
             records,
-            next: None,
+            next,
             passed_over: 0,
         })
     }

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use idemgate_core::ErrorKind;
-use idemgate_core::store::{ClaimOutcome, ListRequest, Store};
+use idemgate_core::record::{Outcome, StoredResponse};
+use idemgate_core::store::{ClaimOutcome, DeleteMode, DeleteOutcome, ListRequest, Store};
 use idemgate_core::testkit::{claim_request, fresh_key};
 use idemgate_store_fjall::FjallStore;
 
@@ -105,4 +106,48 @@ async fn after_a_failed_sync_every_write_is_refused() {
         store.claim(&fresh, &req).await.unwrap(),
         ClaimOutcome::Acquired { .. }
     ));
+}
+
+/// An unsynced delete does not hide the synced record either: `get` and `list` still show it
+/// until the delete is durable.
+#[allow(clippy::await_holding_lock)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsynced_delete_hides_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FjallStore::open(dir.path().join("store")).unwrap();
+    let key = fresh_key("unsynced-delete");
+    let req = claim_request(Duration::from_secs(30), Duration::from_secs(3600), 1);
+    let ClaimOutcome::Acquired { fencing } = store.claim(&key, &req).await.unwrap() else {
+        panic!("fresh key existed");
+    };
+    let outcome = Outcome::Response(StoredResponse::new(200, vec![], "done"));
+    store
+        .complete(&key, fencing, &outcome, Duration::from_secs(3600))
+        .await
+        .unwrap();
+
+    let gate = store.hold_syncs();
+    let deleter = {
+        let store = store.clone();
+        tokio::spawn(async move { store.delete(&key, DeleteMode::Finished).await })
+    };
+    while store.written(&key).unwrap() {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        store.get(&key).await.unwrap().is_some(),
+        "get lost a synced record"
+    );
+    let page = store
+        .list(&ListRequest {
+            cursor: None,
+            limit: 10,
+            only_unknown: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.records.len(), 1, "list lost a synced record");
+    drop(gate);
+    assert_eq!(deleter.await.unwrap().unwrap(), DeleteOutcome::Deleted);
+    assert!(store.get(&key).await.unwrap().is_none());
 }
