@@ -3,9 +3,12 @@
 //!
 //! The embedded stores (redb, fjall) share this loop; each provides a [`Committer`] that applies
 //! a batch to its engine. The writer takes the first queued operation, then whatever else is
-//! already queued (up to `max_batch`). When the previous batch had company (callers are
-//! concurrent), it keeps gathering for a short window (`gather_window`, default 100 µs) so that
-//! the callers it just answered can join the next sync; a lone caller never waits.
+//! already queued (up to `max_batch`): what queued while the previous batch was syncing. With a
+//! `gather_window` (none by default) and a previous batch that had company, it keeps gathering,
+//! yielding its thread, for that long, so that the callers it just answered can join the next
+//! sync; a lone caller never waits. The window is off by default: in the proxy on two shared
+//! cores the spinning writer took CPU the request path needed (first executions on fjall +20% at
+//! 64 connections and +25% at 16 without it; redb +5% and +20%; `docs/performance.md`).
 //!
 //! **Bounds.** At most `queue_capacity` operations wait for the writer; beyond it
 //! [`GroupWriter::submit`] waits (back-pressure) instead of growing memory. Dropping the
@@ -68,7 +71,7 @@ pub struct GroupCommitConfig {
     /// Most operations queued for the writer (default 8,192; taken between 1 and
     /// [`MAX_QUEUE_LIMIT`]); beyond it callers wait.
     pub queue_capacity: usize,
-    /// How long the writer keeps gathering once callers are concurrent (default 100 µs).
+    /// How long the writer keeps gathering once callers are concurrent (default zero: off).
     pub gather_window: Duration,
     /// The writer thread's name (default `idemgate-writer`).
     pub thread_name: String,
@@ -79,7 +82,7 @@ impl Default for GroupCommitConfig {
         Self {
             max_batch: 256,
             queue_capacity: 8_192,
-            gather_window: Duration::from_micros(100),
+            gather_window: Duration::ZERO,
             thread_name: "idemgate-writer".into(),
         }
     }
@@ -168,7 +171,8 @@ fn run<C: Committer>(
         replies.push(first.reply);
         // Under concurrency (the last batch had company), give the callers just answered a
         // moment to send their next operation, so that one sync covers them all.
-        let gather_until = (last_len > 1).then(|| Instant::now() + config.gather_window);
+        let gather_until = (last_len > 1 && !config.gather_window.is_zero())
+            .then(|| Instant::now() + config.gather_window);
         while ops.len() < max_batch {
             match rx.try_recv() {
                 Ok(job) => {

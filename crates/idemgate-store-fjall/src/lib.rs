@@ -165,6 +165,13 @@ impl FjallStoreBuilder {
         self
     }
 
+    /// How long the writer keeps gathering a group once callers are concurrent (see
+    /// [`GroupCommitConfig::gather_window`]; default none).
+    pub fn gather_window(mut self, window: Duration) -> Self {
+        self.group.gather_window = window;
+        self
+    }
+
     /// Creates the directory if needed, locks it, recovers the journal and starts the writer.
     pub fn open(self) -> Result<FjallStore, StoreError> {
         std::fs::create_dir_all(&self.dir).map_err(|e| {
