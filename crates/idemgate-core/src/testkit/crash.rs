@@ -3,7 +3,7 @@
 //! Both re-execute the calling test binary as a child process (`std::env::current_exe()`), so a
 //! store crate's test is a few lines:
 //!
-//! ```ignore
+//! ```text
 //! #[test]
 //! fn acknowledged_operations_survive_sigkill() {
 //!     idemgate_core::testkit::crash::acknowledged_operations_survive_sigkill(
