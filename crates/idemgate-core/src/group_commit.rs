@@ -44,6 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ErrorKind, StoreError};
 use crate::key::StoreKey;
+use crate::protocol::Answer;
 
 /// Applies batches of operations to an engine, durably.
 pub trait Committer: Send + 'static {
@@ -61,6 +62,43 @@ pub trait Committer: Send + 'static {
         &mut self,
         batch: &[(StoreKey, Self::Op)],
     ) -> Result<Vec<Result<Self::Reply, StoreError>>, StoreError>;
+}
+
+/// What an embedded store's writer answers: a mutation's [`Answer`], or a count (records purged,
+/// bytes overwritten by a test hook).
+#[derive(Debug)]
+// Sent once per operation over a oneshot; boxing the answer would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum WriterReply {
+    /// For a [`Mutation`](crate::protocol::Mutation).
+    Answer(Answer),
+    /// For a purge (or another counting operation).
+    Count(usize),
+}
+
+fn wrong_reply() -> StoreError {
+    StoreError::new(
+        ErrorKind::Internal,
+        "the store's writer answered with the wrong reply type",
+    )
+}
+
+impl WriterReply {
+    /// The answer, or an internal error if this is a count.
+    pub fn answer(self) -> Result<Answer, StoreError> {
+        match self {
+            WriterReply::Answer(a) => Ok(a),
+            WriterReply::Count(_) => Err(wrong_reply()),
+        }
+    }
+
+    /// The count, or an internal error if this is an answer.
+    pub fn count(self) -> Result<usize, StoreError> {
+        match self {
+            WriterReply::Count(n) => Ok(n),
+            WriterReply::Answer(_) => Err(wrong_reply()),
+        }
+    }
 }
 
 /// Sizes and timing of a [`GroupWriter`].

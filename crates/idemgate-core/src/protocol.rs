@@ -444,6 +444,27 @@ impl Answer {
     }
 }
 
+/// [`apply`] to a record as stored: `stored` (the bytes under the key, if any) is decoded first.
+/// Bytes that do not decode fail the mutation with a `Corrupt` error, except a delete, which
+/// removes them in any mode: administrators can always remove a rotten record. Returns the
+/// decoded current record too (a store keeping an expiry index removes its entry).
+#[allow(clippy::type_complexity)]
+pub fn apply_stored(
+    mutation: &Mutation,
+    stored: Option<&[u8]>,
+    now: Timestamp,
+) -> Result<(Option<Record>, Write, Answer), StoreError> {
+    let current = match stored.map(Record::decode).transpose() {
+        Ok(current) => current,
+        Err(_) if matches!(mutation, Mutation::Delete(_)) => {
+            return Ok((None, Write::Delete, Answer::Delete(DeleteOutcome::Deleted)));
+        }
+        Err(e) => return Err(StoreError::from(e)),
+    };
+    let (write, answer) = apply(mutation, current.as_ref(), now);
+    Ok((current, write, answer))
+}
+
 /// Runs `mutation` against the current record: the single dispatch of every transition above.
 pub fn apply(mutation: &Mutation, current: Option<&Record>, now: Timestamp) -> (Write, Answer) {
     match mutation {

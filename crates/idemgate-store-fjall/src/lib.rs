@@ -112,7 +112,7 @@ use fjall::{Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 use idemgate_core::clock::{Clock, Timestamp, WallClock};
 use idemgate_core::dir_lock::DirLock;
 use idemgate_core::error::{ErrorKind, StoreError};
-use idemgate_core::group_commit::{Committer, GroupCommitConfig, GroupWriter};
+use idemgate_core::group_commit::{Committer, GroupCommitConfig, GroupWriter, WriterReply};
 use idemgate_core::key::StoreKey;
 use idemgate_core::protocol::{self, Answer, Mutation, Write};
 use idemgate_core::record::{Fencing, Outcome, Record};
@@ -347,29 +347,6 @@ enum Op {
     OverwriteRaw(Vec<u8>),
 }
 
-// Sent once per operation over a oneshot; boxing the answer would only add an allocation.
-#[allow(clippy::large_enum_variant)]
-enum Reply {
-    Answer(Answer),
-    Count(usize),
-}
-
-impl Reply {
-    fn answer(self) -> Result<Answer, StoreError> {
-        match self {
-            Reply::Answer(a) => Ok(a),
-            Reply::Count(_) => Err(unexpected()),
-        }
-    }
-}
-
-fn unexpected() -> StoreError {
-    StoreError::new(
-        ErrorKind::Internal,
-        "fjall writer answered with the wrong reply type",
-    )
-}
-
 /// Applies each operation as one fjall write batch, then syncs the journal once per group.
 struct FjallCommitter {
     engine: Arc<Engine>,
@@ -385,18 +362,18 @@ struct FjallCommitter {
 
 impl Committer for FjallCommitter {
     type Op = Op;
-    type Reply = Reply;
+    type Reply = WriterReply;
 
     fn commit(
         &mut self,
         batch: &[(StoreKey, Op)],
-    ) -> Result<Vec<Result<Reply, StoreError>>, StoreError> {
+    ) -> Result<Vec<Result<WriterReply, StoreError>>, StoreError> {
         if let Some(why) = &self.failed {
             return Err(StoreError::new(ErrorKind::Unavailable, why.clone()));
         }
         let result = self.commit_group(batch);
+        // The group-commit loop logs the failure, and this refusal once.
         if let Err(e) = &result {
-            tracing::error!(error = %e, "the fjall store refuses every write until idemgate restarts");
             self.failed = Some(format!(
                 "an earlier write or sync to disk failed ({}); the store refuses writes until \
                  idemgate restarts and recovers from its journal",
@@ -411,7 +388,7 @@ impl FjallCommitter {
     fn commit_group(
         &mut self,
         batch: &[(StoreKey, Op)],
-    ) -> Result<Vec<Result<Reply, StoreError>>, StoreError> {
+    ) -> Result<Vec<Result<WriterReply, StoreError>>, StoreError> {
         let now = self.clock.now();
         let mut dirty = false;
         let mut replies = Vec::with_capacity(batch.len());
@@ -451,13 +428,15 @@ impl FjallCommitter {
         op: &Op,
         now: Timestamp,
         dirty: &mut bool,
-    ) -> Result<Result<Reply, StoreError>, StoreError> {
-        let engine = self.engine.clone();
+    ) -> Result<Result<WriterReply, StoreError>, StoreError> {
         let mutation = match op {
             Op::Mutate(m) => m,
-            Op::Purge(limit) => return Ok(self.purge(now, *limit, dirty)?.map(Reply::Count)),
+            Op::Purge(limit) => {
+                return Ok(self.purge(now, *limit, dirty)?.map(WriterReply::Count));
+            }
             #[cfg(feature = "testkit")]
             Op::OverwriteRaw(bytes) => {
+                let engine = &self.engine;
                 let synced = engine
                     .records
                     .get(key.as_bytes())
@@ -468,34 +447,23 @@ impl FjallCommitter {
                     .insert(key.as_bytes(), bytes.as_slice())
                     .map_err(|e| map_err(e, "insert"))?;
                 *dirty = true;
-                return Ok(Ok(Reply::Count(1)));
+                return Ok(Ok(WriterReply::Count(1)));
             }
         };
+        let engine = &self.engine;
         // The writer's own view: the latest value, synced or not (an earlier operation of this
         // group may have written it).
         let raw = match engine.records.get(key.as_bytes()) {
             Ok(raw) => raw,
             Err(e) => return Ok(Err(map_err(e, "get"))),
         };
-        let decoded = raw.as_deref().map(decode).transpose();
-        let current = match (mutation, decoded) {
-            (_, Ok(current)) => current,
-            (Mutation::Delete(_), Err(_)) => {
-                // Undecodable bytes: administrators can always remove them, in any mode.
-                engine.before_write(key.as_bytes(), &raw);
-                engine
-                    .records
-                    .remove(key.as_bytes())
-                    .map_err(|e| map_err(e, "remove"))?;
-                *dirty = true;
-                return Ok(Ok(Reply::Answer(Answer::Delete(DeleteOutcome::Deleted))));
-            }
-            (_, Err(e)) => return Ok(Err(e)),
+        let (current, write, answer) = match protocol::apply_stored(mutation, raw.as_deref(), now) {
+            Ok(applied) => applied,
+            Err(e) => return Ok(Err(e)),
         };
-        let (write, answer) = protocol::apply(mutation, current.as_ref(), now);
         let mut batch = engine.keyspace.batch();
         match write {
-            Write::Unchanged => return Ok(Ok(Reply::Answer(answer))),
+            Write::Unchanged => return Ok(Ok(WriterReply::Answer(answer))),
             Write::Put(next) => {
                 if let Some(old) = &current
                     && old.expires_at != next.expires_at
@@ -524,7 +492,7 @@ impl FjallCommitter {
         engine.before_write(key.as_bytes(), &raw);
         batch.commit().map_err(|e| map_err(e, "write"))?;
         *dirty = true;
-        Ok(Ok(Reply::Answer(answer)))
+        Ok(Ok(WriterReply::Answer(answer)))
     }
 
     /// Removes up to `limit` records whose expiry-index entry is due, in one write batch. A
@@ -535,7 +503,7 @@ impl FjallCommitter {
         limit: usize,
         dirty: &mut bool,
     ) -> Result<Result<usize, StoreError>, StoreError> {
-        let engine = self.engine.clone();
+        let engine = &self.engine;
         let upper = expiry_key(now, &StoreKey([0xff; 32]));
         let lower = match &self.purge_from {
             Bound::Included(k) => Bound::Included(k.as_slice()),
@@ -836,14 +804,10 @@ impl Store for FjallStore {
     }
 
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
-        match self
-            .inner
+        self.inner
             .writer
             .submit(StoreKey([0; 32]), Op::Purge(limit))
             .await?
-        {
-            Reply::Count(n) => Ok(n),
-            Reply::Answer(_) => Err(unexpected()),
-        }
+            .count()
     }
 }

@@ -77,7 +77,7 @@ use std::time::Duration;
 
 use idemgate_core::clock::{Clock, Timestamp, WallClock};
 use idemgate_core::error::{ErrorKind, StoreError};
-use idemgate_core::group_commit::{Committer, GroupCommitConfig, GroupWriter};
+use idemgate_core::group_commit::{Committer, GroupCommitConfig, GroupWriter, WriterReply};
 use idemgate_core::key::StoreKey;
 use idemgate_core::protocol::{self, Answer, Mutation, Write};
 use idemgate_core::record::{Fencing, Outcome, Record};
@@ -226,22 +226,6 @@ enum Op {
     OverwriteRaw(Vec<u8>),
 }
 
-// Sent once per operation over a oneshot; boxing the answer would only add an allocation.
-#[allow(clippy::large_enum_variant)]
-enum Reply {
-    Answer(Answer),
-    Count(usize),
-}
-
-impl Reply {
-    fn answer(self) -> Result<Answer, StoreError> {
-        match self {
-            Reply::Answer(a) => Ok(a),
-            Reply::Count(_) => Err(unexpected()),
-        }
-    }
-}
-
 /// Applies each batch in ONE write transaction committed with an fsync.
 struct RedbCommitter {
     db: Arc<Database>,
@@ -250,12 +234,12 @@ struct RedbCommitter {
 
 impl Committer for RedbCommitter {
     type Op = Op;
-    type Reply = Reply;
+    type Reply = WriterReply;
 
     fn commit(
         &mut self,
         batch: &[(StoreKey, Op)],
-    ) -> Result<Vec<Result<Reply, StoreError>>, StoreError> {
+    ) -> Result<Vec<Result<WriterReply, StoreError>>, StoreError> {
         self.apply(batch)
     }
 }
@@ -264,7 +248,7 @@ impl RedbCommitter {
     fn apply(
         &self,
         batch: &[(StoreKey, Op)],
-    ) -> Result<Vec<Result<Reply, StoreError>>, StoreError> {
+    ) -> Result<Vec<Result<WriterReply, StoreError>>, StoreError> {
         let txn = self.db.begin_write().map_err(|e| map_err(e, "begin"))?;
         let mut dirty = false;
         let mut replies = Vec::with_capacity(batch.len());
@@ -279,7 +263,7 @@ impl RedbCommitter {
                     Op::Purge(limit) => {
                         let n = purge(&mut records, &mut expiry, now, *limit)?;
                         dirty |= n > 0;
-                        replies.push(Ok(Reply::Count(n)));
+                        replies.push(Ok(WriterReply::Count(n)));
                         continue;
                     }
                     #[cfg(feature = "testkit")]
@@ -288,7 +272,7 @@ impl RedbCommitter {
                             .insert(key, bytes.as_slice())
                             .map_err(|e| map_err(e, "insert"))?;
                         dirty = true;
-                        replies.push(Ok(Reply::Count(1)));
+                        replies.push(Ok(WriterReply::Count(1)));
                         continue;
                     }
                 };
@@ -296,23 +280,15 @@ impl RedbCommitter {
                     .get(key)
                     .map_err(|e| map_err(e, "get"))?
                     .map(|g| g.value().to_vec());
-                if let (Mutation::Delete(_), Some(Err(_))) = (mutation, raw.as_deref().map(decode))
-                {
-                    // Undecodable bytes: administrators can always remove them, in any mode.
-                    records.remove(key).map_err(|e| map_err(e, "remove"))?;
-                    dirty = true;
-                    replies.push(Ok(Reply::Answer(Answer::Delete(DeleteOutcome::Deleted))));
-                    continue;
-                }
-                let current = match raw.as_deref().map(decode).transpose() {
-                    Ok(c) => c,
-                    Err(e) => {
-                        replies.push(Err(e));
-                        continue;
-                    }
-                };
+                let (current, write, answer) =
+                    match protocol::apply_stored(mutation, raw.as_deref(), now) {
+                        Ok(applied) => applied,
+                        Err(e) => {
+                            replies.push(Err(e));
+                            continue;
+                        }
+                    };
                 let cur = current.as_ref();
-                let (write, answer) = protocol::apply(mutation, cur, now);
                 match write {
                     Write::Unchanged => {}
                     Write::Put(next) => {
@@ -339,7 +315,7 @@ impl RedbCommitter {
                         dirty = true;
                     }
                 }
-                replies.push(Ok(Reply::Answer(answer)));
+                replies.push(Ok(WriterReply::Answer(answer)));
             }
         }
         if dirty {
@@ -441,13 +417,6 @@ impl RedbStore {
             .await
             .map(|_| ())
     }
-}
-
-fn unexpected() -> StoreError {
-    StoreError::new(
-        ErrorKind::Internal,
-        "redb writer answered with the wrong reply type",
-    )
 }
 
 impl Store for RedbStore {
@@ -590,14 +559,10 @@ impl Store for RedbStore {
     }
 
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
-        match self
-            .inner
+        self.inner
             .writer
             .submit(StoreKey([0; 32]), Op::Purge(limit))
             .await?
-        {
-            Reply::Count(n) => Ok(n),
-            Reply::Answer(_) => Err(unexpected()),
-        }
+            .count()
     }
 }
