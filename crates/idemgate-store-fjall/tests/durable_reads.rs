@@ -12,6 +12,19 @@ use idemgate_core::store::{ClaimOutcome, DeleteMode, DeleteOutcome, ListRequest,
 use idemgate_core::testkit::{claim_request, fresh_key};
 use idemgate_store_fjall::FjallStore;
 
+/// How many records one list page shows.
+async fn listed(store: &FjallStore) -> usize {
+    let page = store
+        .list(&ListRequest {
+            cursor: None,
+            limit: 10,
+            only_unknown: false,
+        })
+        .await
+        .unwrap();
+    page.records.len()
+}
+
 // The held guard stops the writer's thread (a std thread), not this task: holding it across the
 // awaits below is the point.
 #[allow(clippy::await_holding_lock)]
@@ -36,15 +49,7 @@ async fn unsynced_writes_are_invisible_to_readers() {
         store.get(&key).await.unwrap().is_none(),
         "get showed a record that is not durable yet"
     );
-    let page = store
-        .list(&ListRequest {
-            cursor: None,
-            limit: 10,
-            only_unknown: false,
-        })
-        .await
-        .unwrap();
-    assert!(page.records.is_empty(), "list showed an unsynced record");
+    assert_eq!(listed(&store).await, 0, "list showed an unsynced record");
     assert!(
         !claimer.is_finished(),
         "the claim was acknowledged before its sync"
@@ -138,15 +143,7 @@ async fn an_unsynced_delete_hides_nothing() {
         store.get(&key).await.unwrap().is_some(),
         "get lost a synced record"
     );
-    let page = store
-        .list(&ListRequest {
-            cursor: None,
-            limit: 10,
-            only_unknown: false,
-        })
-        .await
-        .unwrap();
-    assert_eq!(page.records.len(), 1, "list lost a synced record");
+    assert_eq!(listed(&store).await, 1, "list lost a synced record");
     drop(gate);
     assert_eq!(deleter.await.unwrap().unwrap(), DeleteOutcome::Deleted);
     assert!(store.get(&key).await.unwrap().is_none());

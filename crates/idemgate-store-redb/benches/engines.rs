@@ -4,8 +4,9 @@
 //! - `redb_raw`, `fjall_raw_syncdata`, `fjall_raw_syncall`: the same minimal emulation over each
 //!   engine. A claim reads the key and, if absent, inserts a 150-byte in-flight record; a
 //!   complete reads it back and replaces it with a 400-byte completed record. Every operation
-//!   goes to ONE writer thread over a channel; the writer takes what is queued (up to 256, with
-//!   the real store's 100 µs gather window once callers are concurrent), applies it, makes it
+//!   goes to ONE writer thread, the stores' own (`idemgate_core::group_commit`); it takes what is
+//!   queued (up to 256, with the 100 µs gathering window these runs were measured with, which the
+//!   stores no longer use by default), applies it, makes it
 //!   durable with ONE sync (redb: a write transaction committed with `Durability::Immediate`,
 //!   which is an fdatasync; fjall: `Keyspace::persist(PersistMode::SyncData)`, the same
 //!   fdatasync, or `SyncAll`, an fsync), and only then answers every caller of the batch.
@@ -16,13 +17,15 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use idemgate_core::group_commit::{Committer, GroupCommitConfig, GroupWriter};
 use idemgate_core::testkit::bench::{bench_key, claim_complete_pairs};
+use idemgate_core::{StoreError, StoreKey};
 use idemgate_store_redb::RedbStore;
 use redb::ReadableTable;
-use tokio::sync::{mpsc, oneshot};
 
 const TASKS: [usize; 3] = [1, 16, 64];
 const MAX_BATCH: usize = 256;
@@ -36,16 +39,10 @@ enum Kind {
     Complete,
 }
 
-struct Job {
-    kind: Kind,
-    key: [u8; 32],
-    reply: oneshot::Sender<bool>,
-}
-
 /// One engine under the emulation: apply a batch, make it durable with one sync, say per job
 /// whether it succeeded (claim: the key was absent; complete: the in-flight record was there).
 trait Engine: Send + 'static {
-    fn apply_durably(&mut self, batch: &[Job]) -> Vec<bool>;
+    fn apply_durably(&mut self, batch: &[(StoreKey, Kind)]) -> Vec<bool>;
 }
 
 fn in_flight() -> Vec<u8> {
@@ -82,21 +79,22 @@ impl Redb {
 }
 
 impl Engine for Redb {
-    fn apply_durably(&mut self, batch: &[Job]) -> Vec<bool> {
+    fn apply_durably(&mut self, batch: &[(StoreKey, Kind)]) -> Vec<bool> {
         let mut txn = self.db.begin_write().unwrap();
         txn.set_durability(redb::Durability::Immediate).unwrap();
         let mut out = Vec::with_capacity(batch.len());
         {
             let mut t = txn.open_table(RECORDS).unwrap();
-            for job in batch {
-                let prev = t.get(&job.key).unwrap().map(|v| v.value().to_vec());
-                let ok = match (job.kind, prev) {
+            for (key, kind) in batch {
+                let key = key.as_bytes();
+                let prev = t.get(key).unwrap().map(|v| v.value().to_vec());
+                let ok = match (kind, prev) {
                     (Kind::Claim, None) => {
-                        t.insert(&job.key, in_flight().as_slice()).unwrap();
+                        t.insert(key, in_flight().as_slice()).unwrap();
                         true
                     }
                     (Kind::Complete, Some(prev)) if prev[0] == 1 => {
-                        t.insert(&job.key, completed(&prev).as_slice()).unwrap();
+                        t.insert(key, completed(&prev).as_slice()).unwrap();
                         true
                     }
                     _ => false,
@@ -135,17 +133,18 @@ impl Fjall {
 }
 
 impl Engine for Fjall {
-    fn apply_durably(&mut self, batch: &[Job]) -> Vec<bool> {
+    fn apply_durably(&mut self, batch: &[(StoreKey, Kind)]) -> Vec<bool> {
         let mut out = Vec::with_capacity(batch.len());
-        for job in batch {
-            let prev = self.records.get(job.key).unwrap();
-            let ok = match (job.kind, prev) {
+        for (key, kind) in batch {
+            let key = key.as_bytes();
+            let prev = self.records.get(key).unwrap();
+            let ok = match (kind, prev) {
                 (Kind::Claim, None) => {
-                    self.records.insert(job.key, in_flight()).unwrap();
+                    self.records.insert(key, in_flight()).unwrap();
                     true
                 }
                 (Kind::Complete, Some(prev)) if prev[0] == 1 => {
-                    self.records.insert(job.key, completed(&prev)).unwrap();
+                    self.records.insert(key, completed(&prev)).unwrap();
                     true
                 }
                 _ => false,
@@ -157,53 +156,51 @@ impl Engine for Fjall {
     }
 }
 
-/// The group-commit writer, identical for every engine (the real store's loop, minus its ops).
-fn spawn_writer(mut engine: impl Engine) -> mpsc::Sender<Job> {
-    let (tx, mut rx) = mpsc::channel::<Job>(8192);
-    std::thread::spawn(move || {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        let mut last_len = 0;
-        while let Some(first) = rx.blocking_recv() {
-            batch.push(first);
-            let gather_until = (last_len > 1).then(|| Instant::now() + GATHER_WINDOW);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => match gather_until {
-                        Some(t) if Instant::now() < t => std::thread::yield_now(),
-                        _ => break,
-                    },
-                }
-            }
-            last_len = batch.len();
-            let results = engine.apply_durably(&batch);
-            for (job, ok) in batch.drain(..).zip(results) {
-                let _ = job.reply.send(ok);
-            }
-        }
-    });
-    tx
+/// Any engine under the stores' own group-commit writer.
+struct Emulated(Box<dyn Engine>);
+
+impl Committer for Emulated {
+    type Op = Kind;
+    type Reply = bool;
+
+    fn commit(
+        &mut self,
+        batch: &[(StoreKey, Kind)],
+    ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
+        Ok(self.0.apply_durably(batch).into_iter().map(Ok).collect())
+    }
 }
 
-async fn call(tx: &mpsc::Sender<Job>, kind: Kind, key: [u8; 32]) -> bool {
-    let (reply, rx) = oneshot::channel();
-    tx.send(Job { kind, key, reply }).await.unwrap();
-    rx.await.unwrap()
+type Writer = GroupWriter<Emulated>;
+
+/// The group-commit writer of the real stores (`idemgate_core::group_commit`), with the gathering
+/// window these runs were measured with.
+fn spawn_writer(engine: impl Engine) -> Writer {
+    let config = GroupCommitConfig {
+        max_batch: MAX_BATCH,
+        gather_window: GATHER_WINDOW,
+        ..GroupCommitConfig::default()
+    };
+    GroupWriter::spawn(Emulated(Box::new(engine)), config).unwrap()
+}
+
+async fn call(writer: &Writer, kind: Kind, key: StoreKey) -> bool {
+    writer.submit(key, kind).await.unwrap()
 }
 
 /// `pairs` claim + complete pairs on fresh keys over `tasks` concurrent tasks; the wall time.
-async fn raw_pairs(tx: &mpsc::Sender<Job>, tasks: usize, pairs: u64) -> Duration {
+async fn raw_pairs(writer: &Arc<Writer>, tasks: usize, pairs: u64) -> Duration {
     let tasks = tasks.max(1) as u64;
     let start = Instant::now();
     let handles: Vec<_> = (0..tasks)
         .map(|t| {
-            let tx = tx.clone();
+            let writer = writer.clone();
             let n = pairs / tasks + u64::from(t < pairs % tasks);
             tokio::spawn(async move {
                 for _ in 0..n {
-                    let key = bench_key().0;
-                    assert!(call(&tx, Kind::Claim, key).await, "fresh key existed");
-                    assert!(call(&tx, Kind::Complete, key).await, "claim lost");
+                    let key = bench_key();
+                    assert!(call(&writer, Kind::Claim, key).await, "fresh key existed");
+                    assert!(call(&writer, Kind::Complete, key).await, "claim lost");
                 }
             })
         })
@@ -227,7 +224,7 @@ fn engines(c: &mut Criterion) {
     g.warm_up_time(Duration::from_secs(2));
     g.measurement_time(Duration::from_secs(5));
 
-    type Opener = fn(&Path) -> Box<dyn FnOnce() -> mpsc::Sender<Job>>;
+    type Opener = fn(&Path) -> Box<dyn FnOnce() -> Writer>;
     let raw: [(&str, Opener); 3] = [
         ("redb_raw", |p| {
             let e = Redb::open(&p.join("raw.redb"));
@@ -246,11 +243,11 @@ fn engines(c: &mut Criterion) {
         for tasks in TASKS {
             let sub = dir.path().join(format!("{name}-{tasks}"));
             std::fs::create_dir_all(&sub).unwrap();
-            let tx = open(&sub)();
+            let writer = Arc::new(open(&sub)());
             g.bench_with_input(BenchmarkId::new(name, tasks), &tasks, |b, &tasks| {
-                b.iter_custom(|pairs| rt.block_on(raw_pairs(&tx, tasks, pairs)));
+                b.iter_custom(|pairs| rt.block_on(raw_pairs(&writer, tasks, pairs)));
             });
-            // Dropping the sender stops the writer thread, which drops (closes) the engine.
+            // Dropping the writer stops its thread, which drops (closes) the engine.
         }
     }
     for tasks in TASKS {
